@@ -1,0 +1,1 @@
+"""hopscope.app: the processes hopscope runs (CLI, collector, demo)."""

@@ -1,0 +1,1 @@
+"""The built-in demo: an app with every kind of request, and traffic to drive it."""

@@ -1,0 +1,205 @@
+"""uvicorn's own moments, as a ``server`` span around the app span.
+
+uvicorn has no hooks, but its ``http`` setting takes a protocol class, so these
+subclasses of its h11 and httptools protocols observe: request start, head parsed (the
+app task is created here), response head written, response done, connection lost.
+Use them as ``uvicorn --http hopscope.tracing.servers.uvicorn_protocols:HttpToolsProtocol``
+(or ``:H11Protocol``), or ``uvicorn.run(app, http=HttpToolsProtocol)``.
+
+The app span joins the server span through ``scope["hopscope"]``, set before the app
+task first runs.  Queue time comes from ``X-Request-Start`` when a web server in front
+sets it.  ``HOPSCOPE_SERVER_TIMING=1`` adds a ``Server-Timing`` header to responses.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
+
+from ..queuetime import parse_request_start
+from ..records import new_span_id, new_trace_id
+from ..sinks import Sink, default_sink
+from ..traceparent import parse_traceparent
+
+__all__ = ["H11Protocol", "HttpToolsProtocol", "server_timing_enabled"]
+
+_now = time.time_ns
+
+
+def server_timing_enabled() -> bool:
+    return os.environ.get("HOPSCOPE_SERVER_TIMING", "") not in ("", "0", "false", "no")
+
+
+class _ServerHop:
+    """What both protocol subclasses share: adopt each new request cycle."""
+
+    cycle: Any
+    scope: Any
+    _hs_sink: Sink | None = None
+    _hs_open: dict[int, tuple[Any, int, int]]
+    _hs_accepted = 0
+    _hs_requests = 0
+    _hs_begin = 0
+
+    def _hs_connection_made(self) -> None:
+        self._hs_accepted = _now()
+        self._hs_open = {}
+        self._hs_requests = 0
+
+    def _hs_adopt(self, cycle: Any, begin: int) -> None:
+        """Open the server span for a cycle uvicorn just made (its task has not run yet)."""
+        sink = self._hs_sink
+        if sink is None:
+            sink = self._hs_sink = default_sink()
+        scope = cycle.scope
+        parsed = None
+        request_start = None
+        now = _now()
+        for name, value in scope.get("headers") or ():
+            if name == b"traceparent":
+                parsed = parse_traceparent(value)
+            elif name == b"x-request-start":
+                request_start = parse_request_start(value, now)
+        trace_id, parent_id = parsed if parsed is not None else (new_trace_id(), 0)
+        span_id = new_span_id()
+        self._hs_requests += 1
+        queue_ns = None
+        if request_start is not None and request_start < begin:
+            queue_ns = begin - request_start
+            sink.emit(
+                (
+                    "c",
+                    request_start,
+                    begin,
+                    trace_id,
+                    new_span_id(),
+                    parent_id,
+                    "server",
+                    "queue",
+                    threading.get_ident(),
+                    {"span.kind": "queue"},
+                )
+            )
+        scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
+        sink.emit(
+            (
+                "s",
+                begin,
+                trace_id,
+                span_id,
+                parent_id,
+                "server",
+                f"{scope.get('method', '')} {scope.get('path', '')}",
+                threading.get_ident(),
+                {
+                    "server.protocol": type(self).__name__,
+                    "connection.accepted_ts": self._hs_accepted,
+                    "connection.request_number": self._hs_requests,
+                    "http.request.method": scope.get("method"),
+                    "url.path": scope.get("path"),
+                    "client.address": (scope.get("client") or (None,))[0],
+                },
+            )
+        )
+        sink.emit(("p", now, trace_id, span_id, "request.head", None))
+        self._hs_open[id(cycle)] = (cycle, trace_id, span_id)
+        timing = server_timing_enabled()
+        send = cycle.send
+
+        async def send_(message: Any) -> None:
+            if timing and message.get("type") == "http.response.start":
+                message = _with_server_timing(message, scope, begin, queue_ns)
+            await send(message)
+            if message.get("type") == "http.response.start" and not cycle.disconnected:
+                sink.emit(
+                    (
+                        "p",
+                        _now(),
+                        trace_id,
+                        span_id,
+                        "response.head",
+                        {"http.response.status_code": message.get("status")},
+                    )
+                )
+
+        cycle.send = send_
+        on_response: Callable[[], None] = cycle.on_response
+
+        def on_response_() -> None:
+            self._hs_close(cycle, None)
+            on_response()
+
+        cycle.on_response = on_response_
+
+    def _hs_close(self, cycle: Any, attrs: dict[str, Any] | None) -> None:
+        entry = self._hs_open.pop(id(cycle), None)
+        if entry is None or self._hs_sink is None:
+            return
+        _, trace_id, span_id = entry
+        self._hs_sink.emit(("e", _now(), trace_id, span_id, attrs))
+
+    def _hs_connection_lost(self) -> None:
+        for cycle, _, _ in list(getattr(self, "_hs_open", {}).values()):
+            self._hs_close(cycle, {"disconnected": True})
+
+
+def _with_server_timing(
+    message: Any, scope: Any, begin: int, queue_ns: int | None
+) -> dict[str, Any]:
+    """A copy of the response head with the hop durations so far (browser devtools show them)."""
+    parts = []
+    if queue_ns is not None:
+        parts.append(f"queue;dur={queue_ns / 1e6:.3f}")
+    parts.append(f"server;dur={(_now() - begin) / 1e6:.3f}")
+    headers = [*message.get("headers", ()), (b"server-timing", ", ".join(parts).encode())]
+    return {**message, "headers": headers}
+
+
+class HttpToolsProtocol(_ServerHop, _HttpToolsProtocol):
+    """uvicorn's httptools protocol, recording the server hop."""
+
+    def connection_made(self, transport: Any) -> None:
+        self._hs_connection_made()
+        super().connection_made(transport)
+
+    def on_message_begin(self) -> None:
+        self._hs_begin = _now()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not previous and self.cycle is not None:
+            self._hs_adopt(self.cycle, self._hs_begin)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hs_connection_lost()
+        super().connection_lost(exc)
+
+
+class H11Protocol(_ServerHop, _H11Protocol):
+    """uvicorn's h11 protocol, recording the server hop."""
+
+    def connection_made(self, transport: Any) -> None:
+        self._hs_connection_made()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._hs_begin = _now()
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        previous = self.cycle
+        super().handle_events()
+        if self.cycle is not previous and self.cycle is not None:
+            self._hs_adopt(self.cycle, self._hs_begin or _now())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hs_connection_lost()
+        super().connection_lost(exc)

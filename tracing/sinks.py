@@ -1,0 +1,468 @@
+"""Sinks: where records go, without ever making the app wait.
+
+The hot path calls :meth:`Sink.emit`, which appends to a bounded queue and returns.  A
+background thread drains the queue in batches (every ``interval`` seconds), so encoding and
+I/O never run on a request's thread.  A full queue drops the record and counts it; the
+count travels with the next batch, so a viewer can say how much it did not see.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import marshal
+import os
+import socket
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from .records import Record, process_info, to_events
+from .tracefile import header_line
+
+__all__ = [
+    "FileSink",
+    "MemorySink",
+    "Sink",
+    "SocketSink",
+    "default_sink",
+    "parse_address",
+    "sink_from_url",
+]
+
+#: Records a queue holds before it drops (about 30 MB at worst for ordinary requests).
+DEFAULT_MAX_QUEUE = 65_536
+
+WIRE_MAGIC = b"HOPSCOPE/1\n"
+_FRAME = struct.Struct("!I")
+
+
+class Sink:
+    """What every sink offers: ``emit`` (hot path), ``dropped``, ``flush`` and ``close``."""
+
+    dropped: int = 0
+
+    def emit(self, record: Record) -> None:
+        raise NotImplementedError
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (best effort within ``timeout``)."""
+
+    def close(self) -> None:
+        """Flush and stop; later records are dropped."""
+
+
+class MemorySink(Sink):
+    """Keeps records in process, for tests and embedding.
+
+    Bounded like every sink: past ``max_records`` new records are dropped and counted.
+    """
+
+    def __init__(self, max_records: int = 1_000_000) -> None:
+        self._records: deque[Record] = deque()
+        self._max = max_records
+        self.dropped = 0
+
+    def emit(self, record: Record) -> None:
+        if len(self._records) < self._max:
+            self._records.append(record)
+        else:
+            self.dropped += 1
+
+    def records(self) -> list[Record]:
+        return list(self._records)
+
+    def events(self) -> list[dict[str, Any]]:
+        info = process_info(os.getpid())
+        return [event for record in self.records() for event in to_events(record, info)]
+
+    def traces(self) -> list[Any]:
+        """The traces recorded so far, assembled (oldest first)."""
+        from .model import assemble
+
+        return assemble(self.events())
+
+    def clear(self) -> None:
+        self._records.clear()
+        self.dropped = 0
+
+
+_live_sinks: weakref.WeakSet[_BatchingSink] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for sink in list(_live_sinks):
+        sink._after_fork()
+
+
+def _close_all() -> None:
+    for sink in list(_live_sinks):
+        sink.close()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+atexit.register(_close_all)
+
+
+class _BatchingSink(Sink):
+    """A bounded queue drained by a lazily started background thread.
+
+    The thread starts on the first record, per process: a forked worker gets an empty
+    queue and its own thread, so records are neither lost nor written twice.
+    """
+
+    def __init__(self, *, max_queue: int = DEFAULT_MAX_QUEUE, interval: float = 0.05) -> None:
+        self._queue: deque[Record] = deque()
+        self._max = max_queue
+        self._interval = interval
+        self.dropped = 0
+        self._unreported = 0
+        self._drop_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        # Held while a batch is taken and written, so flush() can wait for the batch
+        # in flight and two drainers never race for the same queue.
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._pid = os.getpid()
+        _live_sinks.add(self)
+
+    # -- hot path ---------------------------------------------------------------
+    def emit(self, record: Record) -> None:
+        queue = self._queue
+        if len(queue) < self._max and not self._closed:
+            queue.append(record)
+            if self._thread is None:
+                self._start()
+        else:
+            self._count_dropped(1)
+
+    # -- plumbing ---------------------------------------------------------------
+    def _count_dropped(self, count: int) -> None:
+        with self._drop_lock:
+            self.dropped += count
+            self._unreported += count
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None and not self._closed:
+                thread = threading.Thread(
+                    target=self._run, name=f"hopscope-{type(self).__name__}", daemon=True
+                )
+                self._thread = thread
+                thread.start()
+
+    def _after_fork(self) -> None:
+        self._queue.clear()
+        self._drop_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None
+        self._unreported = 0
+        self._pid = os.getpid()
+        self._forked()
+
+    def _forked(self) -> None:
+        """Drop per-process resources (sockets) the parent owns."""
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self._drain()
+        self._drain()
+
+    def _ready(self) -> bool:
+        """False while the destination is unreachable: records then wait in the queue."""
+        return True
+
+    def _drain(self) -> None:
+        with self._drain_lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        queue = self._queue
+        while queue or self._unreported:
+            if not self._ready():
+                return
+            batch: list[Record] = []
+            pop = queue.popleft
+            for _ in range(min(len(queue), 4096)):
+                batch.append(pop())
+            with self._drop_lock:
+                dropped, self._unreported = self._unreported, 0
+            try:
+                self._write(batch, dropped)
+            except Exception:
+                self._count_dropped(len(batch) + dropped)
+                self._failed()
+                return
+
+    def _write(self, batch: list[Record], dropped: int) -> None:
+        raise NotImplementedError
+
+    def _failed(self) -> None:
+        """A write failed: the batch was counted as dropped."""
+
+    def flush(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        if self._thread is None or not self._thread.is_alive():
+            self._drain()
+            return
+        while self._queue and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.005)
+        # The last batch may have left the queue but not reached its destination yet.
+        if self._drain_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._drain_lock.release()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        if thread is None or not thread.is_alive():
+            self._drain()
+        self._closed_hook()
+
+    def _closed_hook(self) -> None:
+        pass
+
+
+class FileSink(_BatchingSink):
+    """Writes a versioned JSON Lines trace file (mode 0600).
+
+    The file is opened for appending so that forked workers sharing one sink add whole
+    lines without overwriting each other.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        os.write(fd, header_line().encode())
+        self._fd = fd
+        super().__init__(**kwargs)
+
+    def _write(self, batch: list[Record], dropped: int) -> None:
+        info = process_info(os.getpid())
+        lines = []
+        if dropped:
+            lines.append(_json(dropped_event(dropped, info)))
+        for record in batch:
+            for event in to_events(record, info):
+                lines.append(_json(event))
+        data = ("\n".join(lines) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def _closed_hook(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def _json(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), default=repr)
+
+
+def dropped_event(count: int, info: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "dropped", "ts": time.time_ns(), "count": count, "attrs": dict(info)}
+
+
+def parse_address(address: str) -> tuple[str, Any]:
+    """``tcp://HOST:PORT``, ``HOST:PORT``, ``:PORT`` or ``unix:PATH`` -> (family, address)."""
+    if address.startswith("unix:"):
+        path = address[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"no socket path in {address!r}")
+        return "unix", path
+    rest = address[6:] if address.startswith("tcp://") else address
+    host, sep, port = rest.rpartition(":")
+    valid_port = port.isascii() and port.isdigit() and int(port) < 65536
+    if not sep or not valid_port or "/" in host:
+        raise ValueError(f"expected HOST:PORT, tcp://HOST:PORT or unix:PATH, got {address!r}")
+    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+
+
+class SocketSink(_BatchingSink):
+    """Streams records to a collector (``hopscope tail --listen``) over TCP or a Unix socket.
+
+    Records travel as marshalled batches, undecoded: the collector process does the
+    encoding work, so the app's process spends as little CPU on export as it can.
+    While the collector is unreachable records wait in the bounded queue (then drop,
+    counted) and the sink reconnects with exponential backoff.
+    """
+
+    def __init__(self, address: str = "tcp://127.0.0.1:7401", **kwargs: Any) -> None:
+        self.family, self.address = parse_address(address)
+        self._sock: socket.socket | None = None
+        self._backoff = 0.05
+        self._next_try = 0.0
+        self.connects = 0
+        super().__init__(**kwargs)
+
+    def _connect(self) -> socket.socket:
+        if self.family == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(2.0)
+        try:
+            sock.connect(self.address)
+            sock.sendall(WIRE_MAGIC)
+        except OSError:
+            sock.close()
+            raise
+        sock.settimeout(10.0)
+        return sock
+
+    def _ready(self) -> bool:
+        if self._sock is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        try:
+            self._sock = self._connect()
+        except OSError:
+            self._next_try = now + self._backoff
+            self._backoff = min(self._backoff * 2, 2.0)
+            return False
+        self._backoff = 0.05
+        self.connects += 1
+        return True
+
+    def _write(self, batch: list[Record], dropped: int) -> None:
+        sock = self._sock
+        assert sock is not None
+        frame = encode_frame(batch, dropped, process_info(os.getpid()))
+        sock.sendall(frame)
+
+    def _failed(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+        self._next_try = time.monotonic() + self._backoff
+
+    def _forked(self) -> None:
+        # The parent's connection is not ours to use or close.
+        self._sock = None
+        self._next_try = 0.0
+
+    def _closed_hook(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+
+def encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> bytes:
+    try:
+        payload = marshal.dumps((1, info, dropped, batch))
+    except ValueError:
+        payload = marshal.dumps((1, info, dropped, [_marshallable(r) for r in batch]))
+    return _FRAME.pack(len(payload)) + payload
+
+
+_EXACT = (bool, int, float, str, bytes)
+_ARITY = {"s": 9, "e": 5, "p": 6, "c": 10}
+
+
+def _marshallable(record: Record) -> Record:
+    """User attributes may hold any object: fall back to its repr for the wire."""
+    try:
+        marshal.dumps(record)
+        return record
+    except ValueError:
+        return tuple(_safe(item) for item in record)
+
+
+def _safe(value: Any) -> Any:
+    if value is None or type(value) in _EXACT:
+        return value
+    # marshal refuses subclasses such as IntEnum (http.HTTPStatus) and StrEnum.
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, list | tuple):
+        return [_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _safe(v) for k, v in value.items()}
+    return repr(value)
+
+
+def decode_frame(payload: bytes) -> tuple[dict[str, Any], int, list[Record]]:
+    """Inverse of :func:`encode_frame`, with the shape checked (marshal data is untrusted)."""
+    try:
+        data = marshal.loads(payload)
+    except (EOFError, ValueError, TypeError):
+        raise ValueError("not a hopscope batch (undecodable payload)") from None
+    if not (isinstance(data, tuple) and len(data) == 4 and data[0] == 1):
+        raise ValueError("not a hopscope batch")
+    _, info, dropped, batch = data
+    if not isinstance(info, dict) or not isinstance(dropped, int) or not isinstance(batch, list):
+        raise ValueError("malformed hopscope batch")
+    for record in batch:
+        shape = record[0] if isinstance(record, tuple) and record else None
+        if not isinstance(shape, str) or _ARITY.get(shape) != len(record):
+            raise ValueError("malformed record in batch")
+    return info, dropped, batch
+
+
+def sink_from_url(url: str) -> Sink:
+    """``tcp://HOST:PORT``, ``unix:PATH``, ``file:PATH`` or ``memory:`` -> a sink."""
+    if url.startswith("file:"):
+        path = url[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError("HOPSCOPE_SINK file: needs a path, e.g. file:trace.jsonl")
+        return FileSink(path)
+    if url == "memory:":
+        return MemorySink()
+    if url.startswith(("tcp://", "unix:")):
+        return SocketSink(url)
+    raise ValueError(
+        f"HOPSCOPE_SINK must be tcp://HOST:PORT, unix:PATH, file:PATH or memory:, got {url!r}"
+    )
+
+
+_default: Sink | None = None
+_default_lock = threading.Lock()
+
+DEFAULT_COLLECTOR = "tcp://127.0.0.1:7401"
+
+
+def default_sink() -> Sink:
+    """The process-wide sink chosen by ``HOPSCOPE_SINK`` (default: the local collector)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = sink_from_url(os.environ.get("HOPSCOPE_SINK") or DEFAULT_COLLECTOR)
+        return _default

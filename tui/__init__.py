@@ -1,0 +1,1 @@
+"""hopscope.tui: the Textual terminal UI (arrives with issue 4)."""
