@@ -537,3 +537,22 @@ def test_exception_event_shape() -> None:
     assert attrs["exception.message"] == "bad value" and attrs["phase"] == "before_response"
     assert "raise ValueError" in attrs["exception.stacktrace"]
     marshal.dumps(record)  # it must be able to travel to a collector
+
+
+def test_env_file_sinks_of_several_workers_append_to_one_trace(tmp_path: Path) -> None:
+    """Each worker of a multi-process server makes its own sink from HOPSCOPE_SINK: the
+    second must not wipe what the first wrote, and the header is written once."""
+    path = tmp_path / "shared.jsonl"
+    first = sink_from_url(f"file:{path}")
+    first.emit(("c", 1, 2, 7, 1, 0, "app", "one", 0, None))
+    first.close()
+    second = sink_from_url(f"file:{path}")
+    second.emit(("c", 3, 4, 8, 1, 0, "app", "two", 0, None))
+    second.close()
+    lines = path.read_text().splitlines()
+    assert sum('"format":"hopscope"' in line for line in lines) == 1
+    names = [e["name"] for e in read_events(path) if e["kind"] == "span_start"]
+    assert names == ["one", "two"]
+    # An explicit FileSink (hopscope's -o) starts a fresh trace.
+    FileSink(path).close()
+    assert list(read_events(path)) == []

@@ -9,6 +9,7 @@ concurrent requests cannot mix (OpenTelemetry's ASGI middleware once did: contri
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -31,7 +32,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[Any]]
 #: Body chunks (and WebSocket messages) recorded one event each; later ones are summed.
 FIRST_CHUNKS = 4
 #: Work the app does after the response ended becomes a ``background`` span past this.
-BACKGROUND_MIN_NS = 1_000_000
+#: Frameworks take a few milliseconds to unwind after the last body (Django closes the
+#: response in a worker thread, Starlette's StreamingResponse cancels its listener):
+#: below 10 ms that is noise, not a background task.
+BACKGROUND_MIN_NS = 10_000_000
 #: First bytes of a WebSocket message kept in its event.
 WS_PREVIEW = 256
 
@@ -103,9 +107,18 @@ def _route(scope: Scope, root_path: str) -> str | None:
     if not isinstance(path, str):
         return None
     prefix = scope.get("root_path", "")
-    if isinstance(prefix, str) and prefix.startswith(root_path):
-        return prefix[len(root_path) :] + path
-    return path
+    if not isinstance(prefix, str) or not prefix.startswith(root_path):
+        return path
+    prefix = prefix[len(root_path) :]
+    if hasattr(route, "routes"):
+        # A mount nothing inside matched (a 404 there, or a mounted app without routes):
+        # the root_path it set already ends with its own path.
+        return prefix or path
+    return prefix + path
+
+
+_REQUEST_KEYS = ("http.request.body.size", "http.request.body", "http.request.body.truncated")
+_RESPONSE_KEYS = ("http.response.body.size", "http.response.body", "http.response.body.truncated")
 
 
 class _Body:
@@ -133,11 +146,21 @@ class _Body:
             self.chunks.append(chunk)
             self.kept += size
 
-    def attrs(self, attrs: dict[str, Any], direction: str) -> None:
-        attrs[f"http.{direction}.body.size"] = self.size
-        if self.chunks:
-            attrs[f"http.{direction}.body"] = self.chunks
-            attrs[f"http.{direction}.body.truncated"] = self.size > self.limit
+    def attrs(self, attrs: dict[str, Any], keys: tuple[str, str, str]) -> None:
+        size_key, body_key, truncated_key = keys
+        attrs[size_key] = self.size
+        if not self.size:
+            return
+        chunks = self.chunks
+        if self.kept > self.limit:
+            # The last chunk kept crosses the limit: cut it, once per request, so the
+            # capture is exactly the first ``limit`` bytes and the big chunk is let go.
+            last = chunks[-1]
+            chunks[-1] = last[: len(last) - (self.kept - self.limit)]
+            self.kept = self.limit
+        if chunks:
+            attrs[body_key] = chunks
+        attrs[truncated_key] = self.size > self.limit
 
     def summary(self) -> dict[str, int]:
         return {
@@ -153,8 +176,12 @@ class _HTTPRecorder:
 
     __slots__ = (
         "app",
+        "complete",
+        "disconnected",
+        "end_extra",
         "end_ts",
         "ended",
+        "handling",
         "middleware",
         "receive_",
         "request",
@@ -179,8 +206,12 @@ class _HTTPRecorder:
         self.request = _Body(middleware.body_limit)
         self.response = _Body(middleware.body_limit)
         self.started = False
+        self.complete = False
+        self.disconnected = False
         self.ended = False
         self.end_ts = 0
+        self.end_extra: dict[str, Any] | None = None
+        self.handling: BaseException | None = None
         self.status = 0
         self.trailers = False
         self.response_headers: Any = None
@@ -217,27 +248,33 @@ class _HTTPRecorder:
             raise
         finally:
             current.reset(token)
-        if self.ended:
-            returned = _now()
-            if returned - self.end_ts > BACKGROUND_MIN_NS:
-                sink.emit(
-                    (
-                        "c",
-                        self.end_ts,
-                        returned,
-                        trace_id,
-                        new_span_id(),
-                        span_id,
-                        "app",
-                        "background",
-                        _ident(),
-                        None,
-                    )
-                )
-        else:
+        if self.complete:
+            if not self.ended:
+                self._end(self.end_extra)
+            self._background(None)
+        elif not self.ended:
             # The app returned without finishing its response (or without one at all).
             self._end({"response.incomplete": True})
         return result
+
+    def _background(self, attrs: dict[str, Any] | None) -> None:
+        """Work the app did after its response was complete becomes its own span."""
+        returned = _now()
+        if attrs or returned - self.end_ts > BACKGROUND_MIN_NS:
+            self.sink.emit(
+                (
+                    "c",
+                    self.end_ts,
+                    returned,
+                    self.trace_id,
+                    new_span_id(),
+                    self.span_id,
+                    "app",
+                    "background",
+                    _ident(),
+                    attrs,
+                )
+            )
 
     # -- receive ---------------------------------------------------------------
     async def receive(self) -> Message:
@@ -260,8 +297,9 @@ class _HTTPRecorder:
                             {"size": len(body), "more": bool(message.get("more_body"))},
                         )
                     )
-        elif kind == "http.disconnect" and not self.ended:
+        elif kind == "http.disconnect" and not self.complete and not self.ended:
             # After the final body a disconnect is the normal end of the exchange.
+            self.disconnected = True
             self.sink.emit(
                 (
                     "p",
@@ -277,6 +315,9 @@ class _HTTPRecorder:
 
     # -- send ------------------------------------------------------------------
     async def send(self, message: Message) -> None:
+        # The app's part ends when it hands the last message over: the server's own
+        # span (which writes it) then closes after the app span, not before.
+        handed = _now()
         try:
             await self.send_(message)
         except OSError:
@@ -285,6 +326,7 @@ class _HTTPRecorder:
                 self.sink.emit(
                     ("p", _now(), self.trace_id, self.span_id, "disconnect", {"phase": "send"})
                 )
+                self.disconnected = True
                 self._end({"disconnected": True})
             raise
         kind = message.get("type")
@@ -307,9 +349,12 @@ class _HTTPRecorder:
                         )
                     )
             if not more and not self.trailers:
-                self._end(None)
+                self._complete(None, handed)
         elif kind == "http.response.start":
             self.started = True
+            # An app (Starlette's ServerErrorMiddleware) may send an error page while it
+            # handles an exception that it then re-raises: remember which, see _complete.
+            self.handling = sys.exception()
             self.status = message.get("status", 0)
             self.response_headers = message.get("headers")
             self.trailers = bool(message.get("trailers"))
@@ -335,19 +380,31 @@ class _HTTPRecorder:
                 )
             )
             if not message.get("more_trailers"):
-                self._end(None)
+                self._complete(None, handed)
         elif kind == "http.response.pathsend":
-            self._end({"http.response.pathsend": message.get("path")})
+            self._complete({"http.response.pathsend": message.get("path")}, handed)
         elif kind == "http.response.zerocopysend":
             if not message.get("more_body"):
-                self._end({"http.response.zerocopysend": True})
+                self._complete({"http.response.zerocopysend": True}, handed)
 
     # -- end -------------------------------------------------------------------
+    def _complete(self, extra: dict[str, Any] | None, handed: int) -> None:
+        """The response is fully sent: the span ends here, unless it is an error page."""
+        self.complete = True
+        self.end_ts = handed
+        if self.handling is None:
+            self._end(extra)
+        else:
+            # Sent while an exception was being handled: if the app re-raises it, the
+            # span must say so, so it ends (at this time) when the app returns or raises.
+            self.end_extra = extra
+
     def _end(self, extra: dict[str, Any] | None) -> None:
         if self.ended:
             return
         self.ended = True
-        ts = self.end_ts = _now()
+        ts = self.end_ts or _now()
+        self.end_ts = ts
         sink = self.sink
         attrs: dict[str, Any] = {"http.response.status_code": self.status or None}
         if self.response_headers is not None:
@@ -355,8 +412,8 @@ class _HTTPRecorder:
         route = _route(self.scope, self.root_path)
         if route is not None:
             attrs["http.route"] = route
-        self.request.attrs(attrs, "request")
-        self.response.attrs(attrs, "response")
+        self.request.attrs(attrs, _REQUEST_KEYS)
+        self.response.attrs(attrs, _RESPONSE_KEYS)
         if extra:
             attrs.update(extra)
         if self.request.count > FIRST_CHUNKS:
@@ -384,18 +441,29 @@ class _HTTPRecorder:
         sink.emit(("e", ts, self.trace_id, self.span_id, attrs))
 
     def _failed(self, exc: BaseException) -> None:
-        if not isinstance(exc, Exception):
-            # Cancellation or interpreter exit: not the app's error, but the request ended.
-            self._end({"cancelled": type(exc).__name__})
-            return
-        if self.ended:
-            phase = "after_response"
-        elif self.started:
-            phase = "after_response_start"
+        attrs: dict[str, Any]
+        if isinstance(exc, Exception):
+            attrs = {"error": True, "exception.type": type(exc).__qualname__}
+            if exc is self.handling:
+                phase = "before_response"  # the response was this exception's error page
+            elif self.complete:
+                phase = "after_response"
+            elif self.started:
+                phase = "after_response_start"
+            else:
+                phase = "before_response"
+            self.sink.emit(exception_event(self.trace_id, self.span_id, exc, phase=phase))
         else:
-            phase = "before_response"
-        self.sink.emit(exception_event(self.trace_id, self.span_id, exc, phase=phase))
-        self._end({"error": True, "exception.type": type(exc).__qualname__})
+            # Cancellation or interpreter exit: not the app's error, but the request ended.
+            attrs = {"cancelled": type(exc).__name__}
+        if self.complete and exc is not self.handling:
+            # The response went out fine; what failed is the work after it.
+            self._end(self.end_extra)
+            self._background(attrs)
+        else:
+            if self.end_extra:
+                attrs.update(self.end_extra)
+            self._end(attrs)
 
 
 class _WebSocketRecorder:
@@ -407,12 +475,13 @@ class _WebSocketRecorder:
         "close_code",
         "close_reason",
         "connect_ts",
-        "denied",
         "inbound",
         "outbound",
+        "root_path",
         "scope",
         "sink",
         "span_id",
+        "status",
         "trace_id",
     )
 
@@ -423,8 +492,10 @@ class _WebSocketRecorder:
         self.inbound = [0, 0]
         self.outbound = [0, 0]
         self.accepted = False
-        self.denied = False
+        self.status: int | None = None
         self.connect_ts = 0
+        root_path = scope.get("root_path", "")
+        self.root_path = root_path if isinstance(root_path, str) else ""
         self.close_code: int | None = None
         self.close_reason: str | None = None
 
@@ -482,9 +553,9 @@ class _WebSocketRecorder:
                     "websocket.close_reason": self.close_reason,
                 }
             )
-            if self.denied:
-                end_attrs["http.response.status_code"] = 403
-            route = _route(scope, "")
+            if self.status is not None:
+                end_attrs["http.response.status_code"] = self.status
+            route = _route(scope, self.root_path)
             if route is not None:
                 end_attrs["http.route"] = route
             self.sink.emit(("e", _now(), trace_id, span_id, end_attrs))
@@ -543,8 +614,8 @@ class _WebSocketRecorder:
                 )
             )
         elif kind == "websocket.close":
-            if not self.accepted:
-                self.denied = True
+            if not self.accepted and self.status is None:
+                self.status = 403  # what servers answer a handshake closed before accept
             self.close_code = message.get("code", 1000)
             self.close_reason = message.get("reason") or None
             self.sink.emit(
@@ -558,7 +629,7 @@ class _WebSocketRecorder:
                 )
             )
         elif kind == "websocket.http.response.start":
-            self.denied = True
+            self.status = message.get("status")
             self.sink.emit(
                 (
                     "p",
@@ -566,6 +637,6 @@ class _WebSocketRecorder:
                     self.trace_id,
                     self.span_id,
                     "response.start",
-                    {"status": message.get("status"), "headers": message.get("headers")},
+                    {"status": self.status, "headers": message.get("headers")},
                 )
             )

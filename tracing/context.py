@@ -18,7 +18,7 @@ from .records import new_span_id
 if TYPE_CHECKING:
     from .sinks import Sink
 
-__all__ = ["SpanContext", "current", "span"]
+__all__ = ["SpanContext", "current", "server_parent", "span"]
 
 
 class SpanContext(NamedTuple):
@@ -30,6 +30,13 @@ class SpanContext(NamedTuple):
 
 
 current: ContextVar[SpanContext | None] = ContextVar("hopscope_current", default=None)
+
+#: (trace id, span id) of the server hop handling the request on this thread, set by
+#: server hooks that run outside the app call (gunicorn's pre_request), so the WSGI
+#: middleware's app span can join the server span.
+server_parent: ContextVar[tuple[int, int] | None] = ContextVar(
+    "hopscope_server_parent", default=None
+)
 
 
 class span:

@@ -23,20 +23,22 @@ def parse_request_start(value: bytes | str, now_ns: int) -> int | None:
     text = value.strip()
     if text.startswith("t="):
         text = text[2:]
-    try:
-        number = float(text)
-    except ValueError:
+    whole, _, fraction = text.partition(".")
+    if not whole.isdigit() or (fraction and not fraction.isdigit()):
         return None
-    if number <= 0:
-        return None
-    if number < 1e11:  # seconds (1e11 s is the year 5138)
-        ns = int(number * 1e9)
-    elif number < 1e14:  # milliseconds
-        ns = int(number * 1e6)
-    elif number < 1e17:  # microseconds
-        ns = int(number * 1e3)
+    # Integer arithmetic: a float loses the sub-microsecond digits of an epoch stamp.
+    number = int(whole)
+    digits = len(whole)
+    if digits <= 11:  # seconds (11 digits last until the year 5138)
+        ns = number * 10**9 + int((fraction + "0" * 9)[:9])
+    elif digits <= 14:  # milliseconds
+        ns = number * 10**6 + int((fraction + "0" * 6)[:6])
+    elif digits <= 17:  # microseconds
+        ns = number * 10**3 + int((fraction + "0" * 3)[:3])
     else:  # nanoseconds
-        ns = int(number)
+        ns = number
+    if ns <= 0:
+        return None
     if ns > now_ns + _SKEW_NS or ns < now_ns - _MAX_AGE_NS:
         return None
     return min(ns, now_ns)

@@ -71,29 +71,61 @@ def _reseed_after_fork() -> None:
 os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
+_HEX = {32: "%032x", 16: "%016x"}
+
+#: Types :func:`_plain` returns unchanged: checked by exact type first, because most
+#: attribute values are one of these and ``isinstance`` chains cost the collector more.
+_AS_IS = frozenset({str, int, float, bool, type(None)})
+
+
 def hex_id(value: int, width: int) -> str | None:
-    return f"{value:0{width}x}" if value else None
+    if not value:
+        return None
+    pattern = _HEX.get(width)
+    return pattern % value if pattern is not None else f"{value:0{width}x}"
 
 
 def _text(value: Any) -> str:
+    kind = type(value)
+    if kind is bytes:
+        return value.decode("latin-1")  # type: ignore[no-any-return]
+    if kind is str:
+        return value  # type: ignore[no-any-return]
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("latin-1")
     return str(value)
 
 
 def _headers(pairs: Any) -> list[list[str]]:
-    return [[_text(name), _text(value)] for name, value in pairs]
+    # ASGI header pairs are bytes: decoded inline, as this runs for every request.
+    return [
+        [
+            name.decode("latin-1") if type(name) is bytes else _text(name),
+            value.decode("latin-1") if type(value) is bytes else _text(value),
+        ]
+        for name, value in pairs
+    ]
 
 
 def _body(value: Any, limit: int) -> str:
     if isinstance(value, list | tuple):
-        data = b"".join(bytes(chunk) for chunk in value)
+        try:
+            data = b"".join(value)
+        except TypeError:
+            data = b"".join(bytes(chunk) for chunk in value)
     else:
         data = bytes(value)
     return base64.b64encode(data[:limit]).decode("ascii")
 
 
 def _plain(value: Any) -> Any:
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if kind is bytes:
+        return value.decode("latin-1")
+    if kind is list or kind is tuple:
+        return [_plain(item) for item in value]
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("latin-1")
     if isinstance(value, list | tuple):
@@ -105,7 +137,12 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def normalise_attrs(attrs: dict[str, Any] | None, body_limit: int = BODY_LIMIT) -> dict[str, Any]:
+#: Bodies are cut to their limit by whoever records them (the middleware knows its own
+#: ``body_limit``); this cap only guards the encoder against a recorder that did not.
+BODY_CAP = 16 * 1024 * 1024
+
+
+def normalise_attrs(attrs: dict[str, Any] | None, body_limit: int = BODY_CAP) -> dict[str, Any]:
     """JSON-ready attributes: header pairs as text, bodies as base64, bytes as latin-1."""
     if not attrs:
         return {}
@@ -118,7 +155,7 @@ def normalise_attrs(attrs: dict[str, Any] | None, body_limit: int = BODY_LIMIT) 
         elif key.endswith(".body"):
             out[key] = _body(value, body_limit)
         else:
-            out[key] = _plain(value)
+            out[key] = value if type(value) in _AS_IS else _plain(value)
     return out
 
 
@@ -194,7 +231,7 @@ def _end(ts: int, trace_id: int, span_id: int, attrs: dict[str, Any] | None) -> 
     }
 
 
-_SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian", "daphne", "waitress", "werkzeug")
+_SERVERS = ("uvicorn", "gunicorn", "hypercorn", "granian", "daphne", "waitress")
 
 
 def server_software() -> str | None:

@@ -9,6 +9,7 @@ count travels with the next batch, so a viewer can say how much it did not see.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import marshal
 import os
@@ -242,14 +243,25 @@ class FileSink(_BatchingSink):
     """Writes a versioned JSON Lines trace file (mode 0600).
 
     The file is opened for appending so that forked workers sharing one sink add whole
-    lines without overwriting each other.
+    lines without overwriting each other.  ``append=True`` keeps an existing trace and
+    writes the header only into an empty file: that is how ``HOPSCOPE_SINK=file:PATH``
+    opens it, because each worker of a multi-process server makes its own sink and must
+    not wipe what its siblings wrote.
     """
 
-    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, append: bool = False, **kwargs: Any
+    ) -> None:
         self.path = Path(path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        fd = os.open(self.path, flags, 0o600)
         os.fchmod(fd, 0o600)
-        os.write(fd, header_line().encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_size == 0:
+                os.write(fd, header_line().encode())
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         self._fd = fd
         super().__init__(**kwargs)
 
@@ -443,7 +455,7 @@ def sink_from_url(url: str) -> Sink:
             path = path[2:]
         if not path:
             raise ValueError("HOPSCOPE_SINK file: needs a path, e.g. file:trace.jsonl")
-        return FileSink(path)
+        return FileSink(path, append=True)
     if url == "memory:":
         return MemorySink()
     if url.startswith(("tcp://", "unix:")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 from typing import Any
 
 from .sinks import Sink
@@ -19,10 +20,18 @@ def is_asgi(app: Any) -> bool:
         app = app.func
     if inspect.isclass(app):
         return hasattr(app, "__await__")
-    if asyncio.iscoroutinefunction(app) or inspect.iscoroutinefunction(app):
+    if _is_coroutine_function(app):
         return True
     call = getattr(app, "__call__", None)  # noqa: B004 - we need the bound method itself
-    return asyncio.iscoroutinefunction(call)
+    return call is not None and _is_coroutine_function(call)
+
+
+def _is_coroutine_function(fn: Any) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    # Before 3.12 inspect knows no markers; asgiref marks sync callables the asyncio way.
+    # (From 3.14 asyncio.iscoroutinefunction warns, so it is only asked where needed.)
+    return sys.version_info < (3, 12) and asyncio.iscoroutinefunction(fn)
 
 
 def wrap(app: Any, sink: Sink | None = None, **options: Any) -> Any:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .context import SpanContext, current
+from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
 from .records import BODY_LIMIT, new_span_id, new_trace_id
 from .traceparent import parse_traceparent
@@ -83,10 +83,12 @@ def _server_port(value: Any) -> int | None:
 
 
 def _text(wsgi_string: str) -> str:
-    # PEP 3333 "native strings" carry bytes as latin-1; URLs are really UTF-8.
+    # PEP 3333 "native strings" carry bytes as latin-1, and URLs are really UTF-8.  Some
+    # callers (httpx's WSGITransport) pass decoded text instead: keep what is not
+    # latin-1-encoded UTF-8 as it is.
     try:
-        return wsgi_string.encode("latin-1").decode("utf-8", "replace")
-    except UnicodeEncodeError:
+        return wsgi_string.encode("latin-1").decode("utf-8")
+    except UnicodeError:
         return wsgi_string
 
 
@@ -297,6 +299,7 @@ class _Exchange:
         "original_close",
         "response",
         "response_headers",
+        "route",
         "status",
     )
 
@@ -317,6 +320,7 @@ class _Exchange:
         self.status: int | None = None
         self.response_headers: list[tuple[str, str]] | None = None
         self.error: str | None = None
+        self.route: str | None = None
         self.exhausted = False
         self.disconnect = False
         self.file_wrapper = False
@@ -344,6 +348,10 @@ class _Exchange:
             code = None
         self.status = code
         self.response_headers = kept = list(headers)
+        if self.route is None:
+            # Flask drops its request from the environ when the call returns; while it
+            # answers, the matched rule is still there.
+            self.route = _route(self.environ)
         context = self.context
         context.sink.emit(
             (
@@ -380,6 +388,7 @@ class _Exchange:
         flow.add(chunk, _now())
 
     def phase(self) -> str:
+        """Where an exception struck, in the terms of :func:`exception_event`."""
         if self.status is None:
             return "before_response"
         return "after_response" if self.exhausted else "after_response_start"
@@ -403,7 +412,7 @@ class _Exchange:
                 context.trace_id,
                 context.span_id,
                 "disconnect",
-                {"phase": self.phase()},
+                {"phase": "before_response" if self.status is None else "during_response"},
             )
         )
 
@@ -432,7 +441,9 @@ class _Exchange:
             "http.response.status_code": self.status,
             "http.response.headers": self.response_headers,
         }
-        route = _route(self.environ)
+        route = self.route
+        if route is None:
+            route = _route(self.environ)
         if route is not None:
             attrs["http.route"] = route
         stream = self.input
@@ -560,7 +571,7 @@ class WSGIMiddleware:
     ) -> None:
         self.app = app
         self.body_limit = body_limit
-        self._sink = sink
+        self.sink = sink
         self._disabled = False
 
     def _default_sink(self) -> Sink | None:
@@ -573,21 +584,32 @@ class WSGIMiddleware:
             print(f"hopscope: tracing disabled: {exc}", file=sys.stderr)
             self._disabled = True
             return None
-        self._sink = sink
+        self.sink = sink
         return sink
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        sink = self._sink
+        sink = self.sink
         if sink is None:
             if self._disabled or (sink := self._default_sink()) is None:
                 return self.app(environ, start_response)
         start = _now()
-        traceparent = environ.get("HTTP_TRACEPARENT")
-        parent = parse_traceparent(traceparent) if traceparent else None
-        if parent is None:
-            trace_id, parent_id = new_trace_id(), 0
+        # Inside another traced request of this process (a WSGI app mounted in a traced
+        # app), nest under it; else continue the caller's trace, or start one.
+        # A server hook on this thread (gunicorn's pre_request) may have opened the
+        # server span this app span belongs under.
+        outer = current.get()
+        server = server_parent.get()
+        if outer is not None:
+            trace_id, parent_id = outer.trace_id, outer.span_id
+        elif server is not None:
+            trace_id, parent_id = server
         else:
-            trace_id, parent_id = parent
+            traceparent = environ.get("HTTP_TRACEPARENT")
+            parent = parse_traceparent(traceparent) if traceparent else None
+            if parent is None:
+                trace_id, parent_id = new_trace_id(), 0
+            else:
+                trace_id, parent_id = parent
         span_id = new_span_id()
 
         names = _HEADER_NAMES

@@ -1,0 +1,200 @@
+"""The ``hopscope`` command.
+
+User errors (a bad address, a port in use, an unreadable file) end with one line on
+stderr and exit status 1, never a traceback; usage errors exit 2 as click does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+from typing import Any
+
+import click
+from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
+
+from .collector import DEFAULT_ADDRESS, BackgroundCollector, CollectorError
+from .tail import Tail
+
+__all__ = ["main"]
+
+#: Events folded at once when reading a file: bounds memory on a huge file.
+FILE_BATCH = 2048
+
+
+def _version() -> str:
+    try:
+        return version("hopscope")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="hopscope", message="%(prog)s %(version)s")
+def main() -> None:
+    """hopscope: see each request's life across client, proxy, server and app.
+
+    Instrument an app with hopscope.tracing.wrap(app), then run "hopscope tail"
+    to watch its requests, or "hopscope demo" to see it all on a built-in app.
+    """
+
+
+@main.command()
+@click.argument("file", required=False)
+@click.option(
+    "--listen",
+    metavar="ADDR",
+    help=f"Receive traces from running apps on HOST:PORT or unix:PATH "
+    f"(the default, on {DEFAULT_ADDRESS}).",
+)
+@click.option("-o", "--output", metavar="FILE", help="Also save what is received to a trace file.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow --listen on a non-loopback address (only on networks you trust).",
+)
+def tail(file: str | None, listen: str | None, output: str | None, allow_remote: bool) -> None:
+    """Print one line per finished request.
+
+    With FILE, for the requests saved in a trace file; otherwise live, for the requests
+    apps send to the collector (until Ctrl+C).
+    """
+    if file is not None:
+        if listen is not None or output is not None:
+            raise click.UsageError("FILE cannot be combined with --listen or --output")
+        _tail_file(file)
+    else:
+        _tail_live(listen or DEFAULT_ADDRESS, output, allow_remote)
+
+
+def _tail_file(path: str) -> None:
+    tail = Tail()
+    report = LoadReport()
+    batch: list[dict[str, Any]] = []
+    try:
+        for event in read_events(path, report):
+            batch.append(event)
+            if len(batch) >= FILE_BATCH:
+                tail.feed(batch)
+                batch = []
+        tail.feed(batch)
+    except TraceFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except BrokenPipeError:
+        _quiet_stdout()
+        return
+    problems = []
+    skipped = len(report.malformed_lines) + tail.malformed
+    if skipped:
+        problems.append(f"skipped {skipped} malformed line(s)")
+    if report.truncated_last_line:
+        problems.append("the last line was cut off")
+    if tail.unfinished():
+        problems.append(f"{tail.unfinished()} request(s) never finished")
+    if problems:
+        click.echo(f"hopscope: {path}: " + "; ".join(problems), err=True)
+
+
+def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
+    tail = Tail()
+    stop = threading.Event()
+
+    def consume(events: list[dict[str, Any]]) -> None:
+        if stop.is_set():
+            return
+        try:
+            tail.feed(events)
+        except BrokenPipeError:  # ``hopscope tail | head``: the reader is done
+            _quiet_stdout()
+            stop.set()
+
+    try:
+        collector = BackgroundCollector(
+            address, consume, output=output, allow_remote=allow_remote
+        ).start()
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"hopscope: listening on {collector.url}; "
+        f"start apps with HOPSCOPE_SINK={collector.url} (Ctrl+C to stop)",
+        err=True,
+    )
+    with _stop_on_sigterm(stop):
+        try:
+            while not stop.wait(0.25):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            collector.stop()
+    dropped = collector.collector.dropped
+    note = f", {dropped} events dropped by apps" if dropped else ""
+    click.echo(f"hopscope: stopped after {tail.printed} request(s){note}", err=True)
+
+
+@main.command()
+@click.option(
+    "--requests",
+    "-n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many requests (default: run until Ctrl+C).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default="a free port",
+    help="Port of the demo web app on 127.0.0.1.",
+)
+@click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
+@click.option(
+    "--delay",
+    type=click.FloatRange(min=0),
+    default=0.2,
+    show_default=True,
+    help="Seconds between requests.",
+)
+def demo(requests: int | None, port: int, output: str | None, delay: float) -> None:
+    """Run a demo web app, drive traffic at it and tail its requests.
+
+    The app runs under uvicorn in a child process, instrumented with
+    hopscope.tracing.wrap, exactly as your own app would.
+    """
+    from .demo.run import DemoError, run_demo
+
+    try:
+        run_demo(requests=requests, port=port, output=output, delay=delay)
+    except (DemoError, CollectorError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: threading.Event) -> Any:
+    """Let ``kill`` end a live tail as cleanly as Ctrl+C does (output file closed)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the exit flush stays silent."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

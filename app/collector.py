@@ -1,0 +1,339 @@
+"""The collector: where apps' :class:`~hopscope.tracing.SocketSink` batches arrive.
+
+Apps ship records undecoded (marshal frames) so that their own processes do as little
+as possible; this process pays for decoding instead.  The wire format is not safe
+against hostile peers (``marshal`` is not), which is why the collector listens on
+loopback only unless told otherwise, and why every frame is size-checked and
+shape-checked before use: a bad peer loses its connection, never the collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from hopscope.tracing.records import to_events
+from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame, dropped_event, parse_address
+from hopscope.tracing.tracefile import header_line
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "MAX_FRAME",
+    "BackgroundCollector",
+    "Collector",
+    "CollectorError",
+    "EventWriter",
+]
+
+Event = dict[str, Any]
+Consumer = Callable[[list[Event]], None]
+
+DEFAULT_ADDRESS = "127.0.0.1:7401"
+#: A frame past this closes its connection: no honest batch comes near it.
+MAX_FRAME = 64 * 1024 * 1024
+#: A peer that connects but does not say the magic within this long is dropped.
+HANDSHAKE_TIMEOUT = 10.0
+
+_LENGTH = struct.Struct("!I")
+
+
+class CollectorError(Exception):
+    """The collector cannot run (bad address, port in use); the message is one line."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class EventWriter:
+    """Writes events as a trace file, in the same format a FileSink writes (mode 0600)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise CollectorError(f"cannot write {self.path}: {exc.strerror}") from None
+        os.fchmod(fd, 0o600)
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        self._file.write(header_line())
+        self._file.flush()
+
+    def write(self, events: list[Event]) -> None:
+        if not events:
+            return
+        dumps = json.dumps
+        self._file.write(
+            "".join(dumps(e, separators=(",", ":"), default=repr) + "\n" for e in events)
+        )
+        # Flushed per batch so that ``hopscope tail FILE`` on a live file sees whole lines.
+        self._file.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+class Collector:
+    """An asyncio server that turns SocketSink frames into wire events for ``consumer``.
+
+    ``consumer`` is called on the collector's event loop with each batch's events, in
+    arrival order per connection; it should be quick (printing a line is fine).
+    ``address`` takes what :func:`~hopscope.tracing.sinks.parse_address` takes; port 0
+    picks a free port (read :attr:`url` after :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        consumer: Consumer | None = None,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        max_frame: int = MAX_FRAME,
+        allow_remote: bool = False,
+    ) -> None:
+        try:
+            self.family, self._address = parse_address(address)
+        except ValueError as exc:
+            raise CollectorError(str(exc)) from None
+        if self.family == "tcp" and not allow_remote and not _is_loopback(self._address[0]):
+            raise CollectorError(
+                f"refusing to listen on non-loopback address {self._address[0]!r}: "
+                "the trace wire format is not safe against untrusted peers"
+            )
+        self.consumer = consumer
+        self.max_frame = max_frame
+        self._output = output
+        self.writer: EventWriter | None = None
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
+        self.url = ""
+        # Counters, for tests and the end-of-run summary.
+        self.connections = 0
+        self.frames = 0
+        self.events = 0
+        self.dropped = 0
+        self.rejected = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind and listen; raises :class:`CollectorError` with a one-line reason."""
+        if self._output is not None and self.writer is None:
+            self.writer = EventWriter(self._output)
+        try:
+            if self.family == "unix":
+                path = self._address
+                _clear_stale_socket(path)
+                self._server = await asyncio.start_unix_server(self._handle, path)
+                os.chmod(path, 0o600)
+                self.url = f"unix:{path}"
+            else:
+                host, port = self._address
+                self._server = await asyncio.start_server(self._handle, host, port)
+                bound = self._server.sockets[0].getsockname()
+                shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                self.url = f"tcp://{shown}:{bound[1]}"
+        except OSError as exc:
+            self._close_writer()
+            raise CollectorError(_bind_error(self.family, self._address, exc)) from None
+        except CollectorError:
+            self._close_writer()
+            raise
+
+    async def stop(self) -> None:
+        """Stop listening, drop open connections and close the output file."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Closing the transports ends each handler at its next read; cancelling the
+        # handler tasks instead makes asyncio (3.11) log every one of them.
+        for transport in list(self._transports):
+            transport.abort()
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=5)
+            for task in pending:
+                task.cancel()
+        if server is not None:
+            await server.wait_closed()
+        if self.family == "unix" and self.url:
+            with contextlib.suppress(OSError):
+                os.unlink(self._address)
+        self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # -- connections -------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        transport = writer.transport
+        self._transports.add(transport)
+        self.connections += 1
+        try:
+            await self._read(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass  # the peer went away, or said nothing: both are its business
+        finally:
+            self._handlers.discard(task)
+            self._transports.discard(transport)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        magic = await asyncio.wait_for(reader.readexactly(len(WIRE_MAGIC)), HANDSHAKE_TIMEOUT)
+        if magic != WIRE_MAGIC:
+            self.rejected += 1
+            return
+        while True:
+            try:
+                head = await reader.readexactly(_LENGTH.size)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    self.rejected += 1
+                return
+            (length,) = _LENGTH.unpack(head)
+            if length > self.max_frame or length == 0:
+                self.rejected += 1
+                return
+            payload = await reader.readexactly(length)
+            try:
+                info, dropped, records = decode_frame(payload)
+            except Exception:  # marshal raises ValueError, EOFError, TypeError...
+                self.rejected += 1
+                return
+            self.frames += 1
+            self._deliver(info, dropped, records)
+
+    def _deliver(self, info: dict[str, Any], dropped: int, records: list[Any]) -> None:
+        events: list[Event] = []
+        for record in records:
+            try:
+                events.extend(to_events(record, info))
+            except Exception:
+                # A record of the right kind but the wrong shape: count it as lost.
+                dropped += 1
+        if dropped > 0:
+            self.dropped += dropped
+            events.insert(0, dropped_event(dropped, info))
+        if not events:
+            return
+        self.events += len(events)
+        if self.writer is not None:
+            self.writer.write(events)
+        if self.consumer is not None:
+            self.consumer(events)
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead collector; refuse if one is alive there."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return  # not a socket we can judge: let bind report it
+    finally:
+        probe.close()
+    raise CollectorError(f"another collector is already listening on unix:{path}")
+
+
+def _bind_error(family: str, address: Any, exc: OSError) -> str:
+    where = f"unix:{address}" if family == "unix" else f"{address[0]}:{address[1]}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: address already in use (is another hopscope running?)"
+    reason = exc.strerror or str(exc)
+    return f"cannot listen on {where}: {reason}"
+
+
+class BackgroundCollector:
+    """A :class:`Collector` on its own event loop in a daemon thread.
+
+    For callers that are not asyncio programs (the CLI, tests): :meth:`start` returns
+    once the collector listens (or raises its :class:`CollectorError`), :meth:`stop`
+    returns once it has stopped.  The consumer runs on the collector's thread.
+    """
+
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, consumer: Consumer | None = None, **options: Any
+    ) -> None:
+        self.collector = Collector(address, consumer, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return self.collector.url
+
+    def start(self, timeout: float = 10.0) -> BackgroundCollector:
+        self._thread = threading.Thread(target=self._run, name="hopscope-collector", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise CollectorError("the collector did not start in time")
+        if self._error is not None:
+            self._thread.join(timeout)
+            error, self._error = self._error, None
+            raise error
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to start(), or printed if after start
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            else:
+                print(f"hopscope: collector stopped: {exc}", file=sys.stderr)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        await self.collector.start()
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.collector.stop()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stopping.set)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundCollector:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,34 @@
+"""The demo app's process: uvicorn serving the instrumented demo app on a given socket.
+
+``hopscope demo`` binds the listening socket itself and hands it down by file
+descriptor, so the port is known (and its errors reported) before this process starts,
+and no other process can take the port in between.  Records go where ``HOPSCOPE_SINK``
+says, as in any instrumented app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import uvicorn
+
+from .webapp import create_app
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hopscope.app.demo.server")
+    parser.add_argument("--fd", type=int, required=True, help="a listening socket to serve on")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    config = uvicorn.Config(
+        create_app(), log_level=args.log_level, access_log=False, lifespan="off"
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

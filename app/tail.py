@@ -1,0 +1,215 @@
+"""``hopscope tail``: one line per finished request, like an access log with hops.
+
+Events are folded into traces as they come; a trace's line is printed when its root
+span ends, and the trace is then forgotten, so memory stays bounded however long the
+tail runs.  Events that arrive for a trace already printed (a background task recorded
+after the response ended) are ignored rather than printed as a second, partial line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, TextIO
+
+import click
+from hopscope.tracing.model import Span, Trace, TraceBuilder
+
+__all__ = ["Tail", "format_line"]
+
+Event = dict[str, Any]
+
+_HOP_ORDER = ("client", "proxy", "server", "app")
+_STATUS_COLOURS = {2: "green", 3: "cyan", 4: "yellow", 5: "red"}
+
+
+def _ms(ns: int | None) -> str:
+    return "?" if ns is None else f"{ns / 1e6:.1f}ms"
+
+
+def _clock(ns: int | None) -> str:
+    if ns is None:
+        return "--:--:--.---"
+    return datetime.fromtimestamp(ns / 1e9).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _top_level(trace: Trace, span: Span) -> bool:
+    """True when no ancestor of ``span`` in this trace belongs to the same hop."""
+    seen: set[str] = set()
+    parent_id = span.parent_id
+    while parent_id is not None and parent_id in trace.spans and parent_id not in seen:
+        seen.add(parent_id)
+        parent = trace.spans[parent_id]
+        if parent.hop == span.hop:
+            return False
+        parent_id = parent.parent_id
+    return True
+
+
+def hop_times(trace: Trace) -> list[tuple[str, int, int]]:
+    """``(name, total ns, count)``: each hop's outermost spans, then user spans by name."""
+    hops: dict[str, list[int]] = {}
+    user: dict[str, list[int]] = {}
+    for span in trace.spans.values():
+        duration = span.duration_ns
+        if duration is None:
+            continue
+        if span.attrs.get("span.kind") == "user":
+            bucket = user.setdefault(span.name or "span", [0, 0])
+        elif span.name == "background":
+            bucket = user.setdefault("background", [0, 0])
+        elif _top_level(trace, span):
+            bucket = hops.setdefault(span.hop, [0, 0])
+        else:
+            continue
+        bucket[0] += duration
+        bucket[1] += 1
+    order = {hop: index for index, hop in enumerate(_HOP_ORDER)}
+    ordered = sorted(hops.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    return [(n, t, c) for n, (t, c) in ordered] + [(n, t, c) for n, (t, c) in user.items()]
+
+
+def format_line(trace: Trace, color: bool = False) -> str:
+    """``HH:MM:SS.mmm METHOD /path [route] STATUS TOTAL hop=ms ...``."""
+    root = trace.root
+    method = trace.method
+    if root is not None and root.attrs.get("network.protocol.name") == "websocket":
+        method = "WS"
+    path = trace.path
+    if path is None:
+        path = root.name if root is not None else "?"
+    parts = [_clock(trace.start), method or "-", path]
+    route = trace.route
+    if route and route != path:
+        parts.append(f"[{route}]")
+    status = trace.status
+    if status is None and root is not None and root.attrs.get("websocket.accepted"):
+        status = 101  # the handshake's Switching Protocols
+    status_text = str(status) if status is not None else "---"
+    if color and status is not None:
+        status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
+    parts.append(status_text)
+    parts.append(_ms(trace.duration_ns))
+    for name, total, count in hop_times(trace):
+        parts.append(f"{name}={_ms(total)}" + (f"x{count}" if count > 1 else ""))
+    types = _exception_types(trace)
+    if types or trace.error:
+        parts.append("error" + (f"={','.join(types)}" if types else ""))
+    if any(s.attrs.get("disconnected") for s in trace.spans.values()):
+        parts.append("client-gone")
+    return " ".join(parts)
+
+
+def _exception_types(trace: Trace) -> list[str]:
+    """Short names of the exceptions raised in the trace, first seen first."""
+    names: dict[str, None] = {}
+    for span in sorted(trace.spans.values(), key=lambda s: s.start or 0):
+        for event in span.events:
+            if event.name == "exception" and event.attrs.get("exception.type"):
+                names[str(event.attrs["exception.type"]).rpartition(".")[2]] = None
+        if span.attrs.get("exception.type"):
+            names[str(span.attrs["exception.type"]).rpartition(".")[2]] = None
+    return list(names)
+
+
+class Tail:
+    """Turns a stream of wire events into printed lines.
+
+    ``max_in_flight`` caps unfinished traces (the oldest are forgotten, counted in
+    :attr:`evicted`); ``remember`` is how many printed trace ids are kept to ignore
+    their stragglers.
+    """
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        *,
+        color: bool | None = None,
+        max_in_flight: int = 10_000,
+        remember: int = 10_000,
+    ) -> None:
+        self.out = out if out is not None else sys.stdout
+        if color is None:
+            isatty = getattr(self.out, "isatty", None)
+            color = bool(isatty and isatty())
+        self.color = color
+        self.builder = TraceBuilder(max_traces=max_in_flight)
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._remember = remember
+        self.printed = 0
+        self.dropped = 0
+        self.malformed = 0
+
+    @property
+    def evicted(self) -> int:
+        return self.builder.evicted
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.builder.traces)
+
+    def feed(self, events: Iterable[Event]) -> list[str]:
+        """Fold a batch of events; print and return the lines of requests it finished.
+
+        The whole batch is folded before any line is made, so spans that finish together
+        (a response and the work right after it) are reported together.
+        """
+        touched: dict[str, Trace] = {}
+        notes: list[str] = []
+        for event in events:
+            if not isinstance(event, dict):
+                self.malformed += 1
+                continue
+            if event.get("kind") == "dropped":
+                count = event.get("count")
+                if isinstance(count, int) and count > 0:
+                    self.dropped += count
+                    pid = (event.get("attrs") or {}).get("process.pid")
+                    where = f" by pid {pid}" if pid is not None else ""
+                    notes.append(
+                        f"!! {count} events dropped{where} (queue full or collector unreachable)"
+                    )
+                continue
+            if event.get("trace_id") in self._done:
+                continue
+            try:
+                trace = self.builder.add(event)
+            except (KeyError, TypeError, ValueError):
+                self.malformed += 1
+                continue
+            if trace is not None:
+                touched[trace.trace_id] = trace
+        lines = notes
+        for trace_id, trace in touched.items():
+            try:
+                finished = trace.finished
+            except TypeError:  # timestamps of the wrong type in untrusted data
+                finished = False
+            if not finished or self.builder.traces.get(trace_id) is not trace:
+                continue
+            try:
+                line = format_line(trace, self.color)
+            except (TypeError, ValueError):
+                self.malformed += 1
+                line = None
+            self._forget(trace_id)
+            if line is not None:
+                lines.append(line)
+                self.printed += 1
+        for line in lines:
+            self.out.write(line + "\n")
+        if lines:
+            self.out.flush()
+        return lines
+
+    def _forget(self, trace_id: str) -> None:
+        self.builder.traces.pop(trace_id, None)
+        self._done[trace_id] = None
+        if len(self._done) > self._remember:
+            self._done.popitem(last=False)
+
+    def unfinished(self) -> int:
+        """How many requests started but never ended (in what was seen)."""
+        return len(self.builder.traces)
