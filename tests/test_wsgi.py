@@ -438,50 +438,44 @@ def test_a_bad_sink_setting_leaves_the_app_alone(
 
 # -- Django through httpx.WSGITransport ---------------------------------------------
 @pytest.fixture(scope="module")
-def django_app() -> Any:
+def django_app() -> Iterator[Any]:
+    # Django's settings are process-wide and another test module may have configured
+    # them first: configure the minimum if nobody has, then override what this needs.
+    import django
     from django.conf import settings
+    from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+    from django.test import override_settings
+    from django.urls import path
 
+    def hello(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("hello from django", content_type="text/plain")
+
+    def echo(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(request.body[::-1], content_type="application/octet-stream")
+
+    def stream(request: HttpRequest) -> StreamingHttpResponse:
+        return StreamingHttpResponse(f"line {i}\n" for i in range(6))
+
+    def item(request: HttpRequest, item_id: int) -> JsonResponse:
+        return JsonResponse({"id": item_id})
+
+    urls = types.ModuleType("hopscope_test_django_wsgi_urls")
+    urls.urlpatterns = [  # type: ignore[attr-defined]
+        path("hello/", hello),
+        path("echo/", echo),
+        path("stream/", stream),
+        path("items/<int:item_id>/", item),
+    ]
+    sys.modules[urls.__name__] = urls
     if not settings.configured:
-        from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-        from django.urls import path
-
-        def hello(request: HttpRequest) -> HttpResponse:
-            return HttpResponse("hello from django", content_type="text/plain")
-
-        def echo(request: HttpRequest) -> HttpResponse:
-            return HttpResponse(request.body[::-1], content_type="application/octet-stream")
-
-        def stream(request: HttpRequest) -> StreamingHttpResponse:
-            return StreamingHttpResponse(f"line {i}\n" for i in range(6))
-
-        def item(request: HttpRequest, item_id: int) -> JsonResponse:
-            return JsonResponse({"id": item_id})
-
-        urls = types.ModuleType("hopscope_test_django_urls")
-        urls.urlpatterns = [  # type: ignore[attr-defined]
-            path("hello/", hello),
-            path("echo/", echo),
-            path("stream/", stream),
-            path("items/<int:item_id>/", item),
-        ]
-        sys.modules[urls.__name__] = urls
-        settings.configure(
-            DEBUG=False,
-            SECRET_KEY="hopscope-tests",
-            ALLOWED_HOSTS=["*"],
-            ROOT_URLCONF=urls.__name__,
-            MIDDLEWARE=[],
-            INSTALLED_APPS=[],
-            DATABASES={},
-            USE_TZ=True,
-            LOGGING_CONFIG=None,
-        )
-        import django
-
+        settings.configure(SECRET_KEY="hopscope-tests", USE_TZ=True, INSTALLED_APPS=[])
         django.setup()
     from django.core.wsgi import get_wsgi_application
 
-    return get_wsgi_application()
+    with override_settings(
+        ROOT_URLCONF=urls.__name__, ALLOWED_HOSTS=["*"], DEBUG=False, MIDDLEWARE=[]
+    ):
+        yield get_wsgi_application()
 
 
 def test_django_app(django_app: Any, sink: MemorySink) -> None:
