@@ -17,6 +17,7 @@ from typing import Any
 
 from .context import SpanContext, current
 from .exceptions import exception_event
+from .logs import install_log_capture
 from .records import BODY_LIMIT, new_span_id, new_trace_id
 from .sinks import Sink, default_sink
 from .traceparent import parse_traceparent
@@ -48,10 +49,18 @@ class ASGIMiddleware:
 
     __hopscope_wrapped__ = True
 
-    def __init__(self, app: ASGIApp, sink: Sink | None = None, body_limit: int = BODY_LIMIT):
+    def __init__(
+        self,
+        app: ASGIApp,
+        sink: Sink | None = None,
+        body_limit: int = BODY_LIMIT,
+        capture_logs: bool = True,
+    ):
         self.app = app
         self.sink = sink
         self.body_limit = body_limit
+        if capture_logs:
+            install_log_capture()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         kind = scope["type"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
+from .logs import install_log_capture
 from .records import BODY_LIMIT, new_span_id, new_trace_id
 from .traceparent import parse_traceparent
 
@@ -567,12 +568,18 @@ class WSGIMiddleware:
     __hopscope_wrapped__ = True
 
     def __init__(
-        self, app: WSGIApplication, sink: Sink | None = None, body_limit: int = BODY_LIMIT
+        self,
+        app: WSGIApplication,
+        sink: Sink | None = None,
+        body_limit: int = BODY_LIMIT,
+        capture_logs: bool = True,
     ) -> None:
         self.app = app
         self.body_limit = body_limit
         self.sink = sink
         self._disabled = False
+        if capture_logs:
+            install_log_capture()
 
     def _default_sink(self) -> Sink | None:
         from .sinks import default_sink

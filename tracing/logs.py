@@ -1,0 +1,59 @@
+"""Log records emitted while a request runs become ``log`` events of its span.
+
+Capture goes through the log-record factory, not a handler: adding a handler to the
+root logger would change what the app does (``logging.basicConfig()`` does nothing once
+the root has a handler, and Python's last-resort stderr output stops).  The factory
+sees every record a logger lets through, and outside a request it costs one contextvar
+lookup per log call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from typing import Any
+
+from .context import current
+
+__all__ = ["install_log_capture"]
+
+#: First characters of a log message kept in the event.
+MESSAGE_LIMIT = 4096
+
+_lock = threading.Lock()
+_installed = False
+
+
+def install_log_capture() -> None:
+    """Chain hopscope's capture onto the current log-record factory, once per process."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        previous = logging.getLogRecordFactory()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            ctx = current.get()
+            if ctx is not None:
+                _emit(ctx, record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+        _installed = True
+
+
+def _emit(ctx: Any, record: logging.LogRecord) -> None:
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string is the app's bug; the app's handler reports it
+        message = str(record.msg)
+    attrs: dict[str, Any] = {
+        "level": record.levelname,
+        "logger": record.name,
+        "message": message[:MESSAGE_LIMIT],
+    }
+    if record.exc_info and record.exc_info[1] is not None:
+        attrs["exception.stacktrace"] = "".join(traceback.format_exception(record.exc_info[1]))
+    ctx.sink.emit(("p", int(record.created * 1e9), ctx.trace_id, ctx.span_id, "log", attrs))
