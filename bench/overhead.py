@@ -1,0 +1,852 @@
+"""What hopscope costs a hello-world app, next to no recording and next to OpenTelemetry.
+
+Run: ``python bench/overhead.py [--quick]`` (needs ``pip install -e '.[bench]'``; uses
+``wrk`` when it is on PATH, else a slower built-in keep-alive load loop, and says which).
+
+Two measurements, in one run, on loopback only:
+
+* End to end: a Starlette hello world under uvicorn (httptools, one worker) and a Flask
+  hello world under gunicorn (one gthread worker with 4 threads: one process, like
+  uvicorn's, and on 2 cores it served more than ``-k sync`` with one or two workers),
+  each bare, wrapped by hopscope sending to a live collector process, and wrapped by
+  OpenTelemetry's middleware (SDK tracer, batch processor, in-memory exporter).  The three
+  servers of a framework run side by side and are loaded in alternating rounds (the
+  order rotates each round) because round-to-round noise on a small machine is several
+  percent: only ratios taken within one run, as medians of rounds, mean anything.  The
+  CPU time each server (and the collector) spent per request is printed too, read from
+  ``/proc``: it moves far less than req/s when other work shares the machine.
+* In process: the same apps driven by a minimal fake server loop (no sockets, no parsing),
+  so the difference between wrapped and bare is the middleware's own cost per request:
+  into a MemorySink (the request's path only) and into a SocketSink to the collector
+  (plus encoding and sending, which the sink's thread does in the same process).
+
+Every process this script starts is stopped before it exits (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODES = ("bare", "hopscope", "otel")
+HOST = "127.0.0.1"
+GOAL_RATIO = 0.90
+GOAL_ADDED_US = 10.0
+
+# --------------------------------------------------------------------------------------
+# The apps (imported by the server processes as ``overhead:asgi_app`` / ``wsgi_app``)
+# --------------------------------------------------------------------------------------
+
+
+class _BoundedExporter:
+    """An InMemorySpanExporter that forgets every 10k spans, so memory stays flat."""
+
+    def __new__(cls) -> Any:
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter,
+        )
+
+        class Bounded(InMemorySpanExporter):
+            exported = 0
+
+            def export(self, spans: Any) -> Any:
+                result = super().export(spans)
+                self.exported += len(spans)
+                if self.exported >= 10_000:
+                    self.clear()
+                    self.exported = 0
+                return result
+
+        return Bounded()
+
+
+def otel_provider() -> Any:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_BoundedExporter()))
+    return provider
+
+
+def starlette_hello() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+def flask_hello() -> Any:
+    from flask import Flask
+
+    app = Flask("hello")
+
+    @app.route("/")
+    def hello() -> str:
+        return "Hello, world!"
+
+    return app
+
+
+def wrapped(app: Any, mode: str, sink: Any, interface: str) -> Any:
+    """``app`` bare, under hopscope (to ``sink``) or under OpenTelemetry's middleware."""
+    if mode == "bare":
+        return app
+    if mode == "hopscope":
+        from hopscope.tracing import wrap
+
+        return wrap(app, sink=sink)
+    if interface == "asgi":
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as OtelASGI
+
+        return OtelASGI(app, tracer_provider=otel_provider())
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware as OtelWSGI
+
+    return OtelWSGI(app, tracer_provider=otel_provider())
+
+
+def _socket_sink(url: str) -> Any:
+    from hopscope.tracing import SocketSink
+
+    return SocketSink(url)
+
+
+def asgi_app() -> Any:
+    """uvicorn ``--factory`` entry: mode and collector come from the environment."""
+    mode = os.environ["HOPSCOPE_BENCH_MODE"]
+    sink = _socket_sink(os.environ["HOPSCOPE_BENCH_SINK"]) if mode == "hopscope" else None
+    return wrapped(starlette_hello(), mode, sink, "asgi")
+
+
+def wsgi_app(mode: str, sink_url: str) -> Any:
+    """gunicorn ``overhead:wsgi_app('MODE', 'URL')`` entry."""
+    sink = _socket_sink(sink_url) if mode == "hopscope" else None
+    return wrapped(flask_hello(), mode, sink, "wsgi")
+
+
+# --------------------------------------------------------------------------------------
+# The collector process (``overhead.py --collector``)
+# --------------------------------------------------------------------------------------
+
+_LENGTH = struct.Struct("!I")
+
+
+class _MinimalCollector:
+    """Fallback when ``hopscope.app.collector`` is not importable: same wire, same decode."""
+
+    def __init__(self) -> None:
+        self.frames = self.events = self.dropped = 0
+        self.server = socket.create_server((HOST, 0))
+        self.url = f"tcp://{HOST}:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.server.accept()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from hopscope.tracing.records import to_events
+        from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame
+
+        stream = conn.makefile("rb")
+        with conn, stream:
+            if stream.read(len(WIRE_MAGIC)) != WIRE_MAGIC:
+                return
+            while head := stream.read(_LENGTH.size):
+                (length,) = _LENGTH.unpack(head)
+                info, dropped, records = decode_frame(stream.read(length))
+                self.frames += 1
+                self.dropped += dropped
+                for record in records:
+                    self.events += len(to_events(record, info))
+
+
+def collector_main() -> None:
+    """Print the collector's URL, answer ``stats`` lines on stdin, stop at EOF."""
+    kind = "hopscope.app.collector"
+    try:
+        from hopscope.app.collector import BackgroundCollector
+
+        background = BackgroundCollector(f"{HOST}:0").start()
+        url, counters = background.url, background.collector
+    except ImportError:
+        kind = "minimal in-bench collector"
+        minimal = _MinimalCollector()
+        url, counters, background = minimal.url, minimal, None
+    print(f"{url} {kind}", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stats":
+            print(counters.frames, counters.events, counters.dropped, flush=True)
+    if background is not None:
+        background.stop()
+
+
+# --------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------
+
+_children: list[subprocess.Popen[Any]] = []
+
+
+def spawn(
+    argv: list[str], env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[Any]:
+    proc = subprocess.Popen(
+        argv, env={**os.environ, **(env or {})}, start_new_session=True, **kwargs
+    )
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process group we created (gunicorn's worker too), then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers left in the group
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_children)):
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(port: int, timeout: float = 2.0) -> int:
+    """Status of ``GET /`` (raw socket: the bench itself needs no HTTP client)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def wait_ready(proc: subprocess.Popen[Any], port: int, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"overhead: {name} exited with {proc.returncode} before serving")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = http_get(port)
+            if status != 200:
+                raise SystemExit(f"overhead: {name} answered {status} to GET /")
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"overhead: {name} did not serve within {timeout:.0f}s")
+
+
+@dataclass
+class Server:
+    framework: str
+    mode: str
+    port: int
+    proc: subprocess.Popen[Any]
+
+
+def start_server(framework: str, mode: str, sink_url: str) -> Server:
+    port = free_port()
+    py = sys.executable
+    if framework == "asgi":
+        argv = [
+            py, "-m", "uvicorn", "--app-dir", str(HERE), "--factory", "overhead:asgi_app",
+            "--host", HOST, "--port", str(port), "--http", "httptools", "--workers", "1",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        env = {"HOPSCOPE_BENCH_MODE": mode, "HOPSCOPE_BENCH_SINK": sink_url}
+    else:
+        argv = [
+            py, "-m", "gunicorn", "--chdir", str(HERE), "-b", f"{HOST}:{port}", "-w", "1",
+            "-k", "gthread", "--threads", "4", "--log-level", "warning",
+            f"overhead:wsgi_app({mode!r}, {sink_url!r})",
+        ]  # fmt: skip
+        env = {}
+    proc = spawn(argv, env, stdin=subprocess.DEVNULL)
+    wait_ready(proc, port, f"{framework} {mode} server")
+    return Server(framework, mode, port, proc)
+
+
+class CollectorProcess:
+    def __init__(self) -> None:
+        self.proc = spawn(
+            [sys.executable, str(Path(__file__).resolve()), "--collector"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self._readline(20.0)
+        self.url, _, self.kind = line.partition(" ")
+
+    def _readline(self, timeout: float) -> str:
+        """One line from the collector, or give up (no bench run may hang)."""
+        result: list[str] = []
+        reader = threading.Thread(
+            target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        if not result or not result[0]:
+            raise SystemExit("overhead: the collector process did not answer")
+        return result[0].strip()
+
+    def stats(self) -> tuple[int, int, int]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        frames, events, dropped = (int(x) for x in self._readline(10.0).split())
+        return frames, events, dropped
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+    requests: int = 0
+    #: CPU microseconds per request of the server's processes and of the collector:
+    #: unlike req/s, these hardly move when something else on the machine competes.
+    server_us: float = float("nan")
+    collector_us: float = float("nan")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"unreadable wrk latency {text!r}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def run_wrk(port: int, seconds: int, connections: int) -> Load:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    out = subprocess.run(
+        [*argv, f"http://{HOST}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
+    count = int(bad[1]) if bad else 0
+    if errors:
+        count += sum(int(x) for x in errors.groups())
+    done = re.search(r"(\d+) requests in", out)
+    return Load(rps, p50, p99, count, int(done[1]) if done else round(rps * seconds))
+
+
+def run_python_load(port: int, seconds: float, connections: int) -> Load:
+    """Fallback without wrk: keep-alive GET loops on raw sockets (asyncio, one thread)."""
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(deadline: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while time.perf_counter() < deadline:
+                began = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head)[1])  # type: ignore[index]
+                await reader.readexactly(length)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    errors += 1
+                latencies.append(time.perf_counter() - began)
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(began + seconds) for _ in range(connections)))
+        return time.perf_counter() - began
+
+    elapsed = asyncio.run(main())
+    latencies.sort()
+    n = len(latencies)
+    p50, p99 = latencies[n // 2], latencies[min(n - 1, n * 99 // 100)]
+    return Load(n / elapsed, p50 * 1e3, p99 * 1e3, errors, n)
+
+
+# --------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class E2E:
+    framework: str
+    server: str
+    loads: dict[str, list[Load]] = field(default_factory=dict)
+
+    def ratio(self, mode: str) -> list[float]:
+        return [w.rps / b.rps for w, b in zip(self.loads[mode], self.loads["bare"], strict=True)]
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by the processes of one group (a server and its workers).
+
+    Linux only (``/proc``); NaN elsewhere.  Ended processes no longer count, which is fine
+    here: servers and the collector live through the whole measurement.
+    """
+    total = 0.0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return float("nan")
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # the process group id
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
+def measured(
+    load: Callable[..., Load], srv: Server, collector: CollectorProcess, seconds: int, conns: int
+) -> Load:
+    server0, collector0 = group_cpu(srv.proc.pid), group_cpu(collector.proc.pid)
+    result = load(srv.port, seconds, conns)
+    if result.requests:
+        per = 1e6 / result.requests
+        result.server_us = (group_cpu(srv.proc.pid) - server0) * per
+        result.collector_us = (group_cpu(collector.proc.pid) - collector0) * per
+    return result
+
+
+def end_to_end(
+    framework: str, collector: CollectorProcess, args: argparse.Namespace, load: Callable[..., Load]
+) -> E2E:
+    if framework == "asgi":
+        import uvicorn
+
+        server = f"uvicorn {uvicorn.__version__} (httptools, loop auto, 1 worker)"
+    else:
+        import gunicorn
+
+        server = f"gunicorn {gunicorn.__version__} (1 worker, -k gthread --threads 4)"
+    result = E2E(framework, server, {mode: [] for mode in MODES})
+    servers = [start_server(framework, mode, collector.url) for mode in MODES]
+    try:
+        for srv in servers:  # warm up: imports, code paths, the sink's connection
+            load(srv.port, args.warmup, args.connections)
+        for round_no in range(args.rounds):
+            shift = round_no % len(servers)
+            for srv in servers[shift:] + servers[:shift]:
+                result.loads[srv.mode].append(
+                    measured(load, srv, collector, args.duration, args.connections)
+                )
+    finally:
+        for srv in servers:
+            stop(srv.proc)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# In process
+# --------------------------------------------------------------------------------------
+
+ASGI_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", b"bench/1.0"),
+        (b"accept", b"*/*"),
+    ],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+    "state": {},
+}
+
+WSGI_ENVIRON: dict[str, Any] = {
+    "REQUEST_METHOD": "GET",
+    "SCRIPT_NAME": "",
+    "PATH_INFO": "/",
+    "QUERY_STRING": "",
+    "SERVER_NAME": "127.0.0.1",
+    "SERVER_PORT": "8000",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "SERVER_SOFTWARE": "bench",
+    "REMOTE_ADDR": "127.0.0.1",
+    "REMOTE_PORT": "50000",
+    "HTTP_HOST": "127.0.0.1:8000",
+    "HTTP_USER_AGENT": "bench/1.0",
+    "HTTP_ACCEPT": "*/*",
+    "wsgi.version": (1, 0),
+    "wsgi.url_scheme": "http",
+    "wsgi.errors": sys.stderr,
+    "wsgi.multithread": False,
+    "wsgi.multiprocess": False,
+    "wsgi.run_once": False,
+}
+
+
+#: CPU seconds of this whole process (the sink's thread included), not wall time: the
+#: collector and anything else on the machine then cannot inflate the figures.
+_cpu = time.process_time
+
+
+#: ``every`` runs once per this many requests: a MemorySink cleared that often holds about
+#: what a SocketSink's queue holds between two 50 ms drains at a few thousand req/s.
+EVERY = 256
+
+
+def drive_asgi(app: Any, n: int, every: Callable[[], None]) -> float:
+    """CPU seconds for ``n`` requests through a fake server: fresh scope, trivial channels."""
+    request = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def loop() -> float:
+        scope = ASGI_SCOPE
+        began = _cpu()
+        for i in range(n):
+            await app(dict(scope), receive, send)
+            if not i % EVERY:
+                every()
+        return _cpu() - began
+
+    return asyncio.run(loop())
+
+
+def drive_wsgi(app: Any, n: int, every: Callable[[], None]) -> float:
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], None]:
+        return _discard
+
+    environ = WSGI_ENVIRON
+    bytes_io = io.BytesIO
+    began = _cpu()
+    for i in range(n):
+        env = dict(environ)
+        env["wsgi.input"] = bytes_io(b"")
+        result = app(env, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if not i % EVERY:
+            every()
+    return _cpu() - began
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+@dataclass
+class InProcess:
+    framework: str
+    rounds: dict[str, list[float]]  # CPU microseconds per request, per variant and round
+    dropped: int
+
+    def us(self, variant: str, best: bool = False) -> float:
+        values = self.rounds[variant]
+        return min(values) if best else statistics.median(values)
+
+    def added(self, variant: str, best: bool = False) -> float:
+        return self.us(variant, best) - self.us("bare", best)
+
+
+def in_process(framework: str, collector_url: str, n: int, rounds: int) -> InProcess:
+    """``n`` requests per variant, in ``rounds`` alternating rounds; median per request.
+
+    The socket variant's time includes delivering what it queued (the sink thread's CPU
+    counts, it is this process's), so it is the whole cost to the app's process.
+    """
+    from hopscope.tracing import MemorySink
+
+    make = starlette_hello if framework == "asgi" else flask_hello
+    drive = drive_asgi if framework == "asgi" else drive_wsgi
+    memory = MemorySink()
+    socket_sink = _socket_sink(collector_url)
+    per_round = max(1, n // rounds)
+    hop_memory = wrapped(make(), "hopscope", memory, framework)
+    hop_socket = wrapped(make(), "hopscope", socket_sink, framework)
+    variants: dict[str, tuple[Any, Callable[[], None], int]] = {
+        "bare": (make(), _nothing, per_round),
+        "hopscope/memory": (hop_memory, memory.clear, per_round),
+        "hopscope/socket": (hop_socket, _nothing, per_round),
+        # OpenTelemetry costs far more per request: fewer requests give the same precision.
+        "otel": (wrapped(make(), "otel", None, framework), _nothing, max(200, per_round // 10)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for app, every, _count in variants.values():  # warm up
+        drive(app, 500, every)
+    socket_sink.flush()
+    memory.clear()
+    for _ in range(rounds):
+        for name, (app, every, count) in variants.items():
+            gc.collect()
+            elapsed = drive(app, count, every)
+            began = _cpu()
+            socket_sink.flush()
+            if name == "hopscope/socket":
+                elapsed += _cpu() - began
+            memory.clear()
+            times[name].append(elapsed / count * 1e6)
+    socket_sink.close()
+    return InProcess(framework, times, socket_sink.dropped)
+
+
+def _nothing() -> None:
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def report_e2e(result: E2E) -> dict[str, float]:
+    label = "Starlette" if result.framework == "asgi" else "Flask"
+    print(f"\n== {label} hello world ({result.framework.upper()}) under {result.server}")
+    print(
+        f"{'round':>5}  "
+        + "  ".join(f"{m + ' req/s':>14}" for m in MODES)
+        + "  hop/bare  otel/bare"
+    )
+    for i in range(len(result.loads["bare"])):
+        cells = "  ".join(f"{result.loads[m][i].rps:14.0f}" for m in MODES)
+        hop = result.ratio("hopscope")[i]
+        otel = result.ratio("otel")[i]
+        print(f"{i + 1:>5}  {cells}  {hop:8.3f}  {otel:9.3f}")
+    medians = {m: statistics.median(x.rps for x in result.loads[m]) for m in MODES}
+    ratios = {m: statistics.median(result.ratio(m)) for m in ("hopscope", "otel")}
+    cells = "  ".join(f"{medians[m]:14.0f}" for m in MODES)
+    print(f"{'med':>5}  {cells}  {ratios['hopscope']:8.3f}  {ratios['otel']:9.3f}")
+    print("  medians of rounds: latency, and CPU per request (server processes; collector)")
+    for m in MODES:
+        loads = result.loads[m]
+        p50 = statistics.median(x.p50_ms for x in loads)
+        p99 = statistics.median(x.p99_ms for x in loads)
+        server_us = statistics.median(x.server_us for x in loads)
+        line = f"  {m:<9} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms  server CPU {server_us:6.1f} us/req"
+        if m == "hopscope":
+            collector_us = statistics.median(x.collector_us for x in loads)
+            line += f"  collector CPU {collector_us:5.1f} us/req"
+        errors = sum(x.errors for x in loads)
+        if errors:
+            line += f"  ({errors} errors)"
+        print(line)
+    cpu = {m: statistics.median(x.server_us for x in result.loads[m]) for m in MODES}
+    collector_us = statistics.median(x.collector_us for x in result.loads["hopscope"])
+    if cpu["bare"] == cpu["bare"]:  # not NaN: /proc was readable
+        # What the ratio would be with the server alone on its core (the CPU it spends per
+        # request decides its throughput then); the second figure also charges the
+        # collector's decoding, as on a machine where all of them share the cores.
+        print(
+            f"  CPU-based ratios: hopscope {cpu['bare'] / cpu['hopscope']:.3f} "
+            f"(with collector {cpu['bare'] / (cpu['hopscope'] + collector_us):.3f}), "
+            f"otel {cpu['bare'] / cpu['otel']:.3f}"
+        )
+    return ratios
+
+
+def report_in_process(result: InProcess) -> None:
+    label = "ASGI (Starlette)" if result.framework == "asgi" else "WSGI (Flask)"
+    print(f"\n== in process, {label}: CPU microseconds per request")
+    print(f"  {'':<16} {'median':>8} {'best':>8}   {'added (median)':>14} {'added (best)':>12}")
+    for name in result.rounds:
+        line = f"  {name:<16} {result.us(name):8.2f} {result.us(name, best=True):8.2f}"
+        if name != "bare":
+            line += f"   {result.added(name):+14.2f} {result.added(name, best=True):+12.2f}"
+        print(line)
+    if result.dropped:
+        print(f"  (the socket sink dropped {result.dropped} records: queue full)")
+
+
+@contextlib.contextmanager
+def cleanup() -> Iterator[None]:
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield
+    finally:
+        stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (about a minute)")
+    parser.add_argument("--collector", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
+    parser.add_argument("--skip-e2e", action="store_true", help="in-process figures only")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
+    args = parser.parse_args()
+    if args.collector:
+        collector_main()
+        return 0
+    args.rounds = 2 if args.quick else 5
+    args.duration = 1 if args.quick else 3  # whole seconds: wrk takes no fractions
+    args.warmup = 1
+    args.connections = 16
+    n = 5_000 if args.quick else 50_000
+    in_rounds = 4 if args.quick else 10
+    frameworks = [args.only] if args.only else ["asgi", "wsgi"]
+
+    try:
+        from hopscope.tracing import wrap  # noqa: F401
+        from opentelemetry.instrumentation import asgi, wsgi  # noqa: F401
+        from opentelemetry.sdk import trace  # noqa: F401
+    except ImportError as exc:
+        print(f"overhead: missing {exc.name}: pip install -e '.[dev,bench]'", file=sys.stderr)
+        return 2
+    if "wsgi" in frameworks:
+        try:
+            from hopscope.tracing import wsgi as _  # noqa: F401
+        except ImportError:
+            print("overhead: hopscope.tracing.wsgi is missing: skipping WSGI", file=sys.stderr)
+            frameworks.remove("wsgi")
+
+    wrk = shutil.which("wrk")
+    load = run_wrk if wrk else run_python_load
+    with cleanup():
+        collector = CollectorProcess()
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; collector: {collector.kind}"
+        )
+        if wrk:
+            print(f"load: wrk -t1 -c{args.connections} -d{args.duration}s --latency ({wrk})")
+        else:
+            print(
+                f"load: built-in asyncio keep-alive loop, {args.connections} connections "
+                f"(wrk not on PATH: absolute figures are lower than wrk's)"
+            )
+        print(
+            f"end to end: {args.rounds} rounds, alternating, order rotated each round, medians; "
+            f"in process: {n} requests per variant in {in_rounds} alternating rounds"
+        )
+
+        ratios: dict[str, dict[str, float]] = {}
+        if not args.skip_e2e:
+            for framework in frameworks:
+                before = collector.stats()
+                ratios[framework] = report_e2e(end_to_end(framework, collector, args, load))
+                after = collector.stats()
+                print(
+                    f"  collector received {after[0] - before[0]} frames, "
+                    f"{after[1] - before[1]} events decoded, {after[2] - before[2]} dropped"
+                )
+        added: dict[str, InProcess] = {}
+        for framework in frameworks:
+            result = in_process(framework, collector.url, n, in_rounds)
+            report_in_process(result)
+            added[framework] = result
+
+    print("\n== goals")
+    ok = True
+    for framework in frameworks:
+        if framework in ratios:
+            hop, otel = ratios[framework]["hopscope"], ratios[framework]["otel"]
+            good = hop >= GOAL_RATIO and hop > otel
+            ok &= good
+            print(
+                f"  {framework}: hopscope/bare {hop:.3f} (goal >= {GOAL_RATIO}), "
+                f"otel/bare {otel:.3f}: {'met' if good else 'MISSED'}"
+            )
+        hot = added[framework].added("hopscope/memory")
+        total = added[framework].added("hopscope/socket")
+        good = hot <= GOAL_ADDED_US
+        ok &= good
+        print(
+            f"  {framework}: in-process added cost {hot:.2f} us/request on the request's path "
+            f"(goal <= {GOAL_ADDED_US:g}): {'met' if good else 'MISSED'}; "
+            f"{total:.2f} with export to the collector"
+        )
+    return 1 if args.check and not ok else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("overhead: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
+        # wrk failing, a port taken, unreadable output: one line, not a traceback.
+        print(f"overhead: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
