@@ -73,7 +73,7 @@ def tail(file: str | None, listen: str | None, output: str | None, allow_remote:
 
 
 def _tail_file(path: str) -> None:
-    tail = Tail()
+    tail = Tail(live=False)
     report = LoadReport()
     batch: list[dict[str, Any]] = []
     try:
@@ -83,6 +83,7 @@ def _tail_file(path: str) -> None:
                 tail.feed(batch)
                 batch = []
         tail.feed(batch)
+        tail.close()
     except TraceFileError as exc:
         raise click.ClickException(str(exc)) from None
     except BrokenPipeError:
@@ -132,6 +133,8 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
             pass
         finally:
             collector.stop()
+    with contextlib.suppress(BrokenPipeError):
+        tail.close()
     dropped = collector.collector.dropped
     note = f", {dropped} events dropped by apps" if dropped else ""
     click.echo(f"hopscope: stopped after {tail.printed} request(s){note}", err=True)
@@ -171,6 +174,143 @@ def demo(requests: int | None, port: int, output: str | None, delay: float) -> N
     try:
         run_demo(requests=requests, port=port, output=output, delay=delay)
     except (DemoError, CollectorError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _RunCommand(click.Command):
+    """Everything after ``--`` is the command to run, untouched by option parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            index = args.index("--")
+            ctx.meta["hopscope.run.command"] = args[index + 1 :]
+            args = args[:index]
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return ["[OPTIONS]", "TARGET | -- COMMAND [ARGS]..."]
+
+
+_TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
+
+
+@main.command(cls=_RunCommand)
+@click.argument("target", required=False)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+    help="Port to serve TARGET on (0: a free one).",
+)  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve TARGET on.")
+@click.option("--factory", is_flag=True, help="TARGET is a function that returns the app.")
+@click.option(
+    "--app-dir", default=".", show_default=True, metavar="DIR",
+    help="Import TARGET's module from DIR.",
+)  # fmt: skip
+@click.option("--no-proxy", is_flag=True, help="Serve TARGET without hopscope's proxy in front.")
+@click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
+@click.option("--headless", is_flag=True, help="Print one line per request (the default, for now).")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    target: str | None,
+    port: int,
+    host: str,
+    factory: bool,
+    app_dir: str,
+    no_proxy: bool,
+    output: str | None,
+    headless: bool,
+) -> None:
+    """Serve an app, or run any server command, with hopscope injected (no code change).
+
+    \b
+      hopscope run main:app            ASGI apps under uvicorn, WSGI apps under gunicorn
+      hopscope run -- uvicorn main:app --workers 2
+      hopscope run -- gunicorn -w 4 main:app
+      hopscope run -- flask --app main run
+      hopscope run -- python manage.py runserver
+
+    The app the server loads is wrapped in every worker process.  One line is printed
+    per request; Ctrl+C stops the server and all its workers, and hopscope exits with
+    the server's exit status.
+    """
+    from .run import RunError, run_command, run_target
+
+    command = ctx.meta.get("hopscope.run.command")
+    if command is not None and target is not None:
+        raise click.UsageError("give TARGET or -- COMMAND, not both")
+    if command is None and target is None:
+        raise click.UsageError("give TARGET (module:attribute) or -- COMMAND")
+    if command is not None:
+        for name in _TARGET_ONLY:
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                option = "--" + name.replace("_", "-")
+                raise click.UsageError(f"{option} applies to TARGET: the command sets its own")
+    try:
+        if command is not None:
+            status = run_command(command, output=output)
+        else:
+            assert target is not None
+            status = run_target(
+                target,
+                host=host,
+                port=port,
+                factory=factory,
+                app_dir=app_dir,
+                output=output,
+                proxy=not no_proxy,
+            )
+    except RunError as exc:
+        click.echo(f"Error: {exc}", err=True)  # as a ClickException, with its own status
+        ctx.exit(exc.exit_code)
+    ctx.exit(status)
+
+
+@main.command()
+@click.option("--upstream", required=True, metavar="URL", help="The app to forward to.")
+@click.option(
+    "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+    help="Where the proxy accepts clients.",
+)  # fmt: skip
+@click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
+@click.option("--headless", is_flag=True, help="Print one line per request (the default, for now).")
+@click.option(
+    "--collector", default=DEFAULT_ADDRESS, show_default=True, metavar="ADDR",
+    help="Where instrumented apps send their spans (HOST:PORT or unix:PATH).",
+)  # fmt: skip
+@click.option(
+    "--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+    show_default=True, help="Seconds to connect to the upstream (then 504).",
+)  # fmt: skip
+@click.option(
+    "--read-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+    show_default=True, help="Seconds the upstream may stay silent (then 504).",
+)  # fmt: skip
+def proxy(
+    upstream: str,
+    listen: str,
+    output: str | None,
+    headless: bool,
+    collector: str,
+    connect_timeout: float,
+    read_timeout: float,
+) -> None:
+    """Run a recording reverse proxy in front of an app (as nginx would be).
+
+    Each request's client and proxy hops join the app's own spans in one trace.
+    """
+    from .proxy import ProxyError, run_proxy
+
+    try:
+        run_proxy(
+            upstream,
+            listen=listen,
+            output=output,
+            collector=collector,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+    except ProxyError as exc:
         raise click.ClickException(str(exc)) from None
 
 

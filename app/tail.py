@@ -1,14 +1,20 @@
 """``hopscope tail``: one line per finished request, like an access log with hops.
 
-Events are folded into traces as they come; a trace's line is printed when its root
-span ends, and the trace is then forgotten, so memory stays bounded however long the
-tail runs.  Events that arrive for a trace already printed (a background task recorded
-after the response ended) are ignored rather than printed as a second, partial line.
+Events are folded into traces as they come; a trace's line is printed ``hold`` seconds
+after its root span ends, and the trace is then forgotten, so memory stays bounded
+however long the tail runs.  The hold is there because one request's spans come from
+several processes, each sending in batches: the proxy's client span ends last but its
+records can arrive before the app's, and a background task is recorded after the
+response.  "After" is measured against the newest event seen and, live, against the
+clock too (a ticker prints lines when traffic stops).  Events that arrive for a trace
+already printed are ignored rather than printed as a second, partial line.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime
@@ -129,6 +135,8 @@ class Tail:
         color: bool | None = None,
         max_in_flight: int = 10_000,
         remember: int = 10_000,
+        hold: float = 0.3,
+        live: bool = True,
     ) -> None:
         self.out = out if out is not None else sys.stdout
         if color is None:
@@ -137,7 +145,14 @@ class Tail:
         self.color = color
         self.builder = TraceBuilder(max_traces=max_in_flight)
         self._done: OrderedDict[str, None] = OrderedDict()
+        self._held: dict[str, Trace] = {}
         self._remember = remember
+        self._hold_ns = int(hold * 1e9)
+        self._live = live
+        self._newest = 0
+        self._lock = threading.RLock()
+        self._ticker: threading.Thread | None = None
+        self._closed = threading.Event()
         self.printed = 0
         self.dropped = 0
         self.malformed = 0
@@ -156,6 +171,15 @@ class Tail:
         The whole batch is folded before any line is made, so spans that finish together
         (a response and the work right after it) are reported together.
         """
+        with self._lock:
+            if self._live and self._hold_ns and self._ticker is None:
+                self._ticker = threading.Thread(
+                    target=self._tick_forever, name="hopscope-tail", daemon=True
+                )
+                self._ticker.start()
+            return self._feed(events)
+
+    def _feed(self, events: Iterable[Event]) -> list[str]:
         touched: dict[str, Trace] = {}
         notes: list[str] = []
         for event in events:
@@ -181,14 +205,38 @@ class Tail:
                 continue
             if trace is not None:
                 touched[trace.trace_id] = trace
-        lines = notes
+                ts = event.get("ts")
+                if isinstance(ts, int) and ts > self._newest:
+                    self._newest = ts
         for trace_id, trace in touched.items():
             try:
-                finished = trace.finished
+                if trace.end is not None:
+                    self._held[trace_id] = trace
             except TypeError:  # timestamps of the wrong type in untrusted data
-                finished = False
-            if not finished or self.builder.traces.get(trace_id) is not trace:
+                pass
+        lines = notes + self._due(self._held.values())
+        self._write(lines)
+        return lines
+
+    def _due(self, candidates: Iterable[Trace], flush: bool = False) -> list[str]:
+        """Lines for finished traces whose hold has passed (all finished ones on flush)."""
+        now = max(self._newest, time.time_ns()) if self._live else self._newest
+        ready: list[tuple[int, str, Trace]] = []
+        for trace in list(candidates):
+            trace_id = trace.trace_id
+            try:
+                end = trace.end
+            except TypeError:  # timestamps of the wrong type in untrusted data
+                end = None
+            if self.builder.traces.get(trace_id) is not trace:
+                self._held.pop(trace_id, None)  # evicted from a full builder meanwhile
                 continue
+            if end is None:
+                continue
+            if flush or end + self._hold_ns <= now:
+                ready.append((end, trace_id, trace))
+        lines: list[str] = []
+        for _, trace_id, trace in sorted(ready, key=lambda item: item[0]):
             try:
                 line = format_line(trace, self.color)
             except (TypeError, ValueError):
@@ -198,13 +246,38 @@ class Tail:
             if line is not None:
                 lines.append(line)
                 self.printed += 1
+        return lines
+
+    def _write(self, lines: list[str]) -> None:
         for line in lines:
             self.out.write(line + "\n")
         if lines:
             self.out.flush()
-        return lines
+
+    def tick(self) -> list[str]:
+        """Print what became due with the passing of time (live tails call this)."""
+        with self._lock:
+            lines = self._due(self._held.values())
+            self._write(lines)
+            return lines
+
+    def _tick_forever(self) -> None:
+        while not self._closed.wait(0.1):
+            try:
+                self.tick()
+            except (BrokenPipeError, ValueError):  # the reader went away or out closed
+                return
+
+    def close(self) -> list[str]:
+        """Print every finished request still held, and stop the ticker."""
+        self._closed.set()
+        with self._lock:
+            lines = self._due(self.builder.traces.values(), flush=True)
+            self._write(lines)
+            return lines
 
     def _forget(self, trace_id: str) -> None:
+        self._held.pop(trace_id, None)
         self.builder.traces.pop(trace_id, None)
         self._done[trace_id] = None
         if len(self._done) > self._remember:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import stat
@@ -313,7 +314,7 @@ def test_app_keeps_serving_when_no_collector_listens(
 def test_wrapped_app_to_collector_to_tail_lines(serve_asgi: Serve) -> None:
     lines: list[str] = []
     done = threading.Event()
-    tail = Tail(color=False, out=open(os.devnull, "w"))
+    tail = Tail(color=False, out=open(os.devnull, "w"), hold=0)
 
     def consume(events: list[dict[str, Any]]) -> None:
         lines.extend(tail.feed(events))
@@ -340,3 +341,30 @@ def test_wrapped_app_to_collector_to_tail_lines(serve_asgi: Serve) -> None:
         ["POST", "/hello", "405"],
     ]
     assert all("app=" in line for line in lines)
+
+
+def test_tail_holds_a_line_until_late_spans_of_other_processes_arrive() -> None:
+    """The proxy's client span ends last but may reach the collector first: the line
+    waits for the hold, so it names every hop instead of printing half a request."""
+    out = io.StringIO()
+    tail = Tail(color=False, out=out, hold=0.3, live=False)
+    t0 = 1_700_000_000_000_000_000
+    trace, client, app = "ab" * 16, "1" * 16, "2" * 16
+
+    def start(span: str, parent: str | None, hop: str, ts: int) -> dict[str, Any]:
+        return {"kind": "span_start", "ts": ts, "trace_id": trace, "span_id": span,
+                "parent_id": parent, "hop": hop, "name": "GET /x",
+                "attrs": {"http.request.method": "GET", "url.path": "/x"}}  # fmt: skip
+
+    def end(span: str, ts: int) -> dict[str, Any]:
+        return {"kind": "span_end", "ts": ts, "trace_id": trace, "span_id": span,
+                "attrs": {"http.response.status_code": 200}}  # fmt: skip
+
+    assert tail.feed([start(client, None, "client", t0), end(client, t0 + 5_000_000)]) == []
+    assert tail.feed([start(app, client, "app", t0 + 1_000_000), end(app, t0 + 4_000_000)]) == []
+    # Newer traffic moves time past the hold: now the line is due, with both hops.
+    other = {"kind": "span_start", "ts": t0 + 10**9, "trace_id": "cd" * 16, "span_id": "3" * 16,
+             "parent_id": None, "hop": "app", "name": "GET /y", "attrs": {}}  # fmt: skip
+    (line,) = tail.feed([other])
+    assert "client=5.0ms" in line and "app=3.0ms" in line
+    assert tail.close() == []  # the other request never finished: nothing to flush

@@ -154,6 +154,8 @@ def run_demo(
                 _stop_process(proc)
         finally:
             collector.stop()
+            with contextlib.suppress(BrokenPipeError):
+                tail.close()
             with contextlib.suppress(OSError):
                 log.close()
     return tail.printed

@@ -1,0 +1,78 @@
+"""hopscope's bootstrap, run by Python at start-up in every process of ``hopscope run --``.
+
+``hopscope run -- COMMAND`` puts this file's folder first on ``PYTHONPATH`` (as
+``opentelemetry-instrument`` and ``ddtrace-run`` do) and leaves the rest of it intact, so
+processes the command spawns run it too.  The folder holds nothing but this file, and
+everything it imports lives under ``hopscope``: none of the user's modules (an ``app.py``,
+a ``tracing.py``) can be shadowed.
+
+Start-up stays cheap: this file imports nothing until the process first imports a server
+or framework (:data:`TRIGGERS`); only then is :mod:`hopscope.tracing.inject` imported and
+its import hooks installed.  Processes that serve nothing (a reloader's watcher, a
+multiprocessing helper, a ``python -c`` the app runs) never import hopscope at all.
+
+Python imports only the first ``sitecustomize`` on ``sys.path``, so the one this file
+stands in front of (the user's, or the distribution's) is imported next, the way
+``ddtrace`` does it: its errors are reported by Python exactly as they would have been.
+
+This is package data, not a module of hopscope: it is only ever imported as
+``sitecustomize``.
+"""
+
+import os
+import sys
+
+#: Top-level packages whose first import installs hopscope's hooks: those of the modules
+#: in ``hopscope.tracing.inject.PATCHES`` (a test keeps the two in step).
+TRIGGERS = frozenset({"django", "flask", "gunicorn", "hypercorn", "uvicorn"})
+
+
+def _hopscope_install() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _HopscopeTrigger)]
+    try:
+        from hopscope.tracing.inject import install
+    except Exception as exc:
+        sys.stderr.write(
+            f"hopscope: not tracing this process ({sys.executable}): "
+            f"cannot import hopscope: {type(exc).__name__}: {exc}\n"
+        )
+        return
+    install()
+
+
+class _HopscopeTrigger:
+    """A ``sys.meta_path`` entry that finds nothing: it only notices the first import of
+    a trigger package, installs hopscope's hooks, and lets that import go on."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname in TRIGGERS:
+            _hopscope_install()
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def _hopscope_chain() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    removed = [(i, e) for i, e in enumerate(sys.path) if e and os.path.abspath(e) == here]
+    for index, _ in reversed(removed):
+        del sys.path[index]
+    ours = sys.modules.pop("sitecustomize", None)
+    try:
+        __import__("sitecustomize")
+    except ImportError as exc:
+        if exc.name != "sitecustomize":
+            raise
+        if ours is not None:
+            sys.modules["sitecustomize"] = ours
+    finally:
+        for index, entry in removed:
+            sys.path.insert(index, entry)
+
+
+if __name__ == "sitecustomize":  # not when a test loads this file to read TRIGGERS
+    if TRIGGERS.intersection(sys.modules):
+        _hopscope_install()
+    else:
+        sys.meta_path.insert(0, _HopscopeTrigger())
+    _hopscope_chain()

@@ -1,0 +1,1082 @@
+"""``hopscope proxy``: a debugging reverse proxy that records the client and proxy hops.
+
+It plays the web server's part in front of an app (what nginx does in production) and
+records each request as two spans of the app's trace: a ``client`` span (the request as
+the client sent it and the response as the client got it) and, under it, a ``proxy``
+span (the upstream exchange).  The upstream request carries a ``traceparent`` naming the
+proxy span and an ``X-Request-Start``, so an instrumented app (hopscope's middlewares,
+its uvicorn protocol) puts its server and app spans into the same trace, and shows how
+long the request queued in front of it.
+
+Why it is built this way (measured, see the proxy-speed notes): the listening side is a
+pure ASGI callable under uvicorn with httptools, because a framework route costs more
+than the whole proxy budget; the upstream leg is :mod:`hopscope.app.upstream`, a pool of
+asyncio protocols around httptools' response parser, because httpx and aiohttp clients
+are several times slower.  uvicorn is subclassed only to observe (connection accept,
+request start, head parsed, the raw request target, connection lost): nothing is parsed
+twice.  Bodies stream both ways, never buffered whole; a request body goes upstream only
+when the request has one.
+
+Recording goes through a :class:`~hopscope.tracing.sinks.Sink` like every other hop, so
+the collector, ``tail`` and trace files treat the proxy's records like an app's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any, NamedTuple, TextIO
+from urllib.parse import urlsplit
+
+from hopscope.tracing.exceptions import exception_event
+from hopscope.tracing.records import BODY_LIMIT, Record, new_span_id, new_trace_id
+from hopscope.tracing.sinks import Sink, SocketSink
+from hopscope.tracing.traceparent import format_traceparent, parse_traceparent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .upstream import (
+    ClientGone,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+)
+
+__all__ = [
+    "FIRST_CHUNKS",
+    "ProxyApp",
+    "ProxyError",
+    "ProxyHttpProtocol",
+    "Upstream",
+    "parse_listen",
+    "parse_upstream",
+    "run_proxy",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Body chunks recorded one event each; later ones are summed (as the ASGI middleware does).
+FIRST_CHUNKS = 4
+
+_now = time.time_ns
+_ident = threading.get_ident
+
+#: RFC 9110 7.6.1 hop-by-hop fields (plus the ones this proxy sets or re-frames itself).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+    }
+)
+#: Request fields the proxy replaces with its own (or, for Expect, has already answered:
+#: uvicorn sent the 100 Continue when the body was first read).
+_REPLACED = frozenset(
+    {b"host", b"traceparent", b"x-request-start", b"x-forwarded-proto", b"x-forwarded-host"}
+)
+_SPECIAL = _HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"content-length", b"expect"}
+#: Connection tokens that name no header.
+_PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+class ProxyError(Exception):
+    """The proxy cannot start (bad upstream, port in use); the message is one line."""
+
+
+# --------------------------------------------------------------------------------------
+# Where the upstream is
+# --------------------------------------------------------------------------------------
+
+
+class Upstream:
+    """The one place this proxy forwards to (it is never an open proxy)."""
+
+    __slots__ = ("host", "host_header", "port", "prefix", "url")
+
+    def __init__(self, host: str, port: int, prefix: str = "") -> None:
+        self.host = host
+        self.port = port
+        self.prefix = prefix.rstrip("/")
+        shown = f"[{host}]" if ":" in host else host
+        self.host_header = shown if port == 80 else f"{shown}:{port}"
+        self.url = f"http://{self.host_header}{self.prefix}"
+
+
+def parse_upstream(url: str) -> Upstream:
+    """``http://HOST[:PORT][/PREFIX]`` -> :class:`Upstream` (raises :class:`ProxyError`)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ProxyError(f"invalid --upstream {url!r}: {exc}") from None
+    if parts.scheme == "https":
+        raise ProxyError("https upstreams are not supported yet: use an http:// upstream")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ProxyError(f"--upstream must look like http://HOST:PORT, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ProxyError(f"--upstream cannot have a query or fragment, got {url!r}")
+    return Upstream(parts.hostname, port or 80, parts.path)
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (loopback) -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ProxyError(f"--listen must be HOST:PORT, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# --------------------------------------------------------------------------------------
+# The listening side: uvicorn's httptools protocol, observed
+# --------------------------------------------------------------------------------------
+
+
+class ClientConnection:
+    """What the proxy knows about one client connection, shared by its requests."""
+
+    __slots__ = ("accepted", "lost", "on_lost", "requests", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.accepted = _now()
+        self.requests = 0
+        self.transport = transport
+        self.lost = False
+        #: Called once when the client goes away (the exchange in progress abandons
+        #: its upstream request instead of waiting for a response nobody will read).
+        self.on_lost: Callable[[], None] | None = None
+
+
+class ProxyHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, telling the proxy app what ASGI does not say.
+
+    ``scope["hopscope.arrival"] = (begin_ns, head_ns, absolute_form, ClientConnection)``:
+    when the request's first byte and its whole head arrived, whether its target was in
+    absolute form (``GET http://elsewhere/``, which uvicorn reduces to a path), and the
+    connection (accept time, request count, lost flag).
+    """
+
+    _hp_conn: ClientConnection | None = None
+    _hp_begin = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self._hp_conn = ClientConnection(transport)
+        super().connection_made(transport)
+
+    def on_message_begin(self) -> None:
+        self._hp_begin = _now()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        conn = self._hp_conn
+        if conn is not None:
+            conn.requests += 1
+            url = self.url
+            absolute = not url.startswith(b"/") and url != b"*"
+            arrival = (self._hp_begin, _now(), absolute, conn)
+            self.scope["hopscope.arrival"] = arrival  # type: ignore[typeddict-unknown-key]
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self._hp_conn
+        if conn is not None and not conn.lost:
+            conn.lost = True
+            callback, conn.on_lost = conn.on_lost, None
+            if callback is not None:
+                callback()
+        super().connection_lost(exc)
+
+
+# --------------------------------------------------------------------------------------
+# Recording helpers
+# --------------------------------------------------------------------------------------
+
+
+class _Body:
+    """One direction's body: counts every chunk, keeps the first ``limit`` bytes."""
+
+    __slots__ = ("chunks", "count", "first_ts", "kept", "last_ts", "limit", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.size = 0
+        self.kept = 0
+        self.chunks: list[bytes] = []
+        self.first_ts = 0
+        self.last_ts = 0
+
+    def add(self, chunk: bytes, ts: int) -> int:
+        """Count ``chunk``; returns its number (1 for the first)."""
+        if not self.count:
+            self.first_ts = ts
+        self.count += 1
+        self.size += len(chunk)
+        self.last_ts = ts
+        if self.kept < self.limit:
+            keep = chunk[: self.limit - self.kept]
+            self.chunks.append(keep)
+            self.kept += len(keep)
+        return self.count
+
+    def attrs(self, attrs: dict[str, Any], direction: str) -> None:
+        attrs[f"http.{direction}.body.size"] = self.size
+        if self.size:
+            attrs[f"http.{direction}.body"] = self.chunks
+            attrs[f"http.{direction}.body.truncated"] = self.size > self.kept
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "count": self.count,
+            "bytes": self.size,
+            "first_ts": self.first_ts,
+            "last_ts": self.last_ts,
+        }
+
+
+def _error_body(status: int, reason: str) -> bytes:
+    return f"hopscope proxy: {status} {reason}\n".encode()
+
+
+# --------------------------------------------------------------------------------------
+# The ASGI app
+# --------------------------------------------------------------------------------------
+
+
+class Forwarded(NamedTuple):
+    """A request's fields on their way upstream.
+
+    ``headers[kept:]`` are the ones the proxy added (Host, X-Forwarded-*, X-Request-Start,
+    traceparent); ``removed`` names the hop-by-hop ones it dropped.  The proxy span
+    records only these differences: the client span already has the request's fields,
+    and each header list costs the collector more than any other attribute.
+    """
+
+    headers: list[tuple[bytes, bytes]]
+    kept: int
+    removed: list[bytes]
+    content_length: bytes | None
+    chunked: bool
+
+
+class ProxyApp:
+    """The proxy as a pure ASGI 3 app: every request and WebSocket goes to ``upstream``.
+
+    ``sink`` receives the client and proxy spans.  The pool is made on the first request,
+    on the loop that serves it; :meth:`close` closes its connections.
+    """
+
+    def __init__(
+        self,
+        upstream: str | Upstream,
+        sink: Sink,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        body_limit: int = BODY_LIMIT,
+        max_idle: int = 64,
+    ) -> None:
+        self.upstream = upstream if isinstance(upstream, Upstream) else parse_upstream(upstream)
+        self.sink = sink
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.body_limit = body_limit
+        self.max_idle = max_idle
+        self._pool: UpstreamPool | None = None
+        self._host_header = self.upstream.host_header.encode("ascii")
+        self._prefix = self.upstream.prefix.encode("ascii")
+
+    @property
+    def pool(self) -> UpstreamPool:
+        pool = self._pool
+        if pool is None:
+            up = self.upstream
+            pool = self._pool = UpstreamPool(
+                up.host,
+                up.port,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+                max_idle=self.max_idle,
+            )
+        return pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def stats(self) -> dict[str, int]:
+        """Upstream connections: ``open`` now, ``idle`` in the pool, ``created`` ever."""
+        pool = self._pool
+        if pool is None:
+            return {"open": 0, "idle": 0, "created": 0}
+        return {"open": len(pool.open), "idle": pool.idle, "created": pool.created}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await _Exchange(self, scope, receive, send).run()
+        elif kind == "websocket":
+            from .proxy_ws import proxy_websocket
+
+            await proxy_websocket(self, scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    self.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    # -- shared by the HTTP and WebSocket paths ------------------------------------
+    def ids(self, scope: Scope) -> tuple[int, int]:
+        """(trace id, parent id) for the client span: an incoming traceparent is joined."""
+        for name, value in scope.get("headers") or ():
+            if name == b"traceparent":
+                parsed = parse_traceparent(value)
+                if parsed is not None:
+                    return parsed
+                break
+        return new_trace_id(), 0
+
+    def forwarded(self, scope: Scope, request_start: int, trace_id: int, span_id: int) -> Forwarded:
+        """The request's fields as they go upstream: hop-by-hop ones out, the proxy's in."""
+        out: list[tuple[bytes, bytes]] = []
+        removed: list[bytes] = []
+        xff: bytes | None = None
+        original_host: bytes | None = None
+        content_length: bytes | None = None
+        chunked = False
+        listed: set[bytes] | None = None
+        for pair in scope["headers"]:
+            name = pair[0]
+            if name not in _SPECIAL:
+                out.append(pair)
+                continue
+            if name == b"host":
+                original_host = pair[1]
+            elif name == b"x-forwarded-for":
+                xff = pair[1] if xff is None else xff + b", " + pair[1]
+            elif name == b"content-length":
+                content_length = pair[1]
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection":
+                tokens = {t.strip().lower() for t in pair[1].split(b",")} - _PLAIN_TOKENS
+                if tokens:
+                    listed = tokens if listed is None else listed | tokens
+            if name in _HOP_BY_HOP or name == b"expect":
+                removed.append(name)
+        if listed:
+            removed.extend(name for name, _ in out if name in listed)
+            out = [pair for pair in out if pair[0] not in listed]
+        kept = len(out)
+        out.append((b"host", self._host_header))
+        client = scope.get("client")
+        if client:
+            address = client[0].encode("latin-1")
+            out.append((b"x-forwarded-for", xff + b", " + address if xff else address))
+        elif xff:
+            out.append((b"x-forwarded-for", xff))
+        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+        if original_host is not None:
+            out.append((b"x-forwarded-host", original_host))
+        out.append((b"x-request-start", b"t=%d" % (request_start // 1000)))
+        out.append((b"traceparent", format_traceparent(trace_id, span_id).encode("ascii")))
+        return Forwarded(out, kept, removed, content_length, chunked)
+
+    def target(self, scope: Scope) -> bytes:
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string")
+        target = self._prefix + raw if self._prefix else raw
+        return target + b"?" + query if query else target
+
+
+def request_attrs(scope: Scope) -> dict[str, Any]:
+    client = scope.get("client") or (None, None)
+    server = scope.get("server") or (None, None)
+    return {
+        "http.request.method": scope.get("method", "GET"),
+        "url.scheme": scope.get("scheme"),
+        "network.protocol.version": scope.get("http_version"),
+        "url.path": scope.get("path"),
+        "url.query": scope.get("query_string"),
+        "client.address": client[0],
+        "client.port": client[1],
+        "server.address": server[0],
+        "server.port": server[1],
+        "http.request.headers": scope.get("headers"),
+    }
+
+
+def _response_headers(
+    headers: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """Upstream's response fields minus hop-by-hop ones (uvicorn re-frames the body), and
+    the names of those removed."""
+    listed: set[bytes] | None = None
+    chunked = False
+    for name, value in headers:
+        if name == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")} - _PLAIN_TOKENS
+            if tokens:
+                listed = tokens if listed is None else listed | tokens
+        elif name == b"transfer-encoding":
+            chunked = True
+    out = [pair for pair in headers if pair[0] not in _HOP_BY_HOP]
+    if chunked:  # a Content-Length next to chunked framing is not to be trusted
+        out = [pair for pair in out if pair[0] != b"content-length"]
+    if listed:
+        out = [pair for pair in out if pair[0] not in listed]
+    if len(out) == len(headers):
+        return out, []
+    kept = {id(pair) for pair in out}
+    return out, [pair[0] for pair in headers if id(pair) not in kept]
+
+
+class _Exchange:
+    """One HTTP request through the proxy, and its two spans."""
+
+    __slots__ = (
+        "app",
+        "client_attrs",
+        "client_conn",
+        "client_id",
+        "conn",
+        "proxy_attrs",
+        "proxy_id",
+        "receive",
+        "request",
+        "response",
+        "response_started",
+        "scope",
+        "send",
+        "sink",
+        "status",
+        "trace_id",
+        "upload",
+    )
+
+    def __init__(self, app: ProxyApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.app = app
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.sink = app.sink
+        self.request = _Body(app.body_limit)
+        self.response = _Body(app.body_limit)
+        self.conn: UpstreamConnection | None = None
+        self.client_conn: ClientConnection | None = None
+        self.upload: asyncio.Task[None] | None = None
+        self.response_started = False
+        self.status = 0
+        self.client_attrs: dict[str, Any] = {}
+        self.proxy_attrs: dict[str, Any] = {}
+
+    def emit(self, record: Record) -> None:
+        self.sink.emit(record)
+
+    def event(self, span_id: int, name: str, attrs: dict[str, Any] | None, ts: int = 0) -> None:
+        self.sink.emit(("p", ts or _now(), self.trace_id, span_id, name, attrs))
+
+    # -- the request ---------------------------------------------------------------
+    async def run(self) -> None:
+        scope = self.scope
+        app = self.app
+        arrival = scope.get("hopscope.arrival")
+        now = _now()
+        if arrival is not None:
+            begin, head_ts, absolute, client_conn = arrival
+            self.client_conn = client_conn
+        else:
+            begin = head_ts = now
+            absolute = False
+        trace_id, parent_id = app.ids(scope)
+        self.trace_id = trace_id
+        self.client_id = client_id = new_span_id()
+        self.proxy_id = proxy_id = new_span_id()
+        method = scope["method"]
+        name = f"{method} {scope['path']}"
+        attrs = request_attrs(scope)
+        if arrival is not None:
+            attrs["connection.accepted_ts"] = client_conn.accepted
+            attrs["connection.request_number"] = client_conn.requests
+        sink = self.sink
+        ident = _ident()
+        sink.emit(("s", begin, trace_id, client_id, parent_id, "client", name, ident, attrs))
+        sink.emit(("p", head_ts, trace_id, client_id, "request.head", None))
+
+        if absolute or method == "CONNECT":
+            await self._refuse(absolute)
+            return
+
+        forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
+        target = app.target(scope)
+        up = app.upstream
+        attrs = {
+            "http.request.method": method,
+            "url.full": f"http://{up.host_header}{target.decode('latin-1')}",
+            "server.address": up.host,
+            "server.port": up.port,
+            "proxy.request.headers.added": forwarded.headers[forwarded.kept :],
+        }
+        if forwarded.removed:
+            attrs["proxy.request.headers.removed"] = forwarded.removed
+        sink.emit(("s", _now(), trace_id, proxy_id, client_id, "proxy", name, ident, attrs))
+        try:
+            await self._forward(method, target, forwarded)
+        except ClientGone:
+            self._client_gone()
+        except UpstreamError as exc:
+            await self._upstream_failed(exc)
+        except BaseException as exc:
+            # Cancellation (shutdown) or a bug: close both sides, record, let uvicorn see it.
+            self._abandon_upstream()
+            if isinstance(exc, Exception):
+                self.emit(exception_event(trace_id, proxy_id, exc, phase="proxy"))
+                self.proxy_attrs.update({"error": True, "exception.type": type(exc).__name__})
+            else:
+                self.proxy_attrs["cancelled"] = type(exc).__name__
+            self._end()
+            raise
+        else:
+            self._end()
+        finally:
+            if self.client_conn is not None:
+                self.client_conn.on_lost = None
+
+    async def _forward(self, method: str, target: bytes, forwarded: Forwarded) -> None:
+        client_conn = self.client_conn
+        headers = forwarded.headers
+        content_length = forwarded.content_length
+        chunked = forwarded.chunked
+        # The body, when there is one: forward it only then (a chunked empty body on a GET
+        # costs tens of milliseconds upstream).
+        body = b""
+        more = False
+        has_body = chunked or (content_length is not None and content_length != b"0")
+        if has_body:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone("the client went away before sending its body")
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if body:
+                self._request_chunk(body, more)
+        if not more:
+            if has_body or content_length is not None:
+                headers.append((b"content-length", b"%d" % len(body)))
+        elif chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        else:
+            assert content_length is not None
+            headers.append((b"content-length", content_length))
+        head = b"".join(
+            [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+            + [b"%s: %s\r\n" % pair for pair in headers]
+            + [b"\r\n"]
+        )
+        # Head and body in one write: one segment for a small request (no delayed-ACK
+        # stall), and the whole request at hand if a stale connection forces a retry.
+        first = head + (b"%x\r\n%s\r\n" % (len(body), body) if more and chunked and body else body)
+        if client_conn is not None and client_conn.lost:
+            raise ClientGone("the client went away")
+
+        pool = self.app.pool
+        head_only = method == "HEAD"
+        retried = False
+        while True:
+            conn = pool.take_idle()
+            reused = conn is not None
+            connect_start = _now()
+            if conn is None:
+                conn = await pool.connect()
+            self.conn = conn
+            conn.begin(head_only)
+            if client_conn is not None:
+                if client_conn.lost:
+                    pool.release(conn)
+                    raise ClientGone("the client went away")
+                client_conn.on_lost = self._on_client_lost
+            connected = _now()
+            attrs: dict[str, Any] = {
+                "reused": reused,
+                "connection.id": conn.id,
+                "connection.exchange": conn.exchanges,
+            }
+            if not reused:
+                attrs["connect_ns"] = connected - connect_start
+                attrs["network.local.port"] = conn.local_port
+            self.event(self.proxy_id, "upstream.connect", attrs, connected)
+            conn.write(first)
+            if more:
+                conn.sending = True
+                self.upload = asyncio.create_task(self._upload(conn, chunked))
+            else:
+                self.event(self.proxy_id, "request.sent", {"bytes": len(first)})
+            if more and chunked:
+                self.proxy_attrs["proxy.request.chunked"] = True
+            try:
+                await conn.head()
+            except UpstreamClosed:
+                # A kept-alive connection the upstream closed just as it was reused: try
+                # once more on a new one, when the request can be sent again.
+                if reused and not more and not retried and not conn.status:
+                    retried = True
+                    self.event(self.proxy_id, "upstream.retry", {"reason": "stale connection"})
+                    continue
+                raise
+            break
+        await self._relay(conn, head_only)
+
+    def _on_client_lost(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.abandon(ClientGone("the client went away"))
+
+    def _request_chunk(self, body: bytes, more: bool) -> None:
+        ts = _now()
+        if self.request.add(body, ts) <= FIRST_CHUNKS:
+            self.event(self.client_id, "request.body", {"size": len(body), "more": more}, ts)
+
+    async def _upload(self, conn: UpstreamConnection, chunked: bool) -> None:
+        """Stream the rest of a request body upstream (while the response may start).
+
+        Failures end up on the connection, where the response side reports them.
+        """
+        try:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    conn.abandon(ClientGone("the client went away in the middle of its body"))
+                    return
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                if body:
+                    self._request_chunk(body, more)
+                    conn.write(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+                if not more:
+                    if chunked:
+                        conn.write(b"0\r\n\r\n")
+                    break
+                await conn.drain()
+            self.event(self.proxy_id, "request.sent", {"bytes": self.request.size})
+        except (UpstreamError, ClientGone):
+            return  # already on the connection (conn.error)
+        except Exception as exc:
+            conn.abandon(exc)
+        finally:
+            conn.sending = False
+
+    async def _relay(self, conn: UpstreamConnection, head_only: bool) -> None:
+        """Send upstream's response to the client as it arrives."""
+        self.status = status = conn.status
+        headers, removed = _response_headers(conn.headers)
+        self.client_attrs["http.response.headers"] = headers
+        attrs: dict[str, Any] = {"status": status, "http.version": conn.version}
+        if removed:
+            attrs["proxy.response.headers.removed"] = removed
+        self.event(self.proxy_id, "response.start", attrs, conn.head_ts)
+        send = self.send
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        self.response_started = True
+        client_conn = self.client_conn
+        response = self.response
+        while True:
+            data, done = await conn.read()
+            await send({"type": "http.response.body", "body": data, "more_body": not done})
+            if data:
+                ts = _now()
+                if response.add(data, ts) <= FIRST_CHUNKS and not done:
+                    self.event(
+                        self.proxy_id, "response.body", {"size": len(data), "more": True}, ts
+                    )
+            if client_conn is not None and client_conn.lost:
+                raise ClientGone("the client went away during the response")
+            if done:
+                break
+        upload = self.upload
+        if upload is not None and not upload.done():
+            # Upstream answered before reading the whole request body: the connection's
+            # state is unknown, so it is not reused.
+            upload.cancel()
+            conn.close()
+        self.app.pool.release(conn)
+
+    # -- ends ----------------------------------------------------------------------
+    def _abandon_upstream(self) -> None:
+        upload = self.upload
+        if upload is not None and not upload.done():
+            upload.cancel()
+        conn = self.conn
+        if conn is not None:
+            conn.close()
+            self.proxy_attrs["upstream.connection.closed"] = True
+
+    def _client_gone(self) -> None:
+        self._abandon_upstream()
+        phase = "during_response" if self.response_started else "before_response"
+        self.event(self.client_id, "disconnect", {"phase": phase})
+        self.client_attrs["disconnected"] = True
+        self.proxy_attrs["upstream.aborted"] = True
+        self._end()
+
+    async def _upstream_failed(self, exc: UpstreamError) -> None:
+        self._abandon_upstream()
+        phase = "during_response" if self.response_started else "before_response"
+        self.emit(exception_event(self.trace_id, self.proxy_id, exc, phase=phase))
+        self.proxy_attrs.update(
+            {"error": True, "error.type": exc.kind, "exception.type": type(exc).__name__}
+        )
+        if self.response_started:
+            # Too late for an error page: cut the client's connection so it sees a
+            # truncated response (no final chunk, or fewer bytes than Content-Length).
+            self.client_attrs["response.aborted"] = True
+            client_conn = self.client_conn
+            if client_conn is not None:
+                client_conn.transport.close()
+                await asyncio.sleep(0)  # let uvicorn see the connection go first
+        else:
+            await self._respond(exc.status, str(exc))
+        self._end()
+
+    async def _refuse(self, absolute: bool) -> None:
+        if absolute:
+            status, reason = 400, "absolute-form request targets are refused (not an open proxy)"
+        else:
+            status, reason = 405, "CONNECT is refused (not an open proxy)"
+        self.client_attrs["proxy.refused"] = reason
+        await self._respond(status, reason)
+        self._end(proxy=False)
+
+    async def _respond(self, status: int, reason: str) -> None:
+        body = _error_body(status, reason)
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        self.status = status
+        self.client_attrs["http.response.headers"] = headers
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+        self.response.add(body, _now())
+
+    def _end(self, proxy: bool = True) -> None:
+        now = _now()
+        sink = self.sink
+        trace_id = self.trace_id
+        if proxy:
+            conn = self.conn
+            attrs = self.proxy_attrs
+            if conn is not None:
+                attrs["http.response.status_code"] = conn.status or None
+                attrs["upstream.connection.id"] = conn.id
+            attrs["http.request.body.size"] = self.request.size
+            attrs["http.response.body.size"] = self.response.size
+            if self.response.count > FIRST_CHUNKS:
+                sink.emit(
+                    (
+                        "p",
+                        now,
+                        trace_id,
+                        self.proxy_id,
+                        "response.body.summary",
+                        self.response.summary(),
+                    )
+                )
+            sink.emit(("e", now, trace_id, self.proxy_id, attrs))
+        attrs = self.client_attrs
+        attrs["http.response.status_code"] = self.status or None
+        self.request.attrs(attrs, "request")
+        self.response.attrs(attrs, "response")
+        if self.request.count > FIRST_CHUNKS:
+            sink.emit(
+                ("p", now, trace_id, self.client_id, "request.body.summary", self.request.summary())
+            )
+        sink.emit(("e", now, trace_id, self.client_id, attrs))
+
+
+# --------------------------------------------------------------------------------------
+# Running it: ``hopscope proxy``
+# --------------------------------------------------------------------------------------
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ProxyError(f"cannot listen on {where}: address already in use") from None
+        raise ProxyError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class _LocalSink(Sink):
+    """Hands records to the in-process collector's loop, skipping the socket round trip.
+
+    ``emit`` appends to a bounded deque (as every sink, it never blocks); a timer on the
+    collector's loop takes what accumulated every ``interval`` and delivers it exactly
+    as a SocketSink batch would arrive.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[dict[str, Any], int, list[Record]], None],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        interval: float = 0.05,
+        max_queue: int = 65_536,
+    ) -> None:
+        from hopscope.tracing.records import process_info
+
+        self._queue: deque[Record] = deque()
+        self._deliver = deliver
+        self._loop = loop
+        self._interval = interval
+        self._max = max_queue
+        self._info = process_info(os.getpid())
+        self._unreported = 0
+        self.dropped = 0
+        self._closed = False
+        loop.call_soon_threadsafe(self._tick)
+
+    def emit(self, record: Record) -> None:
+        if len(self._queue) < self._max and not self._closed:
+            self._queue.append(record)
+        else:
+            self.dropped += 1
+            self._unreported += 1
+
+    def _tick(self) -> None:
+        self._drain()
+        if not self._closed:
+            self._loop.call_later(self._interval, self._tick)
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue or self._unreported:
+            batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
+            dropped, self._unreported = self._unreported, 0
+            self._deliver(self._info, dropped, batch)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        done = threading.Event()
+
+        def drain() -> None:
+            self._drain()
+            done.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            self._loop.call_soon_threadsafe(drain)
+            done.wait(timeout)
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+
+@contextlib.contextmanager
+def _quiet_signals() -> Iterator[None]:
+    """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it
+    found: make that one a no-op, so SIGTERM ends the proxy as cleanly as Ctrl+C (the
+    last records delivered, the trace file closed, the summary printed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Recording:
+    """The collector and tail the proxy's records go to: started here, stopped here."""
+
+    url: str
+    sink: Sink
+
+    def stop(self) -> str:
+        """Stop; returns the end-of-run summary."""
+        raise NotImplementedError
+
+
+class _InProcess(_Recording):
+    """Collector and tail on a thread of this process; ``sink_kind`` says how the proxy's
+    records reach them: ``local`` (handed to the collector's loop) or ``socket`` (a
+    SocketSink to the collector's port, as an app would)."""
+
+    def __init__(
+        self, address: str, output: str | None, sink_kind: str, out: TextIO | None
+    ) -> None:
+        from .collector import BackgroundCollector, CollectorError
+        from .tail import Tail
+
+        self.tail = tail = Tail(out)
+
+        def consume(events: list[dict[str, Any]]) -> None:
+            with contextlib.suppress(BrokenPipeError):
+                tail.feed(events)
+
+        try:
+            self.background = BackgroundCollector(address, consume, output=output).start()
+        except CollectorError as exc:
+            raise ProxyError(f"{exc} (choose another with --collector)") from None
+        self.url = self.background.url
+        if sink_kind == "socket":
+            self.sink = SocketSink(self.url)
+        else:
+            loop = self.background._loop
+            assert loop is not None
+            self.sink = _LocalSink(self.background.collector._deliver, loop)
+
+    def stop(self) -> str:
+        self.sink.flush()
+        time.sleep(0.1)  # the last batch of an app upstream, if it is still on its way
+        self.sink.close()
+        self.background.stop()
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self.tail.close()  # lines still held for late spans
+        dropped = self.background.collector.dropped + self.sink.dropped
+        note = f", {dropped} events dropped" if dropped else ""
+        return f"hopscope proxy: stopped after {self.tail.printed} request(s){note}"
+
+
+class _ChildProcess(_Recording):
+    """``hopscope tail --listen`` in a child process, fed by a SocketSink: decoding and
+    printing then run on another core than the proxy, outside its GIL."""
+
+    def __init__(self, address: str, output: str | None) -> None:
+        import selectors
+        import subprocess
+
+        argv = [sys.executable, "-m", "hopscope.app", "tail", "--listen", address]
+        if output is not None:
+            argv += ["-o", output]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stderr is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stderr, selectors.EVENT_READ)
+            ready = selector.select(timeout=30)
+        first = self.proc.stderr.readline() if ready else ""
+        match = first.partition("listening on ")[2].partition(";")[0]
+        if not match:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate(timeout=10)
+            reason = first.strip().removeprefix("Error: ") or "the collector did not start"
+            raise ProxyError(f"{reason} (choose another with --collector)")
+        self.url = match
+        self.sink = SocketSink(self.url)
+
+    def stop(self) -> str:
+        import subprocess
+
+        self.sink.flush()
+        time.sleep(0.1)
+        self.sink.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+        last = (err or "").strip().splitlines()[-1:] or [""]
+        return last[0].replace("hopscope: ", "hopscope proxy: ", 1)
+
+
+def run_proxy(
+    upstream: str,
+    *,
+    listen: str = "127.0.0.1:8080",
+    output: str | None = None,
+    collector: str = "127.0.0.1:7401",
+    connect_timeout: float = 5.0,
+    read_timeout: float = 60.0,
+    sink_kind: str = "local",
+    out: TextIO | None = None,
+) -> None:
+    """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
+
+    Starts the collector (apps upstream send their spans to it), so the proxy's spans
+    and the app's meet in one tail and one ``-o`` file.  ``sink_kind`` picks how (see
+    :class:`_InProcess`, :class:`_ChildProcess`: ``local``, ``socket`` or ``process``).
+    Raises :class:`ProxyError` with a one-line reason.
+    """
+    import uvicorn
+
+    target = parse_upstream(upstream)
+    host, port = parse_listen(listen)
+    sock = _bind(host, port)
+    recording: _Recording
+    try:
+        if sink_kind == "process":
+            recording = _ChildProcess(collector, output)
+        else:
+            recording = _InProcess(collector, output, sink_kind, out)
+    except BaseException:
+        sock.close()
+        raise
+    app = ProxyApp(
+        target, recording.sink, connect_timeout=connect_timeout, read_timeout=read_timeout
+    )
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    print(
+        f"hopscope proxy: http://{shown}:{bound[1]} -> {target.url}; "
+        f"apps send traces to HOPSCOPE_SINK={recording.url} (Ctrl+C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app,
+        http=ProxyHttpProtocol,
+        ws="websockets-sansio",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    try:
+        with _quiet_signals():
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+        summary = recording.stop()
+    print(summary, file=sys.stderr)

@@ -1,0 +1,196 @@
+"""The process ``hopscope run TARGET`` starts: the user's app, instrumented, under a real server.
+
+ASGI apps run under uvicorn with hopscope's protocol class (the server hop).  WSGI apps
+run under gunicorn's ``gthread`` worker with hopscope's request hooks, not through
+uvicorn's deprecated WSGI adapter or a thread-pool bridge: the app then gets the environ,
+threads, keep-alive and ``sendfile`` of a server people deploy, and the server hop comes
+from gunicorn's own hooks.
+
+The parent binds the listening socket and hands it down by file descriptor, so a port in
+use is reported before this process starts, and no other process can take the port in
+between.  Once the server accepts connections, one line on ``--ready-fd`` says what runs
+(``asgi uvicorn``): the parent then prints the URL.  Started as
+``python -P -m hopscope.app.serve``: only ``--app-dir`` is put on ``sys.path``, as uvicorn
+does, and nothing here imports a module the user could shadow (``tracing``, ``app``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hopscope.tracing.wrap import is_asgi, wrap
+
+__all__ = ["ServeError", "load_target", "main"]
+
+#: gunicorn gthread threads: requests a WSGI app serves at once.
+WSGI_THREADS = 8
+#: Exit status when the app cannot be loaded (uvicorn's and gunicorn's use 1 and 3 alike).
+LOAD_FAILED = 1
+
+
+class ServeError(Exception):
+    """The app cannot be served; the message is one line."""
+
+
+def load_target(target: str, factory: bool = False) -> Any:
+    """Import ``module:attribute`` (the attribute may be dotted); call it if ``factory``."""
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ServeError(f"expected TARGET as module:attribute (e.g. main:app), got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the module itself missing is the user's typo; a missing import inside it
+        # is their app's error, with its traceback.
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise ServeError(
+                f"cannot import {module_name!r}: no module named {exc.name!r} "
+                f"(looked in {sys.path[0]} and the installed packages; see --app-dir)"
+            ) from None
+        raise
+    app: Any = module
+    for part in attribute.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise ServeError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if factory:
+        if not callable(app):
+            raise ServeError(f"{target} is not callable, so it cannot be an app factory")
+        app = app()
+    if not callable(app):
+        raise ServeError(f"{target} is not an ASGI or WSGI app (a {type(app).__name__})")
+    if not factory and _looks_like_factory(app):
+        raise ServeError(f"{target} takes no arguments: if it makes the app, add --factory")
+    return app
+
+
+def _looks_like_factory(app: Any) -> bool:
+    if not inspect.isfunction(app) or is_asgi(app):
+        return False
+    try:
+        return not inspect.signature(app).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _ready_writer(fd: int | None) -> Callable[[str], None]:
+    """Says once on ``fd`` that the server is up, then closes it (workers forked later
+    must not hold the pipe open)."""
+    state = {"fd": fd}
+
+    def ready(what: str) -> None:
+        fd = state["fd"]
+        if fd is None:
+            return
+        state["fd"] = None
+        try:
+            os.write(fd, what.encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    return ready
+
+
+def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> int:
+    import uvicorn
+    from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                ready("asgi uvicorn")
+
+    config = uvicorn.Config(
+        wrap(app), http=HttpToolsProtocol, log_level="warning", access_log=False
+    )
+    server = Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, as its CLI expects
+        pass
+    return 0 if server.started else 3  # uvicorn's own status when start-up failed
+
+
+def serve_wsgi(app: Any, fd: int, ready: Callable[[str], None]) -> int:
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        raise ServeError(
+            "serving a WSGI app needs gunicorn (pip install gunicorn); "
+            "ASGI apps are served by uvicorn"
+        ) from None
+    from hopscope.tracing.servers.gunicorn_hooks import close_span, open_span
+
+    def pre_request(worker: Any, req: Any) -> None:
+        try:
+            open_span(worker, req)
+        except Exception as exc:  # a failing pre_request would fail the request
+            print(f"hopscope: cannot record the server hop: {exc}", file=sys.stderr)
+
+    def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        close_span(req, resp)
+
+    def when_ready(arbiter: Any) -> None:
+        ready("wsgi gunicorn")
+
+    settings: dict[str, Any] = {
+        "bind": [f"fd://{fd}"],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": WSGI_THREADS,
+        "loglevel": "warning",
+        "accesslog": None,
+        "proc_name": "hopscope-run",
+        "pre_request": pre_request,
+        "post_request": post_request,
+        "when_ready": when_ready,
+    }
+    wrapped = wrap(app)
+
+    class Application(BaseApplication):  # type: ignore[misc]
+        """gunicorn with these settings only: no ``gunicorn.conf.py``, no command line."""
+
+        def load_config(self) -> None:
+            for name, value in settings.items():
+                self.cfg.set(name, value)
+
+        def load(self) -> Any:
+            return wrapped
+
+    Application().run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hopscope.app.serve")
+    parser.add_argument("target", help="module:attribute")
+    parser.add_argument("--fd", type=int, required=True, help="a listening socket to serve on")
+    parser.add_argument("--ready-fd", type=int, help="a pipe to say 'ready' on")
+    parser.add_argument("--app-dir", default=".", help="where to import the module from")
+    parser.add_argument("--factory", action="store_true", help="TARGET makes the app")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.app_dir))
+    ready = _ready_writer(args.ready_fd)
+    try:
+        app = load_target(args.target, args.factory)
+        if is_asgi(app):
+            return serve_asgi(app, socket.socket(fileno=args.fd), ready)
+        return serve_wsgi(app, args.fd, ready)
+    except ServeError as exc:
+        print(f"hopscope: {exc}", file=sys.stderr)
+        return LOAD_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

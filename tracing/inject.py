@@ -1,0 +1,409 @@
+"""Zero-code instrumentation: what ``hopscope run -- COMMAND`` puts into a server.
+
+The bootstrap ``sitecustomize`` (``hopscope/app/bootstrap``) calls :func:`install` when a
+process of the command first imports a server or framework: a forking server's workers
+inherit the hooks, and spawned workers (uvicorn ``--workers``, hypercorn) run the
+bootstrap again, because its folder stays on their ``PYTHONPATH``.  :func:`install` adds
+an import hook that patches a module right after it first runs: a dictionary lookup per
+import, and nothing is imported that the program would not import itself.
+
+Two kinds of wrap points, as checked in the server-hooks notes:
+
+* The server's: where a server gets the app it will call (uvicorn ``Config.load``,
+  gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``).  The app is
+  wrapped with :func:`hopscope.tracing.wrap`, and the server hop is added where the server
+  allows it: hopscope's uvicorn protocol classes, gunicorn's request hooks (chained to
+  the user's, never replacing them).
+* The framework's, for servers without a hook (``flask run``, Django's ``runserver``,
+  waitress...): ``Flask.__call__`` and Django's ``WSGIHandler``/``ASGIHandler``.  They
+  record only when no server wrap point fired in the process and no hopscope span is
+  current, so they never add a second app span.  Patching the handler's
+  call rather than ``get_wsgi_application`` is why: under gunicorn, a project that wraps
+  Django's app in its own middleware (WhiteNoise) still gets one app span, not two.
+
+Tracing never stops the program: a patch that fails says why on stderr in one line
+starting with ``hopscope:``, and the server runs as it would have.  This module runs inside
+users' processes: it imports nothing beyond the standard library until a patched module
+loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
+
+__all__ = ["PATCHES", "install"]
+
+
+def _say(message: str) -> None:
+    try:
+        print(f"hopscope: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr closed: nowhere to say it
+        pass
+
+
+def _describe(app: Any) -> str:
+    if isinstance(app, str):
+        return repr(app)
+    return f"the app ({type(app).__name__})"
+
+
+#: Set once a server's own wrap point has wrapped an app in this process: the framework
+#: patches then stand aside even where the request's context does not reach them (uvicorn
+#: runs WSGI apps on executor threads that do not copy it).
+_served = False
+
+
+def _wrap(app: Any, what: str, mode: str | None = None) -> Any:
+    """``app`` instrumented for a server (``mode`` forces ASGI or WSGI); unchanged if that
+    fails."""
+    global _served
+    try:
+        from .wrap import wrap
+
+        if getattr(app, "__hopscope_wrapped__", False) or mode not in ("asgi", "wsgi"):
+            wrapped = wrap(app)
+        elif mode == "asgi":
+            from .asgi import ASGIMiddleware
+
+            wrapped = ASGIMiddleware(app)
+        else:
+            from .wsgi import WSGIMiddleware
+
+            wrapped = WSGIMiddleware(app)
+    except Exception as exc:
+        _say(f"cannot trace {what}: {type(exc).__name__}: {exc}; serving it untraced")
+        return app
+    _served = True
+    return wrapped
+
+
+# -- uvicorn -----------------------------------------------------------------------------
+
+
+#: uvicorn's adapters: what they wrap does not speak ASGI 3, so the span goes around them.
+#: (Inside the WSGI adapter, the app runs on an executor thread that neither the scope
+#: nor the context reaches: its span could not join the server span.)
+_UVICORN_ADAPTERS = ("uvicorn.middleware.asgi2", "uvicorn.middleware.wsgi")
+
+
+def _inside_uvicorn(app: Any) -> Any:
+    """Wrap the app under uvicorn's own middlewares (proxy headers, message logger), so
+    the app span sees the request as the app does, as ``wrap(app)`` would."""
+    module = type(app).__module__
+    inner = getattr(app, "app", None)
+    if (
+        module.startswith("uvicorn.middleware.")
+        and module not in _UVICORN_ADAPTERS
+        and inner is not None
+    ):
+        app.app = _inside_uvicorn(inner)
+        return app
+    return _wrap(app, "the app")
+
+
+_UVICORN_PROTOCOLS = {
+    "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol": "HttpToolsProtocol",
+    "uvicorn.protocols.http.h11_impl.H11Protocol": "H11Protocol",
+}
+
+
+def _uvicorn_protocol(setting: Any, chosen: Any) -> Any:
+    """hopscope's subclass of the protocol uvicorn chose, unless the user chose a class."""
+    if not isinstance(setting, str) or setting not in ("auto", "httptools", "h11"):
+        return chosen
+    name = _UVICORN_PROTOCOLS.get(f"{chosen.__module__}.{chosen.__qualname__}")
+    if name is None:
+        return chosen
+    from .servers import uvicorn_protocols
+
+    return getattr(uvicorn_protocols, name)
+
+
+def _patch_uvicorn(module: ModuleType) -> None:
+    config_class = module.Config
+    load = config_class.load
+    load_app = getattr(config_class, "load_app", None)  # uvicorn 0.54 imports the app early
+
+    def failed(config: Any) -> None:
+        if not config.__dict__.get("_hopscope_failed"):
+            config.__dict__["_hopscope_failed"] = True
+            _say(f"uvicorn could not load {_describe(config.app)}: nothing to trace")
+
+    if load_app is not None:
+
+        @functools.wraps(load_app)
+        def patched_load_app(self: Any) -> Any:
+            try:
+                return load_app(self)
+            except BaseException:
+                failed(self)
+                raise
+
+        config_class.load_app = patched_load_app
+
+    @functools.wraps(load)
+    def patched_load(self: Any) -> None:
+        try:
+            load(self)
+        except BaseException:
+            failed(self)
+            raise
+        try:
+            self.loaded_app = _inside_uvicorn(self.loaded_app)
+            self.http_protocol_class = _uvicorn_protocol(self.http, self.http_protocol_class)
+        except Exception as exc:
+            _say(f"cannot trace uvicorn's server hop: {type(exc).__name__}: {exc}")
+
+    config_class.load = patched_load
+
+
+# -- gunicorn ----------------------------------------------------------------------------
+
+
+def _is_hopscope(hook: Any) -> bool:
+    return bool(getattr(hook, "__hopscope_hook__", False)) or str(
+        getattr(hook, "__module__", "")
+    ).startswith("hopscope.")
+
+
+def _add_gunicorn_hooks(cfg: Any) -> None:
+    """Chain hopscope's server span to the hooks gunicorn already has (the user's or the
+    no-op defaults); a config that is hopscope's own (``gunicorn_conf``) is left alone."""
+    user_pre = cfg.pre_request
+    user_post = cfg.post_request
+    if _is_hopscope(user_pre) or _is_hopscope(user_post):
+        return
+    from .servers.gunicorn_hooks import close_span, open_span
+
+    failed: list[str] = []
+
+    def report(exc: Exception) -> None:
+        if not failed:  # once per process, not once per request
+            failed.append(type(exc).__name__)
+            _say(f"cannot record gunicorn's server hop: {type(exc).__name__}: {exc}")
+
+    # Exactly these arities: gunicorn checks them.
+    def pre_request(worker: Any, req: Any) -> None:
+        try:
+            open_span(worker, req)
+        except Exception as exc:  # a failing pre_request would fail the request
+            report(exc)
+        user_pre(worker, req)
+
+    def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+        try:
+            user_post(worker, req, environ, resp)
+        finally:
+            try:
+                close_span(req, resp)
+            except Exception as exc:
+                report(exc)
+
+    pre_request.__hopscope_hook__ = True  # type: ignore[attr-defined]
+    post_request.__hopscope_hook__ = True  # type: ignore[attr-defined]
+    cfg.set("pre_request", pre_request)
+    cfg.set("post_request", post_request)
+
+
+def _patch_gunicorn(module: ModuleType) -> None:
+    application_class = module.WSGIApplication
+    load_wsgiapp = application_class.load_wsgiapp
+
+    @functools.wraps(load_wsgiapp)
+    def patched_load_wsgiapp(self: Any) -> Any:
+        try:
+            app = load_wsgiapp(self)
+        except BaseException:
+            _say(f"gunicorn could not load {_describe(self.app_uri)}: nothing to trace")
+            raise
+        # gunicorn loads ASGI apps here too (for uvicorn's workers): wrap() tells them apart.
+        app = _wrap(app, _describe(self.app_uri))
+        from .wrap import is_asgi
+
+        if not is_asgi(app):
+            try:
+                _add_gunicorn_hooks(self.cfg)
+            except Exception as exc:
+                _say(f"cannot add gunicorn hooks: {type(exc).__name__}: {exc}")
+        return app
+
+    application_class.load_wsgiapp = patched_load_wsgiapp
+
+
+# -- hypercorn ---------------------------------------------------------------------------
+
+
+def _patch_hypercorn(module: ModuleType) -> None:
+    wrap_app = module.wrap_app
+    load_application = module.load_application
+
+    @functools.wraps(wrap_app)
+    def patched_wrap_app(app: Any, *args: Any, **kwargs: Any) -> Any:
+        mode = kwargs.get("mode", args[1] if len(args) > 1 else None)
+        return wrap_app(_wrap(app, "the app", mode), *args, **kwargs)
+
+    @functools.wraps(load_application)
+    def patched_load_application(path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load_application(path, *args, **kwargs)
+        except BaseException:
+            _say(f"hypercorn could not load {_describe(path)}: nothing to trace")
+            raise
+
+    # Looked up as module globals when called (load_application calls wrap_app).
+    module.__dict__["wrap_app"] = patched_wrap_app
+    module.__dict__["load_application"] = patched_load_application
+
+
+# -- frameworks, for servers without a hook ----------------------------------------------
+
+_MIDDLEWARE = "_hopscope_middleware"
+
+
+def _patch_wsgi_call(cls: type) -> None:
+    """Make ``cls.__call__`` record its requests when no hopscope span is current."""
+    from .context import current
+
+    call = cls.__call__
+
+    @functools.wraps(call)
+    def __call__(self: Any, environ: Any, start_response: Any) -> Any:
+        if _served or current.get() is not None:
+            return call(self, environ, start_response)
+        middleware = self.__dict__.get(_MIDDLEWARE)
+        if middleware is None:
+            from .wsgi import WSGIMiddleware
+
+            middleware = self.__dict__.setdefault(
+                _MIDDLEWARE, WSGIMiddleware(functools.partial(call, self))
+            )
+        return middleware(environ, start_response)
+
+    cls.__call__ = __call__  # type: ignore[method-assign]
+
+
+def _patch_asgi_call(cls: type) -> None:
+    """The ASGI twin of :func:`_patch_wsgi_call`: an ``async def``, so servers still see
+    an ASGI 3 app (a sync wrapper made uvicorn take it for ASGI 2)."""
+    from .context import current
+
+    call = cls.__call__
+
+    @functools.wraps(call)
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
+        if _served or current.get() is not None:
+            return await call(self, scope, receive, send)
+        middleware = self.__dict__.get(_MIDDLEWARE)
+        if middleware is None:
+            from .asgi import ASGIMiddleware
+
+            middleware = self.__dict__.setdefault(
+                _MIDDLEWARE, ASGIMiddleware(functools.partial(call, self))
+            )
+        return await middleware(scope, receive, send)
+
+    cls.__call__ = __call__  # type: ignore[method-assign]
+
+
+def _patch_flask(module: ModuleType) -> None:
+    _patch_wsgi_call(module.Flask)
+
+
+def _patch_django_wsgi(module: ModuleType) -> None:
+    _patch_wsgi_call(module.WSGIHandler)
+
+
+def _patch_django_asgi(module: ModuleType) -> None:
+    _patch_asgi_call(module.ASGIHandler)
+
+
+#: Module name -> the patch applied right after that module first runs.
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "uvicorn.config": _patch_uvicorn,
+    "gunicorn.app.wsgiapp": _patch_gunicorn,
+    "hypercorn.utils": _patch_hypercorn,
+    "flask.app": _patch_flask,
+    "django.core.handlers.wsgi": _patch_django_wsgi,
+    "django.core.handlers.asgi": _patch_django_asgi,
+}
+
+
+def _apply(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
+    if getattr(module, "__hopscope_patched__", False):
+        return
+    try:
+        patch(module)
+    except Exception as exc:
+        _say(f"cannot instrument {module.__name__}: {type(exc).__name__}: {exc}")
+        return
+    module.__hopscope_patched__ = True  # type: ignore[attr-defined]
+
+
+class _PatchingLoader:
+    """The module's own loader, plus the patch once the module has run."""
+
+    def __init__(self, loader: Any, patch: Callable[[ModuleType], None]) -> None:
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        module: ModuleType | None = self._loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _apply(self._patch, module)
+
+    def __getattr__(self, name: str) -> Any:
+        # get_source, get_resource_reader, is_package...: the real loader's.
+        return getattr(self._loader, name)
+
+
+class _PatchingFinder:
+    """A ``sys.meta_path`` finder that only ever answers for the modules in :data:`PATCHES`."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        patch = PATCHES.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec: ModuleSpec | None = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None  # nothing to hook into: let the import go on as usual
+        spec.loader = _PatchingLoader(spec.loader, patch)  # type: ignore[assignment]
+        return spec
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+_installed = False
+
+
+def install() -> None:
+    """Patch the servers and frameworks this process imports (once per process)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    for name, patch in PATCHES.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _apply(patch, module)
+    sys.meta_path.insert(0, _PatchingFinder())
