@@ -1,0 +1,437 @@
+"""hopscope's live terminal UI: the request list, the selected request, and the keys.
+
+Events never reach the event loop one by one.  The source delivers lists into an
+:class:`~hopscope.tui.source.Inbox` from its own thread; a timer on the UI thread takes
+them out every :data:`TICK` seconds, folds them into the store for at most
+:data:`INGEST_BUDGET` seconds (the rest waits for the next tick, so keys stay
+responsive under any load), and then updates the widgets once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from hopscope.tracing import filters
+from hopscope.tracing.model import Trace
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.reactive import reactive
+from textual.timer import Timer
+from textual.widgets import Footer, Input, Static
+
+from .commands import HopscopeCommands
+from .detail import TABS, DetailPane
+from .exchange import attr, curl
+from .header import HeaderBar
+from .help import HelpScreen
+from .messages import FollowRequested, RequestSelected
+from .query_bar import QueryBar
+from .request_list import RequestList
+from .save import SaveScreen, default_name, write_trace_file
+from .source import EventSource, Inbox
+from .store import Change, RequestStore, Row
+
+__all__ = ["HopscopeApp"]
+
+#: Seconds between two ingest ticks: the UI's update rate under load.
+TICK = 0.075
+#: Seconds of folding per tick at most; what is left waits for the next tick.
+INGEST_BUDGET = 0.04
+#: Events folded between two looks at the message queue (a few milliseconds' worth).
+INGEST_SLICE = 500
+#: Seconds the selection must stay put before the detail pane is drawn.
+SELECT_SETTLE = 0.05
+#: Seconds between redraws of the selected request while it is still running.
+RUNNING_DETAIL_INTERVAL = 0.5
+
+
+class ListStatus(Static):
+    """The line under the list: follow state, counts, filter, and the "N new" marker."""
+
+    def on_click(self) -> None:
+        self.post_message(FollowRequested())
+
+
+def _search_text(trace: Trace) -> str:
+    query = attr(trace, "url.query")
+    return " ".join(
+        str(part)
+        for part in (
+            trace.method,
+            (trace.path or "") + (f"?{query}" if query else ""),
+            trace.status,
+            trace.route,
+        )
+        if part is not None
+    ).lower()
+
+
+class HopscopeApp(App[None]):
+    """The live view of requests arriving from an :class:`EventSource`."""
+
+    CSS_PATH = "hopscope.tcss"
+    TITLE = "hopscope"
+    COMMANDS = App.COMMANDS | {HopscopeCommands}
+
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="quit"),
+        Binding("question_mark,f1", "help", "Help", key_display="?", id="help"),
+        Binding("slash", "focus_filter", "Filter", key_display="/", id="filter"),
+        Binding("s", "focus_search", "Search", id="search"),
+        Binding("n", "search_next(-1)", "Older match", show=False, id="search-older"),
+        Binding("N", "search_next(1)", "Newer match", show=False, id="search-newer"),
+        Binding("space", "toggle_pause", "Pause", id="pause"),
+        Binding("f", "follow", "Follow", id="follow"),
+        Binding("c", "clear", "Clear", id="clear"),
+        Binding("ctrl+s", "save", "Save", id="save"),
+        Binding("y", "copy_curl", "Copy curl", id="copy-curl"),
+        Binding("escape", "to_list", "Back to list", show=False, id="back"),
+        *(
+            Binding(str(number), f"show_tab('{tab}')", f"{tab.capitalize()} tab", show=False)
+            for number, tab in enumerate(TABS, start=1)
+        ),
+    ]
+
+    paused: reactive[bool] = reactive(False)
+    """Stop taking events out of the inbox (they wait there, see :class:`Inbox`)."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        title: str = "hopscope",
+        max_requests: int = 50_000,
+        save_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.title = title
+        self.source = source
+        self.live = bool(getattr(source, "live", True))
+        self.save_path = save_path
+        self.store = RequestStore(max_requests)
+        self.inbox = Inbox(block=not self.live)
+        self._frozen_now = 0
+        self._selected: str | None = None
+        self._selected_trace: Trace | None = None
+        self._detail_drawn = 0.0
+        self._search = ""
+        self._ui_ready = False
+        self._show_timer: Timer | None = None
+        self.ticks = 0
+        """Ingest ticks run so far (tests and benches wait on it)."""
+
+    # -- layout ------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        # Kept as attributes: the timer must reach them whichever screen is on top.
+        self.header = HeaderBar(self.source.describe(), id="header")
+        self.query_bar = QueryBar(id="query")
+        self.request_list = RequestList(self.store, self.now, id="requests")
+        self.list_status = ListStatus("", id="list-status")
+        self.detail = DetailPane(self.now, id="detail")
+        yield self.header
+        yield self.query_bar
+        with Vertical(id="main"):
+            yield self.request_list
+            yield self.list_status
+            yield self.detail
+        yield Footer()
+
+    @property
+    def selected_trace(self) -> Trace | None:
+        """The request the detail pane shows (kept even after it left the buffer)."""
+        return self._selected_trace
+
+    def on_mount(self) -> None:
+        self._ui_ready = True
+        self.inbox.ui_thread = threading.get_ident()
+        self.request_list.focus()
+        self.detail.show(None)
+        self.watch(self.request_list, "follow", self._update_status)
+        self.watch(self.request_list, "pending", self._update_status)
+        self.set_interval(TICK, self._tick)
+        self.source.start(self.inbox.deliver)
+
+    def on_unmount(self) -> None:
+        self._ui_ready = False
+        self.inbox.close()
+        self.source.stop()
+
+    def now(self) -> int:
+        """The UI's clock: frozen while paused, the newest event's time for a replay."""
+        if self.paused:
+            return self._frozen_now
+        if self.live:
+            return time.time_ns()
+        return self.store.latest_ts
+
+    # -- ingest --------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        self.ticks += 1
+        change: Change | None = None
+        deadline = time.perf_counter() + INGEST_BUDGET
+        while self._alive() and not self.paused:
+            events = self.inbox.take(INGEST_SLICE)
+            if not events:
+                break
+            change = self.store.ingest(events, change)
+            if time.perf_counter() >= deadline:
+                break
+            # Between slices, let the app's message loop run: a key waits for one
+            # slice at most, not for the whole tick.
+            await asyncio.sleep(0)
+        if not self._alive() or (self.paused and change is None):
+            return
+        with self.batch_update():
+            if change is not None:
+                self._apply(change)
+            self.request_list.tick()
+            selected = self._selected_trace
+            if (
+                selected is not None
+                and not selected.finished
+                and time.monotonic() - self._detail_drawn > RUNNING_DETAIL_INTERVAL
+            ):
+                self._redraw_detail()
+            self._update_header()
+
+    def _alive(self) -> bool:
+        # is_running: the timer can fire once more while the app shuts down.
+        return self._ui_ready and self.is_running
+
+    def _apply(self, change: Change) -> None:
+        for event in change.notices:
+            severity = event.get("severity", "information")
+            if severity not in ("information", "warning", "error"):
+                severity = "information"
+            self.notify(str(event.get("message", "")), severity=severity, timeout=8)
+        self.request_list.apply(change)
+        if self._selected is not None and self._selected in change.touched:
+            row = self.store.get(self._selected)
+            if row is not None:
+                self._selected_trace = row.trace
+            if time.monotonic() - self._detail_drawn > TICK:
+                self._redraw_detail()
+        if change.view_changed:
+            self._update_status()
+
+    def _redraw_detail(self) -> None:
+        self._detail_drawn = time.monotonic()
+        self.detail.changed()
+
+    def _update_header(self) -> None:
+        store = self.store
+        now_s = self.now() // 1_000_000_000 if self.live else None
+        self.header.update_stats(
+            paused=self.paused,
+            total=store.total,
+            counts=store.counts,
+            inflight=len(store.inflight),
+            dropped=store.dropped + self.inbox.dropped,
+            rejected=store.rejected,
+            rate=store.rate_series(now_s),
+        )
+
+    def _update_status(self) -> None:
+        request_list = self.request_list
+        store = self.store
+        text = Text(no_wrap=True, overflow="ellipsis", end="")
+        if self.paused:
+            text.append(" ⏸ paused ", style="bold #ffd75f")
+        elif request_list.follow:
+            text.append(" ● following ", style="bold #5fd75f")
+        else:
+            text.append(" ○ scrolled ", style="bold")
+        shown, held = len(store), len(store.rows)
+        if store.filter is not None:
+            text.append(f" {shown:,} of {held:,} requests", style="")
+            text.append(f"  filter: {store.filter_text}", style="#5fafff")
+        else:
+            text.append(f" {held:,} requests", style="")
+        if held >= store.max_requests:
+            text.append(f" (newest {store.max_requests:,} kept)", style="dim")
+        if request_list.pending:
+            text.append(f"   ▼ {request_list.pending:,} new", style="bold reverse #ffd75f")
+            text.append("  f to follow", style="dim")
+        self.list_status.update(text, layout=False)
+
+    def watch_paused(self, paused: bool) -> None:
+        if paused:
+            self._frozen_now = time.time_ns() if self.live else self.store.latest_ts
+        if self._ui_ready:
+            self._update_status()
+            self._update_header()
+
+    # -- selection ---------------------------------------------------------------------
+
+    @on(RequestSelected)
+    def _on_selected(self, message: RequestSelected) -> None:
+        row = self.store.get(message.trace_id)
+        self._selected = message.trace_id
+        self._selected_trace = row.trace if row is not None else None
+        # Holding an arrow key moves through many rows: draw the detail once it settles.
+        if self._show_timer is not None:
+            self._show_timer.stop()
+        self._show_timer = self.set_timer(SELECT_SETTLE, self._show_selected)
+
+    def _show_selected(self) -> None:
+        self._show_timer = None
+        if not self._alive():
+            return
+        self._detail_drawn = time.monotonic()
+        self.detail.show(self._selected_trace)
+
+    @on(FollowRequested)
+    def _on_follow_requested(self) -> None:
+        self.action_follow()
+
+    # -- filter and search -----------------------------------------------------------------
+
+    @on(Input.Submitted, "#filter-input")
+    def _on_filter_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        if self.apply_filter(event.value):
+            self.request_list.focus()
+
+    @on(Input.Changed, "#filter-input")
+    def _on_filter_changed(self, event: Input.Changed) -> None:
+        # Once an error is on screen, follow the edits so the caret stays honest.
+        if self.query_bar.has_error:
+            try:
+                filters.parse(event.value)
+            except filters.FilterError as exc:
+                self.query_bar.show_error(event.value, exc.position, str(exc))
+            else:
+                self.query_bar.clear_error()
+
+    def apply_filter(self, expression: str) -> bool:
+        """Filter the list; a bad expression is shown with a caret and changes nothing."""
+        try:
+            parsed = filters.parse(expression)
+        except filters.FilterError as exc:
+            self.query_bar.show_error(expression, exc.position, str(exc))
+            return False
+        self.query_bar.clear_error()
+        text = expression.strip()
+        self.store.set_filter(parsed.test if text else None, text)
+        self.request_list.reset()
+        self._update_status()
+        return True
+
+    @on(Input.Submitted, "#search-input")
+    def _on_search_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self._search = event.value.strip().lower()
+        if self._search:
+            self._find(-1, from_end=True)
+        self.request_list.focus()
+
+    def _find(self, direction: int, *, from_end: bool = False) -> None:
+        needle = self._search
+        if not needle:
+            self.notify("Nothing to search for: press s and type some text.", severity="warning")
+            return
+        found = self.request_list.find(
+            lambda trace: needle in _search_text(trace), direction, from_end=from_end
+        )
+        if not found:
+            self.notify(f"No request matches {needle!r}.", severity="warning")
+
+    # -- actions -----------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        sections: list[tuple[str, Any]] = [
+            ("Everywhere", self.BINDINGS),
+            ("Request list", RequestList.BINDINGS),
+        ]
+        self.push_screen(HelpScreen(sections, filters.help_table()))
+
+    def action_focus_filter(self) -> None:
+        self.query_bar.filter_input.focus()
+
+    def action_clear_filter(self) -> None:
+        self.query_bar.filter_input.value = ""
+        self.apply_filter("")
+
+    def action_focus_search(self) -> None:
+        self.query_bar.search_input.focus()
+
+    def action_search_next(self, direction: int) -> None:
+        self._find(direction)
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+
+    def action_follow(self) -> None:
+        self.request_list.follow = True
+        self.request_list.focus()
+
+    def action_clear(self) -> None:
+        self.store.clear()
+        self.request_list.reset(forget_cursor=True)
+        self._selected = None
+        self._selected_trace = None
+        if self._show_timer is not None:
+            self._show_timer.stop()
+            self._show_timer = None
+        self.detail.show(None)
+        self._update_status()
+        self._update_header()
+
+    def action_to_list(self) -> None:
+        self.request_list.focus()
+
+    def action_focus_detail(self) -> None:
+        self.detail.tabs.focus()
+
+    def action_show_tab(self, tab: str) -> None:
+        self.detail.tabs.active = tab
+
+    def action_copy_curl(self) -> None:
+        trace = self._selected_trace
+        if trace is None:
+            self.notify("Select a request first.", severity="warning")
+            return
+        command, warnings = curl(trace)
+        self.copy_to_clipboard(command)
+        message = command if len(command) <= 300 else command[:299] + "…"
+        if warnings:
+            message += "\nNote: " + "; ".join(warnings)
+        self.notify(
+            message, title="Copied as curl", severity="warning" if warnings else "information"
+        )
+
+    def action_save(self, filtered: bool = False) -> None:
+        rows: list[Row] | None = list(self.store.view) if filtered else None
+        if self.save_path:
+            self.save(self.save_path, rows)
+            return
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.save(path, rows)
+
+        self.push_screen(SaveScreen(default_name()), chosen)
+
+    def save(self, path: str, rows: list[Row] | None = None) -> None:
+        """Write the held requests (or ``rows``) to ``path`` in a background thread."""
+        # The copy is made here, on the UI thread, so ingestion cannot change it mid-write.
+        events = self.store.export_events(rows)
+        requests = len(self.store.rows) if rows is None else len(rows)
+        self._write(path, events, requests)
+
+    @work(thread=True, exclusive=True, group="save", exit_on_error=False)
+    def _write(self, path: str, events: list[dict[str, Any]], requests: int) -> None:
+        try:
+            count = write_trace_file(path, events)
+        except OSError as exc:
+            self.notify(f"Could not save {path}: {exc.strerror or exc}", severity="error")
+            return
+        self.notify(f"Saved {requests:,} requests ({count:,} events) to {path}")

@@ -1,0 +1,144 @@
+"""The HTTP exchange inside a trace: URL, headers, bodies, and a curl command for it.
+
+Several hops may describe the same request (a proxy and the app both see its headers);
+like the model, the outermost hop that recorded an attribute wins, because it saw the
+request closest to how the client sent it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from hopscope.tracing.model import Span, Trace
+
+__all__ = ["Body", "attr", "body", "curl", "headers", "http_span", "url"]
+
+_HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
+
+#: Headers curl works out itself, or that only make sense on the original connection.
+_CURL_SKIP = frozenset({"host", "content-length", "connection", "transfer-encoding"})
+
+
+def _outer_first(span: Span) -> tuple[int, int]:
+    return (_HOP_ORDER.get(span.hop, 4), span.start or 0)
+
+
+def http_span(trace: Trace, key: str) -> Span | None:
+    """The outermost span that recorded ``key``."""
+    found = [span for span in list(trace.spans.values()) if key in span.attrs]
+    return min(found, key=_outer_first) if found else None
+
+
+def attr(trace: Trace, key: str) -> Any:
+    span = http_span(trace, key)
+    return span.attrs[key] if span is not None else None
+
+
+def headers(trace: Trace, direction: str) -> list[tuple[str, str]]:
+    """``direction`` is ``request`` or ``response``; pairs in their order, repeats kept."""
+    value = attr(trace, f"http.{direction}.headers")
+    if not isinstance(value, list):
+        return []
+    return [(str(pair[0]), str(pair[1])) for pair in value if len(pair) == 2]
+
+
+def header(pairs: list[tuple[str, str]], name: str) -> str | None:
+    name = name.lower()
+    return next((value for key, value in pairs if key.lower() == name), None)
+
+
+@dataclass(slots=True)
+class Body:
+    data: bytes
+    """The captured first bytes (all of them unless ``truncated``)."""
+    size: int | None
+    """Total bytes that went over the wire, when known."""
+    truncated: bool
+    content_type: str
+    content_encoding: str
+
+
+def body(trace: Trace, direction: str) -> Body:
+    key = f"http.{direction}.body"
+    span = http_span(trace, key)
+    data = b""
+    if span is not None:
+        try:
+            data = base64.b64decode(span.attrs[key] or b"")
+        except (binascii.Error, TypeError, ValueError):
+            data = b""
+    size = attr(trace, f"{key}.size")
+    pairs = headers(trace, direction)
+    return Body(
+        data=data,
+        size=size if isinstance(size, int) else None,
+        truncated=bool(attr(trace, f"{key}.truncated")),
+        content_type=header(pairs, "content-type") or "",
+        content_encoding=header(pairs, "content-encoding") or "",
+    )
+
+
+def url(trace: Trace) -> str:
+    scheme = attr(trace, "url.scheme") or "http"
+    host = header(headers(trace, "request"), "host")
+    if not host:
+        address = attr(trace, "server.address")
+        port = attr(trace, "server.port")
+        host = f"{address or 'localhost'}" + (f":{port}" if port else "")
+    path = attr(trace, "url.path") or trace.path or "/"
+    query = attr(trace, "url.query")
+    return f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
+
+
+def _ansi_c_quote(data: bytes) -> str:
+    """Bash's ``$'...'`` quoting: any byte survives a copy and paste."""
+    out = []
+    for byte in data:
+        char = chr(byte)
+        if char == "\\" or char == "'":
+            out.append("\\" + char)
+        elif 32 <= byte < 127:
+            out.append(char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif char == "\r":
+            out.append("\\r")
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "$'" + "".join(out) + "'"
+
+
+def curl(trace: Trace) -> tuple[str, list[str]]:
+    """A curl command that sends the request again, and what it could not reproduce."""
+    warnings: list[str] = []
+    method = trace.method or "GET"
+    parts = ["curl"]
+    if method == "HEAD":
+        parts.append("--head")
+    elif method != "GET":
+        parts += ["-X", shlex.quote(method)]
+    parts.append(shlex.quote(url(trace)))
+    for name, value in headers(trace, "request"):
+        if name.lower() in _CURL_SKIP or name.startswith(":"):
+            continue
+        parts += ["-H", shlex.quote(f"{name}: {value}")]
+    request_body = body(trace, "request")
+    if request_body.data:
+        try:
+            text = request_body.data.decode("utf-8")
+            printable = all(ch.isprintable() or ch in "\n\r\t" for ch in text)
+        except UnicodeDecodeError:
+            printable = False
+        quoted = shlex.quote(text) if printable else _ansi_c_quote(request_body.data)
+        parts += ["--data-binary", quoted]
+    if request_body.truncated:
+        warnings.append(f"the body was cut at {len(request_body.data):,} bytes")
+    elif request_body.size and not request_body.data:
+        warnings.append("the body was not captured")
+    return " ".join(parts), warnings

@@ -1,0 +1,257 @@
+"""Where the UI's events come from, and how they cross into the UI thread.
+
+A source pushes lists of wire events from any thread; the UI never waits for it.  The
+:class:`Inbox` between them is the only shared state: sources append whole lists under a
+lock, and the UI's timer takes them out in slices, so one message or call per event never
+reaches the event loop however fast events come.
+
+Besides wire events a source may deliver a *notice*, ``{"kind": "notice", "message": str,
+"severity": "information" | "warning" | "error"}``, which the UI shows as a notification:
+that is how a file source says it could not read part of its file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
+
+__all__ = ["EventSource", "FileSource", "Inbox", "QueueSource", "notice"]
+
+Event = dict[str, Any]
+Deliver = Callable[[list[Event]], None]
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """What the UI needs from a source of wire events."""
+
+    def describe(self) -> str:
+        """Where events come from, for the header: ``live 127.0.0.1:7401``, a file name."""
+        ...
+
+    def start(self, deliver: Deliver) -> None:
+        """Begin delivering; ``deliver`` may be called from any thread and returns quickly.
+
+        The source must not change a list after handing it to ``deliver``.
+        """
+        ...
+
+    def stop(self) -> None:
+        """Stop delivering; called once when the UI closes."""
+        ...
+
+
+def notice(message: str, severity: str = "information") -> Event:
+    """A pseudo-event the UI shows as a notification instead of folding into a trace."""
+    return {"kind": "notice", "message": message, "severity": severity}
+
+
+class Inbox:
+    """Thread-safe hand-off from sources to the UI timer.
+
+    ``deliver`` never blocks the UI thread.  For a live source it never blocks at all:
+    past ``limit`` pending events (the UI is paused, or cannot keep up) new lists are
+    dropped and counted, because a stalled collector would make the apps drop instead,
+    and unbounded memory is worse than a visible gap.  A replay (``block=True``) loses
+    nothing: its reader waits while more than ``high_water`` events are pending, so a big
+    file is read at the speed the UI folds it.
+    """
+
+    def __init__(
+        self, *, block: bool = False, high_water: int = 100_000, limit: int = 1_000_000
+    ) -> None:
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._chunks: deque[list[Event]] = deque()
+        self._offset = 0  # how much of the first chunk was already taken
+        self._pending = 0
+        self._high_water = high_water
+        self._limit = limit
+        self._closed = False
+        self.block = block
+        self.ui_thread: int | None = None
+        """Calls from this thread never wait (the UI must not block on itself)."""
+        self.dropped = 0
+        """Events refused because the inbox was full."""
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def deliver(self, events: list[Event]) -> None:
+        if not events:
+            return
+        with self._lock:
+            if self.block and threading.get_ident() != self.ui_thread:
+                while not self._closed and (
+                    self._pending > self._high_water
+                    or (self._pending and self._pending + len(events) > self._limit)
+                ):
+                    self._drained.wait(0.5)
+            if self._closed:
+                return
+            if self._pending + len(events) > self._limit:
+                self.dropped += len(events)
+                return
+            self._chunks.append(events)
+            self._pending += len(events)
+
+    def take(self, max_events: int) -> list[Event]:
+        """Up to ``max_events`` of the oldest pending events (an empty list when none)."""
+        with self._lock:
+            chunks = self._chunks
+            if not chunks:
+                return []
+            head = chunks[0]
+            if (self._offset == 0 and len(head) >= max_events) or len(chunks) == 1:
+                taken = self._slice(max_events)
+            else:
+                taken = []
+                while chunks and len(taken) < max_events:
+                    taken += self._slice(max_events - len(taken))
+            self._pending -= len(taken)
+            if self._pending <= self._high_water:
+                self._drained.notify_all()
+            return taken
+
+    def _slice(self, count: int) -> list[Event]:
+        """Up to ``count`` events of the first chunk (the chunk itself when it all fits)."""
+        head = self._chunks[0]
+        start = self._offset
+        if start == 0 and len(head) <= count:
+            self._chunks.popleft()
+            return head
+        taken = head[start : start + count]
+        self._offset = start + len(taken)
+        if self._offset >= len(head):
+            self._chunks.popleft()
+            self._offset = 0
+        return taken
+
+    def close(self) -> None:
+        """Refuse further events and release any waiting producer."""
+        with self._lock:
+            self._closed = True
+            self._chunks.clear()
+            self._offset = 0
+            self._pending = 0
+            self._drained.notify_all()
+
+
+class QueueSource:
+    """A source anything can :meth:`push` events into, from any thread.
+
+    Events pushed before the UI starts are kept and delivered on start; events pushed
+    after :meth:`stop` are ignored.
+    """
+
+    def __init__(self, description: str = "live", *, live: bool = True) -> None:
+        self._description = description
+        self.live = live
+        """True when events describe requests happening now (in-flight bars grow with
+        the wall clock); False for replays."""
+        self._lock = threading.Lock()
+        self._deliver: Deliver | None = None
+        self._early: list[list[Event]] = []
+        self._stopped = False
+
+    def describe(self) -> str:
+        return self._description
+
+    def start(self, deliver: Deliver) -> None:
+        with self._lock:
+            self._deliver = deliver
+            early, self._early = self._early, []
+        for events in early:
+            deliver(events)
+
+    def push(self, events: Iterable[Event]) -> None:
+        batch = list(events)
+        if not batch:
+            return
+        with self._lock:
+            if self._stopped:
+                return
+            deliver = self._deliver
+            if deliver is None:
+                self._early.append(batch)
+                return
+        deliver(batch)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._deliver = None
+            self._early = []
+
+
+class FileSource:
+    """Replays a trace file, read in a background thread and delivered in batches.
+
+    The header is checked when the source is made, so a file that cannot be read at all
+    fails with a one-line :class:`~hopscope.tracing.TraceFileError` before any UI starts.
+    """
+
+    live = False
+
+    def __init__(self, path: str | os.PathLike[str], *, batch_size: int = 5_000) -> None:
+        self.path = os.fspath(path)
+        self.batch_size = batch_size
+        self.report = LoadReport()
+        self._events: Iterator[Event] = read_events(self.path, self.report)
+        try:
+            self._first: Event | None = next(self._events)
+        except StopIteration:
+            self._first = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.done = threading.Event()
+        """Set once the whole file was delivered (or reading stopped)."""
+
+    def describe(self) -> str:
+        return os.path.basename(self.path) or self.path
+
+    def start(self, deliver: Deliver) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(deliver,), name="hopscope-file-source", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
+    def _run(self, deliver: Deliver) -> None:
+        try:
+            batch: list[Event] = [] if self._first is None else [self._first]
+            for event in self._events:
+                batch.append(event)
+                if len(batch) >= self.batch_size:
+                    deliver(batch)
+                    batch = []
+                    if self._stop.is_set():
+                        return
+            if batch:
+                deliver(batch)
+            report = self.report
+            problems = []
+            if report.malformed_lines:
+                problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
+            if report.truncated_last_line:
+                problems.append("the last line was cut off")
+            if problems:
+                message = f"{self.describe()}: " + "; ".join(problems)
+                deliver([notice(f"{message}; kept {report.events:,} events", "warning")])
+            else:
+                deliver([notice(f"{self.describe()}: read {report.events:,} events")])
+        except (TraceFileError, OSError) as exc:
+            deliver([notice(f"{self.describe()}: {exc}", "error")])
+        finally:
+            self.done.set()

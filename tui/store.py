@@ -1,0 +1,329 @@
+"""The requests the UI holds: a bounded ring of traces and the filtered view over it.
+
+No widgets here, so everything the list shows can be tested without a terminal.  Wire
+events fold into a :class:`~hopscope.tracing.TraceBuilder` bounded at ``max_requests``
+(the oldest trace goes first); the store mirrors the builder's order with a small
+:class:`Row` per trace and keeps the *view*, the rows the current filter accepts, as a
+list in arrival order so the list widget can index it in O(1).
+
+A filter is re-evaluated for every trace an ingested batch touched, because whether a
+request matches can change while it runs (its status arrives at the end).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hopscope.tracing.model import Trace, TraceBuilder
+
+__all__ = ["Change", "RequestStore", "Row", "status_class", "trace_events"]
+
+Event = dict[str, Any]
+Predicate = Callable[[Trace], bool]
+
+#: Seconds of history the requests/s sparkline covers.
+RATE_WINDOW = 60
+
+
+@dataclass(slots=True, eq=False)
+class Row:
+    """The store's bookkeeping for one trace."""
+
+    seq: int
+    """Arrival number: orders rows and survives eviction of older ones."""
+    trace: Trace
+    version: int = 0
+    """Bumped whenever an event touches the trace, so cached renderings know to redo."""
+    counted: bool = False
+    """Whether the finished request was added to the status counts."""
+
+
+@dataclass(slots=True)
+class Change:
+    """What one or more ingested batches did to the view."""
+
+    appended: int = 0
+    """Rows added to the view (nearly always at its end)."""
+    view_changed: bool = False
+    """Rows were added or removed, so positions may have moved: find rows again by seq."""
+    touched: set[str] = field(default_factory=set)
+    """Ids of traces that received events."""
+    events: int = 0
+    rejected: int = 0
+    notices: list[Event] = field(default_factory=list)
+
+
+def status_class(trace: Trace) -> str | None:
+    """``"2xx"``..``"5xx"``, ``"err"`` for a failed request with no status, None if running."""
+    status = trace.status
+    if status is not None:
+        return f"{status // 100}xx" if 100 <= status < 600 else "err"
+    if trace.finished:
+        return "err" if trace.error else None
+    return None
+
+
+class RequestStore:
+    def __init__(self, max_requests: int = 50_000) -> None:
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
+        self.max_requests = max_requests
+        self.filter: Predicate | None = None
+        self.filter_text = ""
+        self._seq = 0  # never reset: a clear must not make old arrival numbers valid again
+        self._reset()
+
+    def _reset(self) -> None:
+        self.builder = TraceBuilder(max_traces=self.max_requests)
+        self.rows: OrderedDict[str, Row] = OrderedDict()
+        """Every trace held, in arrival order (mirrors ``builder.traces``)."""
+        self.view: list[Row] = []
+        self._view_seqs: list[int] = []
+        self.counts: Counter[str] = Counter()
+        """Finished requests by status class since the last clear."""
+        self.inflight: set[str] = set()
+        self.total = 0
+        """Requests seen since the last clear (evicted ones included)."""
+        self.rejected = 0
+        self.latest_ts = 0
+        """Newest timestamp seen in any event: "now" for a replayed file."""
+        self._rate: Counter[int] = Counter()
+        self._rate_top = 0
+        self._evicted_seen = 0
+
+    # -- reading -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, index: int) -> Row:
+        return self.view[index]
+
+    @property
+    def dropped(self) -> int:
+        """Records the emitting processes reported lost."""
+        return self.builder.dropped
+
+    def index_of(self, seq: int) -> int | None:
+        """Position in the view of the row with arrival number ``seq``."""
+        index = bisect.bisect_left(self._view_seqs, seq)
+        if index < len(self._view_seqs) and self._view_seqs[index] == seq:
+            return index
+        return None
+
+    def nearest_index(self, seq: int) -> int | None:
+        """Position of ``seq`` or of the first row after it (None for an empty view)."""
+        if not self.view:
+            return None
+        return min(bisect.bisect_left(self._view_seqs, seq), len(self.view) - 1)
+
+    def get(self, trace_id: str) -> Row | None:
+        return self.rows.get(trace_id)
+
+    def rate_series(self, now_s: int | None = None, window: int = RATE_WINDOW) -> list[float]:
+        """Requests started per second, oldest first, ending at ``now_s`` (or the newest)."""
+        top = max(self._rate_top, now_s or 0)
+        return [float(self._rate.get(second, 0)) for second in range(top - window + 1, top + 1)]
+
+    # -- writing ---------------------------------------------------------------------
+
+    def ingest(self, events: Iterable[Event], change: Change | None = None) -> Change:
+        """Fold wire events in; ``change`` accumulates across calls within one UI tick."""
+        change = change if change is not None else Change()
+        builder = self.builder
+        touched: dict[str, Trace] = {}
+        traces = builder.traces
+        latest = self.latest_ts
+        rejected = change.rejected
+        for event in events:
+            change.events += 1
+            try:
+                if event.get("kind") == "notice":
+                    change.notices.append(event)
+                    continue
+                is_new = event.get("trace_id") not in traces
+                trace = builder.add(event)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                change.rejected += 1  # not an event at all, or one the model refuses
+                continue
+            if trace is None:
+                continue
+            ts: int = event["ts"]
+            if ts > latest:
+                latest = ts
+            if is_new:
+                # Counted here, not when its row is made: a burst larger than the ring
+                # can evict a trace before the batch ends.
+                self._count_new(ts)
+            touched[trace.trace_id] = trace
+        self.latest_ts = latest
+        self.rejected += change.rejected - rejected
+        if builder.evicted != self._evicted_seen:
+            self._evicted_seen = builder.evicted
+            self._drop_evicted(change)
+        for trace_id, trace in touched.items():
+            if builder.traces.get(trace_id) is not trace:
+                continue  # came and went within this batch
+            row = self.rows.get(trace_id)
+            if row is None:
+                row = self._new_row(trace)
+                if self._matches(trace):
+                    self._append(row, change)
+            else:
+                row.version += 1
+                if self.filter is not None:
+                    self._refilter(row, change)
+            self._account(trace_id, row)
+            change.touched.add(trace_id)
+        return change
+
+    def _new_row(self, trace: Trace) -> Row:
+        self._seq += 1
+        row = self.rows[trace.trace_id] = Row(self._seq, trace)
+        return row
+
+    def _count_new(self, ts: int) -> None:
+        self.total += 1
+        second = ts // 1_000_000_000
+        self._rate[second] += 1
+        if second > self._rate_top:
+            self._rate_top = second
+            if len(self._rate) > RATE_WINDOW * 2:
+                floor = second - RATE_WINDOW
+                for old in [s for s in self._rate if s <= floor]:
+                    del self._rate[old]
+
+    def _account(self, trace_id: str, row: Row) -> None:
+        trace = row.trace
+        if trace.finished:
+            self.inflight.discard(trace_id)
+            if not row.counted:
+                row.counted = True
+                self.counts[status_class(trace) or "err"] += 1
+        else:
+            self.inflight.add(trace_id)
+
+    def _drop_evicted(self, change: Change) -> None:
+        alive = self.builder.traces
+        rows = self.rows
+        view = self.view
+        while rows:
+            trace_id, row = next(iter(rows.items()))
+            if alive.get(trace_id) is row.trace:
+                break
+            rows.popitem(last=False)
+            self.inflight.discard(trace_id)
+        # Eviction takes the oldest traces, so the dead rows of the view are a prefix.
+        dead = 0
+        while dead < len(view) and rows.get(view[dead].trace.trace_id) is not view[dead]:
+            dead += 1
+        if dead:
+            del view[:dead]
+            del self._view_seqs[:dead]
+            change.view_changed = True
+
+    def _matches(self, trace: Trace) -> bool:
+        predicate = self.filter
+        if predicate is None:
+            return True
+        try:
+            return bool(predicate(trace))
+        except Exception:  # a filter bug must not stop ingestion
+            return False
+
+    def _append(self, row: Row, change: Change) -> None:
+        seqs = self._view_seqs
+        if not seqs or seqs[-1] < row.seq:
+            seqs.append(row.seq)
+            self.view.append(row)
+        else:
+            index = bisect.bisect_left(seqs, row.seq)
+            seqs.insert(index, row.seq)
+            self.view.insert(index, row)
+        change.appended += 1
+        change.view_changed = True
+
+    def _refilter(self, row: Row, change: Change) -> None:
+        index = self.index_of(row.seq)
+        matches = self._matches(row.trace)
+        if matches and index is None:
+            self._append(row, change)
+        elif not matches and index is not None:
+            del self.view[index]
+            del self._view_seqs[index]
+            change.view_changed = True
+
+    def set_filter(self, predicate: Predicate | None, text: str = "") -> None:
+        """Apply a new filter to every held trace (None shows everything)."""
+        self.filter = predicate
+        self.filter_text = text if predicate is not None else ""
+        if predicate is None:
+            self.view = list(self.rows.values())
+        else:
+            self.view = [row for row in self.rows.values() if self._matches(row.trace)]
+        self._view_seqs = [row.seq for row in self.view]
+
+    def clear(self) -> None:
+        """Forget every request (the filter stays)."""
+        self._reset()
+
+    # -- export ----------------------------------------------------------------------
+
+    def export_events(self, rows: Iterable[Row] | None = None) -> list[Event]:
+        """Wire events that rebuild the held traces (or ``rows``) when loaded.
+
+        Copies what can still change, so the result can be written from another thread
+        while ingestion goes on.
+        """
+        events: list[Event] = []
+        for row in self.rows.values() if rows is None else rows:
+            events.extend(trace_events(row.trace))
+        if self.builder.dropped:
+            dropped = self.builder.dropped
+            events.append({"kind": "dropped", "ts": self.latest_ts, "count": dropped, "attrs": {}})
+        return events
+
+
+def trace_events(trace: Trace) -> list[Event]:
+    """Wire events that assemble into ``trace`` again.
+
+    Start and end attributes are merged in the model, so all of a span's attributes go
+    on its start (or on its end when its start never arrived).
+    """
+    events: list[Event] = []
+    spans = sorted(trace.spans.values(), key=lambda s: s.start or s.end or 0)
+    for span in spans:
+        ids = {"trace_id": trace.trace_id, "span_id": span.span_id}
+        if span.start is not None:
+            events.append(
+                {
+                    "kind": "span_start",
+                    "ts": span.start,
+                    **ids,
+                    "parent_id": span.parent_id,
+                    "hop": span.hop,
+                    "name": span.name,
+                    "attrs": dict(span.attrs),
+                }
+            )
+        for event in list(span.events):
+            events.append(
+                {
+                    "kind": "event",
+                    "ts": event.ts,
+                    **ids,
+                    "name": event.name,
+                    "attrs": event.attrs,
+                }
+            )
+        if span.end is not None:
+            end: Event = {"kind": "span_end", "ts": span.end, **ids, "attrs": {}}
+            if span.start is None:
+                end["attrs"] = dict(span.attrs)
+                end["name"] = span.name
+            events.append(end)
+    return events
