@@ -314,6 +314,70 @@ def proxy(
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.argument("file")
+@click.option("--target", required=True, metavar="URL", help="Where to resend: http://HOST:PORT.")
+@click.option("--filter", "filter_text", metavar="EXPR", help="Only requests this filter selects.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Max requests/second.")
+@click.option("--keep-order", is_flag=True, help="Print results in capture order.")
+@click.option("-o", "--output", metavar="FILE", help="Save the replay as a trace file.")
+@click.option("--header", multiple=True, metavar="NAME:VALUE", help="Add or replace a header.")
+@click.option("--ignore", multiple=True, metavar="PATH", help="JSON field not compared: a.*.id")
+@click.option("--ignore-header", multiple=True, metavar="NAME", help="Header not compared.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds per request.")  # fmt: skip
+@click.pass_context
+def replay(ctx: click.Context, /, file: str, **options: Any) -> None:
+    """Resend the requests saved in FILE (a trace file or a HAR) to --target, and
+    report how each response differs from the captured one.
+
+    Exit status: 0 when every response matches the capture, 1 when any differs or
+    fails, 2 when the replay cannot run (bad file or filter, unreachable target).
+    """
+    from .replay import ReplayError, run_replay
+
+    try:
+        status = run_replay(
+            file,
+            headers=options.pop("header"),
+            ignore_headers=options.pop("ignore_header"),
+            **options,
+        )
+    except ReplayError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(2)
+    ctx.exit(status)
+
+
+@main.command()
+@click.argument("file")
+@click.option("--har", metavar="OUT", help="Write the requests as a HAR 1.2 file (- for stdout).")
+@click.option("--otlp", metavar="OUT", help="Write the spans as OTLP/HTTP JSON (- for stdout).")
+@click.option("--curl", metavar="ID", help="Print a curl command for request ID.")
+@click.option("--httpie", metavar="ID", help="Print an HTTPie command for request ID.")
+@click.option("--httpx", metavar="ID", help="Print a Python httpx script for request ID.")
+@click.option("--base-url", metavar="URL", help="Send copied requests here (http://HOST:PORT).")
+@click.option("--no-redact", is_flag=True, help="Keep secret headers, cookies and parameters.")
+def export(file: str, base_url: str | None, no_redact: bool, **forms: str | None) -> None:
+    """Export a trace file or a HAR file as HAR or OpenTelemetry, or copy one request.
+
+    ID is the request's number (1 = the first to start; #N also works) or the first
+    4+ hex digits of its trace id.  Secrets are redacted unless --no-redact.
+    """
+    from .export import ExportError, print_result, run_export
+
+    given = {name: value for name, value in forms.items() if value is not None}
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --har, --otlp, --curl, --httpie, --httpx")
+    form, value = next(iter(given.items()))
+    options: dict[str, Any] = {form: value} if form in ("har", "otlp") else {"copy": (form, value)}
+    try:
+        print_result(run_export(file, base_url=base_url, redact=not no_redact, **options))
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @contextlib.contextmanager
 def _stop_on_sigterm(stop: threading.Event) -> Any:
     """Let ``kill`` end a live tail as cleanly as Ctrl+C does (output file closed)."""

@@ -1,0 +1,155 @@
+"""Send finished traces to an OpenTelemetry backend (OTLP/HTTP JSON) as they happen.
+
+The sender runs beside a live command (tail, proxy, run), whose own work must not wait
+on a slow or absent backend: traces go into a bounded queue that a background thread
+drains in batches; when the queue is full, traces are dropped and counted, never waited
+for.  A batch the backend refuses is counted as failed and not retried (the next batch
+is already coming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from hopscope.tracing.model import Trace, TraceBuilder
+from hopscope.tracing.otlp import traces_to_otlp_json
+
+__all__ = ["OtlpSender", "traces_url"]
+
+Event = dict[str, Any]
+
+
+def traces_url(url: str) -> str:
+    """The OTLP traces endpoint for ``url``: a bare collector address
+    (``http://localhost:4318``) gets the standard ``/v1/traces`` path."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"OTLP endpoint {url!r} is not an http:// or https:// URL")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/v1/traces")
+    return urlunsplit(parts)
+
+
+class OtlpSender:
+    """``submit(trace)`` finished traces (or ``feed(events)`` wire events); a thread
+    POSTs them to ``url`` in batches of up to ``batch_size`` every ``interval`` seconds.
+
+    Counters: :attr:`sent` and :attr:`failed` (spans), :attr:`dropped` (traces that
+    found the queue full); :attr:`last_error` says why the last batch failed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_queue: int = 10_000,
+        batch_size: int = 256,
+        interval: float = 1.0,
+        timeout: float = 10.0,
+        redact: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.url = traces_url(url)
+        self.batch_size = batch_size
+        self.interval = interval
+        self.redact = redact
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._queue: queue.Queue[Trace | None] = queue.Queue(max_queue)
+        self._client = httpx.Client(timeout=timeout, headers=headers)
+        self._builder = TraceBuilder(max_traces=max_queue)
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="hopscope-otlp", daemon=True)
+        self._thread.start()
+
+    # -- producers (any thread; never block) -------------------------------------------
+    def submit(self, trace: Trace) -> bool:
+        """Queue one finished trace; False (and counted) when the queue is full."""
+        if self._closed:
+            return False
+        try:
+            self._queue.put_nowait(trace)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
+
+    def feed(self, events: Iterable[Event]) -> None:
+        """Fold wire events and submit each trace when its root span ends (events for a
+        trace already sent are ignored)."""
+        finished: dict[str, Trace] = {}
+        for event in events:
+            if not isinstance(event, dict) or event.get("trace_id") in self._done:
+                continue
+            try:
+                trace = self._builder.add(event)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if trace is not None and trace.finished:
+                finished[trace.trace_id] = trace
+        for trace_id, trace in finished.items():
+            self._builder.traces.pop(trace_id, None)
+            self._done[trace_id] = None
+            if len(self._done) > 10_000:
+                self._done.popitem(last=False)
+            self.submit(trace)
+
+    # -- the thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch: list[Trace] = []
+            deadline = time.monotonic() + self.interval
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            if batch:
+                self._post(batch)
+
+    def _post(self, batch: list[Trace]) -> None:
+        payload = traces_to_otlp_json(batch, redact=self.redact)
+        spans = sum(len(s["spans"]) for r in payload["resourceSpans"] for s in r["scopeSpans"])
+        try:
+            response = self._client.post(self.url, json=payload)
+        except httpx.HTTPError as exc:
+            self.failed += spans
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return
+        if response.is_success:
+            self.sent += spans
+        else:
+            self.failed += spans
+            self.last_error = f"{self.url} answered {response.status_code}"
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (for up to ``timeout`` seconds) and stop."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        self._client.close()
+
+    def __enter__(self) -> OtlpSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

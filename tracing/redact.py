@@ -1,0 +1,89 @@
+"""Secrets in headers: which ones to hide before a trace leaves the machine, and how to
+recognise a value that was hidden.
+
+Exporters (HAR, OTLP) redact with :func:`redact_headers` because their files get attached
+to bug reports and shipped to tracing backends; ``hopscope replay`` reads the other side:
+a redacted value must never be sent as if it were the real credential, so it is spotted
+with :func:`is_redacted` and left out unless the user supplies the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "REDACTED",
+    "SENSITIVE_HEADERS",
+    "is_redacted",
+    "is_sensitive",
+    "redact_attrs",
+    "redact_headers",
+]
+
+#: What a hidden header value is replaced with.
+REDACTED = "[redacted]"
+
+#: Header names (lowercase) that always carry credentials or session state.
+SENSITIVE_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-auth-token",
+    }
+)
+
+#: Any header whose name contains one of these (``_`` read as ``-``) is sensitive too:
+#: ``X-CSRF-Token``, ``X-Client-Secret``, ``X-Upstream-Api-Key``, ``X-DB-Password``...
+_SENSITIVE_PARTS = ("token", "secret", "api-key", "apikey", "password")
+
+#: Values other tools use for "hidden"; compared without case or surrounding space.
+_MARKERS = frozenset({REDACTED, "<redacted>", "redacted", "[filtered]", "[hidden]", "***"})
+
+_HEADER_KEYS = ("http.request.headers", "http.response.headers", "http.response.trailers")
+
+
+def is_sensitive(name: str) -> bool:
+    """True when a header of this name should not be written out as is."""
+    lowered = name.lower().replace("_", "-")
+    return lowered in SENSITIVE_HEADERS or any(part in lowered for part in _SENSITIVE_PARTS)
+
+
+def is_redacted(value: str) -> bool:
+    """True when a header value is a redaction marker rather than real data.
+
+    ``Bearer [redacted]`` counts: some redactors keep the scheme.
+    """
+    lowered = value.strip().lower()
+    return lowered in _MARKERS or REDACTED in lowered
+
+
+def redact_headers(pairs: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+    """The header pairs with every sensitive value replaced by :data:`REDACTED`.
+
+    Order and duplicates are kept, so the result still shows which headers were sent.
+    """
+    return [
+        (name, REDACTED if is_sensitive(name) else value)
+        for name, value in (_pair(pair) for pair in pairs)
+    ]
+
+
+def redact_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of span attributes with the header lists (request, response, trailers)
+    redacted; other attributes are shared, not copied."""
+    out = dict(attrs)
+    for key in _HEADER_KEYS:
+        headers = out.get(key)
+        if isinstance(headers, list):
+            out[key] = [list(pair) for pair in redact_headers(headers)]
+    return out
+
+
+def _pair(pair: Sequence[str]) -> tuple[str, str]:
+    name, value = pair
+    return name, value
