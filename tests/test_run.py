@@ -251,7 +251,9 @@ def _check_traces(
     traces = [t for t in load(run.trace) if t.path == "/pid"]
     seen: dict[int, int] = {}
     for trace in traces:
-        apps = trace.by_hop("app")
+        # The request's own app span (user and background spans are hop "app" too; a
+        # loaded machine can make any app return >10 ms after its response).
+        apps = [s for s in trace.by_hop("app") if "interface" in s.attrs]
         assert len(apps) == 1, trace.spans
         app = apps[0]
         n = _number(app)
