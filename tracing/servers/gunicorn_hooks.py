@@ -14,15 +14,12 @@ finds its parent (:data:`hopscope.tracing.context.server_parent`).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import Any
 
 from ..context import server_parent
-from ..queuetime import parse_request_start
-from ..records import new_span_id, new_trace_id
 from ..sinks import default_sink
-from ..traceparent import parse_traceparent
+from .hop import open_server_span
 
 __all__ = ["close_span", "open_span"]
 
@@ -32,52 +29,21 @@ _now = time.time_ns
 def open_span(worker: Any, req: Any) -> None:
     """Start the server span of ``req`` (and its queue span, given ``X-Request-Start``)."""
     begin = _now()
-    sink = default_sink()
-    parsed = None
-    request_start = None
-    for name, value in req.headers:
-        upper = name.upper()
-        if upper == "TRACEPARENT":
-            parsed = parse_traceparent(value)
-        elif upper == "X-REQUEST-START":
-            request_start = parse_request_start(value, begin)
-    trace_id, parent_id = parsed if parsed is not None else (new_trace_id(), 0)
-    span_id = new_span_id()
-    ident = threading.get_ident()
-    if request_start is not None and request_start < begin:
-        sink.emit(
-            (
-                "c",
-                request_start,
-                begin,
-                trace_id,
-                new_span_id(),
-                parent_id,
-                "server",
-                "queue",
-                ident,
-                {"span.kind": "queue"},
-            )
-        )
-    sink.emit(
-        (
-            "s",
-            begin,
-            trace_id,
-            span_id,
-            parent_id,
-            "server",
-            f"{req.method} {req.path}",
-            ident,
-            {
-                "server.worker.class": type(worker).__name__,
-                "server.worker.pid": os.getpid(),
-                "http.request.method": req.method,
-                "url.path": req.path,
-            },
-        )
+    opened = open_server_span(
+        default_sink(),
+        req.headers,
+        f"{req.method} {req.path}",
+        begin,
+        begin,
+        {
+            "server.worker.class": type(worker).__name__,
+            "server.worker.pid": os.getpid(),
+            "http.request.method": req.method,
+            "url.path": req.path,
+        },
     )
-    req._hopscope = (trace_id, span_id, server_parent.set((trace_id, span_id)))
+    parent = (opened.trace_id, opened.span_id)
+    req._hopscope = (opened.trace_id, opened.span_id, server_parent.set(parent))
 
 
 def close_span(req: Any, resp: Any) -> None:

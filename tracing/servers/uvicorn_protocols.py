@@ -14,7 +14,6 @@ sets it.  ``HOPSCOPE_SERVER_TIMING=1`` adds a ``Server-Timing`` header to respon
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +21,8 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol as _H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
-from ..queuetime import parse_request_start
-from ..records import new_span_id, new_trace_id
 from ..sinks import Sink, default_sink
-from ..traceparent import parse_traceparent
+from .hop import open_server_span
 
 __all__ = ["H11Protocol", "HttpToolsProtocol", "server_timing_enabled"]
 
@@ -58,55 +55,24 @@ class _ServerHop:
         if sink is None:
             sink = self._hs_sink = default_sink()
         scope = cycle.scope
-        parsed = None
-        request_start = None
         now = _now()
-        for name, value in scope.get("headers") or ():
-            if name == b"traceparent":
-                parsed = parse_traceparent(value)
-            elif name == b"x-request-start":
-                request_start = parse_request_start(value, now)
-        trace_id, parent_id = parsed if parsed is not None else (new_trace_id(), 0)
-        span_id = new_span_id()
         self._hs_requests += 1
-        queue_ns = None
-        if request_start is not None and request_start < begin:
-            queue_ns = begin - request_start
-            sink.emit(
-                (
-                    "c",
-                    request_start,
-                    begin,
-                    trace_id,
-                    new_span_id(),
-                    parent_id,
-                    "server",
-                    "queue",
-                    threading.get_ident(),
-                    {"span.kind": "queue"},
-                )
-            )
-        scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
-        sink.emit(
-            (
-                "s",
-                begin,
-                trace_id,
-                span_id,
-                parent_id,
-                "server",
-                f"{scope.get('method', '')} {scope.get('path', '')}",
-                threading.get_ident(),
-                {
-                    "server.protocol": type(self).__name__,
-                    "connection.accepted_ts": self._hs_accepted,
-                    "connection.request_number": self._hs_requests,
-                    "http.request.method": scope.get("method"),
-                    "url.path": scope.get("path"),
-                    "client.address": (scope.get("client") or (None,))[0],
-                },
-            )
+        trace_id, span_id, queue_ns = open_server_span(
+            sink,
+            scope.get("headers") or (),
+            f"{scope.get('method', '')} {scope.get('path', '')}",
+            begin,
+            now,
+            {
+                "server.protocol": type(self).__name__,
+                "connection.accepted_ts": self._hs_accepted,
+                "connection.request_number": self._hs_requests,
+                "http.request.method": scope.get("method"),
+                "url.path": scope.get("path"),
+                "client.address": (scope.get("client") or (None,))[0],
+            },
         )
+        scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
         sink.emit(("p", now, trace_id, span_id, "request.head", None))
         self._hs_open[id(cycle)] = (cycle, trace_id, span_id)
         timing = server_timing_enabled()
