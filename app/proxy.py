@@ -18,7 +18,8 @@ twice.  Bodies stream both ways, never buffered whole; a request body goes upstr
 when the request has one.
 
 Recording goes through a :class:`~hopscope.tracing.sinks.Sink` like every other hop, so
-the collector, ``tail`` and trace files treat the proxy's records like an app's.
+the collector, ``tail`` and trace files treat the proxy's records like an app's; the
+command runs that collector and tail in a child process (why: :class:`_ChildProcess`).
 """
 
 from __future__ import annotations
@@ -149,15 +150,54 @@ def parse_listen(address: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------------------
 
 
+class CorkedWrites:
+    """The client transport as uvicorn's request cycle sees it, with writes that can be
+    held and joined.
+
+    Why: uvicorn writes a response's head and its body separately, two system calls and
+    two segments.  When the upstream's whole response is already here, the proxy holds
+    both writes and makes them one; on this kind of machine a loopback write costs more
+    than all the proxy's Python work for a small request.
+    """
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self._transport.write(data)
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self.release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class ClientConnection:
     """What the proxy knows about one client connection, shared by its requests."""
 
-    __slots__ = ("accepted", "lost", "on_lost", "requests", "transport")
+    __slots__ = ("accepted", "lost", "on_lost", "requests", "transport", "writer")
 
     def __init__(self, transport: Any) -> None:
         self.accepted = _now()
         self.requests = 0
         self.transport = transport
+        self.writer = CorkedWrites(transport)
         self.lost = False
         #: Called once when the client goes away (the exchange in progress abandons
         #: its upstream request instead of waiting for a response nobody will read).
@@ -170,7 +210,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
     ``scope["hopscope.arrival"] = (begin_ns, head_ns, absolute_form, ClientConnection)``:
     when the request's first byte and its whole head arrived, whether its target was in
     absolute form (``GET http://elsewhere/``, which uvicorn reduces to a path), and the
-    connection (accept time, request count, lost flag).
+    connection (accept time, request count, lost flag).  Each request cycle writes
+    through the connection's :class:`CorkedWrites`.  This leans on uvicorn's protocol
+    attributes (``url``, ``scope``, ``cycle``, as of uvicorn 0.54).
     """
 
     _hp_conn: ClientConnection | None = None
@@ -193,6 +235,9 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             arrival = (self._hp_begin, _now(), absolute, conn)
             self.scope["hopscope.arrival"] = arrival  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        cycle = self.cycle
+        if conn is not None and cycle is not None and cycle.transport is self.transport:
+            cycle.transport = conn.writer  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self._hp_conn
@@ -696,23 +741,35 @@ class _Exchange:
             attrs["proxy.response.headers.removed"] = removed
         self.event(self.proxy_id, "response.start", attrs, conn.head_ts)
         send = self.send
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        self.response_started = True
         client_conn = self.client_conn
-        response = self.response
-        while True:
-            data, done = await conn.read()
-            await send({"type": "http.response.body", "body": data, "more_body": not done})
-            if data:
-                ts = _now()
-                if response.add(data, ts) <= FIRST_CHUNKS and not done:
-                    self.event(
-                        self.proxy_id, "response.body", {"size": len(data), "more": True}, ts
-                    )
-            if client_conn is not None and client_conn.lost:
-                raise ClientGone("the client went away during the response")
-            if done:
-                break
+        # The whole response is here already (the common small case): head and body
+        # leave in one write.
+        writer = client_conn.writer if client_conn is not None and conn.complete else None
+        if writer is not None:
+            writer.hold()
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            self.response_started = True
+            response = self.response
+            while True:
+                data, done = await conn.read()
+                await send({"type": "http.response.body", "body": data, "more_body": not done})
+                if writer is not None:
+                    writer.release()
+                    writer = None
+                if data:
+                    ts = _now()
+                    if response.add(data, ts) <= FIRST_CHUNKS and not done:
+                        self.event(
+                            self.proxy_id, "response.body", {"size": len(data), "more": True}, ts
+                        )
+                if client_conn is not None and client_conn.lost:
+                    raise ClientGone("the client went away during the response")
+                if done:
+                    break
+        finally:
+            if writer is not None:
+                writer.release()
         upload = self.upload
         if upload is not None and not upload.done():
             # Upstream answered before reading the whole request body: the connection's
@@ -948,7 +1005,7 @@ class _InProcess(_Recording):
         try:
             self.background = BackgroundCollector(address, consume, output=output).start()
         except CollectorError as exc:
-            raise ProxyError(f"{exc} (choose another with --collector)") from None
+            raise ProxyError(f"{exc}; --collector picks another address") from None
         self.url = self.background.url
         if sink_kind == "socket":
             self.sink = SocketSink(self.url)
@@ -969,9 +1026,28 @@ class _InProcess(_Recording):
         return f"hopscope proxy: stopped after {self.tail.printed} request(s){note}"
 
 
+def _child_setup() -> None:
+    """In the recording child, before exec: no SIGINT (the proxy stops it), and on Linux
+    a SIGTERM when the proxy dies, so a killed proxy leaves no collector behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class _ChildProcess(_Recording):
-    """``hopscope tail --listen`` in a child process, fed by a SocketSink: decoding and
-    printing then run on another core than the proxy, outside its GIL."""
+    """``hopscope tail --listen`` in a child process, fed by a SocketSink.
+
+    Why (measured with ``bench/proxy.py --variants`` on a 2-CPU machine): decoding records
+    and folding them into tail lines costs about as much CPU per request as proxying it.
+    On a thread of the proxy's process that work holds the GIL in 5 ms slices, and the
+    proxy's p99 latency doubled; in a child process throughput was the same or better
+    and p99 halved, and where a spare core exists the work runs in parallel.  The child
+    ignores SIGINT so that Ctrl+C in a terminal stops the proxy first: the proxy then
+    delivers its last records and stops the child with SIGTERM.
+    """
 
     def __init__(self, address: str, output: str | None) -> None:
         import selectors
@@ -981,7 +1057,11 @@ class _ChildProcess(_Recording):
         if output is not None:
             argv += ["-o", output]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_child_setup,
         )
         assert self.proc.stderr is not None
         with selectors.DefaultSelector() as selector:
@@ -994,7 +1074,7 @@ class _ChildProcess(_Recording):
                 self.proc.kill()
             self.proc.communicate(timeout=10)
             reason = first.strip().removeprefix("Error: ") or "the collector did not start"
-            raise ProxyError(f"{reason} (choose another with --collector)")
+            raise ProxyError(f"{reason}; --collector picks another address")
         self.url = match
         self.sink = SocketSink(self.url)
 
@@ -1005,7 +1085,7 @@ class _ChildProcess(_Recording):
         time.sleep(0.1)
         self.sink.close()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signal.SIGTERM)
         try:
             _, err = self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
@@ -1023,15 +1103,16 @@ def run_proxy(
     collector: str = "127.0.0.1:7401",
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
-    sink_kind: str = "local",
+    sink_kind: str = "process",
     out: TextIO | None = None,
 ) -> None:
     """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
 
     Starts the collector (apps upstream send their spans to it), so the proxy's spans
-    and the app's meet in one tail and one ``-o`` file.  ``sink_kind`` picks how (see
-    :class:`_InProcess`, :class:`_ChildProcess`: ``local``, ``socket`` or ``process``).
-    Raises :class:`ProxyError` with a one-line reason.
+    and the app's meet in one tail and one ``-o`` file.  ``sink_kind`` picks where it
+    runs: ``process`` (the default, see :class:`_ChildProcess`), or in this process with
+    records handed over (``local``) or sent to its port (``socket``, see
+    :class:`_InProcess`).  Raises :class:`ProxyError` with a one-line reason.
     """
     import uvicorn
 

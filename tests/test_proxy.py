@@ -723,20 +723,31 @@ def test_not_an_open_proxy(proxy: Proxy) -> None:
     assert proxy.stats()["created"] == 0
 
 
+def test_client_asking_to_close_gets_the_whole_response_first(proxy: Proxy) -> None:
+    got = raw_request(proxy.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    assert body == b"Hello, world!"
+
+
 # -- the command -----------------------------------------------------------------------
 
 
-def test_port_in_use_is_one_line_and_exit_1() -> None:
+@pytest.mark.parametrize("option", ["--listen", "--collector"])
+def test_port_in_use_is_one_line_and_exit_1(option: str) -> None:
     with socket.create_server((HOST, 0)) as taken:
-        port = taken.getsockname()[1]
+        addresses = {"--listen": f"{HOST}:0", "--collector": f"{HOST}:0"}
+        addresses[option] = f"{HOST}:{taken.getsockname()[1]}"
         result = subprocess.run(
-            [*HOPSCOPE, "proxy", "--upstream", "http://127.0.0.1:9", "--listen",
-             f"{HOST}:{port}", "--collector", f"{HOST}:0"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+            [*HOPSCOPE, "proxy", "--upstream", "http://127.0.0.1:9"]
+            + [item for pair in addresses.items() for item in pair],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "address already in use" in lines[0]
+    assert len(lines) == 1 and "address already in use" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -833,8 +844,11 @@ def test_command_stops_on_ctrl_c_with_a_summary(cli_proxy: dict[str, Any]) -> No
     proc = cli_proxy["proc"]
     httpx.get(cli_proxy["url"] + "/", timeout=10)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=20)
+    out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert "Traceback" not in err
     assert re.search(r"stopped after \d+ request", err)
+    # The tail lines put the app's hops next to the proxy's, in one line per request.
+    echo = [line for line in out.splitlines() if " POST /echo 200 " in line]
+    assert echo and all(f" {hop}=" in echo[0] for hop in ("client", "proxy", "server", "app"))
     assert json.loads(Path(cli_proxy["output"]).read_text().splitlines()[0])

@@ -1,0 +1,498 @@
+"""``hopscope proxy`` next to a direct connection, mitmdump and nginx, on loopback.
+
+Run: ``python bench/proxy.py [--rounds N] [--variants]`` (needs ``wrk``; nginx and a
+mitmproxy venv are set up on first use: ``apt-get install -y nginx wrk`` as root, and
+``pip install mitmproxy`` into a separate venv at /tmp/hopscope-bench/mitm, because
+mitmproxy's pins may clash with hopscope's).
+
+One run, alternating rounds (the order rotates each round; medians of rounds are
+reported, since round-to-round noise on a small machine is several percent):
+
+* direct: ``wrk`` to a Starlette hello world under uvicorn (httptools, one worker);
+* hopscope: the same app through ``hopscope proxy`` as a user runs it (its collector
+  and tail in a child process, one tail line per request, written to /dev/null);
+* mitmdump: ``mitmdump --mode reverse:URL``;
+* nginx: one worker, an upstream ``keepalive`` pool, access log off.
+
+``--variants`` adds hopscope with its collector on a thread of its own process (records
+handed over in process, or sent by a SocketSink to the collector's port), and hopscope
+recording nothing, to show what recording costs and where it is best done.
+
+Goals (issue 3): hopscope's throughput at least twice mitmdump's, and its median latency
+at most 1 ms above direct.  CPU microseconds per request of each proxy process are shown
+too: unlike req/s they hardly move with the load of the rest of the machine.
+
+Every process this script starts is stopped before it exits (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+HOST = "127.0.0.1"
+WORK = Path("/tmp/hopscope-bench")
+MITM_VENV = WORK / "mitm"
+GOAL_MITM_RATIO = 2.0
+GOAL_ADDED_P50_MS = 1.0
+
+
+# --------------------------------------------------------------------------------------
+# The app (uvicorn imports it as ``proxy:hello_app`` with ``--app-dir bench``)
+# --------------------------------------------------------------------------------------
+
+
+def hello_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+# --------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------
+
+_children: list[subprocess.Popen[Any]] = []
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGINT (a clean stop for every server here), then SIGTERM, then SIGKILL the group."""
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers left in the group (nginx's)
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_children)):
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def get(port: int, timeout: float = 2.0) -> tuple[int, bytes]:
+    """Status and body of ``GET /`` over a raw socket (the bench needs no HTTP client)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"chunked" in head.lower():
+        body = body.split(b"\r\n")[1]
+    return int(head.split(b" ", 2)[1]), body
+
+
+def wait_ready(proc: subprocess.Popen[Any], port: int, name: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"proxy bench: {name} exited with {proc.returncode} before serving")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status, body = get(port)
+            if status != 200 or body != b"Hello, world!":
+                raise SystemExit(f"proxy bench: {name} answered {status} {body[:60]!r}")
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"proxy bench: {name} did not serve within {timeout:.0f}s")
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    proc: subprocess.Popen[Any] | None
+    note: str
+
+
+# --------------------------------------------------------------------------------------
+# The contenders
+# --------------------------------------------------------------------------------------
+
+
+def start_app() -> Target:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(HERE), "--factory", "proxy:hello_app",
+        "--host", HOST, "--port", str(port), "--http", "httptools", "--log-level", "warning",
+        "--no-access-log",
+    ]  # fmt: skip
+    proc = spawn(argv)
+    wait_ready(proc, port, "the app")
+    import uvicorn
+
+    return Target("direct", port, proc, f"uvicorn {uvicorn.__version__}, httptools, 1 worker")
+
+
+def start_hopscope(upstream: int, variant: str = "") -> Target:
+    port, collector = free_port(), free_port()
+    url = f"http://{HOST}:{upstream}"
+    if not variant:
+        argv = [
+            sys.executable, "-m", "hopscope.app", "proxy", "--upstream", url,
+            "--listen", f"{HOST}:{port}", "--collector", f"{HOST}:{collector}",
+        ]  # fmt: skip
+        name, note = "hopscope", "hopscope proxy (collector + tail in a child process)"
+    elif variant in ("socket", "local"):
+        code = (
+            "from hopscope.app.proxy import run_proxy; "
+            f"run_proxy({url!r}, listen='{HOST}:{port}', collector='{HOST}:{collector}', "
+            f"sink_kind={variant!r})"
+        )
+        argv = [sys.executable, "-c", code]
+        name, note = {
+            "local": ("hopscope-inprocess", "collector thread, records handed over"),
+            "socket": ("hopscope-socketsink", "collector thread, SocketSink to its port"),
+        }[variant]
+    else:
+        code = textwrap.dedent(f"""
+            import uvicorn
+            from hopscope.app.proxy import ProxyApp, ProxyHttpProtocol
+            from hopscope.tracing.sinks import Sink
+            class Null(Sink):
+                def emit(self, record): pass
+            uvicorn.run(ProxyApp({url!r}, Null()), host={HOST!r}, port={port},
+                        http=ProxyHttpProtocol, log_level="warning", access_log=False,
+                        server_header=False, date_header=False, proxy_headers=False)
+        """)
+        argv = [sys.executable, "-c", code]
+        name, note = "hopscope-norecord", "same proxy, records dropped (no collector)"
+    log = open(WORK / f"{name}.log", "w")  # the child has its own copy once started
+    proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    wait_ready(proc, port, name)
+    return Target(name, port, proc, note)
+
+
+def ensure_mitmdump() -> Path | None:
+    mitmdump = MITM_VENV / "bin" / "mitmdump"
+    if mitmdump.exists():
+        return mitmdump
+    print(f"proxy bench: installing mitmproxy into {MITM_VENV} ...", file=sys.stderr)
+    python = shutil.which("python3") or sys.executable
+    try:
+        subprocess.run([python, "-m", "venv", str(MITM_VENV)], check=True, timeout=120)
+        subprocess.run(
+            [str(MITM_VENV / "bin" / "pip"), "install", "-q", "mitmproxy"],
+            check=True,
+            timeout=900,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"proxy bench: no mitmdump ({exc}); skipped", file=sys.stderr)
+        return None
+    return mitmdump if mitmdump.exists() else None
+
+
+def start_mitmdump(upstream: int) -> Target | None:
+    mitmdump = ensure_mitmdump()
+    if mitmdump is None:
+        return None
+    port = free_port()
+    version = subprocess.run(
+        [str(mitmdump), "--version"], capture_output=True, text=True, timeout=60
+    ).stdout.split("\n")[0]
+    argv = [
+        str(mitmdump), "--mode", f"reverse:http://{HOST}:{upstream}", "--listen-host", HOST,
+        "--listen-port", str(port), "-q", "--set", f"confdir={WORK / 'mitm-conf'}",
+    ]  # fmt: skip
+    proc = spawn(argv, stdout=subprocess.DEVNULL)
+    wait_ready(proc, port, "mitmdump", timeout=60)
+    return Target("mitmdump", port, proc, version.strip())
+
+
+def ensure_nginx() -> str | None:
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("proxy bench: apt-get install -y nginx ...", file=sys.stderr)
+        subprocess.run(
+            ["apt-get", "install", "-y", "nginx"], capture_output=True, timeout=900, check=False
+        )
+        nginx = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
+    if nginx is None:
+        print("proxy bench: no nginx (apt-get install -y nginx); skipped", file=sys.stderr)
+    return nginx
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream app {{
+        server {host}:{upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(upstream: int) -> Target | None:
+    nginx = ensure_nginx()
+    if nginx is None:
+        return None
+    port = free_port()
+    prefix = WORK / "nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, host=HOST, upstream=upstream, port=port))
+    version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
+    proc = spawn([nginx, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")])
+    wait_ready(proc, port, "nginx")
+    return Target("nginx", port, proc, f"{version}, 1 worker, keepalive 64 upstream")
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_us: float = float("nan")  # the proxy's main process
+    helper_us: float = float("nan")  # its other processes (recording child, nginx worker)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"unreadable wrk latency {text!r}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    out = subprocess.run(
+        [*argv, f"http://{HOST}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+
+    def find(pattern: str) -> str:
+        match = re.search(pattern, out, re.M)
+        if match is None:
+            raise SystemExit(f"proxy bench: unreadable wrk output:\n{out}")
+        return match[1]
+
+    requests = int(find(r"(\d+) requests in"))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
+    count = int(bad[1]) if bad else 0
+    if errors:
+        count += sum(int(x) for x in errors.groups())
+    load = Load(
+        float(find(r"Requests/sec:\s+([\d.]+)")),
+        _ms(find(r"^\s+50%\s+(\S+)")),
+        _ms(find(r"^\s+99%\s+(\S+)")),
+        count,
+    )
+    return load, requests
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> tuple[float, float]:
+    """CPU seconds used so far by one process group: its leader, and the others."""
+    leader = others = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            used = (int(fields[11]) + int(fields[12])) / _TICK
+            if int(entry) == pgid:
+                leader += used
+            else:
+                others += used
+    return leader, others
+
+
+def measure(target: Target, seconds: float, connections: int) -> Load:
+    if target.proc is None:
+        return wrk(target.port, seconds, connections)[0]
+    leader, others = group_cpu(target.proc.pid)
+    load, requests = wrk(target.port, seconds, connections)
+    if requests:
+        leader_after, others_after = group_cpu(target.proc.pid)
+        load.cpu_us = (leader_after - leader) * 1e6 / requests
+        load.helper_us = (others_after - others) * 1e6 / requests
+    return load
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def median(loads: list[Load], key: Callable[[Load], float]) -> float:
+    return statistics.median(key(load) for load in loads)
+
+
+def report(targets: list[Target], loads: dict[str, list[Load]], args: argparse.Namespace) -> None:
+    print(
+        f"\nwrk -t1 -c{args.connections} -d{args.seconds:g}s --latency, GET / (13-byte body), "
+        f"{args.rounds} alternating rounds, medians; {os.cpu_count()} CPUs; CPU/req: the "
+        "proxy's main process + its other processes\n"
+    )
+    print(f"{'path':<21} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU/req':>13}  errors  what")
+    for target in targets:
+        runs = loads[target.name]
+        cpu = median(runs, lambda x: x.cpu_us)
+        helper = median(runs, lambda x: x.helper_us)
+        if target.name == "direct":
+            cpu_text = "-"
+        elif helper >= 1:
+            cpu_text = f"{cpu:.0f}+{helper:.0f} us"
+        else:
+            cpu_text = f"{cpu:.0f} us"
+        print(
+            f"{target.name:<21} {median(runs, lambda x: x.rps):>9.0f} "
+            f"{median(runs, lambda x: x.p50_ms):>8.2f} {median(runs, lambda x: x.p99_ms):>8.2f} "
+            f"{cpu_text:>13}  {sum(x.errors for x in runs):>6}  {target.note}"
+        )
+    print("\nper round (req/s): " + "; ".join(
+        f"{name} " + "/".join(f"{x.rps:.0f}" for x in runs) for name, runs in loads.items()
+    ))  # fmt: skip
+
+    def rps(name: str) -> float:
+        return median(loads[name], lambda x: x.rps)
+
+    def p50(name: str) -> float:
+        return median(loads[name], lambda x: x.p50_ms)
+
+    print()
+    if "mitmdump" in loads:
+        ratio = rps("hopscope") / rps("mitmdump")
+        verdict = "meets" if ratio >= GOAL_MITM_RATIO else "MISSES"
+        print(
+            f"hopscope / mitmdump throughput: {ratio:.1f}x "
+            f"({verdict} the >= {GOAL_MITM_RATIO:g}x goal)"
+        )
+    if "nginx" in loads:
+        print(f"hopscope / nginx throughput:    {rps('hopscope') / rps('nginx'):.2f}x")
+    added = p50("hopscope") - p50("direct")
+    verdict = "meets" if added <= GOAL_ADDED_P50_MS else "MISSES"
+    print(
+        f"hopscope p50 - direct p50:      {added:+.2f} ms "
+        f"({verdict} the <= {GOAL_ADDED_P50_MS:g} ms goal)"
+    )
+    per_round = [
+        h.p50_ms - d.p50_ms for h, d in zip(loads["hopscope"], loads["direct"], strict=True)
+    ]
+    print("  per round: " + ", ".join(f"{x:+.2f}" for x in per_round))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="wrk -d per measurement")
+    parser.add_argument("--connections", type=int, default=16, help="wrk -c")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--variants", action="store_true", help="also hopscope variants")
+    parser.add_argument("--no-mitmdump", action="store_true")
+    parser.add_argument("--no-nginx", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("proxy bench: needs wrk (apt-get install -y wrk)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    try:
+        app = start_app()
+        targets = [app, start_hopscope(app.port)]
+        if args.variants:
+            targets += [
+                start_hopscope(app.port, variant) for variant in ("local", "socket", "null")
+            ]
+        if not args.no_mitmdump and (mitm := start_mitmdump(app.port)) is not None:
+            targets.append(mitm)
+        if not args.no_nginx and (nginx := start_nginx(app.port)) is not None:
+            targets.append(nginx)
+        for target in targets:
+            wrk(target.port, args.warmup, args.connections)
+        loads: dict[str, list[Load]] = {t.name: [] for t in targets}
+        for round_no in range(args.rounds):
+            shift = round_no % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                loads[target.name].append(measure(target, args.seconds, args.connections))
+            print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+        report(targets, loads, args)
+    except KeyboardInterrupt:
+        print("proxy bench: interrupted", file=sys.stderr)
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    main()
