@@ -27,6 +27,42 @@ __all__ = ["main"]
 FILE_BATCH = 2048
 
 
+def _ui_options(function: Any) -> Any:
+    """``--ui/--headless`` and ``--max-requests``, shared by the commands with a UI."""
+    function = click.option(
+        "--max-requests",
+        type=click.IntRange(min=1),
+        default=50_000,
+        show_default=True,
+        metavar="N",
+        help="Requests the UI keeps (the oldest go first; -o files keep everything).",
+    )(function)
+    return click.option(
+        "--ui/--headless",
+        "ui",
+        default=None,
+        help="The terminal UI, or one text line per request.  Default: the UI when stdin "
+        "and stdout are a terminal, text lines otherwise (pipes, CI, tests).",
+    )(function)
+
+
+def want_ui(flag: bool | None) -> bool:
+    """``--ui``/``--headless`` when given; otherwise the UI only on a terminal, so that
+    pipes, CI and tests get text lines instead of a screen waiting for keys."""
+    if flag is not None:
+        return flag
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _run_session(build: Any, errors: tuple[type[Exception], ...], **options: Any) -> int:
+    """Build a UI session (errors before any screen: one line, exit 1), then run it."""
+    try:
+        session = build(**options)
+    except errors as exc:
+        raise click.ClickException(str(exc)) from None
+    return int(session.run())
+
+
 def _version() -> str:
     try:
         return version("hopscope")
@@ -39,8 +75,12 @@ def _version() -> str:
 def main() -> None:
     """hopscope: see each request's life across client, proxy, server and app.
 
-    Instrument an app with hopscope.tracing.wrap(app), then run "hopscope tail"
-    to watch its requests, or "hopscope demo" to see it all on a built-in app.
+    Instrument an app with hopscope.tracing.wrap(app), then run "hopscope watch"
+    to see its requests, or "hopscope demo" to see it all on a built-in app.
+
+    The live commands (demo, run, proxy, watch) and view open a terminal UI when
+    stdin and stdout are a terminal, and print one line per request otherwise;
+    --ui and --headless choose.
     """
 
 
@@ -142,18 +182,85 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
 
 @main.command()
 @click.option(
+    "--listen",
+    metavar="ADDR",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="Receive traces from running apps on HOST:PORT or unix:PATH.",
+)
+@click.option("-o", "--output", metavar="FILE", help="Also save what is received to a trace file.")
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow --listen on a non-loopback address (only on networks you trust).",
+)
+@_ui_options
+def watch(
+    listen: str, output: str | None, allow_remote: bool, ui: bool | None, max_requests: int
+) -> None:
+    """Watch the requests of apps you wrapped in code (hopscope.tracing.wrap(app)).
+
+    Only the collector runs here: start your app as usual (it sends to 127.0.0.1:7401
+    unless HOPSCOPE_SINK says otherwise).  q or Ctrl+C stops; --headless prints one
+    line per request, as "hopscope tail" does.
+    """
+    if not want_ui(ui):
+        _tail_live(listen, output, allow_remote)
+        return
+    from .ui import build_watch_app
+
+    _run_session(
+        build_watch_app,
+        (CollectorError,),
+        listen=listen,
+        output=output,
+        allow_remote=allow_remote,
+        max_requests=max_requests,
+    )
+
+
+@main.command()
+@click.argument("file")
+@_ui_options
+def view(file: str, ui: bool | None, max_requests: int) -> None:
+    """Look at the requests saved in FILE: a hopscope trace file (-o, Ctrl+S) or a HAR
+    file saved by a browser.  Read-only; --headless prints one line per request."""
+    if want_ui(ui):
+        from .ui import build_view_app
+
+        _run_session(build_view_app, (TraceFileError,), path=file, max_requests=max_requests)
+        return
+    from hopscope.tui.source import har_events
+
+    try:
+        events = har_events(file)
+    except TraceFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    if events is None:
+        _tail_file(file)
+        return
+    tail = Tail(live=False)
+    try:
+        tail.feed(events)
+        tail.close()
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
+@main.command()
+@click.option(
     "--requests",
     "-n",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many requests (default: run until Ctrl+C).",
+    help="Stop the traffic after this many requests (default: run until stopped).",
 )
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=0,
     show_default="a free port",
-    help="Port of the demo web app on 127.0.0.1.",
+    help="Port of hopscope's proxy in front of the demo app, on 127.0.0.1.",
 )
 @click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
 @click.option(
@@ -163,16 +270,37 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
     show_default=True,
     help="Seconds between requests.",
 )
-def demo(requests: int | None, port: int, output: str | None, delay: float) -> None:
-    """Run a demo web app, drive traffic at it and tail its requests.
+@_ui_options
+def demo(
+    requests: int | None,
+    port: int,
+    output: str | None,
+    delay: float,
+    ui: bool | None,
+    max_requests: int,
+) -> None:
+    """See every hop of a request on a built-in demo app.
 
     The app runs under uvicorn in a child process, instrumented with
-    hopscope.tracing.wrap, exactly as your own app would.
-    """
-    from .demo.run import DemoError, run_demo
+    hopscope.tracing.wrap and hopscope's server hook, exactly as your own app would,
+    behind hopscope's proxy; a traffic generator sends it every kind of request and
+    records the client's side.  Each request is one trace: client, proxy, server, app.
 
+    In the UI, q or Ctrl+C stops everything; with --headless one line is printed per
+    request, and --requests ends the demo.
+    """
+    from .demo.run import DemoError, build_demo_app, run_demo
+
+    options: dict[str, Any] = {
+        "requests": requests, "port": port, "output": output, "delay": delay
+    }  # fmt: skip
+    if want_ui(ui):
+        _run_session(
+            build_demo_app, (DemoError, CollectorError), max_requests=max_requests, **options
+        )
+        return
     try:
-        run_demo(requests=requests, port=port, output=output, delay=delay)
+        run_demo(**options)
     except (DemoError, CollectorError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -208,7 +336,7 @@ _TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
 )  # fmt: skip
 @click.option("--no-proxy", is_flag=True, help="Serve TARGET without hopscope's proxy in front.")
 @click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
-@click.option("--headless", is_flag=True, help="Print one line per request (the default, for now).")
+@_ui_options
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -219,7 +347,8 @@ def run(
     app_dir: str,
     no_proxy: bool,
     output: str | None,
-    headless: bool,
+    ui: bool | None,
+    max_requests: int,
 ) -> None:
     """Serve an app, or run any server command, with hopscope injected (no code change).
 
@@ -230,11 +359,17 @@ def run(
       hopscope run -- flask --app main run
       hopscope run -- python manage.py runserver
 
-    The app the server loads is wrapped in every worker process.  One line is printed
-    per request; Ctrl+C stops the server and all its workers, and hopscope exits with
-    the server's exit status.
+    The app the server loads is wrapped in every worker process.  The UI shows its
+    requests (--headless: one line each); q or Ctrl+C stops the server and all its
+    workers, and hopscope exits with the server's exit status.
     """
-    from .run import RunError, run_command, run_target
+    from .run import (
+        RunError,
+        build_run_command_app,
+        build_run_target_app,
+        run_command,
+        run_target,
+    )
 
     command = ctx.meta.get("hopscope.run.command")
     if command is not None and target is not None:
@@ -246,20 +381,23 @@ def run(
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                 option = "--" + name.replace("_", "-")
                 raise click.UsageError(f"{option} applies to TARGET: the command sets its own")
+    served: dict[str, Any] = {
+        "host": host, "port": port, "factory": factory, "app_dir": app_dir,
+        "output": output, "proxy": not no_proxy,
+    }  # fmt: skip
     try:
-        if command is not None:
+        if want_ui(ui):
+            if command is not None:
+                session = build_run_command_app(command, output=output, max_requests=max_requests)
+            else:
+                assert target is not None
+                session = build_run_target_app(target, max_requests=max_requests, **served)
+            status = session.run()
+        elif command is not None:
             status = run_command(command, output=output)
         else:
             assert target is not None
-            status = run_target(
-                target,
-                host=host,
-                port=port,
-                factory=factory,
-                app_dir=app_dir,
-                output=output,
-                proxy=not no_proxy,
-            )
+            status = run_target(target, **served)
     except RunError as exc:
         click.echo(f"Error: {exc}", err=True)  # as a ClickException, with its own status
         ctx.exit(exc.exit_code)
@@ -273,7 +411,7 @@ def run(
     help="Where the proxy accepts clients.",
 )  # fmt: skip
 @click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
-@click.option("--headless", is_flag=True, help="Print one line per request (the default, for now).")
+@_ui_options
 @click.option(
     "--collector", default=DEFAULT_ADDRESS, show_default=True, metavar="ADDR",
     help="Where instrumented apps send their spans (HOST:PORT or unix:PATH).",
@@ -290,26 +428,32 @@ def proxy(
     upstream: str,
     listen: str,
     output: str | None,
-    headless: bool,
+    ui: bool | None,
+    max_requests: int,
     collector: str,
     connect_timeout: float,
     read_timeout: float,
 ) -> None:
     """Run a recording reverse proxy in front of an app (as nginx would be).
 
-    Each request's client and proxy hops join the app's own spans in one trace.
+    Each request's client and proxy hops join the app's own spans in one trace.  The
+    UI shows them (--headless: one line each); q or Ctrl+C stops the proxy.
     """
     from .proxy import ProxyError, run_proxy
 
-    try:
-        run_proxy(
-            upstream,
-            listen=listen,
-            output=output,
-            collector=collector,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+    options: dict[str, Any] = {
+        "listen": listen, "output": output, "collector": collector,
+        "connect_timeout": connect_timeout, "read_timeout": read_timeout,
+    }  # fmt: skip
+    if want_ui(ui):
+        from .ui import build_proxy_app
+
+        _run_session(
+            build_proxy_app, (ProxyError,), upstream=upstream, max_requests=max_requests, **options
         )
+        return
+    try:
+        run_proxy(upstream, **options)
     except ProxyError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -19,6 +19,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "Collector",
     "CollectorError",
     "EventWriter",
+    "wait_quiet",
 ]
 
 Event = dict[str, Any]
@@ -269,6 +271,19 @@ def _bind_error(family: str, address: Any, exc: OSError) -> str:
         return f"cannot listen on {where}: address already in use (is another hopscope running?)"
     reason = exc.strerror or str(exc)
     return f"cannot listen on {where}: {reason}"
+
+
+def wait_quiet(count: Callable[[], int], quiet: float = 0.3, timeout: float = 3.0) -> None:
+    """Wait until ``count()`` (frames received) stays put for ``quiet`` seconds, at most
+    ``timeout``: what apps flushed as they stopped has then arrived, before the
+    collector closes its connections and its file."""
+    deadline = time.monotonic() + timeout
+    seen, since = count(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        current = count()
+        if current != seen:
+            seen, since = current, time.monotonic()
 
 
 class BackgroundCollector:

@@ -9,8 +9,12 @@ Two forms, one supervisor:
   ``PYTHONPATH``: its ``sitecustomize`` patches the server in every Python process of the
   command (:mod:`hopscope.tracing.inject`), so each worker records with its own pid.
 
-Either way the collector runs in this process on a free loopback port, the child finds it
-through ``HOPSCOPE_SINK``, and a line is printed per finished request.
+Either way the collector listens on a free loopback port and the child finds it through
+``HOPSCOPE_SINK``.  Without the UI the collector runs in this process and a line is
+printed per finished request.  With the UI (:func:`build_run_target_app`,
+:func:`build_run_command_app`) the collector and the proxy run in helper processes
+(:mod:`hopscope.app.child`), the child's output is kept off the screen, and the
+supervisor below runs on a thread, asked to stop by the UI instead of a signal.
 
 The child leads a process group of its own, and is stopped in stages:
 
@@ -41,19 +45,29 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from .collector import BackgroundCollector, CollectorError
+from hopscope.tui.source import notice
+
+from .collector import BackgroundCollector, CollectorError, wait_quiet
+from .front import Front, FrontProcess
+from .proxy import ProxyError
 from .tail import Tail
+
+if TYPE_CHECKING:
+    from .ui import Session
 
 __all__ = [
     "BOOTSTRAP_DIR",
     "ESCALATE_AFTER",
     "STOP_GRACE",
     "RunError",
+    "build_run_command_app",
+    "build_run_target_app",
     "run_command",
     "run_target",
 ]
@@ -112,12 +126,7 @@ class _Live:
     def stop(self) -> None:
         """Wait (briefly) until no more batches arrive, then stop listening."""
         frames = self.collector.collector
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        seen, quiet_since = frames.frames, time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.3:
-            time.sleep(0.05)
-            if frames.frames != seen:
-                seen, quiet_since = frames.frames, time.monotonic()
+        wait_quiet(lambda: frames.frames, timeout=SETTLE_TIMEOUT)
         self.collector.stop()
         with self._lock:
             if not self._quiet:
@@ -154,10 +163,19 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-def _spawn(argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> Any:
+def _spawn(
+    argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (), **streams: Any
+) -> Any:
+    """Start the child as the leader of a new process group; ``streams`` may redirect
+    its ``stdout`` and ``stderr`` (the UI owns the terminal)."""
     try:
         return subprocess.Popen(
-            argv, env=env, pass_fds=pass_fds, stdin=subprocess.DEVNULL, start_new_session=True
+            argv,
+            env=env,
+            pass_fds=pass_fds,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **streams,
         )
     except FileNotFoundError:
         raise RunError(f"command not found: {argv[0]}", 127) from None
@@ -293,18 +311,22 @@ def injected_env(sink_url: str, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
+def _command(argv: list[str]) -> list[str]:
+    if not argv:
+        raise RunError("nothing to run after --", 2)
+    return [_resolve(argv[0]), *argv[1:]]
+
+
 def run_command(argv: list[str], *, output: str | None = None, out: TextIO | None = None) -> int:
     """Run ``argv`` with hopscope injected until it exits or is stopped; returns its
     exit status.  Raises :class:`RunError` when it cannot start."""
-    if not argv:
-        raise RunError("nothing to run after --", 2)
-    program = _resolve(argv[0])
+    command = _command(argv)
     live = _Live(output, out)
     try:
         env = injected_env(live.url)
         shown = " ".join(argv)
         with _Signals() as signals:
-            proc = _spawn([program, *argv[1:]], env)
+            proc = _spawn(command, env)
             _say(f"running {shown} (traces to {live.url}; Ctrl+C to stop)")
             status, stopped = _supervise(proc, signals)
         if status and not stopped:
@@ -348,6 +370,72 @@ def _url(sock: socket.socket) -> str:
     return f"http://{_host(host)}:{port}"
 
 
+class _Target:
+    """What ``run TARGET`` starts before its child, the same with or without the UI:
+    the sockets, the ready pipe, the recording (``start_recording`` returns its sink URL)
+    and the proxy (in a process of its own when ``separate``, see
+    :mod:`hopscope.app.front`).  Everything is registered on ``stack`` to be stopped in
+    reverse."""
+
+    def __init__(
+        self,
+        stack: contextlib.ExitStack,
+        target: str,
+        start_recording: Callable[[], str],
+        *,
+        host: str,
+        port: int,
+        factory: bool,
+        app_dir: str,
+        proxy: bool,
+        separate: bool = False,
+    ) -> None:
+        module, sep, attribute = target.partition(":")
+        if not sep or not module or not attribute:
+            raise RunError(
+                f"expected TARGET as module:attribute (e.g. main:app), got {target!r}", 2
+            )
+        if not os.path.isdir(app_dir):
+            raise RunError(f"--app-dir {app_dir}: no such directory", 2)
+        self.target = target
+        # Without the proxy the app takes the user's address; with it, the proxy does.
+        public = stack.enter_context(_listen(host, port)) if proxy else None
+        self.sock = stack.enter_context(_listen("127.0.0.1", 0) if proxy else _listen(host, port))
+        self.pipe = _Pipe()
+        stack.callback(self.pipe.close)
+        sink_url = start_recording()
+        self.app_url = self.url = _url(self.sock)
+        self.proxied = public is not None
+        if public is not None:  # started first: if it fails, there is no child to stop
+            self.url = _url(public)
+            try:
+                front = (FrontProcess if separate else Front)(public, self.app_url, sink_url)
+            except ProxyError as exc:
+                raise RunError(str(exc)) from None
+            stack.callback(front.stop)
+            if separate:
+                public.close()  # the proxy's process has its own copy
+        argv = [sys.executable, "-P", "-m", "hopscope.app.serve", target, "--app-dir", app_dir]
+        argv += ["--fd", str(self.sock.fileno()), "--ready-fd", str(self.pipe.write)]
+        if factory:
+            argv.append("--factory")
+        self.argv = argv
+        self.env = dict(os.environ, HOPSCOPE_SINK=sink_url)
+
+    def spawn(self, **streams: Any) -> Any:
+        proc = _spawn(self.argv, self.env, (self.sock.fileno(), self.pipe.write), **streams)
+        # The child has its own copies; ours would keep the port and the pipe open.
+        self.sock.close()
+        self.pipe.close_write()
+        return proc
+
+    def serving(self, line: str) -> str:
+        """What to say once the child's "ready" ``line`` came."""
+        kind, _, server = line.partition(" ")
+        via = f" behind hopscope's proxy (app on {self.app_url})" if self.proxied else ""
+        return f"serving {self.target} ({kind.upper()}, {server}){via}: open {self.url}"
+
+
 def run_target(
     target: str,
     *,
@@ -361,42 +449,30 @@ def run_target(
 ) -> int:
     """Serve ``target`` (``module:attribute``) until it exits or is stopped; returns its
     exit status.  Raises :class:`RunError` when it cannot start."""
-    module, sep, attribute = target.partition(":")
-    if not sep or not module or not attribute:
-        raise RunError(f"expected TARGET as module:attribute (e.g. main:app), got {target!r}", 2)
-    if not os.path.isdir(app_dir):
-        raise RunError(f"--app-dir {app_dir}: no such directory", 2)
     with contextlib.ExitStack() as stack:
-        # Without the proxy the app takes the user's address; with it, the proxy does.
-        public = stack.enter_context(_listen(host, port)) if proxy else None
-        sock = stack.enter_context(_listen("127.0.0.1", 0) if proxy else _listen(host, port))
-        pipe = _Pipe()
-        stack.callback(pipe.close)
-        live = _Live(output, out)
-        stack.callback(live.stop)
-        app_url = _url(sock)
-        url = app_url
-        if public is not None:  # started first: if it fails, there is no child to stop
-            front = _Front(public, app_url, live.url)
-            stack.callback(front.stop)
-            url = _url(public)
-        argv = [sys.executable, "-P", "-m", "hopscope.app.serve", target, "--app-dir", app_dir]
-        argv += ["--fd", str(sock.fileno()), "--ready-fd", str(pipe.write)]
-        if factory:
-            argv.append("--factory")
-        env = dict(os.environ, HOPSCOPE_SINK=live.url)
+
+        def start_recording() -> str:
+            live = _Live(output, out)
+            stack.callback(live.stop)
+            return live.url
+
+        plan = _Target(
+            stack,
+            target,
+            start_recording,
+            host=host,
+            port=port,
+            factory=factory,
+            app_dir=app_dir,
+            proxy=proxy,
+        )
 
         def ready(line: str) -> None:
-            kind, _, server = line.partition(" ")
-            via = f" behind hopscope's proxy (app on {app_url})" if public is not None else ""
-            _say(f"serving {target} ({kind.upper()}, {server}){via}: open {url} (Ctrl+C to stop)")
+            _say(f"{plan.serving(line)} (Ctrl+C to stop)")
 
         with _Signals() as signals:
-            proc = _spawn(argv, env, pass_fds=(sock.fileno(), pipe.write))
-            # The child has its own copies; ours would keep the port and the pipe open.
-            sock.close()
-            pipe.close_write()
-            status, stopped = _supervise(proc, signals, pipe.read, ready)
+            proc = plan.spawn()
+            status, stopped = _supervise(proc, signals, plan.pipe.read, ready)
         if status and not stopped:
             _say(f"{target} exited with status {status}")
         return status
@@ -420,45 +496,201 @@ class _Pipe:
             self.read = -1
 
 
-class _Front:
-    """hopscope's proxy in front of the app, on a thread and event loop of its own.
+# -- with the UI ---------------------------------------------------------------------------
 
-    Its spans reach the in-process collector through a SocketSink, like any app's.
-    """
 
-    def __init__(self, sock: socket.socket, app_url: str, sink_url: str) -> None:
-        import uvicorn
-        from hopscope.tracing.sinks import SocketSink
+class _Output:
+    """The child's stdout and stderr while the UI owns the terminal: the last lines kept,
+    to show when it fails (a pipe, not a file, so a chatty server costs no disk)."""
 
-        from .proxy import ProxyApp, ProxyHttpProtocol
+    def __init__(self, keep: int = 200) -> None:
+        self.read, self.write = os.pipe()
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._run, name="hopscope-output", daemon=True)
+        self._thread.start()
 
-        self.sink = SocketSink(sink_url)
-        config = uvicorn.Config(
-            ProxyApp(app_url, self.sink),
-            http=ProxyHttpProtocol,
-            ws="websockets-sansio",
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
-        # Not the main thread: uvicorn leaves signals alone, the supervisor handles them.
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, name="hopscope-proxy", daemon=True
-        )
+    def _run(self) -> None:
+        with open(self.read, "rb", closefd=True) as pipe:
+            for line in pipe:
+                self.lines.append(line.decode(errors="replace").rstrip())
+
+    def close_write(self) -> None:
+        """Our copy of the write end: closed once the child has its own."""
+        if self.write >= 0:
+            os.close(self.write)
+            self.write = -1
+
+    def close(self) -> None:
+        self.close_write()
+        self._thread.join(1.0)  # until the group's last writer is gone (it was stopped)
+
+    def last(self) -> str:
+        lines = [line for line in self.lines if line.strip()]
+        return lines[-1].strip() if lines else "no output"
+
+
+def _wait_ready(proc: Any, fd: int) -> str | None:
+    """The child's "ready" line, or None when it exited (or closed the pipe) first."""
+    pending = b""
+    try:
+        while proc.poll() is None:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            data = os.read(fd, 512)
+            pending += data
+            if b"\n" in pending:
+                return pending.partition(b"\n")[0].decode(errors="replace")
+            if not data:
+                proc.wait()
+        return None
+    except BaseException:  # Ctrl+C while the app loads: nothing may stay behind
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _stop_strays(proc.pid)
+        raise
+
+
+class _Background:
+    """The child supervised from a thread, because the UI has the main thread (and the
+    keys): :meth:`stop` asks for the same staged stop a Ctrl+C starts without the UI."""
+
+    def __init__(self, proc: Any, shown: str, source: Any, output: _Output) -> None:
+        self.proc = proc
+        self.shown = shown
+        self.source = source
+        self.output = output
+        self.signals = _Signals()  # never entered: the UI, not a signal, asks to stop
+        self.result = (0, False)
+        self.thread = threading.Thread(target=self._run, name="hopscope-run", daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not self.server.started:
-            self.stop()
-            raise RunError("hopscope's proxy did not start")
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sink.close()
+    def _run(self) -> None:
+        self.result = status, stopped = _supervise(self.proc, self.signals)
+        if not stopped:
+            message = f"{self.shown} exited with status {status}: {self.output.last()}"
+            self.source.push([notice(message, "error" if status else "warning")])
+
+    def stop(self) -> tuple[int, bool]:
+        if self.thread.is_alive():
+            self.signals.received.append(signal.SIGINT)
+        self.thread.join()
+        return self.result
+
+
+def _ui_session(
+    stack: contextlib.ExitStack,
+    proc: Any,
+    shown: str,
+    source: Any,
+    output: _Output,
+    title: str,
+    recording: str | None,
+    max_requests: int,
+    urls: dict[str, str],
+) -> Session:
+    """The session for a supervised child: its exit status becomes hopscope's."""
+    from hopscope.tui.app import HopscopeApp
+
+    from .ui import Session
+
+    background = _Background(proc, shown, source, output)
+    app = HopscopeApp(source, title=title, max_requests=max_requests, recording=recording)
+    session = Session(app, stack, urls)
+
+    def finish() -> None:
+        status, stopped = background.stop()
+        session.exit_status = status
+        if status and not stopped:
+            session.messages += list(output.lines)[-20:]
+            session.messages.append(f"hopscope: {shown} exited with status {status}")
+
+    stack.callback(finish)
+    return session
+
+
+def _live_source(stack: contextlib.ExitStack, description: str, output: str | None) -> Any:
+    from .collector import CollectorError
+    from .ui import live_source
+
+    try:
+        return live_source(stack, "127.0.0.1:0", description, output=output)
+    except CollectorError as exc:
+        raise RunError(str(exc)) from None
+
+
+def build_run_command_app(
+    argv: list[str], *, output: str | None = None, max_requests: int = 50_000
+) -> Session:
+    """``hopscope run -- COMMAND`` with the UI: a :class:`~hopscope.app.ui.Session`.
+
+    Raises :class:`RunError` when the command cannot start.
+    """
+    command = _command(argv)
+    shown = " ".join(argv)
+    stack = contextlib.ExitStack()
+    try:
+        source, feed = _live_source(stack, f"run {shown}", output)
+        out = _Output()
+        stack.callback(out.close)
+        proc = _spawn(command, injected_env(feed.url), stdout=out.write, stderr=out.write)
+        out.close_write()
+        return _ui_session(
+            stack, proc, shown, source, out, "hopscope run", output, max_requests,
+            {"collector": feed.url},
+        )  # fmt: skip
+    except BaseException:
+        stack.close()
+        raise
+
+
+def build_run_target_app(
+    target: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    factory: bool = False,
+    app_dir: str = ".",
+    output: str | None = None,
+    proxy: bool = True,
+    max_requests: int = 50_000,
+) -> Session:
+    """``hopscope run TARGET`` with the UI: a :class:`~hopscope.app.ui.Session`, built
+    once the app serves (an app that fails to load fails here, with its own output on
+    stderr, before any UI).  Raises :class:`RunError`."""
+    stack = contextlib.ExitStack()
+    try:
+        box: list[Any] = []
+
+        def start_recording() -> str:
+            box[:] = _live_source(stack, target, output)
+            return str(box[1].url)
+
+        plan = _Target(
+            stack, target, start_recording, host=host, port=port, factory=factory,
+            app_dir=app_dir, proxy=proxy, separate=True,
+        )  # fmt: skip
+        source, feed = box
+        out = _Output()
+        stack.callback(out.close)
+        proc = plan.spawn(stdout=out.write, stderr=out.write)
+        out.close_write()
+        line = _wait_ready(proc, plan.pipe.read)
+        if line is None:
+            status = proc.wait()
+            _stop_strays(proc.pid)
+            out.close()
+            for text in out.lines:
+                print(text, file=sys.stderr)
+            status = 128 - status if status < 0 else status
+            raise RunError(f"{target} exited with status {status}", status or 1)
+        source.description = f"run {target} {plan.url}"
+        source.push([notice(plan.serving(line))])
+        urls = {"app": plan.app_url, "collector": feed.url}
+        if plan.proxied:
+            urls["proxy"] = plan.url
+        return _ui_session(
+            stack, proc, target, source, out, "hopscope run", output, max_requests, urls
+        )
+    except BaseException:
+        stack.close()
+        raise

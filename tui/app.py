@@ -81,6 +81,8 @@ class HopscopeApp(App[None]):
 
     BINDINGS = [
         Binding("q", "quit", "Quit", id="quit"),
+        # Live commands run servers: Ctrl+C stops them as it would without the UI.
+        Binding("ctrl+c", "quit", "Quit", show=False, id="quit-ctrl-c"),
         Binding("question_mark,f1", "help", "Help", key_display="?", id="help"),
         Binding("slash", "focus_filter", "Filter", key_display="/", id="filter"),
         Binding("s", "focus_search", "Search", id="search"),
@@ -108,12 +110,16 @@ class HopscopeApp(App[None]):
         title: str = "hopscope",
         max_requests: int = 50_000,
         save_path: str | None = None,
+        recording: str | None = None,
     ) -> None:
         super().__init__()
         self.title = title
         self.source = source
         self.live = bool(getattr(source, "live", True))
         self.save_path = save_path
+        self.recording = recording
+        """A trace file the collector writes as events arrive (``-o``): saving everything
+        again there would race with it, and it already holds more than the UI keeps."""
         self.store = RequestStore(max_requests)
         self.inbox = Inbox(block=not self.live)
         self._frozen_now = 0
@@ -410,6 +416,9 @@ class HopscopeApp(App[None]):
 
     def action_save(self, filtered: bool = False) -> None:
         rows: list[Row] | None = list(self.store.view) if filtered else None
+        if self.recording and not filtered:
+            self.notify(f"Every request is saved to {self.recording} as it arrives (-o).")
+            return
         if self.save_path:
             self.save(self.save_path, rows)
             return

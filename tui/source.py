@@ -12,15 +12,25 @@ that is how a file source says it could not read part of its file.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from hopscope.tracing.har import HarError, har_to_events
 from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
 
-__all__ = ["EventSource", "FileSource", "Inbox", "QueueSource", "notice"]
+__all__ = [
+    "EventSource",
+    "FileSource",
+    "Inbox",
+    "QueueSource",
+    "har_events",
+    "notice",
+    "open_file",
+]
 
 Event = dict[str, Any]
 Deliver = Callable[[list[Event]], None]
@@ -151,7 +161,8 @@ class QueueSource:
     """
 
     def __init__(self, description: str = "live", *, live: bool = True) -> None:
-        self._description = description
+        self.description = description
+        """What :meth:`describe` says (settable until the UI starts)."""
         self.live = live
         """True when events describe requests happening now (in-flight bars grow with
         the wall clock); False for replays."""
@@ -161,7 +172,7 @@ class QueueSource:
         self._stopped = False
 
     def describe(self) -> str:
-        return self._description
+        return self.description
 
     def start(self, deliver: Deliver) -> None:
         with self._lock:
@@ -255,3 +266,45 @@ class FileSource:
             deliver([notice(f"{self.describe()}: {exc}", "error")])
         finally:
             self.done.set()
+
+
+def open_file(path: str | os.PathLike[str]) -> FileSource | QueueSource:
+    """A source for a saved trace file, or for a HAR file (told apart by content).
+
+    Raises :class:`~hopscope.tracing.TraceFileError` with a one-line reason when the
+    file is neither, so the caller can refuse before any UI starts.
+    """
+    try:
+        return FileSource(path)
+    except TraceFileError:
+        events = har_events(os.fspath(path))
+        if events is None:
+            raise
+    source = QueueSource(os.path.basename(os.fspath(path)), live=False)
+    source.push(events)
+    source.push([notice(f"{source.describe()}: read {len(events):,} events (HAR)")])
+    return source
+
+
+def har_events(path: str) -> list[Event] | None:
+    """The events of a HAR file; None when the file does not even look like one.
+
+    Raises :class:`~hopscope.tracing.TraceFileError` for a HAR file that is broken.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return None
+    try:
+        document = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or "log" not in document:
+        return None
+    try:
+        return har_to_events(document, path)
+    except HarError as exc:
+        raise TraceFileError(str(exc)) from None

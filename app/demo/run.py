@@ -1,87 +1,43 @@
-"""``hopscope demo``: collector, instrumented app and traffic, started and stopped together.
+"""``hopscope demo``: every hop of a request, on a demo app, started and stopped together.
 
-The app runs as a real uvicorn process sending to a real collector, as a user's app
-would; only the ports are picked for the user.  Everything started here is stopped here,
-on success, error or Ctrl+C: the app process is terminated (then killed if it lingers)
-and the collector's port is closed before :func:`run_demo` returns.
+The demo app runs as a real uvicorn process with hopscope's server hook, behind
+hopscope's proxy, driven by a traffic generator that records the client hop, all sending
+to one collector: each request is one trace from the client's first byte to the app's
+background work.  Only the ports are picked for the user.  Everything started here is
+stopped here, on success, error, Ctrl+C or the UI's ``q``: the traffic stops first, then
+the proxy, then the app process (terminated, then killed if it lingers), and the
+collector last, once the final records are in.
+
+Two ways to watch: text lines (:func:`run_demo`, ``--headless``) or the UI
+(:func:`build_demo_app`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from typing import IO, Any
+from typing import Any
 
 import click
+from hopscope.tui.app import HopscopeApp
+from hopscope.tui.source import notice
 
-from ..collector import BackgroundCollector
+from ..child import ChildError, ChildProcess
+from ..collector import BackgroundCollector, wait_quiet
 from ..tail import Tail
-from .traffic import Traffic, TrafficError
+from ..ui import Session, live_source
+from .engine import Demo, DemoError, listen
+from .traffic import TrafficError
 
-__all__ = ["DemoError", "run_demo"]
+__all__ = ["DemoError", "build_demo_app", "run_demo"]
 
 #: How long to wait for the last requests' records once the traffic has stopped.
 SETTLE_TIMEOUT = 15.0
-
-
-class DemoError(Exception):
-    """The demo cannot run; the message is one line."""
-
-
-def _listen(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise DemoError(
-                f"cannot serve the demo on 127.0.0.1:{port}: address already in use"
-            ) from None
-        raise DemoError(f"cannot serve the demo on 127.0.0.1:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _spawn(sock: socket.socket, sink_url: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, HOPSCOPE_SINK=sink_url, PYTHONUNBUFFERED="1")
-    fd = sock.fileno()
-    # -P: the user's working directory must not shadow hopscope's or uvicorn's modules.
-    command = [sys.executable, "-P", "-m", "hopscope.app.demo.server", "--fd", str(fd)]
-    try:
-        return subprocess.Popen(
-            command, env=env, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log
-        )
-    except OSError as exc:
-        raise DemoError(f"cannot start the demo app: {exc.strerror or exc}") from None
-
-
-def _last_line(log: IO[bytes]) -> str:
-    log.flush()
-    log.seek(0)
-    lines = [line.strip() for line in log.read().decode(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
-    return lines[-1] if lines else "no output"
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+#: Seconds a finished request's line waits for its late spans (``hopscope tail``: 0.3).
+HOLD = 1.0
+#: Seconds the demo's engine may take to stop its traffic, proxy and app before it is
+#: killed (more than its own timeouts add up to, so it never leaves the app behind).
+ENGINE_STOP = 30.0
 
 
 def run_demo(
@@ -92,70 +48,104 @@ def run_demo(
     delay: float = 0.2,
     out: Any = None,
 ) -> int:
-    """Run the demo; returns the number of request lines printed.
+    """Run the demo printing a line per request; returns the number of lines printed.
 
     Raises :class:`DemoError` (or the collector's ``CollectorError``) with a one-line
     reason.  Ctrl+C ends it cleanly.
     """
-    tail = Tail(out)
-    progress = threading.Condition()
-    traffic: Traffic | None = None
+    # Four hops report each request from three senders (the client, the proxy, the app
+    # process), each in its own batches: hold lines a little longer than a tail does, so
+    # a busy machine still prints whole requests.
+    tail = Tail(out, hold=HOLD)
+    demo: Demo | None = None
 
     def consume(events: list[dict[str, Any]]) -> None:
         try:
             tail.feed(events)
-        except BrokenPipeError:
-            if traffic is not None:
-                traffic.stop.set()
-        with progress:
-            progress.notify_all()
+        except BrokenPipeError:  # ``hopscope demo | head``: the reader is done
+            if demo is not None:
+                demo.traffic.stop.set()
 
-    collector = BackgroundCollector("127.0.0.1:0", consume, output=output).start()
-    proc: subprocess.Popen[bytes] | None = None
-    log = tempfile.TemporaryFile()
-    try:
-        sock = _listen(port)
-        try:
-            proc = _spawn(sock, collector.url, log)
-            app_port = sock.getsockname()[1]
-        finally:
-            sock.close()  # the app process has its own copy
-        base_url = f"http://127.0.0.1:{app_port}"
-        click.echo(
-            f"hopscope demo: app on {base_url}, collector on {collector.url} (Ctrl+C to stop)",
-            err=True,
-        )
-        traffic = Traffic(base_url, delay=delay)
-        try:
-            sent = traffic.run(requests)
-        except TrafficError as exc:
-            if proc.poll() is not None:
-                raise DemoError(
-                    f"the demo app exited with status {proc.returncode}: {_last_line(log)}"
-                ) from None
-            raise DemoError(str(exc)) from None
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        with progress:
-            while tail.printed < sent and not traffic.stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                progress.wait(min(left, 0.25))
-        if tail.printed < sent and not traffic.stop.is_set():
-            click.echo(
-                f"hopscope demo: only {tail.printed} of {sent} requests were reported", err=True
-            )
-    except KeyboardInterrupt:
-        if traffic is not None:
-            traffic.stop.set()
-    finally:
-        try:
-            if proc is not None:
-                _stop_process(proc)
-        finally:
+    with contextlib.ExitStack() as stack:
+        public = stack.enter_context(listen(port))
+        collector = BackgroundCollector("127.0.0.1:0", consume, output=output).start()
+
+        def stop_collector() -> None:
+            wait_quiet(lambda: collector.collector.frames)
             collector.stop()
             with contextlib.suppress(BrokenPipeError):
                 tail.close()
-            with contextlib.suppress(OSError):
-                log.close()
+
+        stack.callback(stop_collector)
+        try:
+            demo = Demo(stack, public, collector.url, delay=delay)
+            click.echo(
+                f"hopscope demo: open {demo.url} (hopscope's proxy; app on {demo.app_url}, "
+                f"collector on {collector.url}) (Ctrl+C to stop)",
+                err=True,
+            )
+            try:
+                sent = demo.traffic.run(requests)
+            except TrafficError as exc:
+                raise DemoError(demo.failure(exc)) from None
+            deadline = time.monotonic() + SETTLE_TIMEOUT
+            while tail.printed < sent and not demo.traffic.stop.is_set():
+                if time.monotonic() > deadline:
+                    click.echo(
+                        f"hopscope demo: only {tail.printed} of {sent} requests were reported",
+                        err=True,
+                    )
+                    break
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            if demo is not None:
+                demo.traffic.stop.set()
     return tail.printed
+
+
+def build_demo_app(
+    *,
+    requests: int | None = None,
+    port: int = 0,
+    output: str | None = None,
+    delay: float = 0.2,
+    max_requests: int = 50_000,
+) -> Session:
+    """The demo under the UI, as a :class:`~hopscope.app.ui.Session` (not yet running).
+
+    The app, the proxy and the traffic run in a helper process (see
+    :mod:`~hopscope.app.demo.engine`), and the traffic starts now (until ``requests``
+    were sent, or the session closes).  Raises :class:`DemoError` or ``CollectorError``.
+    """
+    stack = contextlib.ExitStack()
+    try:
+        public = stack.enter_context(listen(port))
+        source, feed = live_source(stack, "127.0.0.1:0", "demo", output=output)
+        args = ["--fd", str(public.fileno()), "--sink", feed.url, "--delay", repr(delay)]
+        if requests is not None:
+            args += ["--requests", str(requests)]
+        engine = ChildProcess("hopscope.app.demo.engine", args, pass_fds=(public.fileno(),))
+        try:
+            urls = engine.start()
+        except ChildError as exc:
+            raise DemoError(str(exc)) from None
+        stack.callback(engine.stop, ENGINE_STOP)
+        public.close()  # the engine has its own copy
+
+        def on_frame(message: Any) -> None:
+            if isinstance(message, tuple) and len(message) == 3 and message[0] == "notice":
+                source.push([notice(str(message[1]), str(message[2]))])
+
+        def on_exit(reason: str) -> None:
+            source.push([notice(f"the demo stopped: {reason}", "error")])
+
+        engine.follow(on_frame, "hopscope-demo-engine", on_exit)
+        source.description = f"demo {urls['proxy']}"
+        app = HopscopeApp(
+            source, title="hopscope demo", max_requests=max_requests, recording=output
+        )
+        urls = {**urls, "collector": feed.url}
+        return Session(app, stack, urls)
+    except BaseException:
+        stack.close()
+        raise

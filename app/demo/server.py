@@ -1,5 +1,8 @@
 """The demo app's process: uvicorn serving the instrumented demo app on a given socket.
 
+uvicorn runs with hopscope's protocol class, so each request's trace has the server hop
+(and the queue time the proxy in front reports) around the app's own span.
+
 ``hopscope demo`` binds the listening socket itself and hands it down by file
 descriptor, so the port is known (and its errors reported) before this process starts,
 and no other process can take the port in between.  Records go where ``HOPSCOPE_SINK``
@@ -12,6 +15,7 @@ import argparse
 import socket
 
 import uvicorn
+from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
 
 from .webapp import create_app
 
@@ -25,7 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(
-        create_app(), log_level=args.log_level, access_log=False, lifespan="off"
+        create_app(),
+        http=HttpToolsProtocol,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="off",
     )
     uvicorn.Server(config).run(sockets=[sock])
 

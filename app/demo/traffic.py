@@ -1,8 +1,10 @@
 """Traffic for the demo app: every kind of request, in turn, with a pause between.
 
-Plain synchronous httpx, one request at a time, so the tail reads like a story.  The
+Plain synchronous httpx, one request at a time, so the tail reads like a story.  Given
+a sink, each request is recorded as the ``client`` hop (see
+:class:`~hopscope.app.client_hop.ClientHopTransport`): the first span of its trace.  The
 WebSocket exchange uses the ``websockets`` library when it is installed (httpx speaks
-no WebSocket) and is skipped otherwise.
+no WebSocket, so it has no client span) and is skipped otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import threading
 from collections.abc import Callable
 
 import httpx
+from hopscope.tracing.sinks import Sink
+
+from ..client_hop import ClientHopTransport
 
 __all__ = ["Traffic", "TrafficError", "steps"]
 
@@ -90,10 +95,18 @@ def steps() -> list[tuple[str, Step]]:
 class Traffic:
     """Sends the cycle of requests to ``base_url`` until ``count`` or :attr:`stop`."""
 
-    def __init__(self, base_url: str, *, delay: float = 0.2, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        delay: float = 0.2,
+        timeout: float = 10.0,
+        sink: Sink | None = None,
+    ) -> None:
         self.base_url = base_url
         self.delay = delay
         self.timeout = timeout
+        self.sink = sink
         self.stop = threading.Event()
         self.sent = 0
         self.statuses: list[int] = []
@@ -101,7 +114,10 @@ class Traffic:
     def run(self, count: int | None = None) -> int:
         """Send requests; returns how many were sent.  Raises :class:`TrafficError`."""
         cycle = steps()
-        with httpx.Client(base_url=self.base_url, timeout=self.timeout) as client:
+        transport = ClientHopTransport(self.sink) if self.sink is not None else None
+        with httpx.Client(
+            base_url=self.base_url, timeout=self.timeout, transport=transport
+        ) as client:
             for n in itertools.count(1):
                 if (count is not None and self.sent >= count) or self.stop.is_set():
                     break

@@ -1,0 +1,156 @@
+"""The collector in a child process, feeding the UI decoded events through a pipe.
+
+Decoding records into events (:func:`~hopscope.tracing.records.to_events`) is the
+collector's heaviest work, and in the UI's process it competes with the UI for the
+GIL: at 2,000 requests/s an in-process collector left the UI about a fifth of a core.
+Here a child process (see :mod:`hopscope.app.child`) listens, decodes and writes the
+``-o`` file; the UI's process only unmarshals ready-made event lists, several times
+cheaper than decoding them.  After the ready frame (the collector's URL) the child
+sends ``("events", [event, ...])`` frames, one per :data:`FLUSH_INTERVAL` at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .child import ChildError, ChildProcess, ParentLink
+from .collector import Collector, CollectorError, wait_quiet
+
+__all__ = ["CollectorFeed", "main"]
+
+Event = dict[str, Any]
+Deliver = Callable[[list[Event]], None]
+
+#: Seconds the child gathers events before writing them as one frame.
+FLUSH_INTERVAL = 0.05
+#: Events that make the child write at once, without waiting for the interval.
+FLUSH_EVENTS = 5_000
+
+
+# -- the child ------------------------------------------------------------------------------
+
+
+class _Batcher:
+    """Gathers the collector's batches into frames for the parent."""
+
+    def __init__(self, link: ParentLink, loop: asyncio.AbstractEventLoop) -> None:
+        self.link = link
+        self.loop = loop
+        self.pending: list[Event] = []
+        self.scheduled = False
+
+    def consume(self, events: list[Event]) -> None:
+        self.pending.extend(events)
+        if len(self.pending) >= FLUSH_EVENTS:
+            self.flush()
+        elif not self.scheduled:
+            self.scheduled = True
+            self.loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.pending:
+            events, self.pending = self.pending, []
+            # Blocking: when the UI cannot keep up, the collector stops reading its
+            # sockets, and the apps' sinks queue (then drop, counted) as they are built to.
+            self.link.send(("events", events))
+
+
+async def _serve(args: argparse.Namespace, link: ParentLink) -> int:
+    batcher = _Batcher(link, asyncio.get_running_loop())
+    collector = Collector(
+        args.listen, batcher.consume, output=args.output, allow_remote=args.allow_remote
+    )
+    try:
+        await collector.start()
+    except CollectorError as exc:
+        link.send(("error", str(exc)))
+        return 1
+    link.send(("ready", collector.url))
+    try:
+        while not link.stopped():
+            await asyncio.sleep(0.1)
+    finally:
+        await collector.stop()
+        batcher.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hopscope.app.feed")
+    parser.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH")
+    parser.add_argument("--output", help="also write the events to this trace file")
+    parser.add_argument("--allow-remote", action="store_true")
+    args = parser.parse_args(argv)
+    link = ParentLink()
+    try:
+        return asyncio.run(_serve(args, link))
+    except BrokenPipeError:  # the parent went away first
+        return 0
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+class CollectorFeed:
+    """Starts the child collector and hands its event batches to ``deliver``.
+
+    ``deliver`` runs on a reader thread of this process, and so does ``on_exit`` (with
+    the child's last words) should the collector end before :meth:`stop`.  :meth:`start`
+    returns once the child listens, or raises :class:`CollectorError` with its one-line
+    reason.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        deliver: Deliver,
+        *,
+        output: str | None = None,
+        allow_remote: bool = False,
+        on_exit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.deliver = deliver
+        self.on_exit = on_exit
+        args = ["--listen", address]
+        if output is not None:
+            args += ["--output", output]
+        if allow_remote:
+            args.append("--allow-remote")
+        self.child = ChildProcess("hopscope.app.feed", args)
+        self.url = ""
+        self.frames = 0
+        """Event frames received (a live count: settling waits for it to stay put)."""
+        self.events = 0
+
+    def start(self) -> CollectorFeed:
+        try:
+            self.url = str(self.child.start())
+        except ChildError as exc:
+            raise CollectorError(str(exc)) from None
+        self.child.follow(self._receive, "hopscope-feed", self.on_exit)
+        return self
+
+    def _receive(self, message: Any) -> None:
+        if isinstance(message, tuple) and len(message) == 2 and message[0] == "events":
+            events = message[1]
+            if isinstance(events, list) and events:
+                self.frames += 1
+                self.events += len(events)
+                self.deliver(events)
+
+    def settle(self) -> None:
+        """Wait briefly until no batch arrives (see :func:`wait_quiet`)."""
+        wait_quiet(lambda: self.frames)
+
+    def stop(self) -> None:
+        """Stop the child (its file closed, its port free) and the reader thread."""
+        self.child.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""What the UI looks like: SVG snapshots of its main views (pytest-textual-snapshot).
+
+The events are a real recording of ``hopscope demo`` (``tests/data/demo-trace.jsonl``,
+made stable by ``tests/data/make_demo_trace.py``), replayed as a live stream that is cut
+in the middle of its last request, so one request is still in flight.  Everything that
+would otherwise change between runs is fixed: the UI's clock (``HopscopeApp.now``) is the
+moment of the cut, so growing bars, running durations and the requests/s sparkline hold
+still; times of day are shown in UTC; input cursors do not blink.
+
+After a deliberate change to the UI, update and review the snapshots::
+
+    pytest tests/test_tui_snapshots.py --snapshot-update
+    git diff tests/__snapshots__/        # or open the SVGs in a browser
+
+A failing run writes ``snapshot_report.html`` showing the old and new screens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hopscope.tracing.tracefile import read_events
+from hopscope.tui.app import HopscopeApp
+from hopscope.tui.source import QueueSource
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+DATA = Path(__file__).parent / "data" / "demo-trace.jsonl"
+SIZE = (120, 35)
+WAIT = 10.0
+#: Where the stream is cut: this long after the last request's first database query
+#: started, so that request is in flight, inside its user span.
+CUT_AFTER_NS = 20_000_000
+
+Event = dict[str, Any]
+Compare = Callable[..., bool]
+Scenario = Callable[[HopscopeApp, Pilot[None]], Awaitable[None]]
+
+
+class FixedClockApp(HopscopeApp):
+    """The live UI with its one clock stopped at ``now``."""
+
+    # Textual reads a relative CSS_PATH from the subclass's folder: keep the app's own.
+    CSS_PATH = str(Path(inspect.getfile(HopscopeApp)).with_name(str(HopscopeApp.CSS_PATH)))
+
+    def __init__(self, source: QueueSource, now: int) -> None:
+        super().__init__(source, title="hopscope demo")
+        self._fixed_now = now
+
+    def now(self) -> int:
+        return self._fixed_now
+
+
+def demo_stream() -> tuple[list[Event], int]:
+    """The recording up to the cut, and the moment of the cut."""
+    events = list(read_events(DATA))
+    starts = [e for e in events if e["kind"] == "span_start"]
+    last = max((e for e in starts if e["parent_id"] is None), key=lambda e: e["ts"])
+    query = min(
+        e["ts"] for e in starts if e["trace_id"] == last["trace_id"] and e["name"] == "db.query"
+    )
+    now = query + CUT_AFTER_NS
+    return [e for e in events if e["ts"] <= now], now
+
+
+@pytest.fixture(autouse=True)
+def utc() -> Iterator[None]:
+    """The list shows local times of day: make "local" the same everywhere."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+def snapshot(snap_compare: Compare, scenario: Scenario) -> bool:
+    """Feed the demo stream, wait until it is all in, run ``scenario``, compare."""
+    events, now = demo_stream()
+    source = QueueSource("demo http://127.0.0.1:8000")
+    source.push(events)
+    app = FixedClockApp(source, now)
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        for field in app.query(Input):
+            field.cursor_blink = False
+        await wait_for(pilot, lambda: app.store.total == 12 and not app.inbox.pending, "rows")
+        assert len(app.store.inflight) == 1
+        await scenario(app, pilot)
+        await pilot.pause(0.1)  # a tick or so, for the header and status line
+
+    return snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+async def enter(pilot: Pilot[None], key: str, field: Input, text: str) -> None:
+    """``key`` focuses ``field``; ``text`` goes in whole (each key press waits for the
+    app to go idle, slow with a request in flight), then enter."""
+    await pilot.press(key)
+    assert field.has_focus
+    field.value = text
+    await pilot.press("end", "enter")
+
+
+async def select(app: HopscopeApp, pilot: Pilot[None], text: str, *keys: str) -> None:
+    """Search for ``text`` (the newest match is selected; ``n`` goes to older ones)."""
+    await enter(pilot, "s", app.query_bar.search_input, text)
+    await pilot.press(*keys)
+    await wait_for(pilot, lambda: app.detail.trace is app.selected_trace, "the detail pane")
+
+
+def test_request_list(snap_compare: Compare) -> None:
+    """The list: a 404, a 500, and the newest request still running (selected)."""
+
+    async def scenario(app: HopscopeApp, pilot: Pilot[None]) -> None:
+        await pilot.press("up")
+        await wait_for(pilot, lambda: app.detail.trace is not None, "the selection")
+        assert app.selected_trace is not None and not app.selected_trace.finished
+
+    assert snapshot(snap_compare, scenario)
+
+
+def test_timeline_of_a_request_through_every_hop(snap_compare: Compare) -> None:
+    """GET /api/slow: client, proxy, queue, server, app, and db.query/render user spans;
+    the first db.query is highlighted."""
+
+    async def scenario(app: HopscopeApp, pilot: Pilot[None]) -> None:
+        await select(app, pilot, "/api/slow", "n")
+        timeline = app.detail.timeline
+        assert app.selected_trace is not None and app.selected_trace.finished
+        kinds = [span.hop for _, span in timeline.rows]
+        assert {"client", "proxy", "server", "app"} <= set(kinds)
+        names = [span.name for _, span in timeline.rows]
+        assert "queue" in names and "db.query" in names
+        timeline.spans_list.focus()
+        timeline.spans_list.highlighted = names.index("db.query")
+
+    assert snapshot(snap_compare, scenario)
+
+
+def test_error_tab_of_a_500(snap_compare: Compare) -> None:
+    """GET /api/boom: the app's exception and its traceback."""
+
+    async def scenario(app: HopscopeApp, pilot: Pilot[None]) -> None:
+        await select(app, pilot, "/api/boom", "5")
+        assert app.selected_trace is not None and app.selected_trace.status == 500
+        assert app.detail.tabs.active == "error"
+
+    assert snapshot(snap_compare, scenario)
+
+
+def test_filter_with_an_error_caret(snap_compare: Compare) -> None:
+    """A filter with a typo: the caret points at it; the filter in force stays, and so
+    does the request selected in its list."""
+
+    async def scenario(app: HopscopeApp, pilot: Pilot[None]) -> None:
+        field = app.query_bar.filter_input
+        await enter(pilot, "slash", field, "duration>50ms")
+        kept = len(app.store)
+        assert 0 < kept < 12
+        await pilot.press("up")
+        await wait_for(pilot, lambda: app.detail.trace is not None, "the selection")
+        await enter(pilot, "slash", field, "duration>50ms and stauts:200")
+        assert app.query_bar.has_error and field.has_focus
+        assert app.store.filter_text == "duration>50ms" and len(app.store) == kept
+
+    assert snapshot(snap_compare, scenario)
