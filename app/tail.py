@@ -27,7 +27,7 @@ __all__ = ["Tail", "format_line"]
 
 Event = dict[str, Any]
 
-_HOP_ORDER = ("client", "proxy", "server", "app")
+_HOP_ORDER = ("client", "proxy", "queue", "server", "app")
 _STATUS_COLOURS = {2: "green", 3: "cyan", 4: "yellow", 5: "red"}
 
 
@@ -66,6 +66,9 @@ def hop_times(trace: Trace) -> list[tuple[str, int, int]]:
             bucket = user.setdefault(span.name or "span", [0, 0])
         elif span.name == "background":
             bucket = user.setdefault("background", [0, 0])
+        elif span.attrs.get("span.kind") == "queue":
+            # Waiting in front of the server is not the server's time.
+            bucket = hops.setdefault("queue", [0, 0])
         elif _top_level(trace, span):
             bucket = hops.setdefault(span.hop, [0, 0])
         else:
