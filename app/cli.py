@@ -46,6 +46,38 @@ def _ui_options(function: Any) -> Any:
     )(function)
 
 
+def _check_otlp(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from .otlp_sender import traces_url
+
+        try:
+            traces_url(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _otlp_option(function: Any) -> Any:
+    """``--otlp URL``, shared by the live commands."""
+    return click.option(
+        "--otlp",
+        metavar="URL",
+        callback=_check_otlp,
+        help="Also send finished traces to this OpenTelemetry collector (OTLP/HTTP JSON: "
+        "http://HOST:4318 or .../v1/traces).  Never slows the command down.",
+    )(function)
+
+
+def _server_timing_option(function: Any) -> Any:
+    """``--server-timing``, for the commands that serve or proxy an app."""
+    return click.option(
+        "--server-timing",
+        is_flag=True,
+        help="Add a Server-Timing header (server, proxy durations) to responses, "
+        "for browser devtools.",
+    )(function)
+
+
 def want_ui(flag: bool | None) -> bool:
     """``--ui``/``--headless`` when given; otherwise the UI only on a terminal, so that
     pipes, CI and tests get text lines instead of a screen waiting for keys."""
@@ -98,18 +130,21 @@ def main() -> None:
     is_flag=True,
     help="Allow --listen on a non-loopback address (only on networks you trust).",
 )
-def tail(file: str | None, listen: str | None, output: str | None, allow_remote: bool) -> None:
+@_otlp_option
+def tail(
+    file: str | None, listen: str | None, output: str | None, allow_remote: bool, otlp: str | None
+) -> None:
     """Print one line per finished request.
 
     With FILE, for the requests saved in a trace file; otherwise live, for the requests
     apps send to the collector (until Ctrl+C).
     """
     if file is not None:
-        if listen is not None or output is not None:
-            raise click.UsageError("FILE cannot be combined with --listen or --output")
+        if listen is not None or output is not None or otlp is not None:
+            raise click.UsageError("FILE cannot be combined with --listen, --output or --otlp")
         _tail_file(file)
     else:
-        _tail_live(listen or DEFAULT_ADDRESS, output, allow_remote)
+        _tail_live(listen or DEFAULT_ADDRESS, output, allow_remote, otlp)
 
 
 def _tail_file(path: str) -> None:
@@ -141,11 +176,24 @@ def _tail_file(path: str) -> None:
         click.echo(f"hopscope: {path}: " + "; ".join(problems), err=True)
 
 
-def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
+def _tail_live(
+    address: str,
+    output: str | None,
+    allow_remote: bool,
+    otlp: str | None = None,
+    otlp_listen: str | None = None,
+) -> None:
     tail = Tail()
     stop = threading.Event()
+    sender = None
+    if otlp is not None:
+        from .otlp_sender import OtlpSender
+
+        sender = OtlpSender(otlp, warn=lambda message: click.echo(f"hopscope: {message}", err=True))
 
     def consume(events: list[dict[str, Any]]) -> None:
+        if sender is not None:
+            sender.feed(events)
         if stop.is_set():
             return
         try:
@@ -159,9 +207,21 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
             address, consume, output=output, allow_remote=allow_remote
         ).start()
     except CollectorError as exc:
+        if sender is not None:
+            sender.close(0)
         raise click.ClickException(str(exc)) from None
+    listener = None
+    if otlp_listen is not None:
+        try:
+            listener = _otlp_listener(collector, otlp_listen, consume, allow_remote)
+        except CollectorError as exc:
+            collector.stop()
+            if sender is not None:
+                sender.close(0)
+            raise click.ClickException(str(exc)) from None
+    also = f" and OTLP/HTTP on {listener.url}" if listener is not None else ""
     click.echo(
-        f"hopscope: listening on {collector.url}; "
+        f"hopscope: listening on {collector.url}{also}; "
         f"start apps with HOPSCOPE_SINK={collector.url} (Ctrl+C to stop)",
         err=True,
     )
@@ -172,12 +232,43 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
         except KeyboardInterrupt:
             pass
         finally:
+            if listener is not None:
+                _on_loop(collector, listener.stop())
             collector.stop()
     with contextlib.suppress(BrokenPipeError):
         tail.close()
+    if sender is not None:
+        sender.close()
+        click.echo(f"hopscope: {sender.summary()}", err=True)
     dropped = collector.collector.dropped
     note = f", {dropped} events dropped by apps" if dropped else ""
     click.echo(f"hopscope: stopped after {tail.printed} request(s){note}", err=True)
+
+
+def _otlp_listener(
+    collector: BackgroundCollector, address: str, consume: Any, allow_remote: bool
+) -> Any:
+    """OTLP/HTTP on ``address``, served on the collector's own loop (its events go to the
+    same ``-o`` file and consumer, from the same thread)."""
+    from .feed import OtlpListener, _also_written
+
+    listener = OtlpListener(
+        address, _also_written(collector.collector, consume), allow_remote=allow_remote
+    )
+    try:
+        _on_loop(collector, listener.start())
+    except BaseException:
+        listener.sock.close()
+        raise
+    return listener
+
+
+def _on_loop(collector: BackgroundCollector, coroutine: Any) -> Any:
+    import asyncio
+
+    loop = collector._loop
+    assert loop is not None
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(15)
 
 
 @main.command()
@@ -194,9 +285,25 @@ def _tail_live(address: str, output: str | None, allow_remote: bool) -> None:
     is_flag=True,
     help="Allow --listen on a non-loopback address (only on networks you trust).",
 )
+@_otlp_option
+@click.option(
+    "--otlp-listen",
+    metavar="HOST:PORT",
+    is_flag=False,
+    flag_value="127.0.0.1:4318",
+    default=None,
+    help="Also take OpenTelemetry traces (OTLP/HTTP, POST /v1/traces) from apps "
+    "instrumented with OpenTelemetry; alone, on 127.0.0.1:4318.",
+)
 @_ui_options
 def watch(
-    listen: str, output: str | None, allow_remote: bool, ui: bool | None, max_requests: int
+    listen: str,
+    output: str | None,
+    allow_remote: bool,
+    ui: bool | None,
+    max_requests: int,
+    otlp: str | None,
+    otlp_listen: str | None,
 ) -> None:
     """Watch the requests of apps you wrapped in code (hopscope.tracing.wrap(app)).
 
@@ -205,7 +312,7 @@ def watch(
     line per request, as "hopscope tail" does.
     """
     if not want_ui(ui):
-        _tail_live(listen, output, allow_remote)
+        _tail_live(listen, output, allow_remote, otlp, otlp_listen)
         return
     from .ui import build_watch_app
 
@@ -216,20 +323,43 @@ def watch(
         output=output,
         allow_remote=allow_remote,
         max_requests=max_requests,
+        otlp=otlp,
+        otlp_listen=otlp_listen,
     )
 
 
 @main.command()
 @click.argument("file")
 @_ui_options
-def view(file: str, ui: bool | None, max_requests: int) -> None:
+@click.option("--play", is_flag=True, help="Feed the requests in at their recorded pace.")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    metavar="N",
+    help="With --play: N times faster than recorded.",
+)
+def view(file: str, ui: bool | None, max_requests: int, play: bool, speed: float) -> None:
     """Look at the requests saved in FILE: a hopscope trace file (-o, Ctrl+S) or a HAR
-    file saved by a browser.  Read-only; --headless prints one line per request."""
+    file saved by a browser.  Read-only; --headless prints one line per request.
+
+    --play feeds them in as they happened (space pauses, . steps one request, [ and ]
+    seek 10 s back and on)."""
     if want_ui(ui):
         from .ui import build_view_app
 
-        _run_session(build_view_app, (TraceFileError,), path=file, max_requests=max_requests)
+        _run_session(
+            build_view_app,
+            (TraceFileError,),
+            path=file,
+            max_requests=max_requests,
+            play=play,
+            speed=speed,
+        )
         return
+    if play:
+        raise click.UsageError("--play needs the UI (not --headless).")
     from hopscope.tui.source import har_events
 
     try:
@@ -270,12 +400,16 @@ def view(file: str, ui: bool | None, max_requests: int) -> None:
     show_default=True,
     help="Seconds between requests.",
 )
+@_otlp_option
+@_server_timing_option
 @_ui_options
 def demo(
     requests: int | None,
     port: int,
     output: str | None,
     delay: float,
+    otlp: str | None,
+    server_timing: bool,
     ui: bool | None,
     max_requests: int,
 ) -> None:
@@ -292,7 +426,8 @@ def demo(
     from .demo.run import DemoError, build_demo_app, run_demo
 
     options: dict[str, Any] = {
-        "requests": requests, "port": port, "output": output, "delay": delay
+        "requests": requests, "port": port, "output": output, "delay": delay,
+        "otlp": otlp, "server_timing": server_timing,
     }  # fmt: skip
     if want_ui(ui):
         _run_session(
@@ -336,6 +471,8 @@ _TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
 )  # fmt: skip
 @click.option("--no-proxy", is_flag=True, help="Serve TARGET without hopscope's proxy in front.")
 @click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
+@_otlp_option
+@_server_timing_option
 @_ui_options
 @click.pass_context
 def run(
@@ -349,6 +486,8 @@ def run(
     output: str | None,
     ui: bool | None,
     max_requests: int,
+    otlp: str | None,
+    server_timing: bool,
 ) -> None:
     """Serve an app, or run any server command, with hopscope injected (no code change).
 
@@ -383,18 +522,21 @@ def run(
                 raise click.UsageError(f"{option} applies to TARGET: the command sets its own")
     served: dict[str, Any] = {
         "host": host, "port": port, "factory": factory, "app_dir": app_dir,
-        "output": output, "proxy": not no_proxy,
+        "output": output, "proxy": not no_proxy, "otlp": otlp, "server_timing": server_timing,
     }  # fmt: skip
+    extra: dict[str, Any] = {"otlp": otlp, "server_timing": server_timing}
     try:
         if want_ui(ui):
             if command is not None:
-                session = build_run_command_app(command, output=output, max_requests=max_requests)
+                session = build_run_command_app(
+                    command, output=output, max_requests=max_requests, **extra
+                )
             else:
                 assert target is not None
                 session = build_run_target_app(target, max_requests=max_requests, **served)
             status = session.run()
         elif command is not None:
-            status = run_command(command, output=output)
+            status = run_command(command, output=output, **extra)
         else:
             assert target is not None
             status = run_target(target, **served)
@@ -424,6 +566,8 @@ def run(
     "--read-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
     show_default=True, help="Seconds the upstream may stay silent (then 504).",
 )  # fmt: skip
+@_otlp_option
+@_server_timing_option
 def proxy(
     upstream: str,
     listen: str,
@@ -433,6 +577,8 @@ def proxy(
     collector: str,
     connect_timeout: float,
     read_timeout: float,
+    otlp: str | None,
+    server_timing: bool,
 ) -> None:
     """Run a recording reverse proxy in front of an app (as nginx would be).
 
@@ -444,6 +590,7 @@ def proxy(
     options: dict[str, Any] = {
         "listen": listen, "output": output, "collector": collector,
         "connect_timeout": connect_timeout, "read_timeout": read_timeout,
+        "otlp": otlp, "server_timing": server_timing,
     }  # fmt: skip
     if want_ui(ui):
         from .ui import build_proxy_app

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .child import ChildError, ChildProcess, ParentLink
-from .collector import Collector, CollectorError, wait_quiet
+from .collector import Collector, CollectorError, _is_loopback, wait_quiet
 
-__all__ = ["CollectorFeed", "main"]
+__all__ = ["CollectorFeed", "OtlpListener", "main"]
 
 Event = dict[str, Any]
 Deliver = Callable[[list[Event]], None]
@@ -29,6 +29,85 @@ Deliver = Callable[[list[Event]], None]
 FLUSH_INTERVAL = 0.05
 #: Events that make the child write at once, without waiting for the interval.
 FLUSH_EVENTS = 5_000
+
+
+# -- OTLP/HTTP beside the collector ---------------------------------------------------------
+
+
+class OtlpListener:
+    """:class:`~hopscope.app.otlp_receiver.OtlpReceiver` under uvicorn on the running
+    loop, the collector's: apps instrumented with OpenTelemetry then report into the same
+    stream (and ``-o`` file) as hopscope's own sinks, and ``deliver`` runs on the same
+    thread as the collector's consumer, so neither needs a lock.
+
+    The socket is bound in ``__init__``: a port in use is a one-line
+    :class:`~hopscope.app.collector.CollectorError` before anything runs.
+    """
+
+    def __init__(self, address: str, deliver: Deliver, *, allow_remote: bool = False) -> None:
+        import errno
+        import socket
+
+        from hopscope.tracing.sinks import parse_address
+
+        try:
+            family, where = parse_address(address)
+        except ValueError as exc:
+            raise CollectorError(f"--otlp-listen: {exc}") from None
+        if family != "tcp":
+            raise CollectorError(f"--otlp-listen {address}: give HOST:PORT")
+        host, port = where
+        if not allow_remote and not _is_loopback(host):
+            raise CollectorError(
+                f"refusing OTLP on non-loopback address {host!r} (--allow-remote allows it)"
+            )
+        self.deliver = deliver
+        family_ = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family_, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            in_use = exc.errno == errno.EADDRINUSE
+            reason = "address already in use" if in_use else exc.strerror or str(exc)
+            raise CollectorError(f"cannot take OTLP on {host}:{port}: {reason}") from None
+        self.sock = sock
+        bound = sock.getsockname()
+        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+        self.url = f"http://{shown}:{bound[1]}/v1/traces"
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        import uvicorn
+
+        from .otlp_receiver import OtlpReceiver
+
+        self.receiver = OtlpReceiver(self.deliver)
+        config = uvicorn.Config(
+            self.receiver,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+        )
+        self._server = server = uvicorn.Server(config)
+        # _serve, not serve: serve() takes over SIGINT/SIGTERM on the main thread, and
+        # here they belong to the collector's owner.
+        self._task = asyncio.create_task(server._serve(sockets=[self.sock]))
+        while not server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if not server.started:
+            self.sock.close()
+            raise CollectorError("the OTLP receiver did not start")
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await asyncio.wait({self._task}, timeout=5)
+        self.sock.close()
 
 
 # -- the child ------------------------------------------------------------------------------
@@ -65,9 +144,18 @@ async def _serve(args: argparse.Namespace, link: ParentLink) -> int:
     collector = Collector(
         args.listen, batcher.consume, output=args.output, allow_remote=args.allow_remote
     )
+    otlp: OtlpListener | None = None
     try:
+        if args.otlp_listen:
+            otlp = OtlpListener(
+                args.otlp_listen, _also_written(collector, batcher.consume),
+                allow_remote=args.allow_remote,
+            )  # fmt: skip
         await collector.start()
+        if otlp is not None:
+            await otlp.start()
     except CollectorError as exc:
+        await collector.stop()
         link.send(("error", str(exc)))
         return 1
     link.send(("ready", collector.url))
@@ -75,9 +163,22 @@ async def _serve(args: argparse.Namespace, link: ParentLink) -> int:
         while not link.stopped():
             await asyncio.sleep(0.1)
     finally:
+        if otlp is not None:
+            await otlp.stop()
         await collector.stop()
         batcher.flush()
     return 0
+
+
+def _also_written(collector: Collector, consume: Deliver) -> Deliver:
+    """Events from OTLP go where the collector's go: its ``-o`` file, then ``consume``."""
+
+    def deliver(events: list[Event]) -> None:
+        if collector.writer is not None:
+            collector.writer.write(events)
+        consume(events)
+
+    return deliver
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", required=True, help="HOST:PORT or unix:PATH")
     parser.add_argument("--output", help="also write the events to this trace file")
     parser.add_argument("--allow-remote", action="store_true")
+    parser.add_argument("--otlp-listen", help="also take OTLP/HTTP on this HOST:PORT")
     args = parser.parse_args(argv)
     link = ParentLink()
     try:
@@ -113,10 +215,13 @@ class CollectorFeed:
         output: str | None = None,
         allow_remote: bool = False,
         on_exit: Callable[[str], None] | None = None,
+        otlp_listen: str | None = None,
     ) -> None:
         self.deliver = deliver
         self.on_exit = on_exit
         args = ["--listen", address]
+        if otlp_listen is not None:
+            args += ["--otlp-listen", otlp_listen]
         if output is not None:
             args += ["--output", output]
         if allow_remote:

@@ -85,8 +85,11 @@ class FrontProcess:
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
         on_exit: Callable[[str], None] | None = None,
+        server_timing: bool = False,
     ) -> None:
         args = ["--fd", str(sock.fileno()), "--upstream", upstream, "--sink", sink_url]
+        if server_timing:
+            args.append("--server-timing")
         if connect_timeout is not None:
             args += ["--connect-timeout", repr(connect_timeout)]
         if read_timeout is not None:
@@ -110,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", required=True, help="the collector's address")
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument("--read-timeout", type=float)
+    parser.add_argument("--server-timing", action="store_true")
     args = parser.parse_args(argv)
     link = ParentLink()
-    options = {
+    options: dict[str, Any] = {
         name: value
         for name, value in (
             ("connect_timeout", args.connect_timeout),
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
+    if args.server_timing:
+        options["server_timing"] = True
     try:
         front = Front(socket.socket(fileno=args.fd), args.upstream, args.sink, **options)
     except (ProxyError, OSError) as exc:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,8 +56,11 @@ class OtlpSender:
         timeout: float = 10.0,
         redact: bool = True,
         headers: dict[str, str] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.url = traces_url(url)
+        self.warn = warn
+        """Told (once, on the sender's thread) why the first batch failed."""
         self.batch_size = batch_size
         self.interval = interval
         self.redact = redact
@@ -129,14 +132,29 @@ class OtlpSender:
         try:
             response = self._client.post(self.url, json=payload)
         except httpx.HTTPError as exc:
-            self.failed += spans
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failed(spans, f"cannot send to {self.url}: {type(exc).__name__}: {exc}")
             return
         if response.is_success:
             self.sent += spans
         else:
-            self.failed += spans
-            self.last_error = f"{self.url} answered {response.status_code}"
+            self._failed(spans, f"{self.url} answered {response.status_code}")
+
+    def _failed(self, spans: int, reason: str) -> None:
+        first = self.last_error is None
+        self.failed += spans
+        self.last_error = reason
+        if first and self.warn is not None:
+            with contextlib.suppress(Exception):  # a warning must not stop the sender
+                self.warn(f"OTLP export failing: {reason}")
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        text = f"OTLP: {self.sent} span(s) sent to {self.url}"
+        if self.failed:
+            text += f", {self.failed} failed ({self.last_error})"
+        if self.dropped:
+            text += f", {self.dropped} trace(s) dropped (queue full)"
+        return text
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (for up to ``timeout`` seconds) and stop."""

@@ -337,8 +337,10 @@ class ProxyApp:
         read_timeout: float = 60.0,
         body_limit: int = BODY_LIMIT,
         max_idle: int = 64,
+        server_timing: bool = False,
     ) -> None:
         self.upstream = upstream if isinstance(upstream, Upstream) else parse_upstream(upstream)
+        self.server_timing = server_timing
         self.sink = sink
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -472,6 +474,18 @@ def request_attrs(scope: Scope) -> dict[str, Any]:
     }
 
 
+def _add_server_timing(headers: list[tuple[bytes, bytes]], entry: str) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``entry`` appended to the upstream's Server-Timing (browser
+    devtools then show the proxy's time beside the server's)."""
+    out = list(headers)
+    for index, (name, value) in enumerate(out):
+        if name.lower() == b"server-timing":
+            out[index] = (name, value + b", " + entry.encode())
+            return out
+    out.append((b"server-timing", entry.encode()))
+    return out
+
+
 def _response_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
@@ -502,6 +516,7 @@ class _Exchange:
 
     __slots__ = (
         "app",
+        "begin",
         "client_attrs",
         "client_conn",
         "client_id",
@@ -556,6 +571,7 @@ class _Exchange:
             absolute = False
         trace_id, parent_id = app.ids(scope)
         self.trace_id = trace_id
+        self.begin = begin
         self.client_id = client_id = new_span_id()
         self.proxy_id = proxy_id = new_span_id()
         method = scope["method"]
@@ -735,6 +751,10 @@ class _Exchange:
         """Send upstream's response to the client as it arrives."""
         self.status = status = conn.status
         headers, removed = _response_headers(conn.headers)
+        if self.app.server_timing:
+            headers = _add_server_timing(
+                headers, f"proxy;dur={(conn.head_ts - self.begin) / 1e6:.3f}"
+            )
         self.client_attrs["http.response.headers"] = headers
         attrs: dict[str, Any] = {"status": status, "http.version": conn.version}
         if removed:
@@ -1049,13 +1069,15 @@ class _ChildProcess(_Recording):
     delivers its last records and stops the child with SIGTERM.
     """
 
-    def __init__(self, address: str, output: str | None) -> None:
+    def __init__(self, address: str, output: str | None, otlp: str | None = None) -> None:
         import selectors
         import subprocess
 
         argv = [sys.executable, "-m", "hopscope.app", "tail", "--listen", address]
         if output is not None:
             argv += ["-o", output]
+        if otlp is not None:
+            argv += ["--otlp", otlp]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -1091,8 +1113,10 @@ class _ChildProcess(_Recording):
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
-        last = (err or "").strip().splitlines()[-1:] or [""]
-        return last[0].replace("hopscope: ", "hopscope proxy: ", 1)
+        lines = (err or "").strip().splitlines() or [""]
+        # The child's stderr is only read now: its --otlp warning and summary come here.
+        said = [line for line in lines[:-1] if "OTLP" in line] + lines[-1:]
+        return "\n".join(line.replace("hopscope: ", "hopscope proxy: ", 1) for line in said)
 
 
 def run_proxy(
@@ -1105,6 +1129,8 @@ def run_proxy(
     read_timeout: float = 60.0,
     sink_kind: str = "process",
     out: TextIO | None = None,
+    server_timing: bool = False,
+    otlp: str | None = None,
 ) -> None:
     """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
 
@@ -1122,14 +1148,18 @@ def run_proxy(
     recording: _Recording
     try:
         if sink_kind == "process":
-            recording = _ChildProcess(collector, output)
+            recording = _ChildProcess(collector, output, otlp)
         else:
             recording = _InProcess(collector, output, sink_kind, out)
     except BaseException:
         sock.close()
         raise
     app = ProxyApp(
-        target, recording.sink, connect_timeout=connect_timeout, read_timeout=read_timeout
+        target,
+        recording.sink,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        server_timing=server_timing,
     )
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]

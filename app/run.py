@@ -100,10 +100,11 @@ def _say(message: str) -> None:
 class _Live:
     """The in-process collector, printing a tail line per finished request."""
 
-    def __init__(self, output: str | None, out: TextIO | None) -> None:
+    def __init__(self, output: str | None, out: TextIO | None, otlp: str | None = None) -> None:
         self.tail = Tail(out)
         self._lock = threading.Lock()
         self._quiet = False
+        self.sender = _sender(otlp)
         try:
             self.collector = BackgroundCollector("127.0.0.1:0", self._consume, output=output)
             self.collector.start()
@@ -115,6 +116,8 @@ class _Live:
         return self.collector.url
 
     def _consume(self, events: list[dict[str, Any]]) -> None:
+        if self.sender is not None:
+            self.sender.feed(events)
         with self._lock:
             if self._quiet:
                 return
@@ -132,9 +135,25 @@ class _Live:
             if not self._quiet:
                 with contextlib.suppress(BrokenPipeError):
                     self.tail.close()
+        if self.sender is not None:
+            self.sender.close()
+            _say(self.sender.summary())
         dropped = frames.dropped
         note = f", {dropped} events dropped" if dropped else ""
         _say(f"stopped after {self.tail.printed} request(s){note}")
+
+
+def _sender(url: str | None) -> Any:
+    """An :class:`~hopscope.app.otlp_sender.OtlpSender` for ``--otlp URL`` (its first
+    failure is one warning line; it never stops the run), or None."""
+    if url is None:
+        return None
+    from .otlp_sender import OtlpSender
+
+    try:
+        return OtlpSender(url, warn=_say)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 # -- the child and its process group -------------------------------------------------------
@@ -317,13 +336,22 @@ def _command(argv: list[str]) -> list[str]:
     return [_resolve(argv[0]), *argv[1:]]
 
 
-def run_command(argv: list[str], *, output: str | None = None, out: TextIO | None = None) -> int:
+def run_command(
+    argv: list[str],
+    *,
+    output: str | None = None,
+    out: TextIO | None = None,
+    otlp: str | None = None,
+    server_timing: bool = False,
+) -> int:
     """Run ``argv`` with hopscope injected until it exits or is stopped; returns its
     exit status.  Raises :class:`RunError` when it cannot start."""
     command = _command(argv)
-    live = _Live(output, out)
+    live = _Live(output, out, otlp)
     try:
         env = injected_env(live.url)
+        if server_timing:
+            env["HOPSCOPE_SERVER_TIMING"] = "1"
         shown = " ".join(argv)
         with _Signals() as signals:
             proc = _spawn(command, env)
@@ -389,6 +417,7 @@ class _Target:
         app_dir: str,
         proxy: bool,
         separate: bool = False,
+        server_timing: bool = False,
     ) -> None:
         module, sep, attribute = target.partition(":")
         if not sep or not module or not attribute:
@@ -409,7 +438,9 @@ class _Target:
         if public is not None:  # started first: if it fails, there is no child to stop
             self.url = _url(public)
             try:
-                front = (FrontProcess if separate else Front)(public, self.app_url, sink_url)
+                front = (FrontProcess if separate else Front)(
+                    public, self.app_url, sink_url, server_timing=server_timing
+                )
             except ProxyError as exc:
                 raise RunError(str(exc)) from None
             stack.callback(front.stop)
@@ -421,6 +452,8 @@ class _Target:
             argv.append("--factory")
         self.argv = argv
         self.env = dict(os.environ, HOPSCOPE_SINK=sink_url)
+        if server_timing:  # read by hopscope's uvicorn/gunicorn hooks in the child
+            self.env["HOPSCOPE_SERVER_TIMING"] = "1"
 
     def spawn(self, **streams: Any) -> Any:
         proc = _spawn(self.argv, self.env, (self.sock.fileno(), self.pipe.write), **streams)
@@ -446,13 +479,15 @@ def run_target(
     output: str | None = None,
     proxy: bool = True,
     out: TextIO | None = None,
+    otlp: str | None = None,
+    server_timing: bool = False,
 ) -> int:
     """Serve ``target`` (``module:attribute``) until it exits or is stopped; returns its
     exit status.  Raises :class:`RunError` when it cannot start."""
     with contextlib.ExitStack() as stack:
 
         def start_recording() -> str:
-            live = _Live(output, out)
+            live = _Live(output, out, otlp)
             stack.callback(live.stop)
             return live.url
 
@@ -465,6 +500,7 @@ def run_target(
             factory=factory,
             app_dir=app_dir,
             proxy=proxy,
+            server_timing=server_timing,
         )
 
         def ready(line: str) -> None:
@@ -608,18 +644,25 @@ def _ui_session(
     return session
 
 
-def _live_source(stack: contextlib.ExitStack, description: str, output: str | None) -> Any:
+def _live_source(
+    stack: contextlib.ExitStack, description: str, output: str | None, otlp: str | None = None
+) -> Any:
     from .collector import CollectorError
     from .ui import live_source
 
     try:
-        return live_source(stack, "127.0.0.1:0", description, output=output)
+        return live_source(stack, "127.0.0.1:0", description, output=output, otlp=otlp)
     except CollectorError as exc:
         raise RunError(str(exc)) from None
 
 
 def build_run_command_app(
-    argv: list[str], *, output: str | None = None, max_requests: int = 50_000
+    argv: list[str],
+    *,
+    output: str | None = None,
+    max_requests: int = 50_000,
+    otlp: str | None = None,
+    server_timing: bool = False,
 ) -> Session:
     """``hopscope run -- COMMAND`` with the UI: a :class:`~hopscope.app.ui.Session`.
 
@@ -629,10 +672,13 @@ def build_run_command_app(
     shown = " ".join(argv)
     stack = contextlib.ExitStack()
     try:
-        source, feed = _live_source(stack, f"run {shown}", output)
+        source, feed = _live_source(stack, f"run {shown}", output, otlp)
         out = _Output()
         stack.callback(out.close)
-        proc = _spawn(command, injected_env(feed.url), stdout=out.write, stderr=out.write)
+        env = injected_env(feed.url)
+        if server_timing:
+            env["HOPSCOPE_SERVER_TIMING"] = "1"
+        proc = _spawn(command, env, stdout=out.write, stderr=out.write)
         out.close_write()
         return _ui_session(
             stack, proc, shown, source, out, "hopscope run", output, max_requests,
@@ -653,6 +699,8 @@ def build_run_target_app(
     output: str | None = None,
     proxy: bool = True,
     max_requests: int = 50_000,
+    otlp: str | None = None,
+    server_timing: bool = False,
 ) -> Session:
     """``hopscope run TARGET`` with the UI: a :class:`~hopscope.app.ui.Session`, built
     once the app serves (an app that fails to load fails here, with its own output on
@@ -662,12 +710,12 @@ def build_run_target_app(
         box: list[Any] = []
 
         def start_recording() -> str:
-            box[:] = _live_source(stack, target, output)
+            box[:] = _live_source(stack, target, output, otlp)
             return str(box[1].url)
 
         plan = _Target(
             stack, target, start_recording, host=host, port=port, factory=factory,
-            app_dir=app_dir, proxy=proxy, separate=True,
+            app_dir=app_dir, proxy=proxy, separate=True, server_timing=server_timing,
         )  # fmt: skip
         source, feed = box
         out = _Output()

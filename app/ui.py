@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from hopscope.tui.app import HopscopeApp
-from hopscope.tui.source import QueueSource, notice, open_file
+from hopscope.tui.source import PlaybackSource, QueueSource, notice, open_file
 
+from .collector import CollectorError
 from .feed import CollectorFeed
 
 __all__ = [
@@ -90,20 +92,45 @@ def live_source(
     *,
     output: str | None = None,
     allow_remote: bool = False,
+    otlp: str | None = None,
+    otlp_listen: str | None = None,
 ) -> tuple[QueueSource, CollectorFeed]:
-    """A collector child listening on ``address`` and the UI source it feeds.
+    """A collector child listening on ``address`` (and on ``otlp_listen`` for OTLP/HTTP)
+    and the UI source it feeds; with ``otlp``, finished traces also go to that OTLP/HTTP
+    endpoint (from here, the one place that sees every event once).
 
     Raises :class:`~hopscope.app.collector.CollectorError`.  On close, the collector
     first waits for the last batches (what stopping apps flushed), so ``-o`` has them.
     """
     source = QueueSource(description)
+    deliver: Callable[[list[dict[str, Any]]], None] = source.push
+    sender = None
+    if otlp is not None:
+        from .otlp_sender import OtlpSender
+
+        def warn(message: str) -> None:
+            source.push([notice(message, "warning")])
+
+        try:
+            sender = OtlpSender(otlp, warn=warn)
+        except ValueError as exc:
+            raise CollectorError(str(exc)) from None
+        stack.callback(sender.close)
+        feed_otlp = sender.feed
+
+        def both(events: list[dict[str, Any]]) -> None:
+            feed_otlp(events)
+            source.push(events)
+
+        deliver = both
 
     def lost(reason: str) -> None:
         source.push([notice(f"the collector stopped: {reason}", "error")])
 
     feed = CollectorFeed(
-        address, source.push, output=output, allow_remote=allow_remote, on_exit=lost
-    )
+        address, deliver, output=output, allow_remote=allow_remote, on_exit=lost,
+        otlp_listen=otlp_listen,
+    )  # fmt: skip
     feed.start()
 
     def close() -> None:
@@ -124,14 +151,20 @@ def build_watch_app(
     output: str | None = None,
     max_requests: int = DEFAULT_MAX_REQUESTS,
     allow_remote: bool = False,
+    otlp: str | None = None,
+    otlp_listen: str | None = None,
 ) -> Session:
-    """``hopscope watch``: only the collector, for apps wrapped in code.
+    """``hopscope watch``: only the collector, for apps wrapped in code (and, with
+    ``otlp_listen``, apps instrumented with OpenTelemetry).
 
     Raises :class:`~hopscope.app.collector.CollectorError`.
     """
     stack = contextlib.ExitStack()
     try:
-        source, feed = live_source(stack, listen, "watch", output=output, allow_remote=allow_remote)
+        source, feed = live_source(
+            stack, listen, "watch", output=output, allow_remote=allow_remote, otlp=otlp,
+            otlp_listen=otlp_listen,
+        )  # fmt: skip
         source.description = f"watch {feed.url}"
         app = _app(source, "hopscope watch", output, max_requests)
         return Session(app, stack, {"collector": feed.url})
@@ -140,12 +173,19 @@ def build_watch_app(
         raise
 
 
-def build_view_app(path: str, *, max_requests: int = DEFAULT_MAX_REQUESTS) -> Session:
-    """``hopscope view FILE``: a saved trace file or a HAR file, read-only.
+def build_view_app(
+    path: str,
+    *,
+    max_requests: int = DEFAULT_MAX_REQUESTS,
+    play: bool = False,
+    speed: float = 1.0,
+) -> Session:
+    """``hopscope view FILE``: a saved trace file or a HAR file, read-only; with
+    ``play``, fed in at the recorded pace (``speed`` times faster).
 
     Raises :class:`~hopscope.tracing.TraceFileError` before any UI exists.
     """
-    source = open_file(path)
+    source = PlaybackSource.open(path, speed=speed) if play else open_file(path)
     app = HopscopeApp(source, title="hopscope view", max_requests=max_requests)
     return Session(app, contextlib.ExitStack())
 
@@ -159,12 +199,13 @@ def build_proxy_app(
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
     max_requests: int = DEFAULT_MAX_REQUESTS,
+    server_timing: bool = False,
+    otlp: str | None = None,
 ) -> Session:
     """``hopscope proxy`` with the UI: the proxy and the collector in helper processes.
 
     Raises :class:`~hopscope.app.proxy.ProxyError` with a one-line reason.
     """
-    from .collector import CollectorError
     from .front import FrontProcess
     from .proxy import ProxyError, _bind, parse_listen, parse_upstream
 
@@ -175,7 +216,7 @@ def build_proxy_app(
         sock = stack.enter_context(_bind(host, port))
         bound = sock.getsockname()
         try:
-            source, feed = live_source(stack, collector, "proxy", output=output)
+            source, feed = live_source(stack, collector, "proxy", output=output, otlp=otlp)
         except CollectorError as exc:
             raise ProxyError(f"{exc} (choose another with --collector)") from None
         front = FrontProcess(
@@ -184,6 +225,7 @@ def build_proxy_app(
             feed.url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            server_timing=server_timing,
             on_exit=lambda reason: source.push(
                 [notice(f"hopscope's proxy stopped: {reason}", "error")]
             ),

@@ -46,7 +46,7 @@ HOPSCOPE = [sys.executable, "-m", "hopscope.app"]
 pytestmark = pytest.mark.timeout(60)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Poll ``predicate`` until it is truthy (returns it) or ``timeout`` passes (fails)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hopscope.tracing import filters
 from hopscope.tracing.model import Trace
+from hopscope.tracing.replay import CapturedRequest, captured_request
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -32,9 +33,11 @@ from .header import HeaderBar
 from .help import HelpScreen
 from .messages import FollowRequested, RequestSelected
 from .query_bar import QueryBar
+from .replay_view import ComparisonScreen, EditScreen, TargetScreen
 from .request_list import RequestList
+from .resend import Outgoing, Resent, original_target, outgoing, send
 from .save import SaveScreen, default_name, write_trace_file
-from .source import EventSource, Inbox
+from .source import EventSource, Inbox, PlaybackSource
 from .store import Change, RequestStore, Row
 
 __all__ = ["HopscopeApp"]
@@ -94,6 +97,12 @@ class HopscopeApp(App[None]):
         Binding("ctrl+s", "save", "Save", id="save"),
         Binding("y", "copy_curl", "Copy curl", id="copy-curl"),
         Binding("escape", "to_list", "Back to list", show=False, id="back"),
+        Binding("r", "replay", "Replay", show=False, id="replay"),
+        Binding("e", "edit_replay", "Edit and send", show=False, id="edit-replay"),
+        Binding("m", "mark", "Mark for replay", show=False, id="mark"),
+        Binding("full_stop", "step", "Playback: next request", show=False, id="step"),
+        Binding("left_square_bracket", "seek(-10)", "Playback: 10 s back", show=False),
+        Binding("right_square_bracket", "seek(10)", "Playback: 10 s on", show=False),
         *(
             Binding(str(number), f"show_tab('{tab}')", f"{tab.capitalize()} tab", show=False)
             for number, tab in enumerate(TABS, start=1)
@@ -129,6 +138,12 @@ class HopscopeApp(App[None]):
         self._search = ""
         self._ui_ready = False
         self._show_timer: Timer | None = None
+        self.playback = source if isinstance(source, PlaybackSource) else None
+        self.marked: set[str] = set()
+        """Requests ``m`` marked for replay."""
+        self.last_target: str | None = None
+        self.replayed: list[Resent] = []
+        """Results of the latest replay (tests read them)."""
         self.ticks = 0
         """Ingest ticks run so far (tests and benches wait on it)."""
 
@@ -139,6 +154,7 @@ class HopscopeApp(App[None]):
         self.header = HeaderBar(self.source.describe(), id="header")
         self.query_bar = QueryBar(id="query")
         self.request_list = RequestList(self.store, self.now, id="requests")
+        self.request_list.marked = self.marked
         self.list_status = ListStatus("", id="list-status")
         self.detail = DetailPane(self.now, id="detail")
         yield self.header
@@ -213,6 +229,9 @@ class HopscopeApp(App[None]):
         return self._ui_ready and self.is_running
 
     def _apply(self, change: Change) -> None:
+        if change.reset:
+            self._forget_selection()
+            self.request_list.reset(forget_cursor=True)
         for event in change.notices:
             severity = event.get("severity", "information")
             if severity not in ("information", "warning", "error"):
@@ -234,6 +253,8 @@ class HopscopeApp(App[None]):
 
     def _update_header(self) -> None:
         store = self.store
+        if self.playback is not None:
+            self.header.show_source(f"{self.playback.describe()}  {self.playback.state()}")
         now_s = self.now() // 1_000_000_000 if self.live else None
         self.header.update_stats(
             paused=self.paused,
@@ -373,7 +394,25 @@ class HopscopeApp(App[None]):
         self._find(direction)
 
     def action_toggle_pause(self) -> None:
+        if self.playback is not None:
+            # Playback itself pauses: stopping ingest would only pile events up.
+            self.playback.pause(not self.playback.paused)
+            self._update_header()
+            return
         self.paused = not self.paused
+
+    def action_step(self) -> None:
+        if self.playback is None:
+            self.notify("Stepping needs a playback: hopscope view FILE --play.")
+            return
+        self.playback.step()
+
+    def action_seek(self, seconds: float) -> None:
+        if self.playback is None:
+            self.notify("Seeking needs a playback: hopscope view FILE --play.")
+            return
+        self.playback.seek(seconds)
+        self._update_header()
 
     def action_follow(self) -> None:
         self.request_list.follow = True
@@ -382,14 +421,18 @@ class HopscopeApp(App[None]):
     def action_clear(self) -> None:
         self.store.clear()
         self.request_list.reset(forget_cursor=True)
+        self._forget_selection()
+        self._update_status()
+        self._update_header()
+
+    def _forget_selection(self) -> None:
+        self.marked.clear()
         self._selected = None
         self._selected_trace = None
         if self._show_timer is not None:
             self._show_timer.stop()
             self._show_timer = None
         self.detail.show(None)
-        self._update_status()
-        self._update_header()
 
     def action_to_list(self) -> None:
         self.request_list.focus()
@@ -444,3 +487,77 @@ class HopscopeApp(App[None]):
             self.notify(f"Could not save {path}: {exc.strerror or exc}", severity="error")
             return
         self.notify(f"Saved {requests:,} requests ({count:,} events) to {path}")
+
+    # -- replay --------------------------------------------------------------------------
+
+    def action_mark(self) -> None:
+        trace = self._selected_trace
+        if trace is None:
+            self.notify("Select a request first.", severity="warning")
+            return
+        if trace.trace_id in self.marked:
+            self.marked.discard(trace.trace_id)
+        else:
+            self.marked.add(trace.trace_id)
+        self.request_list.refresh()
+        self.notify(f"{len(self.marked)} marked for replay (r sends them, m unmarks).")
+
+    def _replay_jobs(self, only_selected: bool = False) -> list[tuple[Trace, CapturedRequest]]:
+        if self.marked and not only_selected:
+            rows = self.store.rows.values()
+            traces = [row.trace for row in rows if row.trace.trace_id in self.marked]
+        else:
+            traces = [self._selected_trace] if self._selected_trace is not None else []
+        if not traces:
+            self.notify("Select a request first (m marks several).", severity="warning")
+            return []
+        jobs = []
+        for trace in traces:
+            captured = captured_request(trace)
+            if captured is None or captured.websocket:
+                self.notify(f"{trace.path or trace.trace_id}: not an HTTP request, skipped.")
+                continue
+            jobs.append((trace, captured))
+        return jobs
+
+    def action_replay(self) -> None:
+        jobs = self._replay_jobs()
+        if not jobs:
+            return
+        suggestion = self.last_target or original_target(jobs[0][0])
+
+        def chosen(target: str | None) -> None:
+            if target:
+                self.last_target = target
+                self._send([(captured, outgoing(captured, target)) for _, captured in jobs])
+
+        self.push_screen(TargetScreen(suggestion, len(jobs)), chosen)
+
+    def action_edit_replay(self) -> None:
+        jobs = self._replay_jobs(only_selected=True)
+        if not jobs:
+            return
+        trace, captured = jobs[0]
+        request = outgoing(captured, self.last_target or original_target(trace))
+
+        def edited(changed: Outgoing | None) -> None:
+            if changed is not None:
+                self._send([(captured, changed)])
+
+        self.push_screen(EditScreen(request), edited)
+
+    @work(thread=True, group="replay", exit_on_error=False)
+    def _send(self, jobs: list[tuple[CapturedRequest, Outgoing]]) -> None:
+        results = []
+        for captured, request in jobs:
+            result = send(captured, request)
+            if result.unreachable:
+                self.call_from_thread(self.notify, result.error or "", severity="error")
+                break
+            results.append(result)
+        if results:
+            self.call_from_thread(self._show_results, results)
+
+    def _show_results(self, results: list[Resent]) -> None:
+        self.replayed = results
+        self.push_screen(ComparisonScreen(results))

@@ -64,6 +64,13 @@ class HeaderBar(Horizontal):
         yield self._rate_label
         yield self._stats
 
+    def show_source(self, source: str) -> None:
+        """Change what the left end says (a playback's position moves)."""
+        if source != self._source:
+            self._source = source
+            paused = bool(self._last[0]) if self._last is not None else False
+            self._source_line.update(self._source_text(paused))
+
     def _source_text(self, paused: bool) -> Text:
         text = Text(self._source, style="bold")
         if paused:

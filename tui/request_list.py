@@ -136,6 +136,8 @@ class RequestList(ScrollView, can_focus=True):
         self._inflight_visible = False
         self._auto_scroll = False
         self._styles = (Style(), Style(), Style(), Style())
+        self.marked: set[str] = set()
+        """Trace ids marked for replay: their time column starts with a mark."""
 
     # -- what the app calls --------------------------------------------------------
 
@@ -359,10 +361,19 @@ class RequestList(ScrollView, can_focus=True):
         row = self.store[index]
         is_cursor = row.seq == self._cursor_seq
         running = not row.trace.finished
-        key = (row.seq, row.version, width, self._axis, is_cursor, self._now if running else 0)
+        marked = row.trace.trace_id in self.marked
+        key = (
+            row.seq,
+            row.version,
+            width,
+            self._axis,
+            is_cursor,
+            self._now if running else 0,
+            marked,
+        )
         strip = self._strips.get(key)
         if strip is None:
-            strip = self._row_strip(row.trace, width, cursor_style if is_cursor else base)
+            strip = self._row_strip(row.trace, width, cursor_style if is_cursor else base, marked)
             self._strips[key] = strip
         return strip
 
@@ -394,7 +405,7 @@ class RequestList(ScrollView, can_focus=True):
         self._strips[key] = strip
         return strip
 
-    def _row_strip(self, trace: Trace, width: int, style: Style) -> Strip:
+    def _row_strip(self, trace: Trace, width: int, style: Style, marked: bool = False) -> Strip:
         columns = Columns.fit(width)
         dim = style + self._styles[2]
         method = trace.method or "?"
@@ -413,8 +424,11 @@ class RequestList(ScrollView, can_focus=True):
             took = self._now - trace.start
         size_attr = attr(trace, "http.response.body.size")
         body_size = size_attr if isinstance(size_attr, int) else None
+        clock = formatting.clock(trace.start)
         segments = [
-            Segment(formatting.clock(trace.start) + " ", dim),
+            Segment("●" + clock[1:] + " ", style + Style(color="#ffd75f", bold=True))
+            if marked
+            else Segment(clock + " ", dim),
             Segment(set_cell_size(method, columns.method) + " ", style + Style(bold=True)),
         ]
         if query and cell_len(path) < columns.path:

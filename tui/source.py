@@ -12,9 +12,11 @@ that is how a file source says it could not read part of its file.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +28,7 @@ __all__ = [
     "EventSource",
     "FileSource",
     "Inbox",
+    "PlaybackSource",
     "QueueSource",
     "har_events",
     "notice",
@@ -266,6 +269,210 @@ class FileSource:
             deliver([notice(f"{self.describe()}: {exc}", "error")])
         finally:
             self.done.set()
+
+
+#: A pseudo-event telling the UI to forget every request (a playback seeking back).
+RESET: Event = {"kind": "reset"}
+
+
+class PlaybackSource:
+    """Plays a saved recording at its recorded pace (or ``speed`` times faster).
+
+    Events go through ``deliver`` like live ones, from the source's own thread.  The
+    position is a point in the recording's time; :meth:`pause`, :meth:`step` and
+    :meth:`seek` move it from the UI thread.  Seeking back cannot take events back, so
+    it delivers :data:`RESET` and then everything up to the new position again: only
+    this thread delivers, so the reset always lands after what was delivered before.
+    """
+
+    live = False
+
+    def __init__(
+        self,
+        events: Iterable[Event],
+        name: str,
+        *,
+        speed: float = 1.0,
+        batch_size: int = 5_000,
+        tick: float = 0.05,
+    ) -> None:
+        if not speed > 0:
+            raise ValueError("speed must be positive")
+        self.name = name
+        self.speed = speed
+        self.batch_size = batch_size
+        self.tick = tick
+        stamped = list(events)
+        # Stable sort on the time each event happened (untimed ones keep their place).
+        times: list[int] = []
+        last = 0
+        for event in stamped:
+            ts = event.get("ts")
+            last = ts if isinstance(ts, int) else last
+            times.append(last)
+        order = sorted(range(len(stamped)), key=times.__getitem__)
+        self._events = [stamped[i] for i in order]
+        self._times = [times[i] for i in order]
+        self.first_ts = self._times[0] if self._times else 0
+        self.last_ts = self._times[-1] if self._times else 0
+        self._cond = threading.Condition()
+        self._index = 0  # next event to deliver
+        self._limit = 0  # deliver up to here
+        self._pos = self.first_ts
+        self._paused = False
+        self._reset = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.notices: list[Event] = []
+        """Delivered once, first (what reading the file found wrong)."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, speed: float = 1.0) -> PlaybackSource:
+        """A playback of a trace file or a HAR file (raises TraceFileError like
+        :func:`open_file`)."""
+        path = os.fspath(path)
+        report = LoadReport()
+        try:
+            events = list(read_events(path, report))
+        except TraceFileError:
+            har = har_events(path)
+            if har is None:
+                raise
+            events = har
+        source = cls(events, os.path.basename(path) or path, speed=speed)
+        problems = []
+        if report.malformed_lines:
+            problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
+        if report.truncated_last_line:
+            problems.append("the last line was cut off")
+        if problems:
+            message = f"{source.describe()}: " + "; ".join(problems)
+            source.notices.append(notice(f"{message}; kept {len(events):,} events", "warning"))
+        return source
+
+    # -- what the UI reads -----------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def position_ns(self) -> int:
+        """How far into the recording playback is."""
+        return self._pos - self.first_ts
+
+    @property
+    def length_ns(self) -> int:
+        return self.last_ts - self.first_ts
+
+    @property
+    def delivered(self) -> int:
+        """Events handed to the UI since the last reset."""
+        return self._index
+
+    def describe(self) -> str:
+        return self.name
+
+    def state(self) -> str:
+        """``playing x4  0:12 / 1:30`` for the header."""
+        word = "⏸ paused" if self._paused else f"▶ playing x{self.speed:g}"
+        if self._index >= len(self._events) and not self._paused:
+            word = "■ played"
+        return f"{word}  {_clock(self.position_ns)} / {_clock(self.length_ns)}"
+
+    # -- control, from any thread -------------------------------------------------------
+
+    def pause(self, paused: bool = True) -> None:
+        with self._cond:
+            self._paused = paused
+            self._cond.notify_all()
+
+    def step(self) -> None:
+        """Pause, and deliver the next request: everything up to the start of the one
+        after it."""
+        with self._cond:
+            self._paused = True
+            start = max(self._index, self._limit)
+            seen = {e.get("trace_id") for e in self._events[:start]}
+            fresh = 0
+            end = len(self._events)
+            for i in range(start, len(self._events)):
+                trace_id = self._events[i].get("trace_id")
+                if trace_id is not None and trace_id not in seen:
+                    seen.add(trace_id)
+                    fresh += 1
+                    if fresh == 2:
+                        end = i
+                        break
+            self._limit = end
+            if end > 0:
+                self._pos = max(self._pos, self._times[end - 1])
+            self._cond.notify_all()
+
+    def seek(self, seconds: float) -> None:
+        """Move the position by ``seconds`` (back replays from the start, see above)."""
+        with self._cond:
+            target = self._pos + int(seconds * 1_000_000_000)
+            target = min(max(target, self.first_ts), self.last_ts)
+            limit = bisect.bisect_right(self._times, target)
+            if limit < max(self._index, self._limit):
+                self._reset = True
+                self._index = 0
+            self._limit = limit
+            self._pos = target
+            self._cond.notify_all()
+
+    # -- EventSource ---------------------------------------------------------------------
+
+    def start(self, deliver: Deliver) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(deliver,), name="hopscope-playback", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
+    def _run(self, deliver: Deliver) -> None:
+        if self.notices:
+            deliver(list(self.notices))
+        last = time.monotonic()
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                if not self._paused and self._limit < len(self._events):
+                    self._pos += int((now - last) * 1e9 * self.speed)
+                    self._pos = min(self._pos, self.last_ts)
+                    self._limit = max(self._limit, bisect.bisect_right(self._times, self._pos))
+                last = now
+                batch: list[Event] = [RESET] if self._reset else []
+                self._reset = False
+                batch += self._events[self._index : self._limit]
+                self._index = max(self._index, self._limit)
+                if not batch:
+                    wait = self.tick
+                    if not self._paused and self._limit < len(self._events):
+                        ahead = (self._times[self._limit] - self._pos) / 1e9 / self.speed
+                        wait = min(max(ahead, 0.001), self.tick)
+                    self._cond.wait(wait)
+                    continue
+            for start in range(0, len(batch), self.batch_size):
+                deliver(batch[start : start + self.batch_size])
+
+
+def _clock(ns: int) -> str:
+    seconds = max(ns, 0) // 1_000_000_000
+    minutes, seconds = divmod(seconds, 60)
+    if minutes >= 60:
+        return f"{minutes // 60}:{minutes % 60:02}:{seconds:02}"
+    return f"{minutes}:{seconds:02}"
 
 
 def open_file(path: str | os.PathLike[str]) -> FileSource | QueueSource:

@@ -55,6 +55,8 @@ class Change:
     events: int = 0
     rejected: int = 0
     notices: list[Event] = field(default_factory=list)
+    reset: bool = False
+    """Everything held before was forgotten (a playback seeked back)."""
 
 
 def status_class(trace: Trace) -> str | None:
@@ -142,8 +144,16 @@ class RequestStore:
         for event in events:
             change.events += 1
             try:
-                if event.get("kind") == "notice":
+                kind = event.get("kind")
+                if kind == "notice":
                     change.notices.append(event)
+                    continue
+                if kind == "reset":
+                    self._reset()
+                    builder, traces, touched = self.builder, self.builder.traces, {}
+                    latest, rejected = 0, change.rejected
+                    change.reset = change.view_changed = True
+                    change.touched.clear()
                     continue
                 is_new = event.get("trace_id") not in traces
                 trace = builder.add(event)

@@ -52,8 +52,12 @@ def listen(port: int) -> socket.socket:
     return sock
 
 
-def _spawn(sock: socket.socket, sink_url: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+def _spawn(
+    sock: socket.socket, sink_url: str, log: IO[bytes], server_timing: bool = False
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HOPSCOPE_SINK=sink_url, PYTHONUNBUFFERED="1")
+    if server_timing:
+        env["HOPSCOPE_SERVER_TIMING"] = "1"
     fd = sock.fileno()
     # -P: the user's working directory must not shadow hopscope's or uvicorn's modules.
     command = [sys.executable, "-P", "-m", "hopscope.app.demo.server", "--fd", str(fd)]
@@ -95,17 +99,18 @@ class Demo:
         collector_url: str,
         *,
         delay: float,
+        server_timing: bool = False,
     ) -> None:
         self.log = stack.enter_context(tempfile.TemporaryFile())
         sock = listen(0)
         try:
-            self.proc = _spawn(sock, collector_url, self.log)
+            self.proc = _spawn(sock, collector_url, self.log, server_timing)
             self.app_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         finally:
             sock.close()  # the app process has its own copy
         stack.callback(_stop_process, self.proc)
         try:
-            front = Front(public, self.app_url, collector_url)
+            front = Front(public, self.app_url, collector_url, server_timing=server_timing)
         except ProxyError as exc:
             raise DemoError(str(exc)) from None
         stack.callback(front.stop)
@@ -127,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", required=True, help="the collector's address")
     parser.add_argument("--delay", type=float, default=0.2)
     parser.add_argument("--requests", type=int)
+    parser.add_argument("--server-timing", action="store_true")
     args = parser.parse_args(argv)
     link = ParentLink()
     with contextlib.ExitStack() as stack:
         public = stack.enter_context(socket.socket(fileno=args.fd))
         try:
-            demo = Demo(stack, public, args.sink, delay=args.delay)
+            demo = Demo(
+                stack, public, args.sink, delay=args.delay, server_timing=args.server_timing
+            )
         except DemoError as exc:
             link.send(("error", str(exc)))
             return 1

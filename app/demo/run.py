@@ -47,6 +47,8 @@ def run_demo(
     output: str | None = None,
     delay: float = 0.2,
     out: Any = None,
+    otlp: str | None = None,
+    server_timing: bool = False,
 ) -> int:
     """Run the demo printing a line per request; returns the number of lines printed.
 
@@ -58,8 +60,11 @@ def run_demo(
     # a busy machine still prints whole requests.
     tail = Tail(out, hold=HOLD)
     demo: Demo | None = None
+    sender = _sender(otlp)
 
     def consume(events: list[dict[str, Any]]) -> None:
+        if sender is not None:
+            sender.feed(events)
         try:
             tail.feed(events)
         except BrokenPipeError:  # ``hopscope demo | head``: the reader is done
@@ -75,10 +80,13 @@ def run_demo(
             collector.stop()
             with contextlib.suppress(BrokenPipeError):
                 tail.close()
+            if sender is not None:
+                sender.close()
+                click.echo(f"hopscope: {sender.summary()}", err=True)
 
         stack.callback(stop_collector)
         try:
-            demo = Demo(stack, public, collector.url, delay=delay)
+            demo = Demo(stack, public, collector.url, delay=delay, server_timing=server_timing)
             click.echo(
                 f"hopscope demo: open {demo.url} (hopscope's proxy; app on {demo.app_url}, "
                 f"collector on {collector.url}) (Ctrl+C to stop)",
@@ -103,6 +111,18 @@ def run_demo(
     return tail.printed
 
 
+def _sender(url: str | None) -> Any:
+    """An OTLP sender for ``--otlp URL`` (a bad URL is a one-line error), or None."""
+    if url is None:
+        return None
+    from ..otlp_sender import OtlpSender
+
+    try:
+        return OtlpSender(url, warn=lambda line: click.echo(f"hopscope: {line}", err=True))
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
+
+
 def build_demo_app(
     *,
     requests: int | None = None,
@@ -110,6 +130,8 @@ def build_demo_app(
     output: str | None = None,
     delay: float = 0.2,
     max_requests: int = 50_000,
+    otlp: str | None = None,
+    server_timing: bool = False,
 ) -> Session:
     """The demo under the UI, as a :class:`~hopscope.app.ui.Session` (not yet running).
 
@@ -120,8 +142,10 @@ def build_demo_app(
     stack = contextlib.ExitStack()
     try:
         public = stack.enter_context(listen(port))
-        source, feed = live_source(stack, "127.0.0.1:0", "demo", output=output)
+        source, feed = live_source(stack, "127.0.0.1:0", "demo", output=output, otlp=otlp)
         args = ["--fd", str(public.fileno()), "--sink", feed.url, "--delay", repr(delay)]
+        if server_timing:
+            args.append("--server-timing")
         if requests is not None:
             args += ["--requests", str(requests)]
         engine = ChildProcess("hopscope.app.demo.engine", args, pass_fds=(public.fileno(),))

@@ -1,0 +1,225 @@
+"""The screens of resending from the UI: where to, what to send, and what changed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Group, RenderableType
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Input, Static, TextArea
+
+from .resend import Outgoing, Resent
+
+__all__ = ["ComparisonScreen", "EditScreen", "TargetScreen", "render_comparison"]
+
+#: Body bytes shown per side; the rest is summarised.
+BODY_SHOWN = 8_000
+
+
+class TargetScreen(ModalScreen[str | None]):
+    """Asks where to resend; dismisses with the target, or None when cancelled."""
+
+    DEFAULT_CSS = """
+    TargetScreen { align: center middle; }
+    TargetScreen > #target-box {
+        width: 70; max-width: 95%; height: auto;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    TargetScreen #target-hint { color: $text-muted; }
+    """
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+
+    def __init__(self, target: str, count: int) -> None:
+        super().__init__()
+        self._target = target
+        self._count = count
+
+    def compose(self) -> ComposeResult:
+        what = "the request" if self._count == 1 else f"{self._count} requests"
+        with Vertical(id="target-box"):
+            yield Static(f"Replay {what} against (http://HOST:PORT):")
+            yield Input(self._target, id="target-input")
+            yield Static("enter to send, esc to cancel", id="target-hint")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def _headers_text(headers: Sequence[tuple[str, str]]) -> str:
+    return "\n".join(f"{name}: {value}" for name, value in headers)
+
+
+def parse_headers(text: str) -> list[tuple[str, str]]:
+    """``Name: value`` lines (blank lines and lines without a colon are skipped)."""
+    out = []
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if colon and name.strip():
+            out.append((name.strip(), value.strip()))
+    return out
+
+
+class EditScreen(ModalScreen[Outgoing | None]):
+    """The request as it will be sent, editable; Ctrl+S sends."""
+
+    DEFAULT_CSS = """
+    EditScreen { align: center middle; }
+    EditScreen > #edit-box {
+        width: 100; max-width: 98%; height: 90%;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    EditScreen #edit-line { height: 3; }
+    EditScreen #edit-method { width: 14; }
+    EditScreen #edit-url { width: 1fr; }
+    EditScreen #edit-headers { height: 1fr; }
+    EditScreen #edit-body { height: 1fr; }
+    EditScreen .edit-label, EditScreen #edit-hint { color: $text-muted; }
+    """
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Cancel", show=False),
+        Binding("ctrl+s", "send", "Send", show=False),
+    ]
+
+    def __init__(self, request: Outgoing) -> None:
+        super().__init__()
+        self._request = request
+
+    def compose(self) -> ComposeResult:
+        request = self._request
+        with Vertical(id="edit-box"):
+            with Horizontal(id="edit-line"):
+                yield Input(request.method, id="edit-method")
+                yield Input(request.url, id="edit-url")
+            yield Static("Headers (Name: value, one a line)", classes="edit-label")
+            yield TextArea(_headers_text(request.headers), id="edit-headers")
+            yield Static("Body", classes="edit-label")
+            yield TextArea(request.body.decode("utf-8", "replace"), id="edit-body")
+            yield Static("ctrl+s to send, esc to cancel, tab to move", id="edit-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#edit-url", Input).focus()
+
+    def edited(self) -> Outgoing:
+        method = self.query_one("#edit-method", Input).value.strip().upper() or "GET"
+        url = self.query_one("#edit-url", Input).value.strip()
+        headers = parse_headers(self.query_one("#edit-headers", TextArea).text)
+        body = self.query_one("#edit-body", TextArea).text.encode("utf-8")
+        return Outgoing(method, url, headers, body)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_send()
+
+    def action_send(self) -> None:
+        self.dismiss(self.edited())
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def _body(data: bytes, truncated: bool = False) -> Text:
+    if not data:
+        return Text("(no body)", style="dim")
+    text = Text(data[:BODY_SHOWN].decode("utf-8", "replace"))
+    if len(data) > BODY_SHOWN:
+        text.append(f"\n… {len(data) - BODY_SHOWN:,} more bytes", style="dim")
+    if truncated:
+        text.append("\n(truncated at capture)", style="dim")
+    return text
+
+
+def _side(
+    title: str,
+    status: int | None,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    truncated: bool = False,
+) -> RenderableType:
+    head = Text(title, style="bold underline")
+    status_line = Text(f"status {status if status is not None else '-'}", style="bold")
+    lines = Text("\n".join(f"{n}: {v}" for n, v in headers) or "(no headers)", style="cyan")
+    return Group(head, status_line, lines, Text(), _body(body, truncated))
+
+
+def render_comparison(result: Resent) -> tuple[RenderableType, RenderableType, RenderableType]:
+    """``(verdict and differences, captured side, replayed side)``."""
+    captured, request = result.captured, result.request
+    head = Text(f"{request.method} {request.url}", style="bold")
+    verdict = Text()
+    if result.error is not None:
+        verdict.append("ERROR ", style="bold #ff5f5f")
+        verdict.append(result.error)
+    elif result.comparison is not None and result.comparison.same:
+        verdict.append("same", style="bold #5fd75f")
+        verdict.append(" as captured", style="dim")
+    elif result.comparison is not None:
+        verdict.append("DIFFERENT", style="bold #ff5f5f")
+        for difference in result.comparison.differences:
+            verdict.append(f"\n  {difference}")
+    verdict.append(f"   ({result.duration_ns / 1e6:.1f} ms)", style="dim")
+    old = _side(
+        "captured",
+        captured.status,
+        captured.response_headers,
+        captured.response_body,
+        captured.response_truncated,
+    )
+    new = _side("replayed", result.status, result.headers, result.body)
+    return Group(head, verdict), old, new
+
+
+class ComparisonScreen(ModalScreen[None]):
+    """Each resent request: the verdict, then the captured and new response side by side."""
+
+    DEFAULT_CSS = """
+    ComparisonScreen { align: center middle; }
+    ComparisonScreen > #compare-box {
+        width: 98%; height: 95%; border: round $accent; background: $surface; padding: 0 1;
+    }
+    ComparisonScreen .compare-verdict { margin: 1 0 0 0; }
+    ComparisonScreen .compare-sides { height: auto; }
+    ComparisonScreen .compare-side { width: 1fr; height: auto; padding: 0 1 0 0; }
+    ComparisonScreen #compare-hint { color: $text-muted; }
+    """
+
+    BINDINGS = [Binding("escape,q", "dismiss", "Close", show=False)]
+
+    def __init__(self, results: Sequence[Resent]) -> None:
+        super().__init__()
+        self.results = list(results)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="compare-box"):
+            yield Static("esc to close", id="compare-hint")
+            for result in self.results:
+                verdict, old, new = render_comparison(result)
+                yield Static(verdict, classes="compare-verdict")
+                with Horizontal(classes="compare-sides"):
+                    yield Static(old, classes="compare-side")
+                    yield Static(new, classes="compare-side")
+
+    def text(self) -> str:
+        """Everything the screen says, as plain text (for tests and copying)."""
+        parts = []
+        for result in self.results:
+            for renderable in render_comparison(result):
+                parts.append(_plain(renderable))
+        return "\n".join(parts)
+
+
+def _plain(renderable: RenderableType) -> str:
+    if isinstance(renderable, Text):
+        return renderable.plain
+    if isinstance(renderable, Group):
+        return "\n".join(_plain(r) for r in renderable.renderables)
+    return str(renderable)
