@@ -537,3 +537,35 @@ def test_export_of_neither_format_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "not a HAR file" in result.output
     missing = CliRunner().invoke(main, ["export", str(tmp_path / "none"), "--har", "-"])
     assert missing.exit_code == 1 and "cannot open" in missing.output
+
+
+def test_a_body_cut_at_capture_stays_marked_through_har(tmp_path: Path) -> None:
+    """capture -> HAR -> load_har must keep "truncated", so replay never sends it cut."""
+    from hopscope.tracing import FileSink, load
+    from hopscope.tracing.har import load_har, traces_to_har
+    from hopscope.tracing.replay import captured_request
+
+    trace_file = tmp_path / "t.jsonl"
+    sink = FileSink(trace_file)
+    attrs = {
+        "http.request.method": "POST",
+        "url.path": "/upload",
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": 8000,
+        "http.request.headers": [(b"host", b"127.0.0.1:8000")],
+    }
+    end = {
+        "http.response.status_code": 200,
+        "http.request.body": [b"x" * 100],
+        "http.request.body.size": 5000,
+        "http.request.body.truncated": True,
+    }
+    sink.emit(("s", 1_000, 7, 9, 0, "app", "POST /upload", 1, attrs))
+    sink.emit(("e", 2_000, 7, 9, end))
+    sink.close()
+    har = tmp_path / "t.har"
+    har.write_text(json.dumps(traces_to_har(load(trace_file))))
+    (trace,) = load_har(har)
+    request = captured_request(trace)
+    assert request is not None and request.truncated

@@ -396,3 +396,20 @@ def test_playback_keys_without_a_playback_only_tell(key: str) -> None:
         )
 
     run_app(app, scenario)
+
+
+def test_a_body_cut_at_capture_is_not_resent_unless_edited() -> None:
+    from hopscope.tracing.replay import CapturedRequest
+    from hopscope.tui.resend import Outgoing, send
+
+    fields = {f: None for f in CapturedRequest.__dataclass_fields__}
+    fields.update(
+        method="POST", path="/upload", query="", headers=[], body=b"x" * 10, truncated=True,
+        status=200, response_headers=[], response_body=b"", response_truncated=False,
+    )  # fmt: skip
+    captured = CapturedRequest(**fields)  # type: ignore[arg-type]
+    # The port is never contacted: the refusal comes first.
+    result = send(captured, Outgoing("POST", "http://127.0.0.1:9/upload", [], b"x" * 10))
+    assert result.status is None and "truncated at capture" in (result.error or "")
+    edited = send(captured, Outgoing("POST", "http://127.0.0.1:9/upload", [], b"whole"))
+    assert "truncated" not in (edited.error or "")

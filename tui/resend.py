@@ -107,6 +107,11 @@ def send(captured: CapturedRequest, request: Outgoing, *, timeout: float = 30.0)
     """Send ``request`` (blocking: call it from a worker thread); never raises for
     network trouble, the result says what went wrong."""
     result = Resent(captured, request)
+    if captured.truncated and request.body == captured.body:
+        # Never send a body cut at capture as if it were whole (hopscope replay skips
+        # these too); a body typed in the edit screen is the user's own.
+        result.error = "not sent: its body was truncated at capture (e to edit the body)"
+        return result
     start = 0
     try:
         with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
