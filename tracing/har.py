@@ -695,13 +695,12 @@ def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
         attrs["http.request.body.size"] = len(sent)
         # A body cut at capture (hopscope's own export says so; any HAR says it by a
         # bodySize larger than the text) must never be replayed as if whole.
-        declared = request.get("bodySize")
+        size = request.get("bodySize")
+        declared = size if isinstance(size, int) and not isinstance(size, bool) else -1
         noted = str(post.get("comment", "")).startswith("hopscope kept only")
-        larger = isinstance(declared, int) and not isinstance(declared, bool)
-        if noted or (larger and declared > len(sent)):
+        if noted or declared > len(sent):
             attrs["http.request.body.truncated"] = True
-            if larger and declared > len(sent):
-                attrs["http.request.body.size"] = declared
+            attrs["http.request.body.size"] = max(declared, len(sent))
     status = response.get("status")
     if isinstance(status, int) and not isinstance(status, bool) and status > 0:
         attrs["http.response.status_code"] = status
