@@ -585,9 +585,23 @@ def test_copy_curl_of_the_selected_request_by_key_and_from_the_palette() -> None
 
         await pilot.press("down", "ctrl+p")
         await wait_for(pilot, lambda: CommandPalette.is_open(app), "the palette")
-        await pilot.press(*"export: copy", "enter")
+        await pilot.press(*"export: copy request as curl", "enter")
         await wait_for(pilot, lambda: "PUT" in app.clipboard, "the palette's copy")
         assert app.clipboard.startswith("curl -X PUT 'http://testserver/items/6?n=6'")
+
+    run(scenario)
+
+
+def test_copy_as_httpie_and_httpx_from_the_palette_actions() -> None:
+    async def scenario(app: HopscopeApp, pilot: Pilot[None], source: QueueSource) -> None:
+        source.push(request_events(7, method="PATCH"))
+        await wait_for(pilot, lambda: len(app.store) == 1, "a row")
+        await pilot.press("up")
+        await app.run_action("copy_as('httpie')")
+        assert app.clipboard.startswith("http --ignore-stdin PATCH 'http://testserver/items/7")
+        await app.run_action("copy_as('httpx')")
+        assert "import httpx" in app.clipboard
+        assert "client.request('PATCH', 'http://testserver/items/7" in app.clipboard
 
     run(scenario)
 

@@ -457,6 +457,24 @@ class HopscopeApp(App[None]):
             message, title="Copied as curl", severity="warning" if warnings else "information"
         )
 
+    def action_copy_as(self, form: str) -> None:
+        """Copy the selected request as an HTTPie command or an httpx script (the same
+        text ``hopscope export --httpie/--httpx`` prints, secrets left out)."""
+        trace = self._selected_trace
+        if trace is None:
+            self.notify("Select a request first.", severity="warning")
+            return
+        from hopscope.tracing.copyas import as_httpie, as_httpx
+
+        make = {"httpie": as_httpie, "httpx": as_httpx}.get(form)
+        if make is None:
+            self.notify(f"Unknown copy form {form!r}.", severity="error")
+            return
+        text = make(trace)
+        self.copy_to_clipboard(text)
+        shown = text if len(text) <= 300 else text[:299] + "…"
+        self.notify(shown, title=f"Copied as {'HTTPie' if form == 'httpie' else 'httpx'}")
+
     def action_save(self, filtered: bool = False) -> None:
         rows: list[Row] | None = list(self.store.view) if filtered else None
         if self.recording and not filtered:

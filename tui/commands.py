@@ -36,6 +36,16 @@ PALETTE: list[tuple[str, str, str]] = [
         "Write only the requests the filter shows",
     ),
     ("export: copy request as curl", "copy_curl", "Put a curl command for it on the clipboard"),
+    (
+        "export: copy request as HTTPie",
+        "copy_as('httpie')",
+        "Put an HTTPie command for it on the clipboard",
+    ),
+    (
+        "export: copy request as httpx",
+        "copy_as('httpx')",
+        "Put a Python httpx script for it on the clipboard",
+    ),
 ]
 
 
