@@ -754,7 +754,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short run (about a minute)")
     parser.add_argument("--collector", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
-    parser.add_argument("--skip-e2e", action="store_true", help="in-process figures only")
+    parser.add_argument(
+        "--in-process-only",
+        "--skip-e2e",
+        dest="skip_e2e",
+        action="store_true",
+        help="in-process figures only (no servers, no load generator)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args()
     if args.collector:

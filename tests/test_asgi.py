@@ -8,16 +8,23 @@ recording by exact values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
+import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hopscope.tracing import MemorySink, span, wrap
+from hopscope.tracing import FileSink, MemorySink, Sink, load, span, wrap
 from hopscope.tracing.asgi import FIRST_CHUNKS, WS_PREVIEW, ASGIMiddleware
 from hopscope.tracing.context import SpanContext, current
 from hopscope.tracing.model import Span, Trace
-from hopscope.tracing.records import BODY_LIMIT
+from hopscope.tracing.records import BODY_LIMIT, Record, legacy, process_info, to_events
+from hopscope.tracing.tracefile import read_events
 from hopscope.tracing.traceparent import format_traceparent
 from hopscope.tracing.wrap import is_asgi
 
@@ -26,6 +33,7 @@ App = Callable[..., Awaitable[Any]]
 TIMEOUT = 5.0
 
 REQUEST_END: Message = {"type": "http.request", "body": b"", "more_body": False}
+log = logging.getLogger("hopscope.tests.asgi")
 
 
 def http_scope(
@@ -124,7 +132,7 @@ def events(span_: Span, name: str) -> list[dict[str, Any]]:
 
 
 def end_records(sink: MemorySink) -> list[tuple[Any, ...]]:
-    return [r for r in sink.records() if r[0] == "e"]
+    return [r for r in legacy(sink.records()) if r[0] == "e"]
 
 
 # -- a plain exchange ------------------------------------------------------------------
@@ -327,9 +335,9 @@ def test_trailers_end_the_span_after_the_last_trailers_message() -> None:
     ]
     assert s.attrs["http.response.body.size"] == 4
     # the end event comes after both trailers events
-    names = [r[4] for r in sink.records() if r[0] == "p"]
+    names = [r[4] for r in legacy(sink.records()) if r[0] == "p"]
     assert names[-2:] == ["response.trailers", "response.trailers"]
-    assert sink.records()[-1][0] == "e"
+    assert legacy(sink.records())[-1][0] == "e"
 
 
 # -- disconnects ----------------------------------------------------------------------
@@ -642,7 +650,7 @@ def test_traceparent_is_continued() -> None:
     assert trace.trace_id == f"{trace_id:032x}"
     s = app_span(trace)
     assert s.parent_id == f"{parent_id:016x}"
-    (start,) = [r for r in sink.records() if r[0] == "s"]
+    (start,) = [r for r in legacy(sink.records()) if r[0] == "s"]
     assert start[2] == trace_id and start[4] == parent_id
 
 
@@ -655,7 +663,7 @@ def test_malformed_traceparent_starts_a_new_trace() -> None:
 
     headers = [(b"traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")]
     run(ASGIMiddleware(app, sink=sink), http_scope(headers=headers))
-    (start,) = [r for r in sink.records() if r[0] == "s"]
+    (start,) = [r for r in legacy(sink.records()) if r[0] == "s"]
     assert start[2] != 0 and start[4] == 0
 
 
@@ -683,7 +691,7 @@ def test_current_context_is_the_request_and_is_reset_between_requests() -> None:
 
     asyncio.run(connection())
     assert outside == [None, None, None]
-    starts = {r[3]: r for r in sink.records() if r[0] == "s"}
+    starts = {r[3]: r for r in legacy(sink.records()) if r[0] == "s"}
     first, _, second, _ = inside
     assert first is not None and second is not None
     assert starts[first.span_id][6] == "GET /one" and starts[second.span_id][6] == "GET /two"
@@ -914,7 +922,7 @@ def test_server_hop_ids_take_precedence_over_traceparent() -> None:
     scope = http_scope(headers=[(b"traceparent", format_traceparent(0x1, 0x2).encode())])
     scope["hopscope"] = {"trace_id": 0xAA, "parent_id": 0xBB, "queue_ns": None}
     run(ASGIMiddleware(app, sink=sink), scope)
-    (start,) = [r for r in sink.records() if r[0] == "s"]
+    (start,) = [r for r in legacy(sink.records()) if r[0] == "s"]
     assert (start[2], start[4]) == (0xAA, 0xBB)
 
 
@@ -933,3 +941,224 @@ def test_websocket_app_exception_is_recorded_and_propagates() -> None:
     assert exc["exception.type"] == "builtins.ValueError"
     assert s.attrs["error"] is True and s.attrs["websocket.accepted"] is True
     assert "http.response.status_code" not in s.attrs
+
+
+# -- one record per request ------------------------------------------------------------
+#
+# A MemorySink or a batching sink takes each HTTP request whole (a sinks.Recording) and
+# makes one "r" record of it; a sink that only knows emit() gets every record as it
+# happens.  The wire events must be the same either way, in the same order.
+
+
+class EmitOnlySink(Sink):
+    """A sink as third parties write them: emit() only."""
+
+    def __init__(self) -> None:
+        self.got: list[Record] = []
+
+    def emit(self, record: Record) -> None:
+        self.got.append(record)
+
+
+def comparable(events: list[dict[str, Any]]) -> list[Any]:
+    """Events with ids numbered by first appearance and times left out."""
+    ids: dict[str, int] = {}
+
+    def number(value: str | None) -> int | None:
+        return None if value is None else ids.setdefault(value, len(ids))
+
+    out = []
+    for event in events:
+        same = {k: v for k, v in event.items() if k not in ("ts", "trace_id", "span_id")}
+        attrs = {k: v for k, v in event["attrs"].items() if not k.endswith("_ts")}
+        same["attrs"] = attrs
+        same["ids"] = (number(event["trace_id"]), number(event["span_id"]))
+        if "parent_id" in event:
+            same["parent_id"] = number(event["parent_id"])
+        out.append(same)
+    return out
+
+
+def both_ways(app: App, server: Callable[[], FakeServer], **options: Any) -> list[Any]:
+    """The app's events through a MemorySink (one "r" record) and through an emit-only
+    sink (one record per event): checked equal, then returned."""
+    live, eager = MemorySink(), EmitOnlySink()
+    for sink in (live, eager):
+        with contextlib.suppress(Exception):
+            run(ASGIMiddleware(app, sink=sink, **options), server=server())
+    assert {r[0] for r in live.records()} <= {"r", "p"}  # "p": emitted after the end
+    assert "r" not in {r[0] for r in eager.got}
+    info = process_info(os.getpid())
+    live_events = comparable(live.events())
+    eager_events = comparable([e for r in eager.got for e in to_events(r, info)])
+    assert live_events == eager_events
+    return live_events
+
+
+async def _streaming_app(scope: Any, receive: Any, send: Any) -> None:
+    log.warning("before the response")
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    with span("work", table="users"):
+        log.warning("inside a user span")
+    await send({"type": "http.response.start", "status": 201, "headers": [(b"a", b"1")]})
+    for i in range(FIRST_CHUNKS + 2):
+        await send({"type": "http.response.body", "body": body[i : i + 1], "more_body": True})
+        log.warning("after chunk %d", i)
+    await send({"type": "http.response.body", "body": b"end"})
+
+
+def _chunks(count: int) -> list[Message]:
+    return [
+        {"type": "http.request", "body": bytes([65 + i]) * 3, "more_body": i < count - 1}
+        for i in range(count)
+    ]
+
+
+def test_one_record_per_request_makes_the_same_events_in_the_same_order() -> None:
+    events_ = both_ways(_streaming_app, lambda: FakeServer(_chunks(FIRST_CHUNKS + 3)))
+    names = [(e["kind"], e.get("name")) for e in events_]
+    assert names[:2] == [("span_start", "GET /"), ("event", "log")]
+    assert names.count(("event", "request.body")) == FIRST_CHUNKS
+    assert names.count(("event", "response.body")) == FIRST_CHUNKS
+    assert ("event", "request.body.summary") in names
+    assert ("event", "response.body.summary") in names
+    assert names[-1] == ("span_end", None)
+    # logs stay where they happened among the middleware's own events
+    at = names.index(("event", "response.start"))
+    body, log_ = ("event", "response.body"), ("event", "log")
+    assert names[at + 1 : at + 5] == [body, log_, body, log_]
+
+
+def test_one_record_per_request_matches_for_errors_and_edge_cases() -> None:
+    async def fails_after_start(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        raise RuntimeError("midway")
+
+    async def fails_after_end(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"done"})
+        raise RuntimeError("afterwards")
+
+    async def trailers(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "trailers": True})
+        await send({"type": "http.response.body", "body": b"abcdefghijkl"})
+        await send({"type": "http.response.trailers", "headers": [(b"x-t", b"1")]})
+
+    async def incomplete(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204})
+
+    for app in (fails_after_start, fails_after_end, trailers, incomplete):
+        events_ = both_ways(app, FakeServer, body_limit=5)
+        assert events_[-1]["kind"] in ("span_end", "span_start")  # background spans last
+    disconnected = both_ways(
+        _streaming_app, lambda: FakeServer(_chunks(2), fail=OSError("gone")), body_limit=4
+    )
+    app_ids = disconnected[0]["ids"]
+    (end,) = [e for e in disconnected if e["kind"] == "span_end" and e["ids"] == app_ids]
+    assert end["attrs"]["disconnected"] is True
+    assert end["attrs"]["http.request.body"] == "QUFBQg=="  # b"AAAB": cut at the limit
+
+
+def test_a_running_request_shows_at_each_drain(tmp_path: Path) -> None:
+    """A batching sink sends the start and the events so far of a request still running
+    at a drain, and the rest (with no second start) once it is over."""
+    path = tmp_path / "live.jsonl"
+    sink = FileSink(path, interval=0.01)
+
+    def seen() -> list[tuple[str, str | None]]:
+        return [(e["kind"], e.get("name")) for e in read_events(path)]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        deadline = time.monotonic() + TIMEOUT
+        while ("event", "response.body") not in seen():
+            assert time.monotonic() < deadline, f"not shown while running: {seen()}"
+            await asyncio.sleep(0.005)
+        shown = [("span_start", "GET /"), ("event", "response.start"), ("event", "response.body")]
+        assert seen() == shown
+        await send({"type": "http.response.body", "body": b"last"})
+
+    run(ASGIMiddleware(app, sink=sink))
+    sink.flush()  # waits for the end of a request a drain saw running
+    assert seen() == [
+        ("span_start", "GET /"),
+        ("event", "response.start"),
+        ("event", "response.body"),
+        ("span_end", None),
+    ]
+    sink.close()
+    (trace,) = load(path)
+    assert app_span(trace).body("response") == b"firstlast"
+
+
+def test_records_made_after_the_request_go_to_the_sink_directly() -> None:
+    sink = MemorySink()
+    later: list[asyncio.Task[None]] = []
+
+    async def log_later() -> None:
+        await asyncio.sleep(0.01)
+        log.warning("after the request")  # the task copied the request's context
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        later.append(asyncio.create_task(log_later()))
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main() -> None:
+        await FakeServer().run(ASGIMiddleware(app, sink=sink), http_scope())
+        await later[0]
+
+    asyncio.run(main())
+    assert [r[0] for r in sink.records()] == ["r", "p"]
+    (message,) = [e.attrs["message"] for e in app_span(the_trace(sink)).events if e.name == "log"]
+    assert message == "after the request"
+
+
+def test_a_full_sink_drops_record_by_record() -> None:
+    sink = MemorySink(max_records=0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    run(ASGIMiddleware(app, sink=sink))
+    assert sink.dropped == 3  # span start, response.start, span end
+
+
+def test_requests_leave_no_reference_cycles_behind() -> None:
+    """Whatever a request allocates is freed by reference counting: cycles would wait
+    for the garbage collector, which would walk them (and all they hold) meanwhile."""
+    sink = MemorySink()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"in"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    def garbage(asgi_app: App) -> int:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                coroutine = asgi_app(http_scope(method="POST"), receive, send)
+                with contextlib.suppress(StopIteration):
+                    coroutine.send(None)
+            sink.clear()
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert garbage(ASGIMiddleware(app, sink=sink)) == garbage(app) == 0

@@ -26,7 +26,7 @@ from hopscope.tracing import MemorySink, span
 from hopscope.tracing.asgi import FIRST_CHUNKS, ASGIMiddleware
 from hopscope.tracing.context import SpanContext, current
 from hopscope.tracing.model import Span, Trace
-from hopscope.tracing.records import BODY_LIMIT
+from hopscope.tracing.records import BODY_LIMIT, legacy
 from hopscope.tracing.traceparent import format_traceparent
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -563,8 +563,9 @@ def wait_for(predicate: Any, what: str) -> None:
 
 def ended(sink: MemorySink, count: int = 1) -> bool:
     """True once ``count`` request spans have ended (the server runs them in its thread)."""
-    starts = {r[3] for r in sink.records() if r[0] == "s" and "interface" in (r[8] or ())}
-    return sum(1 for r in sink.records() if r[0] == "e" and r[3] in starts) >= count
+    records = legacy(sink.records())
+    starts = {r[3] for r in records if r[0] == "s" and "interface" in (r[8] or ())}
+    return sum(1 for r in records if r[0] == "e" and r[3] in starts) >= count
 
 
 def raw_exchange(port: int, request: bytes) -> bytes:

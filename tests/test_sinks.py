@@ -27,6 +27,7 @@ from hopscope.tracing.sinks import (
     WIRE_MAGIC,
     FileSink,
     MemorySink,
+    Recording,
     SocketSink,
     decode_frame,
     default_sink,
@@ -393,6 +394,7 @@ def test_encode_and_decode_frame_round_trip() -> None:
         ("e", 2, 2**127, 3, None),
         ("p", 3, 2**127, 3, "x", {"nested": {"a": [1, 2.5, True]}}),
         ("c", 4, 5, 2**127, 4, 3, "app", "background", 9, {}),
+        ("r", 1, 2**127, 3, 0, 9, "asgi", ("GET", None), 1, (2, 200), [(2, 1, 200, []), None]),
     ]
     frame = encode_frame(batch, 12, {"process.pid": 42})
     (length,) = struct.unpack("!I", frame[:4])
@@ -417,6 +419,7 @@ def test_encode_and_decode_frame_round_trip() -> None:
         pytest.param(marshal.dumps((1, {}, 0, [(["s"], 1)])), id="unhashable-shape"),
         pytest.param(marshal.dumps((1, {}, 0, [("s", 1, 2, 3)])), id="short-record"),
         pytest.param(marshal.dumps((1, {}, 0, [("p", 1, 1, 1, "x", None, 0)])), id="long-record"),
+        pytest.param(marshal.dumps((1, {}, 0, [("r", 1, 2, 3, 0, 9, "asgi")])), id="short-r"),
     ],
 )
 def test_decode_frame_rejects_malformed_payloads(payload: bytes) -> None:
@@ -556,3 +559,39 @@ def test_env_file_sinks_of_several_workers_append_to_one_trace(tmp_path: Path) -
     # An explicit FileSink (hopscope's -o) starts a fresh trace.
     FileSink(path).close()
     assert list(read_events(path)) == []
+
+
+# -- recordings (requests handed over whole) ------------------------------------------
+
+
+class _Unrecordable(Recording):
+    """A request whose raw fields no start record can be made of (a client that is no
+    pair): what an odd server could hand over."""
+
+    interface = "asgi"
+
+    def __init__(self) -> None:
+        self.sink = MemorySink()
+        self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id = 1, 2, 3, 0, 4
+        self.request = ("GET", "http", "1.1", "/", b"", 42, None, [], "")
+        self.items = []
+        self.end_at = -1
+        self.done = False
+        self._state = -1
+
+
+def test_a_request_that_cannot_be_recorded_is_counted_and_the_drain_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "odd.jsonl"
+    sink = FileSink(path, interval=0.01)
+    assert sink.start_live(_Unrecordable())
+    sink.emit(("p", 5, 6, 7, "tick", None))
+    sink.flush()
+    assert [e["name"] for e in read_events(path) if e["kind"] == "event"] == ["tick"]
+    sink.emit(("p", 8, 6, 7, "tock", None))
+    sink.close()
+    assert sink.dropped == 1
+    events = list(read_events(path))
+    assert [e["name"] for e in events if e["kind"] == "event"] == ["tick", "tock"]
+    assert [e["count"] for e in events if e["kind"] == "dropped"] == [1]

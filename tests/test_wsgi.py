@@ -6,8 +6,11 @@ so nothing here may have side effects at import time.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
+import logging
 import marshal
 import os
 import re
@@ -28,10 +31,11 @@ from wsgiref.validate import WSGIWarning, validator
 import flask
 import httpx
 import pytest
-from hopscope.tracing import MemorySink, Span, Trace, load, span, wrap
+from hopscope.tracing import FileSink, MemorySink, Sink, Span, Trace, load, span, wrap
 from hopscope.tracing.context import current
-from hopscope.tracing.records import BODY_LIMIT
-from hopscope.tracing.wsgi import WSGIMiddleware
+from hopscope.tracing.records import BODY_LIMIT, Record, legacy, process_info, to_events
+from hopscope.tracing.tracefile import read_events
+from hopscope.tracing.wsgi import EVENT_CHUNKS, WSGIMiddleware
 
 # A missing close() shows up only as an "unraisable" exception in the validator's
 # __del__; make it fail the test that caused it.
@@ -231,7 +235,7 @@ def test_large_response_is_counted_and_capture_truncated(sink: MemorySink) -> No
     assert s.attrs["http.response.body.truncated"] is True
     assert s.body("response") == LARGE[:BODY_LIMIT]
     # The record keeps no more than the limit, whatever the chunk size.
-    end = next(r for r in sink.records() if r[0] == "e")
+    end = next(r for r in legacy(sink.records()) if r[0] == "e")
     assert sum(len(c) for c in end[4]["http.response.body"]) == BODY_LIMIT
 
 
@@ -668,7 +672,7 @@ def test_span_ends_only_after_close_returns(sink: MemorySink) -> None:
 
     class Body(Closing):
         def close(self) -> None:
-            seen.append([r[0] for r in sink.records()])
+            seen.append([r[0] for r in legacy(sink.records())])
             super().close()
 
     def app(environ: dict[str, Any], start_response: Any) -> Body:
@@ -677,7 +681,7 @@ def test_span_ends_only_after_close_returns(sink: MemorySink) -> None:
 
     serve(WSGIMiddleware(app, sink=sink))
     assert "e" not in seen[0]
-    assert sink.records()[-1][0] == "e"
+    assert legacy(sink.records())[-1][0] == "e"
 
 
 def test_lists_keep_their_length(sink: MemorySink) -> None:
@@ -1069,3 +1073,134 @@ def test_werkzeug_server(sink: MemorySink) -> None:
     assert streamed.finished
     # Werkzeug always sets CONTENT_TYPE, empty when absent: that is not a header.
     assert "content-type" not in [name for name, _ in streamed.headers("request")]
+
+
+# -- one record per request ---------------------------------------------------------
+#
+# A MemorySink or a batching sink takes each request whole and makes one "r" record of
+# it; a sink that only knows emit() gets every record as it happens.  The wire events
+# must be the same either way, in the same order.
+
+
+class EmitOnlySink(Sink):
+    def __init__(self) -> None:
+        self.got: list[Record] = []
+
+    def emit(self, record: Record) -> None:
+        self.got.append(record)
+
+
+def comparable(events: list[dict[str, Any]]) -> list[Any]:
+    """Events with ids numbered by first appearance and times left out."""
+    ids: dict[str, int] = {}
+    out = []
+    for event in events:
+        same = {k: v for k, v in event.items() if k not in ("ts", "trace_id", "span_id")}
+        same["attrs"] = {k: v for k, v in event["attrs"].items() if not k.endswith("_ts")}
+        same["ids"] = [ids.setdefault(event[k], len(ids)) for k in ("trace_id", "span_id")]
+        if event.get("parent_id") is not None:
+            same["parent_id"] = ids.setdefault(event["parent_id"], len(ids))
+        out.append(same)
+    return out
+
+
+def logged_stream(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    logging.getLogger("legacy").warning("before the response")
+    data = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    for i in range(EVENT_CHUNKS + 2):
+        yield data[i : i + 1]
+        logging.getLogger("legacy").warning("after chunk %d", i)
+    with span("tail"):
+        yield b"end"
+
+
+def test_one_record_per_request_makes_the_same_events_in_the_same_order() -> None:
+    flask = flask_app()
+    cases = [
+        (logged_stream, "POST", "/", b"0123456789"),
+        (flask, "GET", "/items/7", b""),
+        (flask, "GET", "/stream-traced", b""),
+        (flask, "GET", "/boom", b""),
+        (flask, "GET", "/file", b""),
+    ]
+    for app, method, path, body in cases:
+        live, eager = MemorySink(), EmitOnlySink()
+        for sink in (live, eager):
+            with contextlib.suppress(RuntimeError):
+                serve(WSGIMiddleware(app, sink=sink, body_limit=4), method, body, path)
+        assert {r[0] for r in live.records()} == {"r"}
+        info = process_info(os.getpid())
+        eager_events = [e for r in eager.got for e in to_events(r, info)]
+        assert comparable(live.events()) == comparable(eager_events), path
+    kinds = [(e["kind"], e.get("name")) for e in live.events()]
+    assert kinds[0] == ("span_start", "GET /file") and kinds[-1] == ("span_end", None)
+
+
+def test_logs_keep_their_place_among_the_body_events() -> None:
+    sink = MemorySink()
+    serve(WSGIMiddleware(logged_stream, sink=sink), "POST", b"0123456789")
+    names = [e.name for e in app_span(only_trace(sink)).events]
+    assert names[:3] == ["log", "request.body", "response.start"]
+    # a chunk's event waits for the next chunk (is more coming?): the log comes first
+    assert names[3:7] == ["log", "response.body", "log", "response.body"]
+
+
+def test_a_running_request_shows_at_each_drain(tmp_path: Path) -> None:
+    path = tmp_path / "live.jsonl"
+    sink = FileSink(path, interval=0.01)
+
+    def seen() -> list[tuple[str, str | None]]:
+        return [(e["kind"], e.get("name")) for e in read_events(path)]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Length", "9")])
+        yield b"first"
+        deadline = time.monotonic() + 10
+        while ("event", "response.body") not in seen():
+            assert time.monotonic() < deadline, f"not shown while running: {seen()}"
+            time.sleep(0.005)
+        shown = [("span_start", "GET /"), ("event", "response.start"), ("event", "response.body")]
+        assert seen() == shown
+        yield b"last"
+
+    serve(WSGIMiddleware(app, sink=sink))
+    sink.flush()  # waits for the end of a request a drain saw running
+    assert [kind for kind, _ in seen()] == ["span_start", "event", "event", "event", "span_end"]
+    sink.close()
+    assert app_span(only_trace_of(load(path))).body("response") == b"firstlast"
+
+
+def only_trace_of(traces: list[Trace]) -> Trace:
+    assert len(traces) == 1, traces
+    return traces[0]
+
+
+def test_requests_leave_no_reference_cycles_behind() -> None:
+    """Whatever a request allocates is freed by reference counting: cycles would wait
+    for the garbage collector, which would walk them (and all they hold) meanwhile."""
+    sink = MemorySink()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", "2")])
+        yield b"ok"
+
+    def garbage(wsgi_app: Any) -> int:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                environ = {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "2"}
+                setup_testing_defaults(environ)
+                environ["wsgi.input"] = io.BytesIO(b"in")
+                result = wsgi_app(environ, lambda status, headers, exc_info=None: None)
+                for _ in result:
+                    pass
+                result.close()
+            sink.clear()
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert garbage(WSGIMiddleware(app, sink=sink)) == garbage(app)

@@ -3,8 +3,12 @@
 Pure ASGI, no ``BaseHTTPMiddleware``: ``receive`` and ``send`` are wrapped, messages pass
 through unchanged and unbuffered, and every message type this module does not know
 (pathsend, zerocopysend, early hints, push, future ones) goes through untouched.
-Per-request state lives in a recorder object made per call, never on the middleware, so
+Per-request state lives in a recording made per call, never on the middleware, so
 concurrent requests cannot mix (OpenTelemetry's ASGI middleware once did: contrib #5081).
+An HTTP request's recording is handed to the sink at once and only filled in afterwards
+(see :class:`~hopscope.tracing.sinks.Recording`): the request's own path takes timestamps
+and keeps references, and a request that is over before the next drain travels as one
+record.  WebSockets, long-lived and rare, emit their records as they happen.
 """
 
 from __future__ import annotations
@@ -13,13 +17,23 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
+from operator import itemgetter
 from typing import Any
 
 from .context import SpanContext, current
 from .exceptions import exception_event
 from .logs import install_log_capture
-from .records import BODY_LIMIT, new_span_id, new_trace_id
-from .sinks import Sink, default_sink
+from .records import (
+    ASGI_REQUEST,
+    BODY_LIMIT,
+    REQUEST_BODY,
+    RESPONSE_BODY,
+    RESPONSE_START,
+    _getrandbits,
+    new_span_id,
+)
+from .sinks import Recording, Sink, default_sink
 from .traceparent import parse_traceparent
 
 __all__ = ["ASGIMiddleware"]
@@ -63,18 +77,45 @@ class ASGIMiddleware:
             install_log_capture()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
-        kind = scope["type"]
-        if kind == "http":
-            return await _HTTPRecorder(self, scope).run(receive, send)
-        if kind == "websocket":
-            return await _WebSocketRecorder(self, scope).run(receive, send)
-        return await self.app(scope, receive, send)
+        # The request's whole life is in this one coroutine (no ``run`` of a recorder to
+        # await): every frame and coroutine object less is time the app gets back.
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                return await _WebSocketRecorder(self, scope).run(receive, send)
+            return await self.app(scope, receive, send)
+        recording = _HTTPRecording(self, scope)
+        sink = recording.sink
+        context_sink = recording if sink.start_live(recording) else recording.go_eager()
+        token = current.set(
+            _context(SpanContext, (context_sink, recording.trace_id, recording.span_id))
+        )
+        try:
+            # The server's channels are bound into what the app gets, not kept on the
+            # recording: it outlives the request until the next drain, and would keep
+            # the server's per-request objects alive (and walked by the collector of
+            # garbage) all that time.
+            result = await self.app(
+                scope, _partial(_receive, recording, receive), _partial(_send, recording, send)
+            )
+        except BaseException as exc:
+            recording.failed(exc)
+            raise
+        finally:
+            current.reset(token)
+        recording.returned()
+        return result
 
     def _sink(self) -> Sink:
         sink = self.sink
         if sink is None:
             sink = self.sink = default_sink()
         return sink
+
+
+#: ``tuple.__new__(SpanContext, fields)`` skips the named tuple's Python-level ``__new__``.
+_context = tuple.__new__
+_NO_SCOPE: Scope = {}
+_partial = partial
 
 
 def _request_attrs(scope: Scope, interface: str) -> dict[str, Any]:
@@ -95,6 +136,18 @@ def _request_attrs(scope: Scope, interface: str) -> dict[str, Any]:
     }
 
 
+#: The scope's request fields, in the order of :data:`records.ASGI_REQUEST`.
+_REQUEST_FIELDS = itemgetter(*ASGI_REQUEST)
+
+
+def _request_fields(scope: Scope) -> tuple[Any, ...]:
+    try:
+        return _REQUEST_FIELDS(scope)  # type: ignore[no-any-return]
+    except KeyError:  # optional keys missing: what _request_attrs would have read
+        fields = tuple(scope.get(key) for key in ASGI_REQUEST)
+        return (scope.get("method", "GET"), *fields[1:])
+
+
 def _ids(scope: Scope) -> tuple[int, int]:
     """(trace id, parent span id): the server hop's span when a hopscope server protocol
     runs (``scope["hopscope"]``), else an incoming ``traceparent``, else a new trace."""
@@ -107,15 +160,19 @@ def _ids(scope: Scope) -> tuple[int, int]:
             if parsed is not None:
                 return parsed
             break
-    return new_trace_id(), 0
+    return _getrandbits(128) or 1, 0  # records.new_trace_id, without the call
 
 
-def _route(scope: Scope, root_path: str) -> str | None:
+def _route(scope: Scope, root_path: Any) -> str | None:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if not isinstance(path, str):
         return None
     prefix = scope.get("root_path", "")
+    if prefix == root_path:
+        return path  # no mount in between (also what the slicing below gives then)
+    if not isinstance(root_path, str):
+        root_path = ""
     if not isinstance(prefix, str) or not prefix.startswith(root_path):
         return path
     prefix = prefix[len(root_path) :]
@@ -126,12 +183,12 @@ def _route(scope: Scope, root_path: str) -> str | None:
     return prefix + path
 
 
-_REQUEST_KEYS = ("http.request.body.size", "http.request.body", "http.request.body.truncated")
-_RESPONSE_KEYS = ("http.response.body.size", "http.response.body", "http.response.body.truncated")
-
-
 class _Body:
-    """Counts one direction's body and keeps its first bytes (references, not copies)."""
+    """Counts the request body and keeps its first bytes (references, not copies).
+
+    Made at the first chunk: most requests have none.  (The response's counters live
+    on the recording itself, as nearly every response has a body.)
+    """
 
     __slots__ = ("chunks", "count", "first_ts", "kept", "last_ts", "limit", "size")
 
@@ -155,22 +212,6 @@ class _Body:
             self.chunks.append(chunk)
             self.kept += size
 
-    def attrs(self, attrs: dict[str, Any], keys: tuple[str, str, str]) -> None:
-        size_key, body_key, truncated_key = keys
-        attrs[size_key] = self.size
-        if not self.size:
-            return
-        chunks = self.chunks
-        if self.kept > self.limit:
-            # The last chunk kept crosses the limit: cut it, once per request, so the
-            # capture is exactly the first ``limit`` bytes and the big chunk is let go.
-            last = chunks[-1]
-            chunks[-1] = last[: len(last) - (self.kept - self.limit)]
-            self.kept = self.limit
-        if chunks:
-            attrs[body_key] = chunks
-        attrs[truncated_key] = self.size > self.limit
-
     def summary(self) -> dict[str, int]:
         return {
             "count": self.count,
@@ -180,97 +221,96 @@ class _Body:
         }
 
 
-class _HTTPRecorder:
-    """One HTTP request's recording; made per call."""
+def _cut(chunks: Any, limit: int) -> Any:
+    """The kept chunks (bytes, or a list of them) cut to exactly ``limit`` bytes, once per
+    request, so the capture is the first ``limit`` bytes and a big chunk is let go."""
+    if type(chunks) is not list:
+        return chunks[:limit]
+    excess = sum(map(len, chunks)) - limit
+    if excess > 0:
+        last = chunks[-1]
+        chunks[-1] = last[: len(last) - excess]
+    return chunks
+
+
+class _HTTPRecording(Recording):
+    """One HTTP request's recording; made per call (see :class:`sinks.Recording`)."""
+
+    interface = "asgi"
 
     __slots__ = (
-        "app",
         "complete",
-        "disconnected",
         "end_extra",
         "end_ts",
-        "ended",
         "handling",
-        "middleware",
-        "receive_",
-        "request",
-        "response",
+        "limit",
+        "request_body",
+        "response_chunks",
+        "response_count",
+        "response_first",
         "response_headers",
-        "root_path",
+        "response_last",
+        "response_size",
+        "route",
         "scope",
-        "send_",
-        "sink",
-        "span_id",
-        "started",
         "status",
-        "trace_id",
         "trailers",
     )
 
-    def __init__(self, middleware: ASGIMiddleware, scope: Scope) -> None:
-        self.middleware = middleware
-        self.app = middleware.app
+    def __init__(self, middleware: ASGIMiddleware, scope: Scope):
+        self.start = _now()
+        self.sink = middleware.sink or middleware._sink()
+        self.trace_id, self.parent_id = _ids(scope)
+        self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
+        self.thread_id = _ident()
+        self.request = _request_fields(scope)
+        self.items = []
+        self.end_at = -1
+        self.done = False
+        self._state = -1
+        self.limit = middleware.body_limit
         self.scope = scope
-        self.sink = middleware._sink()
-        self.request = _Body(middleware.body_limit)
-        self.response = _Body(middleware.body_limit)
-        self.started = False
+        self.status: int | None = None  # None until the response starts
+        self.response_headers: Any = None
+        self.trailers = False
+        self.handling: BaseException | None = None
         self.complete = False
-        self.disconnected = False
-        self.ended = False
         self.end_ts = 0
         self.end_extra: dict[str, Any] | None = None
-        self.handling: BaseException | None = None
-        self.status = 0
-        self.trailers = False
-        self.response_headers: Any = None
-        root_path = scope.get("root_path", "")
-        self.root_path = root_path if isinstance(root_path, str) else ""
+        self.route: str | None = None
+        self.request_body: _Body | None = None
+        self.response_count = 0
+        self.response_size = 0
+        self.response_chunks: Any = None  # the first kept chunk, then a list of them
+        # response_first and response_last are set by the first chunk, read only by a
+        # summary (more than FIRST_CHUNKS chunks): nothing to set before.
 
-    async def run(self, receive: Receive, send: Send) -> Any:
-        scope = self.scope
-        sink = self.sink
-        start = _now()
-        trace_id, parent_id = _ids(scope)
-        self.trace_id = trace_id
-        self.span_id = span_id = new_span_id()
-        self.receive_ = receive
-        self.send_ = send
-        sink.emit(
-            (
-                "s",
-                start,
-                trace_id,
-                span_id,
-                parent_id,
-                "app",
-                f"{scope.get('method', 'GET')} {scope.get('path', '')}",
-                _ident(),
-                _request_attrs(scope, "asgi"),
-            )
-        )
-        token = current.set(SpanContext(sink, trace_id, span_id))
-        try:
-            result = await self.app(scope, self.receive, self.send)
-        except BaseException as exc:
-            self._failed(exc)
-            raise
-        finally:
-            current.reset(token)
+    def _event(self, ts: int, name: str, attrs: dict[str, Any] | None) -> None:
+        self.items.append(("p", ts, self.trace_id, self.span_id, name, attrs))
+
+    def returned(self) -> None:
         if self.complete:
-            if not self.ended:
+            if self.end_at < 0:
                 self._end(self.end_extra)
-            self._background(None)
-        elif not self.ended:
+            if _now() - self.end_ts > BACKGROUND_MIN_NS:
+                self._background(None)
+        elif self.end_at < 0:
             # The app returned without finishing its response (or without one at all).
             self._end({"response.incomplete": True})
-        return result
+        self.seal()
+
+    def seal(self) -> None:
+        # The scope was only needed for the route: let it (and whatever the app hung on
+        # it) go now rather than at the next drain, so the collector of garbage does
+        # not walk it in the meantime.
+        self.scope = _NO_SCOPE
+        Recording.seal(self)
 
     def _background(self, attrs: dict[str, Any] | None) -> None:
         """Work the app did after its response was complete becomes its own span."""
         returned = _now()
         if attrs or returned - self.end_ts > BACKGROUND_MIN_NS:
-            self.sink.emit(
+            self.items.append(
                 (
                     "c",
                     self.end_ts,
@@ -286,108 +326,82 @@ class _HTTPRecorder:
             )
 
     # -- receive ---------------------------------------------------------------
-    async def receive(self) -> Message:
-        message = await self.receive_()
+    async def receive(self, receive: Receive) -> Message:
+        message = await receive()
         kind = message.get("type")
         if kind == "http.request":
             body = message.get("body", b"")
             if body:
                 ts = _now()
-                request = self.request
+                request = self.request_body
+                if request is None:
+                    request = self.request_body = _Body(self.limit)
                 request.add(body, ts)
                 if request.count <= FIRST_CHUNKS:
-                    self.sink.emit(
-                        (
-                            "p",
-                            ts,
-                            self.trace_id,
-                            self.span_id,
-                            "request.body",
-                            {"size": len(body), "more": bool(message.get("more_body"))},
-                        )
-                    )
-        elif kind == "http.disconnect" and not self.complete and not self.ended:
+                    more = bool(message.get("more_body"))
+                    self.items.append((REQUEST_BODY, ts, len(body), more))
+        elif kind == "http.disconnect" and not self.complete and self.end_at < 0:
             # After the final body a disconnect is the normal end of the exchange.
-            self.disconnected = True
-            self.sink.emit(
-                (
-                    "p",
-                    _now(),
-                    self.trace_id,
-                    self.span_id,
-                    "disconnect",
-                    {"phase": "during_response" if self.started else "before_response"},
-                )
-            )
+            phase = "during_response" if self.status is not None else "before_response"
+            self._event(_now(), "disconnect", {"phase": phase})
             self._end({"disconnected": True})
         return message
 
     # -- send ------------------------------------------------------------------
-    async def send(self, message: Message) -> None:
+    async def send(self, send: Send, message: Message) -> None:
         # The app's part ends when it hands the last message over: the server's own
-        # span (which writes it) then closes after the app span, not before.
-        handed = _now()
+        # span (which writes it) then closes after the app span, not before.  Only
+        # messages that may be the last need that time (one clock read less per start).
+        kind = message.get("type")
+        handed = 0 if kind == "http.response.start" else _now()
         try:
-            await self.send_(message)
+            await send(message)
         except OSError:
             # The server could not write: the client is gone.
-            if not self.ended:
-                self.sink.emit(
-                    ("p", _now(), self.trace_id, self.span_id, "disconnect", {"phase": "send"})
-                )
-                self.disconnected = True
+            if self.end_at < 0:
+                self._event(_now(), "disconnect", {"phase": "send"})
                 self._end({"disconnected": True})
             raise
-        kind = message.get("type")
         if kind == "http.response.body":
             body = message.get("body", b"")
             more = message.get("more_body", False)
             if body:
-                ts = _now()
-                response = self.response
-                response.add(body, ts)
-                if response.count <= FIRST_CHUNKS and more:
-                    self.sink.emit(
-                        (
-                            "p",
-                            ts,
-                            self.trace_id,
-                            self.span_id,
-                            "response.body",
-                            {"size": len(body), "more": True},
-                        )
-                    )
+                count = self.response_count = self.response_count + 1
+                size = self.response_size
+                if size < self.limit:
+                    kept = self.response_chunks
+                    if kept is None:
+                        self.response_chunks = body
+                    elif type(kept) is list:
+                        kept.append(body)
+                    else:
+                        self.response_chunks = [kept, body]
+                self.response_size = size + len(body)
+                # The chunk's time serves its event and a long body's summary: a single
+                # final chunk (most responses) needs neither.
+                if more or count > FIRST_CHUNKS:
+                    ts = _now()
+                    if count == 1:
+                        self.response_first = ts
+                    self.response_last = ts
+                    if more and count <= FIRST_CHUNKS:
+                        self.items.append((RESPONSE_BODY, ts, len(body), True))
+                elif count == 1:
+                    self.response_first = self.response_last = handed
             if not more and not self.trailers:
                 self._complete(None, handed)
         elif kind == "http.response.start":
-            self.started = True
             # An app (Starlette's ServerErrorMiddleware) may send an error page while it
             # handles an exception that it then re-raises: remember which, see _complete.
             self.handling = sys.exception()
-            self.status = message.get("status", 0)
-            self.response_headers = message.get("headers")
-            self.trailers = bool(message.get("trailers"))
-            self.sink.emit(
-                (
-                    "p",
-                    _now(),
-                    self.trace_id,
-                    self.span_id,
-                    "response.start",
-                    {"status": self.status, "headers": self.response_headers},
-                )
-            )
+            status = self.status = message.get("status", 0)
+            headers = self.response_headers = message.get("headers")
+            if message.get("trailers"):
+                self.trailers = True
+            self.items.append((RESPONSE_START, _now(), status, headers))
         elif kind == "http.response.trailers":
-            self.sink.emit(
-                (
-                    "p",
-                    _now(),
-                    self.trace_id,
-                    self.span_id,
-                    "response.trailers",
-                    {"http.response.trailers": message.get("headers")},
-                )
-            )
+            attrs = {"http.response.trailers": message.get("headers")}
+            self._event(_now(), "response.trailers", attrs)
             if not message.get("more_trailers"):
                 self._complete(None, handed)
         elif kind == "http.response.pathsend":
@@ -409,47 +423,53 @@ class _HTTPRecorder:
             self.end_extra = extra
 
     def _end(self, extra: dict[str, Any] | None) -> None:
-        if self.ended:
+        if self.end_at >= 0:
             return
-        self.ended = True
         ts = self.end_ts or _now()
         self.end_ts = ts
-        sink = self.sink
-        attrs: dict[str, Any] = {"http.response.status_code": self.status or None}
-        if self.response_headers is not None:
-            attrs["http.response.headers"] = self.response_headers
-        route = _route(self.scope, self.root_path)
-        if route is not None:
-            attrs["http.route"] = route
-        self.request.attrs(attrs, _REQUEST_KEYS)
-        self.response.attrs(attrs, _RESPONSE_KEYS)
-        if extra:
-            attrs.update(extra)
-        if self.request.count > FIRST_CHUNKS:
-            sink.emit(
-                (
-                    "p",
-                    ts,
-                    self.trace_id,
-                    self.span_id,
-                    "request.body.summary",
-                    self.request.summary(),
-                )
-            )
-        if self.response.count > FIRST_CHUNKS:
-            sink.emit(
-                (
-                    "p",
-                    ts,
-                    self.trace_id,
-                    self.span_id,
-                    "response.body.summary",
-                    self.response.summary(),
-                )
-            )
-        sink.emit(("e", ts, self.trace_id, self.span_id, attrs))
+        self.end_extra = extra
+        size, limit = self.response_size, self.limit
+        if size > limit and self.response_chunks is not None:
+            self.response_chunks = _cut(self.response_chunks, limit)
+        scope = self.scope
+        if scope.get("route") is not None:
+            self.route = _route(scope, self.request[8])
+        request = self.request_body
+        if request is not None:
+            if request.kept > request.limit:
+                request.chunks = _cut(request.chunks, request.limit)
+            if request.count > FIRST_CHUNKS:
+                self._event(ts, "request.body.summary", request.summary())
+        if self.response_count > FIRST_CHUNKS:
+            summary = {
+                "count": self.response_count,
+                "bytes": size,
+                "first_ts": self.response_first,
+                "last_ts": self.response_last,
+            }
+            self._event(ts, "response.body.summary", summary)
+        items = self.items
+        self.end_at = len(items)  # publishes the end: written last
+        if type(items) is not list:
+            self.push()
 
-    def _failed(self, exc: BaseException) -> None:
+    def end_fields(self) -> tuple[Any, ...]:
+        # Made when the sink asks, from fields that are final once the span ended: a
+        # tuple made at the end would be one more object alive until the next drain.
+        request = self.request_body
+        size = self.response_size
+        if request is None:
+            return (
+                self.end_ts, self.status, self.response_headers, self.route, 0, None, False,
+                size, self.response_chunks, size > self.limit, self.end_extra,
+            )  # fmt: skip
+        return (
+            self.end_ts, self.status, self.response_headers, self.route, request.size,
+            request.chunks, request.size > request.limit, size, self.response_chunks,
+            size > self.limit, self.end_extra,
+        )  # fmt: skip
+
+    def failed(self, exc: BaseException) -> None:
         attrs: dict[str, Any]
         if isinstance(exc, Exception):
             attrs = {"error": True, "exception.type": type(exc).__qualname__}
@@ -457,11 +477,11 @@ class _HTTPRecorder:
                 phase = "before_response"  # the response was this exception's error page
             elif self.complete:
                 phase = "after_response"
-            elif self.started:
+            elif self.status is not None:
                 phase = "after_response_start"
             else:
                 phase = "before_response"
-            self.sink.emit(exception_event(self.trace_id, self.span_id, exc, phase=phase))
+            self.items.append(exception_event(self.trace_id, self.span_id, exc, phase=phase))
         else:
             # Cancellation or interpreter exit: not the app's error, but the request ended.
             attrs = {"cancelled": type(exc).__name__}
@@ -473,6 +493,11 @@ class _HTTPRecorder:
             if self.end_extra:
                 attrs.update(self.end_extra)
             self._end(attrs)
+        self.seal()
+
+
+_receive = _HTTPRecording.receive
+_send = _HTTPRecording.send
 
 
 class _WebSocketRecorder:

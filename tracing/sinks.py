@@ -1,9 +1,16 @@
 """Sinks: where records go, without ever making the app wait.
 
 The hot path calls :meth:`Sink.emit`, which appends to a bounded queue and returns.  A
-background thread drains the queue in batches (every ``interval`` seconds), so encoding and
-I/O never run on a request's thread.  A full queue drops the record and counts it; the
-count travels with the next batch, so a viewer can say how much it did not see.
+background thread drains the queue in batches (every ``interval`` seconds, sooner when
+:data:`WAKE_AT` records wait), so encoding and I/O never run on a request's thread.  A
+full queue drops the record and counts it; the count travels with the next batch, so a
+viewer can say how much it did not see.
+
+Middlewares hand over a whole request instead (:meth:`Sink.start_live` with a
+:class:`Recording`): the request's thread only fills the recording in, and the drain
+makes its records.  A request over before the next drain then travels as one ``"r"``
+record; one still running shows its span start and events so far at each drain, so a
+live viewer sees it within an interval, as it did when every event was its own record.
 """
 
 from __future__ import annotations
@@ -22,12 +29,20 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .records import Record, process_info, to_events
+from .records import (
+    Record,
+    item_records,
+    process_info,
+    request_end,
+    request_start,
+    to_events,
+)
 from .tracefile import header_line
 
 __all__ = [
     "FileSink",
     "MemorySink",
+    "Recording",
     "Sink",
     "SocketSink",
     "default_sink",
@@ -37,6 +52,15 @@ __all__ = [
 
 #: Records a queue holds before it drops (about 30 MB at worst for ordinary requests).
 DEFAULT_MAX_QUEUE = 65_536
+#: Records per frame on the wire (and per write to a file).
+BATCH = 4096
+#: Queued records that wake the draining thread before its interval is up.  Whatever
+#: waits in the queue is alive, and the garbage collector walks what is alive: drained
+#: in small batches, records are freed young instead of piling up into the older
+#: generations, whose collections then walk every object of the app.
+WAKE_AT = 256
+#: Records a :class:`Recording` keeps for its request; past this they go to the sink.
+RECORDING_ITEMS = 4096
 
 WIRE_MAGIC = b"HOPSCOPE/1\n"
 _FRAME = struct.Struct("!I")
@@ -45,16 +69,213 @@ _FRAME = struct.Struct("!I")
 class Sink:
     """What every sink offers: ``emit`` (hot path), ``dropped``, ``flush`` and ``close``."""
 
+    __slots__ = ()
+
     dropped: int = 0
 
     def emit(self, record: Record) -> None:
         raise NotImplementedError
+
+    def start_live(self, recording: Recording) -> bool:
+        """Take a request being recorded, to make its records later (see
+        :class:`Recording`).  False when this sink cannot: the recording then emits its
+        records itself, each as it happens."""
+        return False
 
     def flush(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (best effort within ``timeout``)."""
 
     def close(self) -> None:
         """Flush and stop; later records are dropped."""
+
+
+class Recording(Sink):
+    """One request as a middleware records it, filled in by the request's thread.
+
+    The middleware sets the fields below, appends what happens to ``items`` (see the
+    ``"r"`` record in :mod:`~hopscope.tracing.records`), publishes the span's end by
+    setting ``end`` (or what :meth:`end_fields` reads) and then ``end_at``, and closes
+    it with :meth:`seal` once nothing more will come.  It never emits: the sink that
+    took it (:meth:`Sink.start_live`) calls :meth:`take` from its draining thread,
+    which makes records of what is new.
+    Every field is written by one thread and read by the other only after the write
+    that publishes it, so no lock is needed.
+
+    While its request runs a recording is also the sink of the request's
+    :class:`~hopscope.tracing.context.SpanContext`: logs and user spans then land in
+    ``items`` in the order they happened among the middleware's own events.
+    """
+
+    __slots__ = (
+        "_state",
+        "done",
+        "end",
+        "end_at",
+        "items",
+        "parent_id",
+        "request",
+        "sink",
+        "span_id",
+        "start",
+        "thread_id",
+        "trace_id",
+    )
+
+    #: Which ``"r"`` layout ``request`` and ``end`` follow ("asgi" or "wsgi").
+    interface: str = ""
+
+    sink: Sink
+    start: int
+    trace_id: int
+    span_id: int
+    parent_id: int
+    thread_id: int
+    request: Any
+    items: list[Any]
+    end_at: int
+    end: Any
+    done: bool
+    #: The taker's cursor: -1 before anything was sent, else ``2 * items sent + end sent``.
+    _state: int
+
+    # -- the request's side ------------------------------------------------------
+    def emit(self, record: Record) -> None:
+        """A record made inside the request (a log, a user span): kept in order."""
+        items = self.items
+        if self.done or len(items) >= RECORDING_ITEMS:
+            self.sink.emit(record)
+            return
+        items.append(record)
+        if self.done:
+            self._late(record)
+
+    def _late(self, record: Record) -> None:
+        # Another thread sealed the items while this record went in: a record that
+        # landed after the seal is no longer the recording's to send.
+        items = self.items
+        try:
+            seal = items.index(None)
+        except ValueError:
+            return  # not sealed yet: the record is before the seal
+        if any(item is record for item in items[seal + 1 :]):
+            self.sink.emit(record)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        self.sink.flush(timeout)
+
+    def seal(self) -> None:
+        """Nothing more will be added: the taker may send the rest and let go."""
+        self.done = True
+        items = self.items
+        items.append(None)
+        if type(items) is _EagerItems:
+            items._recording = None  # all is sent: no cycle left for the collector
+
+    def go_eager(self) -> Sink:
+        """For sinks that do not take recordings: emit each record as it is made."""
+        self._state = -1
+        self.items = _EagerItems(self)
+        self.push()
+        return self.sink
+
+    def push(self) -> None:
+        records: list[Record] = []
+        self.take(records)
+        emit = self.sink.emit
+        for record in records:
+            emit(record)
+
+    # -- the taker's side -----------------------------------------------------------
+    def take(self, out: list[Record]) -> bool:
+        """Append the records of what is new since the last take; True once all is sent."""
+        self._state, finished = self._collect(self._state, out)
+        return finished
+
+    def end_fields(self) -> Any:
+        """The ``end`` tuple of the ``"r"`` layout, once ``end_at`` is set."""
+        return self.end
+
+    def request_fields(self) -> Any:
+        """The ``request`` tuple of the ``"r"`` layout (a recording may keep something
+        cheaper to take on the request's thread, and derive this when first asked)."""
+        return self.request
+
+    def snapshot(self) -> list[Record]:
+        """The records of everything so far, as a first take would make them now."""
+        out: list[Record] = []
+        self._collect(-1, out)
+        return out
+
+    def _collect(self, state: int, out: list[Record]) -> tuple[int, bool]:
+        # Read in the order the request's thread publishes: done, then items, then end.
+        done = self.done
+        items = self.items
+        size = len(items)
+        if done:
+            if size and items[size - 1] is None:
+                size -= 1
+            else:
+                try:
+                    size = items.index(None)
+                except ValueError:
+                    done = False  # sealing under way: the seal is not in yet
+        end_at = self.end_at
+        if end_at > size:
+            end_at = -1  # ended after the items were read: next time
+        if state < 0:
+            if done:
+                out.append(
+                    (
+                        "r",
+                        self.start,
+                        self.trace_id,
+                        self.span_id,
+                        self.parent_id,
+                        self.thread_id,
+                        self.interface,
+                        self.request_fields(),
+                        end_at,
+                        self.end_fields() if end_at >= 0 else None,
+                        items,
+                    )
+                )
+                return 1, True
+            out.append(
+                request_start(
+                    self.interface,
+                    self.start,
+                    self.trace_id,
+                    self.span_id,
+                    self.parent_id,
+                    self.thread_id,
+                    self.request_fields(),
+                )
+            )
+            state = 0
+        cursor, end_sent = state >> 1, state & 1
+        trace_id, span_id = self.trace_id, self.span_id
+        if end_at >= 0 and not end_sent:
+            if cursor < end_at:
+                cursor = item_records(items, cursor, end_at, trace_id, span_id, out)
+            out.append(request_end(self.interface, trace_id, span_id, self.end_fields()))
+            end_sent = 1
+        cursor = item_records(items, cursor, size, trace_id, span_id, out)
+        return cursor << 1 | end_sent, done
+
+
+class _EagerItems(list[Any]):
+    """A recording's items that emit at once what they make (sinks without a drain)."""
+
+    __slots__ = ("_recording",)
+
+    def __init__(self, recording: Recording) -> None:
+        super().__init__()
+        self._recording: Recording | None = recording
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        if self._recording is not None:
+            self._recording.push()
 
 
 class MemorySink(Sink):
@@ -64,7 +285,7 @@ class MemorySink(Sink):
     """
 
     def __init__(self, max_records: int = 1_000_000) -> None:
-        self._records: deque[Record] = deque()
+        self._records: deque[Record | Recording] = deque()
         self._max = max_records
         self.dropped = 0
 
@@ -74,8 +295,22 @@ class MemorySink(Sink):
         else:
             self.dropped += 1
 
+    def start_live(self, recording: Recording) -> bool:
+        if len(self._records) < self._max:
+            self._records.append(recording)
+            return True
+        return False
+
     def records(self) -> list[Record]:
-        return list(self._records)
+        """What was recorded so far; a request appears as it would at a drain now: one
+        ``"r"`` record once it is over, its start and events so far while it runs."""
+        out: list[Record] = []
+        for item in list(self._records):
+            if isinstance(item, Recording):
+                out.extend(item.snapshot())
+            else:
+                out.append(item)
+        return out
 
     def events(self) -> list[dict[str, Any]]:
         info = process_info(os.getpid())
@@ -117,7 +352,10 @@ class _BatchingSink(Sink):
     """
 
     def __init__(self, *, max_queue: int = DEFAULT_MAX_QUEUE, interval: float = 0.05) -> None:
-        self._queue: deque[Record] = deque()
+        self._queue: deque[Record | Recording] = deque()
+        # Requests seen by a drain while they ran: each drain sends what they did since.
+        # Only the draining thread touches this list (it replaces it, never mutates it).
+        self._inflight: list[Recording] = []
         self._max = max_queue
         self._interval = interval
         self.dropped = 0
@@ -136,12 +374,27 @@ class _BatchingSink(Sink):
     # -- hot path ---------------------------------------------------------------
     def emit(self, record: Record) -> None:
         queue = self._queue
-        if len(queue) < self._max and not self._closed:
+        waiting = len(queue)
+        if waiting < self._max and not self._closed:
             queue.append(record)
             if self._thread is None:
                 self._start()
+            elif waiting == WAKE_AT:
+                self._wake.set()
         else:
             self._count_dropped(1)
+
+    def start_live(self, recording: Recording) -> bool:
+        queue = self._queue
+        waiting = len(queue)
+        if waiting < self._max and not self._closed:
+            queue.append(recording)
+            if self._thread is None:
+                self._start()
+            elif waiting == WAKE_AT:
+                self._wake.set()
+            return True
+        return False
 
     # -- plumbing ---------------------------------------------------------------
     def _count_dropped(self, count: int) -> None:
@@ -160,6 +413,7 @@ class _BatchingSink(Sink):
 
     def _after_fork(self) -> None:
         self._queue.clear()
+        self._inflight = []
         self._drop_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._drain_lock = threading.Lock()
@@ -189,21 +443,49 @@ class _BatchingSink(Sink):
 
     def _drain_locked(self) -> None:
         queue = self._queue
-        while queue or self._unreported:
-            if not self._ready():
-                return
-            batch: list[Record] = []
+        if not (queue or self._unreported or self._inflight) or not self._ready():
+            return
+        # Requests still running at the previous drain go first: they started earlier.
+        records: list[Record] = []
+        inflight: list[Recording] = []
+        for recording in self._inflight:
+            if not self._take(recording, records):
+                inflight.append(recording)
+        while True:
             pop = queue.popleft
-            for _ in range(min(len(queue), 4096)):
-                batch.append(pop())
+            while queue and len(records) < BATCH:
+                item = pop()
+                if isinstance(item, Recording):
+                    if not self._take(item, records):
+                        inflight.append(item)
+                else:
+                    records.append(item)
+            self._inflight = inflight
+            batch, records = records[:BATCH], records[BATCH:]
             with self._drop_lock:
                 dropped, self._unreported = self._unreported, 0
+            if not batch and not dropped:
+                return
             try:
                 self._write(batch, dropped)
             except Exception:
-                self._count_dropped(len(batch) + dropped)
+                self._count_dropped(len(batch) + len(records) + dropped)
                 self._failed()
                 return
+            if not (records or queue or self._unreported):
+                return
+            if not self._ready():
+                self._count_dropped(len(records))
+                return
+
+    def _take(self, recording: Recording, records: list[Record]) -> bool:
+        try:
+            return recording.take(records)
+        except Exception:
+            # Raw values a record could not be made of (a server's odd environ): the
+            # request is lost and counted, the draining thread carries on.
+            self._count_dropped(1)
+            return True
 
     def _write(self, batch: list[Record], dropped: int) -> None:
         raise NotImplementedError
@@ -216,12 +498,16 @@ class _BatchingSink(Sink):
         if self._thread is None or not self._thread.is_alive():
             self._drain()
             return
-        while self._queue and time.monotonic() < deadline:
+        while (self._queue or self._ending()) and time.monotonic() < deadline:
             self._wake.set()
             time.sleep(0.005)
         # The last batch may have left the queue but not reached its destination yet.
         if self._drain_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             self._drain_lock.release()
+
+    def _ending(self) -> bool:
+        """A request a drain saw running has ended since: its end is still to be sent."""
+        return any(recording.done for recording in self._inflight)
 
     def close(self) -> None:
         if self._closed:
@@ -398,7 +684,7 @@ def encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> byt
 
 
 _EXACT = (bool, int, float, str, bytes)
-_ARITY = {"s": 9, "e": 5, "p": 6, "c": 10}
+_ARITY = {"s": 9, "e": 5, "p": 6, "c": 10, "r": 11}
 
 
 def _marshallable(record: Record) -> Record:

@@ -1,9 +1,11 @@
 """The WSGI middleware: one app span per request, without changing a byte of it.
 
 Everything a request needs lives in objects made per call (an :class:`_Exchange`, a
-:class:`_Body` iterator, an :class:`_Input` proxy), so one middleware instance serves
-any number of threads.  The hot path takes timestamps and keeps references; records
-are turned into text off the request's thread (see :mod:`hopscope.tracing.records`).
+:class:`_Body` iterator, an :class:`_Input` proxy only when the request has a body), so
+one middleware instance serves any number of threads.  The hot path takes timestamps and
+keeps references: the exchange is a :class:`~hopscope.tracing.sinks.Recording` the sink
+makes records of later, off the request's thread, and a request over before the next
+drain travels as one ``"r"`` record (see :mod:`hopscope.tracing.records`).
 
 PEP 3333 is followed to the letter: ``start_response`` and its ``exc_info`` go through
 untouched, the ``write`` callable is wrapped rather than replaced, the body iterable is
@@ -18,12 +20,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
 from .logs import install_log_capture
-from .records import BODY_LIMIT, new_span_id, new_trace_id
+from .records import (
+    BODY_LIMIT,
+    REQUEST_BODY,
+    RESPONSE_BODY,
+    RESPONSE_START,
+    WSGI_REQUEST,
+    _getrandbits,
+    new_trace_id,
+    port,
+)
+from .sinks import Recording
 from .traceparent import parse_traceparent
 
 if TYPE_CHECKING:
@@ -39,81 +52,96 @@ EVENT_CHUNKS = 4
 
 _now = time.time_ns
 _get_ident = threading.get_ident
+#: ``tuple.__new__(SpanContext, fields)`` skips the named tuple's Python-level ``__new__``.
+_context = tuple.__new__
 
 
-class _HeaderNames(dict[str, "str | None"]):
-    """environ key -> header name (None for keys that are not headers), computed once.
-
-    Bounded, because header names come from clients.
-    """
-
-    def __missing__(self, key: str) -> str | None:
-        name = key[5:].replace("_", "-").lower() if key.startswith("HTTP_") else None
-        if len(self) < 4096:
-            self[key] = name
-        return name
+_HEADER_PREFIXES = ("HTTP_", "CONTENT_")
+#: environ keys, in order -> (the keys among them that may be headers, a getter of their
+#: values).  A server builds the environs of like requests alike, so the plan is made
+#: once per kind of request instead of testing every key of every environ (bounded:
+#: header names come from clients).
+_HEADER_PLANS: dict[tuple[Any, ...], tuple[tuple[str, ...], Callable[[Any], Any]]] = {}
 
 
-_HEADER_NAMES = _HeaderNames(CONTENT_TYPE="content-type", CONTENT_LENGTH="content-length")
-_PROTOCOLS = {"HTTP/1.1": "1.1", "HTTP/1.0": "1.0", "HTTP/2": "2", "HTTP/2.0": "2"}
+def _header_plan(keys: tuple[Any, ...]) -> tuple[tuple[str, ...], Callable[[Any], Any]]:
+    found = tuple(k for k in keys if isinstance(k, str) and k.startswith(_HEADER_PREFIXES))
+    values: Callable[[Any], Any]
+    if len(found) > 1:
+        values = itemgetter(*found)
+    elif found:
+        name = found[0]
+        values = lambda environ: (environ[name],)  # noqa: E731 - itemgetter of one key
+    else:
+        values = lambda environ: ()  # noqa: E731
+    plan = found, values
+    if len(_HEADER_PLANS) < 256:
+        _HEADER_PLANS[keys] = plan
+    return plan
 
 
-def _port(value: Any) -> int | None:
-    if type(value) is int:
-        return value
+def _header_pairs(environ: WSGIEnvironment) -> list[tuple[str, Any]]:
+    """The environ's ``(key, value)`` pairs that may be headers (``HTTP_*``, ``CONTENT_*``),
+    in order; which of them are and under what name is worked out off the app's process
+    (records._wsgi_headers)."""
+    keys = tuple(environ)
+    plan = _HEADER_PLANS.get(keys)
+    if plan is None:
+        plan = _header_plan(keys)
+    found, values = plan
+    return list(zip(found, values(environ), strict=True))
+
+
+#: What the old code defaulted each request field to when the environ lacked it.
+_DEFAULTS = {"REQUEST_METHOD": "", "SCRIPT_NAME": "", "PATH_INFO": "", "QUERY_STRING": ""}
+_DEFAULTS["SERVER_PROTOCOL"] = ""
+_REQUEST_FIELDS = itemgetter(*WSGI_REQUEST)
+
+
+def _request_fields(environ: WSGIEnvironment) -> tuple[Any, ...]:
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-_SERVER_PORTS: dict[Any, int | None] = {}
-
-
-def _server_port(value: Any) -> int | None:
-    # A server has few ports; clients have many, so only this one is remembered.
-    try:
-        return _SERVER_PORTS[value]
-    except KeyError:
-        port = _port(value)
-        if len(_SERVER_PORTS) < 64:
-            _SERVER_PORTS[value] = port
-        return port
-    except TypeError:
-        return None
-
-
-def _text(wsgi_string: str) -> str:
-    # PEP 3333 "native strings" carry bytes as latin-1, and URLs are really UTF-8.  Some
-    # callers (httpx's WSGITransport) pass decoded text instead: keep what is not
-    # latin-1-encoded UTF-8 as it is.
-    try:
-        return wsgi_string.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return wsgi_string
+        return _REQUEST_FIELDS(environ)  # type: ignore[no-any-return]
+    except KeyError:  # wsgiref has no REMOTE_PORT, for one
+        return tuple(environ.get(key, _DEFAULTS.get(key)) for key in WSGI_REQUEST)
 
 
 def _content_length(headers: Iterable[tuple[str, str]] | None) -> int | None:
     for name, value in headers or ():
         if len(name) == 14 and name.lower() == "content-length":
-            return _port(value)
+            return port(value)
     return None
+
+
+def _has_body(environ: WSGIEnvironment) -> bool:
+    """Whether ``wsgi.input`` needs counting: not for a GET or HEAD that announces no
+    body (RFC 9112 6.3: an HTTP/1 request without Content-Length or Transfer-Encoding
+    has none), which is most requests, and then nothing is wrapped at all."""
+    if environ.get("REQUEST_METHOD") not in _BODILESS:
+        return True
+    length = environ.get("CONTENT_LENGTH")
+    if (length and length != "0") or "HTTP_TRANSFER_ENCODING" in environ:
+        return True
+    protocol = environ.get("SERVER_PROTOCOL")
+    return not (isinstance(protocol, str) and protocol.startswith("HTTP/1"))
+
+
+_BODILESS = frozenset({"GET", "HEAD"})
 
 
 class _Flow:
     """One direction's body: counts every chunk, keeps the first ``limit`` bytes.
 
     The first :data:`EVENT_CHUNKS` chunks become point events saying whether more
-    follows.  When the length is known (``Content-Length``) that is emitted at once;
+    follows.  When the length is known (``Content-Length``) that is recorded at once;
     otherwise the event waits for the next chunk or the end of the body to learn it.
     """
 
     __slots__ = (
-        "_context",
+        "_code",
         "_ended",
         "_expected",
+        "_items",
         "_limit",
-        "_name",
         "_pending",
         "chunks",
         "count",
@@ -123,9 +151,11 @@ class _Flow:
         "size",
     )
 
-    def __init__(self, context: SpanContext, name: str, limit: int, expected: int | None) -> None:
-        self._context = context
-        self._name = name
+    def __init__(self, items: list[Any], code: int, limit: int, expected: int | None):
+        # The recording's items, not the recording: no reference cycle to outlive the
+        # request until the garbage collector finds it.
+        self._items = items
+        self._code = code
         self._limit = limit
         self._expected = expected
         self._pending: tuple[int, int] | None = None
@@ -134,8 +164,7 @@ class _Flow:
         self.count = 0
         self.size = 0
         self.kept = 0
-        self.first_ts = 0
-        self.last_ts = 0
+        # first_ts and last_ts are set by the first chunk, before anything reads them.
 
     def add(self, chunk: bytes | bytearray | memoryview, ts: int) -> None:
         size = len(chunk)
@@ -154,7 +183,7 @@ class _Flow:
         if count <= EVENT_CHUNKS:
             expected = self._expected
             if expected is not None:
-                self._emit(ts, size, self.size < expected)
+                self._items.append((self._code, ts, size, self.size < expected))
             else:
                 self._settle(True)
                 self._pending = (ts, size)
@@ -171,37 +200,12 @@ class _Flow:
         pending = self._pending
         if pending is not None:
             self._pending = None
-            self._emit(pending[0], pending[1], more)
+            self._items.append((self._code, pending[0], pending[1], more))
 
-    def _emit(self, ts: int, size: int, more: bool | None) -> None:
-        context = self._context
-        context.sink.emit(
-            ("p", ts, context.trace_id, context.span_id, self._name, {"size": size, "more": more})
-        )
-
-    def finish(self, attrs: dict[str, Any], prefix: str) -> None:
-        """Add the end-of-span attributes, and the summary event for long bodies."""
+    def finish(self) -> tuple[int, list[bytes] | None, bool]:
+        """(size, kept chunks, truncated), for the span's end."""
         self._settle(None)  # the body stopped before its end was seen
-        attrs[prefix + ".size"] = self.size
-        attrs[prefix] = self.chunks or None
-        attrs[prefix + ".truncated"] = self.size > self.kept
-        if self.count > EVENT_CHUNKS:
-            context = self._context
-            context.sink.emit(
-                (
-                    "p",
-                    _now(),
-                    context.trace_id,
-                    context.span_id,
-                    self._name + ".summary",
-                    {
-                        "count": self.count,
-                        "bytes": self.size,
-                        "first_ts": self.first_ts,
-                        "last_ts": self.last_ts,
-                    },
-                )
-            )
+        return self.size, self.chunks or None, self.size > self.kept
 
 
 class _Input:
@@ -211,11 +215,11 @@ class _Input:
     servers), and nothing is read ahead: the app still decides how much to read.
     """
 
-    __slots__ = ("_content_length", "_context", "_flow", "_limit", "_stream")
+    __slots__ = ("_content_length", "_flow", "_items", "_limit", "_stream")
 
-    def __init__(self, stream: Any, context: SpanContext, limit: int, content_length: Any) -> None:
+    def __init__(self, stream: Any, items: list[Any], limit: int, content_length: Any) -> None:
         self._stream = stream
-        self._context = context
+        self._items = items
         self._limit = limit
         self._content_length = content_length
         self._flow: _Flow | None = None
@@ -223,8 +227,8 @@ class _Input:
     def _track(self, data: bytes | bytearray | memoryview) -> None:
         flow = self._flow
         if flow is None:
-            expected = _port(self._content_length) if self._content_length else None
-            flow = self._flow = _Flow(self._context, "request.body", self._limit, expected)
+            expected = port(self._content_length) if self._content_length else None
+            flow = self._flow = _Flow(self._items, REQUEST_BODY, self._limit, expected)
         if data:
             flow.add(data, _now())
         else:
@@ -258,14 +262,6 @@ class _Input:
         # Server-specific extras (``fileno``, ``seek``...) stay reachable.
         return getattr(self._stream, name)
 
-    def finish(self, attrs: dict[str, Any]) -> None:
-        flow = self._flow
-        if flow is None:
-            attrs["http.request.body.size"] = 0
-            attrs["http.request.body.truncated"] = False
-        else:
-            flow.finish(attrs, "http.request.body")
-
 
 class _ReadintoInput(_Input):
     """For streams with ``readinto``: Werkzeug uses it when present, so keep offering it."""
@@ -282,19 +278,19 @@ class _ReadintoInput(_Input):
         return count
 
 
-class _Exchange:
-    """Everything one request records, made per call."""
+class _Exchange(Recording):
+    """Everything one request records, made per call (see :class:`sinks.Recording`)."""
+
+    interface = "wsgi"
 
     __slots__ = (
         "_server_start_response",
         "_server_write",
-        "context",
         "disconnect",
         "environ",
         "error",
         "exhausted",
         "file_wrapper",
-        "finished",
         "input",
         "limit",
         "original_close",
@@ -306,12 +302,26 @@ class _Exchange:
 
     def __init__(
         self,
-        context: SpanContext,
+        sink: Sink,
+        start: int,
+        ids: tuple[int, int],
         environ: WSGIEnvironment,
         start_response: StartResponse,
         limit: int,
     ) -> None:
-        self.context = context
+        self.sink = sink
+        self.start = start
+        self.trace_id, self.parent_id = ids
+        self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
+        self.thread_id = _get_ident()
+        # A plain copy (C speed): picking the fields and headers out of it takes a loop
+        # over every key, run once the response is out (finish) or by the sink's thread
+        # for a request still running at a drain (request_fields).
+        self.request = environ.copy()
+        self.items = []
+        self.end_at = -1
+        self.done = False
+        self._state = -1
         self.environ = environ
         self._server_start_response = start_response
         self._server_write: Callable[[bytes], object] | None = None
@@ -325,8 +335,21 @@ class _Exchange:
         self.exhausted = False
         self.disconnect = False
         self.file_wrapper = False
-        self.finished = False
         self.original_close: Callable[[], object] | None = None
+
+    def request_fields(self) -> Any:
+        request = self.request
+        if type(request) is dict:
+            # The copy keeps objects (wsgi.input...) that records must not hold.  Both
+            # threads may get here at once: they make the same tuple from the same copy.
+            request = self.request = (_request_fields(request), _header_pairs(request))
+        return request
+
+    def context(self) -> SpanContext:
+        """The request's context.  Made when needed, not kept: the exchange is its sink,
+        and a reference back would be a cycle only the garbage collector can free."""
+        sink = self if type(self.items) is list else self.sink  # see go_eager
+        return _context(SpanContext, (sink, self.trace_id, self.span_id))
 
     # -- the callables the app gets ---------------------------------------------
     def start_response(
@@ -353,17 +376,7 @@ class _Exchange:
             # Flask drops its request from the environ when the call returns; while it
             # answers, the matched rule is still there.
             self.route = _route(self.environ)
-        context = self.context
-        context.sink.emit(
-            (
-                "p",
-                ts,
-                context.trace_id,
-                context.span_id,
-                "response.start",
-                {"status": code, "headers": kept},
-            )
-        )
+        self.items.append((RESPONSE_START, ts, code, kept))
         return self.write
 
     def write(self, data: bytes) -> object:
@@ -380,12 +393,8 @@ class _Exchange:
     def response_chunk(self, chunk: bytes) -> None:
         flow = self.response
         if flow is None:
-            flow = self.response = _Flow(
-                self.context,
-                "response.body",
-                self.limit,
-                _content_length(self.response_headers),
-            )
+            expected = _content_length(self.response_headers)
+            flow = self.response = _Flow(self.items, RESPONSE_BODY, self.limit, expected)
         flow.add(chunk, _now())
 
     def phase(self) -> str:
@@ -395,33 +404,23 @@ class _Exchange:
         return "after_response" if self.exhausted else "after_response_start"
 
     def failed(self, exc: BaseException) -> None:
-        context = self.context
-        context.sink.emit(
-            exception_event(context.trace_id, context.span_id, exc, phase=self.phase())
-        )
+        self.items.append(exception_event(self.trace_id, self.span_id, exc, phase=self.phase()))
         if self.error is None:
             self.error = type(exc).__qualname__
 
     def disconnected(self) -> None:
         """The server closed the body before the app finished it: the client left."""
         self.disconnect = True
-        context = self.context
-        context.sink.emit(
-            (
-                "p",
-                _now(),
-                context.trace_id,
-                context.span_id,
-                "disconnect",
-                {"phase": "before_response" if self.status is None else "during_response"},
-            )
+        phase = "before_response" if self.status is None else "during_response"
+        self.items.append(
+            ("p", _now(), self.trace_id, self.span_id, "disconnect", {"phase": phase})
         )
 
     def close_file_wrapper(self) -> None:
         """Stands in for a file wrapper's ``close``: the server calls it when done."""
-        if self.finished:
+        if self.end_at >= 0:
             return
-        token = current.set(self.context)
+        token = current.set(self.context())
         try:
             close = self.original_close
             if close is not None:
@@ -434,39 +433,51 @@ class _Exchange:
             self.finish()
 
     def finish(self) -> None:
-        if self.finished:
+        if self.end_at >= 0:
             return
-        self.finished = True
         ts = _now()
-        attrs: dict[str, Any] = {
-            "http.response.status_code": self.status,
-            "http.response.headers": self.response_headers,
-        }
         route = self.route
         if route is None:
             route = _route(self.environ)
-        if route is not None:
-            attrs["http.route"] = route
         stream = self.input
-        if stream is not None:
-            stream.finish(attrs)
-        if self.file_wrapper:
-            attrs["wsgi.file_wrapper"] = True
+        flow = None if stream is None else stream._flow
+        if flow is None:
+            request_size, request_body, request_cut = 0, None, False
         else:
-            flow = self.response
-            if flow is None:
-                attrs["http.response.body.size"] = 0
-                attrs["http.response.body.truncated"] = False
-            else:
-                flow.finish(attrs, "http.response.body")
-        if self.disconnect:
-            attrs["disconnected"] = True
-        if self.error is not None:
-            attrs["error"] = True
-            attrs["exception.type"] = self.error
-        context = self.context
-        context.sink.emit(("e", ts, context.trace_id, context.span_id, attrs))
-        self.environ = {}  # let the request's objects go once the span is over
+            request_size, request_body, request_cut = flow.finish()
+            if flow.count > EVENT_CHUNKS:
+                self._summary(ts, "request.body.summary", flow)
+        flow = None if self.file_wrapper else self.response
+        if flow is None:
+            size, body, cut = 0, None, False
+        else:
+            size, body, cut = flow.finish()
+            if flow.count > EVENT_CHUNKS:
+                self._summary(ts, "response.body.summary", flow)
+        self.end = (
+            ts, self.status, self.response_headers, route, request_size, request_body,
+            request_cut, size, body, cut, self.file_wrapper, self.disconnect, self.error,
+        )  # fmt: skip
+        items = self.items
+        self.end_at = len(items)  # publishes the end: written last
+        if type(items) is not list:
+            self.push()
+        # Let the request's (and the server's) objects go now: the exchange waits for
+        # the next drain, and whatever it holds is walked by the garbage collector.
+        self.request_fields()
+        self.environ = _NO_ENVIRON
+        self._server_start_response = self._server_write = _ended
+        self.input = self.response = None  # the end holds what they counted
+        self.seal()
+
+    def _summary(self, ts: int, name: str, flow: _Flow) -> None:
+        attrs = {
+            "count": flow.count,
+            "bytes": flow.size,
+            "first_ts": flow.first_ts,
+            "last_ts": flow.last_ts,
+        }
+        self.items.append(("p", ts, self.trace_id, self.span_id, name, attrs))
 
 
 def _route(environ: WSGIEnvironment) -> str | None:
@@ -485,13 +496,14 @@ class _Body:
     iteration never started, and a generator's ``close()`` would then skip our code.
     """
 
-    __slots__ = ("_closed", "_context", "_exchange", "_iterator", "_result")
+    __slots__ = ("_closed", "_context", "_exchange", "_iterator", "_plain", "_result")
 
-    def __init__(self, result: Iterable[bytes], exchange: _Exchange) -> None:
+    def __init__(self, result: Iterable[bytes], exchange: _Exchange, context: SpanContext):
         self._result = result
         self._exchange = exchange
+        self._context = context
         # Stepping through a list runs no app code: no context to set for it.
-        self._context = None if type(result) in _PLAIN else exchange.context
+        self._plain = type(result) in _PLAIN
         self._iterator: Iterator[bytes] | None = None
         self._closed = False
 
@@ -500,28 +512,28 @@ class _Body:
 
     def __next__(self) -> bytes:
         exchange = self._exchange
-        context = self._context
-        token = None if context is None else current.set(context)
+        token = None if self._plain else current.set(self._context)
         try:
             iterator = self._iterator
             if iterator is None:
                 iterator = self._iterator = iter(self._result)
-            chunk = next(iterator)
-        except StopIteration:
-            if not exchange.exhausted:
-                exchange.exhausted = True
-                if exchange.response is not None:
-                    exchange.response.eof()
-            raise
+            # A sentinel rather than catching StopIteration: one exception less per body.
+            chunk: Any = next(iterator, _END)
         except BaseException as exc:
             exchange.failed(exc)
             raise
         finally:
             if token is not None:
                 current.reset(token)
+        if chunk is _END:
+            if not exchange.exhausted:
+                exchange.exhausted = True
+                if exchange.response is not None:
+                    exchange.response.eof()
+            raise StopIteration
         if chunk:
             exchange.response_chunk(chunk)
-        return chunk
+        return chunk  # type: ignore[no-any-return]
 
     def close(self) -> None:
         if self._closed:
@@ -531,7 +543,7 @@ class _Body:
         try:
             close = getattr(self._result, "close", None)
             if close is not None:
-                token = current.set(exchange.context)
+                token = current.set(self._context)
                 try:
                     close()
                 finally:
@@ -546,6 +558,14 @@ class _Body:
 
 
 _PLAIN = (list, tuple)
+_END = object()
+
+
+def _ended(*args: Any) -> Any:
+    raise AssertionError("start_response() or write() called after the response ended")
+
+
+_NO_ENVIRON: WSGIEnvironment = {}
 
 
 class _SizedBody(_Body):
@@ -607,67 +627,22 @@ class WSGIMiddleware:
         outer = current.get()
         server = server_parent.get()
         if outer is not None:
-            trace_id, parent_id = outer.trace_id, outer.span_id
+            ids = outer.trace_id, outer.span_id
         elif server is not None:
-            trace_id, parent_id = server
+            ids = server
         else:
             traceparent = environ.get("HTTP_TRACEPARENT")
             parent = parse_traceparent(traceparent) if traceparent else None
-            if parent is None:
-                trace_id, parent_id = new_trace_id(), 0
-            else:
-                trace_id, parent_id = parent
-        span_id = new_span_id()
+            ids = (new_trace_id(), 0) if parent is None else parent
 
-        names = _HEADER_NAMES
-        # Servers such as Werkzeug's always set CONTENT_TYPE/CONTENT_LENGTH, empty when
-        # the client sent no such header: those are not headers.
-        headers = [
-            (name, value)
-            for key, value in environ.items()
-            if (name := names[key]) is not None and (value or key[0] == "H")
-        ]
-
-        method = environ.get("REQUEST_METHOD", "")
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-        if not path.isascii():
-            path = _text(path)
-        protocol = environ.get("SERVER_PROTOCOL", "")
-        attrs = {
-            "interface": "wsgi",
-            "http.request.method": method,
-            "url.scheme": environ.get("wsgi.url_scheme"),
-            "network.protocol.version": _PROTOCOLS.get(protocol) or protocol.removeprefix("HTTP/"),
-            "url.path": path,
-            "url.query": environ.get("QUERY_STRING", ""),
-            "client.address": environ.get("REMOTE_ADDR"),
-            "client.port": _port(environ.get("REMOTE_PORT")),
-            "server.address": environ.get("SERVER_NAME"),
-            "server.port": _server_port(environ.get("SERVER_PORT")),
-            "http.request.headers": headers,
-            "server.software": environ.get("SERVER_SOFTWARE"),
-        }
-        sink.emit(
-            (
-                "s",
-                start,
-                trace_id,
-                span_id,
-                parent_id,
-                "app",
-                f"{method} {path}",
-                _get_ident(),
-                attrs,
-            )
-        )
-
-        context = SpanContext(sink, trace_id, span_id)
-        exchange = _Exchange(context, environ, start_response, self.body_limit)
+        exchange = _Exchange(sink, start, ids, environ, start_response, self.body_limit)
+        context_sink = exchange if sink.start_live(exchange) else exchange.go_eager()
+        context = _context(SpanContext, (context_sink, exchange.trace_id, exchange.span_id))
         stream = environ.get("wsgi.input")
-        if stream is not None:
+        if stream is not None and _has_body(environ):
             kind = _ReadintoInput if hasattr(stream, "readinto") else _Input
             exchange.input = environ["wsgi.input"] = kind(
-                stream, context, self.body_limit, environ.get("CONTENT_LENGTH")
+                stream, exchange.items, self.body_limit, environ.get("CONTENT_LENGTH")
             )
 
         token = current.set(context)
@@ -684,8 +659,8 @@ class WSGIMiddleware:
         if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             return _pass_file_wrapper(result, exchange)
         if hasattr(result, "__len__"):
-            return _SizedBody(result, exchange)
-        return _Body(result, exchange)
+            return _SizedBody(result, exchange, context)
+        return _Body(result, exchange, context)
 
 
 def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
