@@ -201,17 +201,6 @@ def _holds_marker(captured: CapturedRequest, part: str) -> bool:
     return REDACTED.encode() in captured.body
 
 
-def _decode(body: bytes, content_encoding: str) -> bytes | None:
-    """Content codings undone the way httpx does (brotli and zstd too, when installed)."""
-    if not content_encoding.strip():
-        return body
-    try:
-        response = httpx.Response(200, headers={"content-encoding": content_encoding}, content=body)
-        return response.content
-    except httpx.DecodingError:
-        return None
-
-
 class _Pacer:
     """Spaces request starts ``1/rate`` seconds apart, across all sending threads."""
 
@@ -329,7 +318,6 @@ class Replayer:
                 exchange.body,
                 ignore=self.ignore,
                 ignore_headers=self.ignore_headers,
-                decoder=_decode,
             ).differences
         if self.sink is not None:
             for record in self._records(item, result, exchange):

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +26,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
+from .encoding import decode_content
 from .model import Event, Span, Trace, assemble
 from .redact import REDACTED, is_sensitive, redact_headers
 
@@ -433,21 +433,6 @@ def _text_or_base64(data: bytes) -> dict[str, str]:
         return {"text": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
 
 
-def _decompressed(data: bytes, encoding: str) -> bytes | None:
-    coding = encoding.strip().lower()
-    try:
-        if coding in ("gzip", "x-gzip"):
-            return zlib.decompress(data, 16 + zlib.MAX_WBITS)
-        if coding == "deflate":
-            try:
-                return zlib.decompress(data)
-            except zlib.error:
-                return zlib.decompress(data, -zlib.MAX_WBITS)
-    except zlib.error:
-        return None
-    return None
-
-
 def _truncation_note(kept: int, size: int | None) -> str:
     total = f" of {size}" if size is not None else ""
     return f"hopscope kept only the first {kept}{total} bytes of this body"
@@ -487,7 +472,7 @@ def _content(ex: Exchange) -> dict[str, Any]:
     if data:
         coding = header_value(ex.response_headers, "content-encoding")
         if coding and not ex.response_truncated:
-            plain = _decompressed(data, coding)
+            plain = decode_content(data, coding)
             if plain is not None:
                 content["size"] = len(plain)
                 content["compression"] = len(plain) - len(data)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import binascii
 import json
 import math
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .encoding import decode_content
 from .model import _HOP_ORDER, Span, Trace
 from .redact import is_redacted
 
@@ -382,34 +382,6 @@ def _same_scalar(old: Any, new: Any) -> bool:
     if type(old) is not type(new) or isinstance(old, dict | list):
         return False
     return bool(old == new)
-
-
-def decode_content(body: bytes, content_encoding: str) -> bytes | None:
-    """``body`` with its gzip/deflate content codings undone (None when it cannot be:
-    an unknown coding, or bytes cut short).  Replays compare decoded bodies because two
-    compressions of the same document need not be the same bytes."""
-    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
-    for coding in reversed(codings):
-        try:
-            if coding in ("gzip", "x-gzip"):
-                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                body = inflater.decompress(body)
-            elif coding == "deflate":
-                try:
-                    inflater = zlib.decompressobj()
-                    body = inflater.decompress(body)
-                except zlib.error:  # raw deflate, as some servers send it
-                    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                    body = inflater.decompress(body)
-            elif coding == "identity":
-                continue
-            else:
-                return None
-        except zlib.error:
-            return None
-        if not inflater.eof:
-            return None
-    return body
 
 
 def _header(pairs: Iterable[tuple[str, str]], name: str) -> str:

@@ -10,9 +10,9 @@ far as its captured bytes go.
 from __future__ import annotations
 
 import json
-import zlib
 from urllib.parse import parse_qsl
 
+from hopscope.tracing.encoding import decode_prefix
 from hopscope.tracing.model import Trace
 from rich.console import Group, RenderableType
 from rich.syntax import Syntax
@@ -48,29 +48,6 @@ def _pairs_table(pairs: list[tuple[str, str]]) -> Table:
     for name, value in pairs:
         table.add_row(name, value)
     return table
-
-
-def _decompress(data: bytes, encoding: str) -> tuple[bytes, str | None]:
-    """The decoded bytes (as many as decode) and a note; the input unchanged if unknown."""
-    encoding = encoding.strip().lower()
-    if encoding in ("gzip", "x-gzip"):
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":
-        wbits = zlib.MAX_WBITS
-    else:
-        return data, None
-    try:
-        decoder = zlib.decompressobj(wbits)
-        return decoder.decompress(data, TEXT_LIMIT), f"decoded from {encoding}"
-    except zlib.error:
-        if encoding == "deflate":  # some servers send raw deflate without the zlib header
-            try:
-                return zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, TEXT_LIMIT), (
-                    f"decoded from raw {encoding}"
-                )
-            except zlib.error:
-                pass
-        return data, f"could not decode {encoding}"
 
 
 def _hexdump(data: bytes) -> Text:
@@ -121,7 +98,7 @@ def render_body(captured: Body) -> RenderableType:
     if captured.truncated:
         notes.append(f"showing the first {len(data):,} bytes captured")
     if captured.content_encoding:
-        data, note = _decompress(data, captured.content_encoding)
+        data, note = decode_prefix(data, captured.content_encoding, TEXT_LIMIT)
         if note:
             notes.append(note)
     heading = _title("Body")

@@ -93,16 +93,6 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _decode(body: bytes, content_encoding: str) -> bytes | None:
-    if not content_encoding.strip():
-        return body
-    try:
-        coded = httpx.Response(200, headers={"content-encoding": content_encoding}, content=body)
-        return coded.content
-    except httpx.DecodingError:
-        return None
-
-
 def send(captured: CapturedRequest, request: Outgoing, *, timeout: float = 30.0) -> Resent:
     """Send ``request`` (blocking: call it from a worker thread); never raises for
     network trouble, the result says what went wrong."""
@@ -143,7 +133,5 @@ def send(captured: CapturedRequest, request: Outgoing, *, timeout: float = 30.0)
         result.error = f"cannot send: {type(exc).__name__}: {exc}"
     result.duration_ns = time.perf_counter_ns() - start if start else 0
     if result.status is not None:
-        result.comparison = compare(
-            captured, result.status, result.headers, result.body, decoder=_decode
-        )
+        result.comparison = compare(captured, result.status, result.headers, result.body)
     return result
