@@ -80,10 +80,20 @@ def _server_timing_option(function: Any) -> Any:
 
 def want_ui(flag: bool | None) -> bool:
     """``--ui``/``--headless`` when given; otherwise the UI only on a terminal, so that
-    pipes, CI and tests get text lines instead of a screen waiting for keys."""
-    if flag is not None:
-        return flag
-    return sys.stdin.isatty() and sys.stdout.isatty()
+    pipes, CI and tests get text lines instead of a screen waiting for keys.
+
+    When the answer is the UI, the user's config file (keys) is checked here, before
+    anything starts: a bad one is one line and exit status 1, not a traceback later.
+    """
+    ui = flag if flag is not None else sys.stdin.isatty() and sys.stdout.isatty()
+    if ui:
+        from hopscope.tui.keymap import ConfigError, load_keymap
+
+        try:
+            load_keymap()
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    return ui
 
 
 def _run_session(build: Any, errors: tuple[type[Exception], ...], **options: Any) -> int:

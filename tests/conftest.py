@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +13,13 @@ from typing import Any
 
 import pytest
 import uvicorn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The developer's own hopscope config (remapped keys) must not change what tests see,
+    in this process or in the hopscope processes tests start."""
+    os.environ.pop("HOPSCOPE_CONFIG", None)
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="hopscope-tests-config-")
 
 
 @contextlib.contextmanager

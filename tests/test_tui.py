@@ -337,7 +337,8 @@ def test_every_palette_entry_runs_an_app_action() -> None:
         name = action.split("(")[0]
         assert callable(getattr(HopscopeApp, f"action_{name}", None)), title
     titles = [title for title, _, _ in PALETTE]
-    assert all(t.startswith(("view: ", "export: ")) for t in titles)
+    areas = ("app: ", "view: ", "export: ", "replay: ", "playback: ")
+    assert all(t.startswith(areas) for t in titles)
     assert HopscopeCommands in HopscopeApp.COMMANDS
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from hopscope.tracing import filters
@@ -20,17 +21,17 @@ from hopscope.tracing.replay import CapturedRequest, captured_request
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.reactive import reactive
 from textual.timer import Timer
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Footer, Input, Static, Tabs
 
-from .commands import HopscopeCommands
-from .detail import TABS, DetailPane
+from .commands import HopscopeCommands, bindings, keys_of
+from .detail import DetailPane
 from .exchange import attr, curl
 from .header import HeaderBar
 from .help import HelpScreen
+from .keymap import dialog_bindings, load_keymap, remap
 from .messages import FollowRequested, RequestSelected
 from .query_bar import QueryBar
 from .replay_view import ComparisonScreen, EditScreen, TargetScreen
@@ -81,33 +82,11 @@ class HopscopeApp(App[None]):
     CSS_PATH = "hopscope.tcss"
     TITLE = "hopscope"
     COMMANDS = App.COMMANDS | {HopscopeCommands}
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (70, "-wide")]
+    """``Screen.-narrow`` rules in hopscope.tcss fit the screen under 70 columns."""
 
-    BINDINGS = [
-        Binding("q", "quit", "Quit", id="quit"),
-        # Live commands run servers: Ctrl+C stops them as it would without the UI.
-        Binding("ctrl+c", "quit", "Quit", show=False, id="quit-ctrl-c"),
-        Binding("question_mark,f1", "help", "Help", key_display="?", id="help"),
-        Binding("slash", "focus_filter", "Filter", key_display="/", id="filter"),
-        Binding("s", "focus_search", "Search", id="search"),
-        Binding("n", "search_next(-1)", "Older match", show=False, id="search-older"),
-        Binding("N", "search_next(1)", "Newer match", show=False, id="search-newer"),
-        Binding("space", "toggle_pause", "Pause", id="pause"),
-        Binding("f", "follow", "Follow", id="follow"),
-        Binding("c", "clear", "Clear", id="clear"),
-        Binding("ctrl+s", "save", "Save", id="save"),
-        Binding("y", "copy_curl", "Copy curl", id="copy-curl"),
-        Binding("escape", "to_list", "Back to list", show=False, id="back"),
-        Binding("r", "replay", "Replay", show=False, id="replay"),
-        Binding("e", "edit_replay", "Edit and send", show=False, id="edit-replay"),
-        Binding("m", "mark", "Mark for replay", show=False, id="mark"),
-        Binding("full_stop", "step", "Playback: next request", show=False, id="step"),
-        Binding("left_square_bracket", "seek(-10)", "Playback: 10 s back", show=False),
-        Binding("right_square_bracket", "seek(10)", "Playback: 10 s on", show=False),
-        *(
-            Binding(str(number), f"show_tab('{tab}')", f"{tab.capitalize()} tab", show=False)
-            for number, tab in enumerate(TABS, start=1)
-        ),
-    ]
+    BINDINGS = bindings("app")
+    """Made from :data:`~hopscope.tui.commands.COMMANDS`, like the palette's entries."""
 
     paused: reactive[bool] = reactive(False)
     """Stop taking events out of the inbox (they wait there, see :class:`Inbox`)."""
@@ -120,8 +99,16 @@ class HopscopeApp(App[None]):
         max_requests: int = 50_000,
         save_path: str | None = None,
         recording: str | None = None,
+        keymap: Mapping[str, str] | None = None,
     ) -> None:
+        """``keymap`` maps binding ids to keys; by default it comes from the user's
+        config file (:func:`~hopscope.tui.keymap.load_keymap`, which raises
+        :class:`~hopscope.tui.keymap.ConfigError` for a bad one)."""
         super().__init__()
+        self.keymap: dict[str, str] = dict(load_keymap() if keymap is None else keymap)
+        """The user's keys by binding id, as given (the help screen and palette show them)."""
+        self.set_keymap(self.keymap)
+        self._follow_keys = keys_of(self, "follow", "f")
         self.title = title
         self.source = source
         self.live = bool(getattr(source, "live", True))
@@ -286,7 +273,7 @@ class HopscopeApp(App[None]):
             text.append(f" (newest {store.max_requests:,} kept)", style="dim")
         if request_list.pending:
             text.append(f"   ▼ {request_list.pending:,} new", style="bold reverse #ffd75f")
-            text.append("  f to follow", style="dim")
+            text.append(f"  {self._follow_keys} to follow", style="dim")
         self.list_status.update(text, layout=False)
 
     def watch_paused(self, paused: bool) -> None:
@@ -363,7 +350,10 @@ class HopscopeApp(App[None]):
     def _find(self, direction: int, *, from_end: bool = False) -> None:
         needle = self._search
         if not needle:
-            self.notify("Nothing to search for: press s and type some text.", severity="warning")
+            keys = keys_of(self, "search", "s")
+            self.notify(
+                f"Nothing to search for: press {keys} and type some text.", severity="warning"
+            )
             return
         found = self.request_list.find(
             lambda trace: needle in _search_text(trace), direction, from_end=from_end
@@ -375,8 +365,9 @@ class HopscopeApp(App[None]):
 
     def action_help(self) -> None:
         sections: list[tuple[str, Any]] = [
-            ("Everywhere", self.BINDINGS),
-            ("Request list", RequestList.BINDINGS),
+            ("Everywhere", remap(self.BINDINGS, self.keymap)),
+            ("Request list", remap(RequestList.BINDINGS, self.keymap)),
+            ("Dialogs", remap(dialog_bindings(), self.keymap)),
         ]
         self.push_screen(HelpScreen(sections, filters.help_table()))
 
@@ -437,8 +428,14 @@ class HopscopeApp(App[None]):
     def action_to_list(self) -> None:
         self.request_list.focus()
 
+    def action_list_first(self) -> None:
+        """The list's home key, for the palette (which runs app actions)."""
+        self.request_list.focus()
+        self.request_list.action_first()
+
     def action_focus_detail(self) -> None:
-        self.detail.tabs.focus()
+        # The TabbedContent itself takes no focus: its tab strip does.
+        self.detail.tabs.query_one(Tabs).focus()
 
     def action_show_tab(self, tab: str) -> None:
         self.detail.tabs.active = tab
@@ -518,7 +515,8 @@ class HopscopeApp(App[None]):
         else:
             self.marked.add(trace.trace_id)
         self.request_list.refresh()
-        self.notify(f"{len(self.marked)} marked for replay (r sends them, m unmarks).")
+        replay, mark = keys_of(self, "replay", "r"), keys_of(self, "mark", "m")
+        self.notify(f"{len(self.marked)} marked for replay ({replay} sends them, {mark} unmarks).")
 
     def _replay_jobs(self, only_selected: bool = False) -> list[tuple[Trace, CapturedRequest]]:
         if self.marked and not only_selected:

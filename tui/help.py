@@ -1,4 +1,8 @@
-"""The ``?`` screen: every key, generated from the bindings so it cannot go stale."""
+"""The ``?`` screen: every key, generated from the bindings so it cannot go stale.
+
+The app passes its bindings with the user's keymap applied, so the keys shown are the
+keys that work, each with its binding id (what the config file's ``[keys]`` names).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from .commands import keys_of
+
 __all__ = ["HelpScreen"]
 
 MOUSE_HELP = [
@@ -26,7 +32,9 @@ FILTER_HELP = (
     "Filter: type an expression and press Enter (empty shows everything). "
     "A bad expression is marked where it goes wrong and the old filter stays. "
     "Search: finds text in method, path, query, status and route; Enter jumps to the "
-    "newest match, n / N to older / newer ones."
+    "newest match, n / N to older / newer ones. "
+    "Keys: the grey names are binding ids; remap them in a [keys] table of "
+    '~/.config/hopscope/config.toml (or $HOPSCOPE_CONFIG), e.g. quit = "ctrl+q".'
 )
 
 
@@ -48,7 +56,7 @@ class HelpScreen(ModalScreen[None]):
     """
 
     BINDINGS = [
-        Binding("escape,q,question_mark,f1", "dismiss", "Close", show=False),
+        Binding("escape,q,question_mark,f1", "dismiss", "Close", show=False, id="help-close"),
     ]
 
     def __init__(
@@ -65,7 +73,8 @@ class HelpScreen(ModalScreen[None]):
             yield Static("hopscope: keys and mouse", id="help-title")
             with VerticalScroll():
                 yield Static(self._content(), id="help-content")
-            yield Static("esc, q or ? to close", id="help-hint")
+            close = keys_of(self.app, "help-close", "escape,q,question_mark,f1")
+            yield Static(f"{close} to close", id="help-hint")
 
     def _content(self) -> Group:
         parts: list[Table | Text] = []
@@ -75,19 +84,27 @@ class HelpScreen(ModalScreen[None]):
             )
             table.add_column(style="bold cyan", no_wrap=True, min_width=14)
             table.add_column()
+            table.add_column(style="dim", no_wrap=True, justify="right")
             keys_by_action: dict[str, list[str]] = {}
             descriptions: dict[str, str] = {}
+            ids: dict[str, list[str]] = {}
             for binding in bindings:
                 if not binding.description:
                     continue
                 keys = keys_by_action.setdefault(binding.action, [])
                 keys += [
-                    self.app.get_key_display(Binding(key, binding.action))
+                    self.app.get_key_display(Binding(key.strip(), binding.action))
                     for key in binding.key.split(",")
                 ]
                 descriptions.setdefault(binding.action, binding.tooltip or binding.description)
+                if binding.id:
+                    ids.setdefault(binding.action, []).append(binding.id)
             for action, keys in keys_by_action.items():
-                table.add_row(", ".join(dict.fromkeys(keys)), descriptions[action])
+                table.add_row(
+                    ", ".join(dict.fromkeys(keys)),
+                    descriptions[action],
+                    " ".join(ids.get(action, [])),
+                )
             parts += [table, Text()]
         mouse = Table(
             title="Mouse", title_justify="left", title_style="bold", box=None, show_header=False

@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static, TextArea
 
+from .commands import keys_of
 from .resend import Outgoing, Resent
 
 __all__ = ["ComparisonScreen", "EditScreen", "TargetScreen", "render_comparison"]
@@ -32,7 +33,7 @@ class TargetScreen(ModalScreen[str | None]):
     TargetScreen #target-hint { color: $text-muted; }
     """
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False, id="dialog-cancel")]
 
     def __init__(self, target: str, count: int) -> None:
         super().__init__()
@@ -44,7 +45,8 @@ class TargetScreen(ModalScreen[str | None]):
         with Vertical(id="target-box"):
             yield Static(f"Replay {what} against (http://HOST:PORT):")
             yield Input(self._target, id="target-input")
-            yield Static("enter to send, esc to cancel", id="target-hint")
+            cancel = keys_of(self.app, "dialog-cancel", "escape")
+            yield Static(f"enter to send, {cancel} to cancel", id="target-hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -86,8 +88,8 @@ class EditScreen(ModalScreen[Outgoing | None]):
     """
 
     BINDINGS = [
-        Binding("escape", "cancel", "Cancel", show=False),
-        Binding("ctrl+s", "send", "Send", show=False),
+        Binding("escape", "cancel", "Cancel", show=False, id="dialog-cancel"),
+        Binding("ctrl+s", "send", "Send", show=False, id="edit-send"),
     ]
 
     def __init__(self, request: Outgoing) -> None:
@@ -104,7 +106,11 @@ class EditScreen(ModalScreen[Outgoing | None]):
             yield TextArea(_headers_text(request.headers), id="edit-headers")
             yield Static("Body", classes="edit-label")
             yield TextArea(request.body.decode("utf-8", "replace"), id="edit-body")
-            yield Static("ctrl+s to send, esc to cancel, tab to move", id="edit-hint")
+            send, cancel = (
+                keys_of(self.app, "edit-send", "ctrl+s"),
+                keys_of(self.app, "dialog-cancel", "escape"),
+            )
+            yield Static(f"{send} to send, {cancel} to cancel, tab to move", id="edit-hint")
 
     def on_mount(self) -> None:
         self.query_one("#edit-url", Input).focus()
@@ -192,7 +198,7 @@ class ComparisonScreen(ModalScreen[None]):
     ComparisonScreen #compare-hint { color: $text-muted; }
     """
 
-    BINDINGS = [Binding("escape,q", "dismiss", "Close", show=False)]
+    BINDINGS = [Binding("escape,q", "dismiss", "Close", show=False, id="compare-close")]
 
     def __init__(self, results: Sequence[Resent]) -> None:
         super().__init__()
@@ -200,7 +206,8 @@ class ComparisonScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="compare-box"):
-            yield Static("esc to close", id="compare-hint")
+            close = keys_of(self.app, "compare-close", "escape,q")
+            yield Static(f"{close} to close", id="compare-hint")
             for result in self.results:
                 verdict, old, new = render_comparison(result)
                 yield Static(verdict, classes="compare-verdict")

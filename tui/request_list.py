@@ -22,7 +22,6 @@ from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
-from textual.binding import Binding
 from textual.cache import LRUCache
 from textual.geometry import Region, Size
 from textual.reactive import reactive
@@ -30,6 +29,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from . import formatting
+from .commands import bindings
 from .exchange import attr
 from .messages import RequestSelected
 from .store import Change, RequestStore, Row
@@ -40,24 +40,52 @@ __all__ = ["Columns", "RequestList"]
 Clock = Callable[[], int]
 
 
+#: Narrowest list (in cells) that still gets the waterfall.
+WATERFALL_MIN = 70
+#: Narrowest waterfall worth drawing.
+WATERFALL_SMALLEST = 12
+TIME_WIDTH, METHOD_WIDTH, STATUS_WIDTH, DURATION_WIDTH, SIZE_WIDTH = 12, 7, 3, 7, 5
+#: Path cells kept before the waterfall shrinks and then size and time make way.
+PATH_MIN = 16
+
+
 @dataclass(frozen=True, slots=True)
 class Columns:
-    """Cell widths of a row; the path takes what the others leave."""
+    """Cell widths of a row; the path takes what the others leave.
 
-    time: int = 12
-    method: int = 7
+    A width of 0 means the column is left out: on a narrow terminal the waterfall
+    shrinks and then goes, then the size, then the time of day, so that method, path,
+    status and duration stay readable down to about 40 cells.
+    """
+
+    time: int = TIME_WIDTH
+    method: int = METHOD_WIDTH
     path: int = 20
-    status: int = 3
-    duration: int = 7
-    size: int = 5
+    status: int = STATUS_WIDTH
+    duration: int = DURATION_WIDTH
+    size: int = SIZE_WIDTH
     waterfall: int = 0
 
     @classmethod
     def fit(cls, width: int) -> Columns:
-        fixed = 12 + 7 + 3 + 7 + 5 + 6  # the columns and their gaps, path and bar aside
-        waterfall = max(12, int(width * 0.32)) if width >= 70 else 0
-        path = max(8, width - fixed - waterfall - (1 if waterfall else 0))
-        return cls(path=path, waterfall=waterfall)
+        time, size = TIME_WIDTH, SIZE_WIDTH
+        method, status, duration = METHOD_WIDTH, STATUS_WIDTH, DURATION_WIDTH
+        waterfall = max(WATERFALL_SMALLEST, int(width * 0.32)) if width >= WATERFALL_MIN else 0
+
+        def path_left() -> int:
+            # Each column is followed by one blank cell; the bar has one before it.
+            used = sum(w + 1 for w in (time, method, status, duration, size) if w)
+            return width - used - 1 - (waterfall + 1 if waterfall else 0)
+
+        if waterfall and path_left() < PATH_MIN:
+            waterfall = max(waterfall - (PATH_MIN - path_left()), 0)
+            if waterfall < WATERFALL_SMALLEST:
+                waterfall = 0
+        if path_left() < PATH_MIN:
+            size = 0
+        if path_left() < PATH_MIN:
+            time = 0
+        return cls(time=time, path=max(path_left(), 4), size=size, waterfall=waterfall)
 
 
 def _fit(text: str, width: int) -> str:
@@ -92,15 +120,7 @@ def row_axis(rows: list[Row], now: int) -> tuple[int, int]:
 class RequestList(ScrollView, can_focus=True):
     """Requests in arrival order, newest at the bottom."""
 
-    BINDINGS = [
-        Binding("up,k", "cursor(-1)", "Previous", show=False),
-        Binding("down,j", "cursor(1)", "Next", show=False),
-        Binding("pageup", "page(-1)", "Page up", show=False),
-        Binding("pagedown", "page(1)", "Page down", show=False),
-        Binding("home,g", "first", "Oldest", show=False),
-        Binding("end,G", "follow", "Follow", show=False),
-        Binding("enter", "app.focus_detail", "Details", show=False),
-    ]
+    BINDINGS = bindings("list")
 
     COMPONENT_CLASSES = {
         "request-list--header",
@@ -393,9 +413,11 @@ class RequestList(ScrollView, can_focus=True):
         style = base + header_fg
         dim = base + dim_fg
         text = (
-            f"{'time':<{columns.time}} {'method':<{columns.method}} "
-            f"{set_cell_size('path', columns.path)} {'st':>{columns.status}} "
-            f"{'took':>{columns.duration}} {'size':>{columns.size}} "
+            (f"{'time':<{columns.time}} " if columns.time else "")
+            + f"{'method':<{columns.method}} "
+            + f"{set_cell_size('path', columns.path)} {'st':>{columns.status}} "
+            + f"{'took':>{columns.duration}} "
+            + (f"{'size':>{columns.size}} " if columns.size else "")
         )
         segments = [Segment(text, style)]
         if columns.waterfall:
@@ -424,13 +446,19 @@ class RequestList(ScrollView, can_focus=True):
             took = self._now - trace.start
         size_attr = attr(trace, "http.response.body.size")
         body_size = size_attr if isinstance(size_attr, int) else None
-        clock = formatting.clock(trace.start)
-        segments = [
-            Segment("●" + clock[1:] + " ", style + Style(color="#ffd75f", bold=True))
-            if marked
-            else Segment(clock + " ", dim),
-            Segment(set_cell_size(method, columns.method) + " ", style + Style(bold=True)),
-        ]
+        segments = []
+        if columns.time:
+            clock = formatting.clock(trace.start)
+            segments.append(
+                Segment("●" + clock[1:] + " ", style + Style(color="#ffd75f", bold=True))
+                if marked
+                else Segment(clock + " ", dim)
+            )
+        elif marked:  # no time column to carry the mark: the method does
+            method = "●" + method
+        segments.append(
+            Segment(set_cell_size(method, columns.method) + " ", style + Style(bold=True))
+        )
         if query and cell_len(path) < columns.path:
             rest = _fit(f"?{query}", columns.path - cell_len(path))
             segments += [Segment(path, style), Segment(rest + " ", dim)]
@@ -442,8 +470,9 @@ class RequestList(ScrollView, can_focus=True):
                 style + formatting.status_style(status, trace.error),
             ),
             Segment(f"{formatting.duration(took):>{columns.duration}} ", dim if running else style),
-            Segment(f"{formatting.size(body_size):>{columns.size}} ", dim),
         ]
+        if columns.size:
+            segments.append(Segment(f"{formatting.size(body_size):>{columns.size}} ", dim))
         if columns.waterfall:
             t0, t1 = self._axis
             background = style.bgcolor.get_truecolor().hex if style.bgcolor else None
