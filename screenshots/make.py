@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import html
-import inspect
 import json
 import os
 import re
@@ -42,9 +41,11 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 HERE = Path(__file__).resolve().parent
+# The demo's recording and where to cut it, shared with the snapshot tests.
+sys.path.insert(0, str(HERE.parent / "tests" / "data"))
+from make_demo_trace import cut, record  # noqa: E402
+
 REQUESTS = 12
-#: The recording is cut this long after the last request's first database query began.
-CUT_AFTER_NS = 20_000_000
 WAIT = 20.0
 #: Fonts tried, in order, for text runs with a symbol Fira Code has no glyph for.
 FALLBACK_FONTS = ("DejaVu Sans Mono", "DejaVu Sans")
@@ -53,27 +54,7 @@ Event = dict[str, Any]
 View = Callable[[HopscopeApp, Pilot[None]], Awaitable[None]]
 
 
-class FixedClockApp(HopscopeApp):
-    """The live UI with its clock stopped at ``now``."""
-
-    # Textual reads a relative CSS_PATH from the subclass's folder: keep the app's own.
-    CSS_PATH = str(Path(inspect.getfile(HopscopeApp)).with_name(str(HopscopeApp.CSS_PATH)))
-
-    def __init__(self, source: QueueSource, now: int) -> None:
-        super().__init__(source, title="hopscope demo")
-        self._fixed_now = now
-
-    def now(self) -> int:
-        return self._fixed_now
-
-
 # -- the recording ---------------------------------------------------------------------
-
-
-def record(path: Path, requests: int) -> None:
-    command = [sys.executable, "-m", "hopscope.app", "demo", "--headless"]
-    command += ["--requests", str(requests), "-o", str(path)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=120)
 
 
 def tidy(events: list[Event]) -> list[Event]:
@@ -94,19 +75,16 @@ def tidy(events: list[Event]) -> list[Event]:
 
 
 def stream(path: Path) -> tuple[list[Event], int, str]:
-    """The recording up to the cut, the moment of the cut, and the demo's public URL."""
+    """The recording up to the cut (where the snapshot tests cut theirs), the moment of
+    the cut, and the demo's public URL."""
     events = tidy(sorted(read_events(path), key=lambda event: event["ts"]))
-    starts = [e for e in events if e["kind"] == "span_start"]
-    first = starts[0]
-    last = max((e for e in starts if e["parent_id"] is None), key=lambda e: e["ts"])
-    queries = [
-        e["ts"] for e in starts if e["trace_id"] == last["trace_id"] and e["name"] == "db.query"
-    ]
-    if not queries:
-        sys.exit("make.py: the demo's last request has no db.query span: change the cut")
-    now = min(queries) + CUT_AFTER_NS
+    try:
+        events, now = cut(events)
+    except ValueError as exc:
+        sys.exit(f"make.py: {exc}: change the cut")
+    first = next(e for e in events if e["kind"] == "span_start")
     url = f"http://127.0.0.1:{first['attrs'].get('server.port', 0)}"
-    return [e for e in events if e["ts"] <= now], now, url
+    return events, now, url
 
 
 # -- the views ---------------------------------------------------------------------------
@@ -165,7 +143,7 @@ async def shoot(
 ) -> Path:
     source = QueueSource(f"demo {url}")
     source.push(events)
-    app = FixedClockApp(source, now)
+    app = HopscopeApp(source, title="hopscope demo", clock=lambda: now)
     requests = len({e["trace_id"] for e in events})
     async with app.run_test(size=size) as pilot:
         for field in app.query(Input):

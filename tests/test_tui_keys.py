@@ -471,3 +471,53 @@ def test_small_terminals_keep_method_status_and_path(
         assert app.is_running
 
     run(app, scenario, size)
+
+
+# -- dialogs and hints follow the keymap ----------------------------------------------------------
+
+
+def test_the_save_dialog_cancels_with_the_remapped_dialog_key() -> None:
+    from hopscope.tui.save import SaveScreen
+
+    assert binding_ids()["dialog-cancel"] == "escape"
+    source = QueueSource("live test")
+    app = HopscopeApp(source, keymap={"dialog-cancel": "ctrl+g"})
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        source.push(many(1))
+        await wait_for(pilot, lambda: len(app.store) == 1, "the request")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: isinstance(app.screen, SaveScreen), "the save dialog")
+        hint = str(app.screen.query_one("#save-hint", Static).content)
+        assert "^g to cancel" in hint, hint
+        await pilot.press("escape")  # no longer the cancel key
+        await pilot.pause()
+        assert isinstance(app.screen, SaveScreen)
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: not isinstance(app.screen, SaveScreen), "the dialog closed")
+        assert not app.workers  # cancelled: no save started
+
+    run(app, scenario, (100, 30))
+
+
+def test_the_truncated_body_refusal_names_the_remapped_edit_key() -> None:
+    source = QueueSource("live test")
+    app = HopscopeApp(source, keymap={"edit-replay": "x"})
+    events = events_for(1, time.time_ns(), path="/upload")
+    for event in events:  # the body was cut at capture: 5000 bytes sent, none kept
+        if "http.request.method" in event.get("attrs", {}):
+            event["attrs"]["http.request.body.size"] = 5000
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        source.push(events)
+        await wait_for(pilot, lambda: len(app.store) == 1, "the request")
+        await pilot.press("up", "r")
+        await wait_for(pilot, lambda: isinstance(app.screen, TargetScreen), "the target")
+        # Port 9 (discard) is never contacted: the refusal comes before any connection.
+        app.screen.query_one(Input).value = "http://127.0.0.1:9"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.replayed, "the result")
+        error = app.replayed[0].error or ""
+        assert "truncated at capture (x to edit the body)" in error, error
+
+    run(app, scenario, (120, 35))

@@ -2,8 +2,9 @@
 
 The events are a real recording of ``hopscope demo`` (``tests/data/demo-trace.jsonl``,
 made stable by ``tests/data/make_demo_trace.py``), replayed as a live stream that is cut
-in the middle of its last request, so one request is still in flight.  Everything that
-would otherwise change between runs is fixed: the UI's clock (``HopscopeApp.now``) is the
+in the middle of its last request (``make_demo_trace.cut``, which the README's screenshots
+use too), so one request is still in flight.  Everything that would otherwise change
+between runs is fixed: the UI's clock (``HopscopeApp(clock=...)``) is stopped at the
 moment of the cut, so growing bars, running durations and the requests/s sparkline hold
 still; times of day are shown in UTC; input cursors do not blink.
 
@@ -17,7 +18,6 @@ A failing run writes ``snapshot_report.html`` showing the old and new screens.
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from data.make_demo_trace import cut
 from hopscope.tracing.tracefile import read_events
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import QueueSource
@@ -34,39 +35,15 @@ from textual.widgets import Input
 DATA = Path(__file__).parent / "data" / "demo-trace.jsonl"
 SIZE = (120, 35)
 WAIT = 10.0
-#: Where the stream is cut: this long after the last request's first database query
-#: started, so that request is in flight, inside its user span.
-CUT_AFTER_NS = 20_000_000
 
 Event = dict[str, Any]
 Compare = Callable[..., bool]
 Scenario = Callable[[HopscopeApp, Pilot[None]], Awaitable[None]]
 
 
-class FixedClockApp(HopscopeApp):
-    """The live UI with its one clock stopped at ``now``."""
-
-    # Textual reads a relative CSS_PATH from the subclass's folder: keep the app's own.
-    CSS_PATH = str(Path(inspect.getfile(HopscopeApp)).with_name(str(HopscopeApp.CSS_PATH)))
-
-    def __init__(self, source: QueueSource, now: int) -> None:
-        super().__init__(source, title="hopscope demo")
-        self._fixed_now = now
-
-    def now(self) -> int:
-        return self._fixed_now
-
-
 def demo_stream() -> tuple[list[Event], int]:
     """The recording up to the cut, and the moment of the cut."""
-    events = list(read_events(DATA))
-    starts = [e for e in events if e["kind"] == "span_start"]
-    last = max((e for e in starts if e["parent_id"] is None), key=lambda e: e["ts"])
-    query = min(
-        e["ts"] for e in starts if e["trace_id"] == last["trace_id"] and e["name"] == "db.query"
-    )
-    now = query + CUT_AFTER_NS
-    return [e for e in events if e["ts"] <= now], now
+    return cut(list(read_events(DATA)))
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +72,7 @@ def snapshot(snap_compare: Compare, scenario: Scenario) -> bool:
     events, now = demo_stream()
     source = QueueSource("demo http://127.0.0.1:8000")
     source.push(events)
-    app = FixedClockApp(source, now)
+    app = HopscopeApp(source, title="hopscope demo", clock=lambda: now)
 
     async def run_before(pilot: Pilot[None]) -> None:
         for field in app.query(Input):

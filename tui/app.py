@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hopscope.tracing import filters
@@ -100,11 +100,16 @@ class HopscopeApp(App[None]):
         save_path: str | None = None,
         recording: str | None = None,
         keymap: Mapping[str, str] | None = None,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         """``keymap`` maps binding ids to keys; by default it comes from the user's
         config file (:func:`~hopscope.tui.keymap.load_keymap`, which raises
-        :class:`~hopscope.tui.keymap.ConfigError` for a bad one)."""
+        :class:`~hopscope.tui.keymap.ConfigError` for a bad one).
+
+        ``clock`` (epoch ns) is what "now" is for a live source: snapshots and
+        screenshots stop it, so running requests are drawn as they were at one moment."""
         super().__init__()
+        self._clock = clock
         self.keymap: dict[str, str] = dict(load_keymap() if keymap is None else keymap)
         """The user's keys by binding id, as given (the help screen and palette show them)."""
         self.set_keymap(self.keymap)
@@ -177,7 +182,7 @@ class HopscopeApp(App[None]):
         if self.paused:
             return self._frozen_now
         if self.live:
-            return time.time_ns()
+            return self._clock()
         return self.store.latest_ts
 
     # -- ingest --------------------------------------------------------------------------
@@ -278,7 +283,7 @@ class HopscopeApp(App[None]):
 
     def watch_paused(self, paused: bool) -> None:
         if paused:
-            self._frozen_now = time.time_ns() if self.live else self.store.latest_ts
+            self._frozen_now = self._clock() if self.live else self.store.latest_ts
         if self._ui_ready:
             self._update_status()
             self._update_header()
@@ -565,8 +570,9 @@ class HopscopeApp(App[None]):
     @work(thread=True, group="replay", exit_on_error=False)
     def _send(self, jobs: list[tuple[CapturedRequest, Outgoing]]) -> None:
         results = []
+        edit_keys = keys_of(self, "edit-replay", "e")
         for captured, request in jobs:
-            result = send(captured, request)
+            result = send(captured, request, edit_keys=edit_keys)
             if result.unreachable:
                 self.call_from_thread(self.notify, result.error or "", severity="error")
                 break

@@ -28,6 +28,7 @@ from textual.keys import KEY_NAME_REPLACEMENTS, REPLACED_KEYS, Keys, _character_
 from .commands import COMMANDS
 from .help import HelpScreen
 from .replay_view import ComparisonScreen, EditScreen, TargetScreen
+from .save import SaveScreen
 
 __all__ = [
     "ENV",
@@ -45,7 +46,7 @@ ENV = "HOPSCOPE_CONFIG"
 
 _MODIFIERS = {"ctrl", "shift", "alt", "meta", "super", "hyper"}
 _NAMED = {key.value.rpartition("+")[2] for key in Keys} | set(KEY_NAME_REPLACEMENTS.values())
-_DIALOGS = (HelpScreen, TargetScreen, EditScreen, ComparisonScreen)
+_DIALOGS = (HelpScreen, TargetScreen, EditScreen, ComparisonScreen, SaveScreen)
 
 
 class ConfigError(Exception):
@@ -64,7 +65,7 @@ def config_path(environ: Mapping[str, str] | None = None) -> tuple[Path, bool]:
 
 
 def dialog_bindings() -> list[Binding]:
-    """The keys of the dialogs (help, replay), one binding per id."""
+    """The keys of the dialogs (help, replay, save), one binding per id."""
     seen: dict[str, Binding] = {}
     for screen in _DIALOGS:
         for item in screen.BINDINGS:

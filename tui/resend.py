@@ -93,14 +93,19 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def send(captured: CapturedRequest, request: Outgoing, *, timeout: float = 30.0) -> Resent:
+def send(
+    captured: CapturedRequest, request: Outgoing, *, timeout: float = 30.0, edit_keys: str = "e"
+) -> Resent:
     """Send ``request`` (blocking: call it from a worker thread); never raises for
-    network trouble, the result says what went wrong."""
+    network trouble, the result says what went wrong.
+
+    ``edit_keys`` is the key that opens the edit screen now (the user may have remapped
+    it), for the message that says to use it."""
     result = Resent(captured, request)
     if captured.truncated and request.body == captured.body:
         # Never send a body cut at capture as if it were whole (hopscope replay skips
         # these too); a body typed in the edit screen is the user's own.
-        result.error = "not sent: its body was truncated at capture (e to edit the body)"
+        result.error = f"not sent: its body was truncated at capture ({edit_keys} to edit the body)"
         return result
     start = 0
     try:

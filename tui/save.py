@@ -20,6 +20,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
+from .commands import keys_of
+
 __all__ = ["SaveScreen", "default_name", "write_trace_file"]
 
 
@@ -60,7 +62,8 @@ class SaveScreen(ModalScreen[str | None]):
     SaveScreen #save-hint { color: $text-muted; }
     """
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False)]
+    # The id the other dialogs' cancel keys share: one keymap entry remaps them all.
+    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False, id="dialog-cancel")]
 
     def __init__(self, suggestion: str) -> None:
         super().__init__()
@@ -70,7 +73,8 @@ class SaveScreen(ModalScreen[str | None]):
         with Vertical(id="save-box"):
             yield Static("Save the trace (JSON Lines, mode 0600) to:")
             yield Input(self._suggestion, id="save-path")
-            yield Static("enter to save, esc to cancel", id="save-hint")
+            cancel = keys_of(self.app, "dialog-cancel", "escape")
+            yield Static(f"enter to save, {cancel} to cancel", id="save-hint")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

@@ -160,6 +160,10 @@ class Timeline(Horizontal):
     """
 
     LABEL_WIDTH = 30
+    """The label column where the row has room (it shrinks in narrower rows)."""
+    LABEL_MIN = 8
+    BAR_MIN = 10
+    """The bar keeps this much while the label can still give way."""
     DURATION_WIDTH = 8
 
     def __init__(self, clock: Clock, *, id: str | None = None) -> None:
@@ -169,6 +173,7 @@ class Timeline(Horizontal):
         self._rows: list[tuple[int, Span]] = []
         self._window = (0, 1)
         self._now = 0
+        self._label_width = self.LABEL_WIDTH
         self._described: int | None = None
 
     def compose(self) -> ComposeResult:
@@ -204,9 +209,9 @@ class Timeline(Horizontal):
             return
         self._rows = span_rows(trace)
         self._window = trace_window(trace, self._now)
-        bar_width = self._bar_width()
+        self._label_width, bar_width = self.fit(self._row_width())
         t0, t1 = self._window
-        ruler = Text(" " * self.LABEL_WIDTH)
+        ruler = Text(" " * self._label_width)
         ruler.append_text(axis(t0, t1, bar_width))
         self._axis_line.update(ruler, layout=False)
         spans_list.set_options(
@@ -220,9 +225,20 @@ class Timeline(Horizontal):
             spans_list.highlighted = index
         self._describe(index)
 
-    def _bar_width(self) -> int:
-        width = self.spans_list.scrollable_content_region.width or self.size.width * 2 // 3
-        return max(10, width - self.LABEL_WIDTH - self.DURATION_WIDTH - 1)
+    def _row_width(self) -> int:
+        return self.spans_list.scrollable_content_region.width or self.size.width * 2 // 3
+
+    @classmethod
+    def fit(cls, width: int) -> tuple[int, int]:
+        """``(label, bar)`` widths for rows ``width`` cells wide.
+
+        A row is label, bar and duration, with one cell to spare: a row any wider would
+        wrap in the option list and push the bar and duration onto a line of their own.
+        Names are cut before the bar is, down to :attr:`BAR_MIN`; then both give way.
+        """
+        room = width - cls.DURATION_WIDTH - 1
+        label = max(cls.LABEL_MIN, min(cls.LABEL_WIDTH, room - cls.BAR_MIN))
+        return label, max(1, room - label)
 
     def _prompt(self, depth: int, span: Span, width: int) -> Text:
         kind = span_kind(span)
@@ -230,12 +246,15 @@ class Timeline(Horizontal):
         # Hops often share one name ("GET /items"): the hop tells the rows apart.
         if kind not in ("user", "queue", "background") and not name.startswith(kind):
             name = f"{kind} {name}"
-        label = "  " * depth + name
+        label_width = self._label_width
+        # A narrowed label keeps the nesting at one cell a level, leaving room for names.
+        indent = 2 if label_width >= self.LABEL_WIDTH else 1
+        label = " " * (indent * depth) + name
         label_style = "bold #ff5f5f" if span.attrs.get("error") else kind_colour(kind)
         text = Text(no_wrap=True, overflow="ellipsis", end="")
-        if len(label) > self.LABEL_WIDTH - 1:
-            label = label[: self.LABEL_WIDTH - 2] + "…"
-        text.append(f"{label:<{self.LABEL_WIDTH}}", style=label_style)
+        if len(label) > label_width - 1:
+            label = label[: label_width - 2] + "…"
+        text.append(f"{label:<{label_width}}", style=label_style)
         t0, t1 = self._window
         stretches = []
         if span.start is not None:

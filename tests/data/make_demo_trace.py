@@ -17,6 +17,9 @@ Run it again only to take a new recording (then update the snapshots with
 ``pytest tests/test_tui_snapshots.py --snapshot-update`` and look at them)::
 
     python tests/data/make_demo_trace.py            # writes tests/data/demo-trace.jsonl
+
+:func:`cut` is where the snapshot tests and ``screenshots/make.py`` both stop a
+recording, so the two draw the same moment of the demo.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ SERVER_PORTS = 8000
 CLIENT_PORTS = 50_000
 PIDS = 1000
 SITE = "/venv/lib/python3/site-packages"
+#: Where a recording is cut: this long after the last request's first database query
+#: started, so that request is in flight, inside its user span.
+CUT_AFTER_NS = 20_000_000
 
 Event = dict[str, Any]
 
@@ -62,6 +68,25 @@ def read(path: Path) -> list[Event]:
     with path.open(encoding="utf-8") as handle:
         next(handle)  # the header line: written fresh below
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def cut(events: list[Event]) -> tuple[list[Event], int]:
+    """The events up to the cut, and the moment of the cut.
+
+    Raises ValueError when the last request has no ``db.query`` span to cut in.
+    """
+    starts = [e for e in events if e["kind"] == "span_start"]
+    roots = [e for e in starts if e["parent_id"] is None]
+    if not roots:
+        raise ValueError("the recording has no request")
+    last = max(roots, key=lambda e: e["ts"])
+    queries = [
+        e["ts"] for e in starts if e["trace_id"] == last["trace_id"] and e["name"] == "db.query"
+    ]
+    if not queries:
+        raise ValueError("the demo's last request has no db.query span to cut in")
+    now = min(queries) + CUT_AFTER_NS
+    return [e for e in events if e["ts"] <= now], now
 
 
 def _stable_hex(kind: str, number: int, length: int) -> str:
