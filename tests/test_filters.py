@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hopscope.tracing import filters
 from hopscope.tracing.filters import Filter, FilterError, help_markdown, help_table, parse
-from hopscope.tracing.model import Event, Span, Trace, TraceBuilder
+from hopscope.tracing.model import QUEUE, Event, Span, Trace, TraceBuilder, _outer_first
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -802,12 +802,92 @@ def test_precedence_agrees_with_python(pair: tuple[str, str]) -> None:
     assert matches(text, GET_200) is eval(python), (text, python, str(parse(text)))
 
 
+def _text_pairs(headers: Any) -> list[tuple[str, str]]:
+    if not isinstance(headers, list | tuple):
+        return []
+    return [
+        (pair[0].lower(), pair[1])
+        for pair in headers
+        if isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], str)
+    ]
+
+
+def _reference_host(trace: Trace) -> str | None:
+    """The host the slow, obvious way: the outermost span that knows one."""
+    for span in sorted(trace.spans.values(), key=_outer_first):
+        for name, value in _text_pairs(span.attrs.get("http.request.headers")):
+            if name == "host" or name == ":authority":
+                if value.startswith("["):
+                    return value[1 : value.find("]")] if "]" in value else value[1:]
+                host, colon, port = value.rpartition(":")
+                return host if colon and port.isdigit() and ":" not in host else value
+        address = span.attrs.get("server.address")
+        if isinstance(address, str):
+            return address
+    return None
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(traces())
-def test_one_pass_lookups_agree_with_the_model(trace: Trace) -> None:
-    assert filters._start_end(trace) == (trace.start, trace.end)
-    for key in KEYS:
-        assert filters._outer(key)(trace) == trace._attr(key)
+def test_one_pass_summary_agrees_with_a_walk_over_the_spans(trace: Trace) -> None:
+    info = trace.info
+    spans = list(trace.spans.values())
+    starts = [s.start for s in spans if s.start is not None]
+    assert info.start == (min(starts) if starts else None)
+    roots = [
+        s
+        for s in spans
+        if not (s.parent_id is not None and s.parent_id in trace.spans)
+        and s.attrs.get("span.kind") != "queue"
+    ]
+    root = min(roots, key=_outer_first) if roots else None
+    assert info.root_id == (root.span_id if root else None)
+    assert info.end == (root.end if root else None)
+    assert info.method == trace._attr("http.request.method")
+    assert info.path == trace._attr("url.path")
+    assert info.status == trace._attr("http.response.status_code")
+    assert info.route == trace._attr("http.route")
+    assert info.host == _reference_host(trace)
+    assert info.error == any(s.attrs.get("error") for s in spans)
+    assert info.failed == any(
+        s.attrs.get("error") or any(e.name == "exception" for e in s.events) for s in spans
+    )
+    headers = [
+        pair
+        for s in spans
+        for key in ("http.request.headers", "http.response.headers")
+        for pair in _text_pairs(s.attrs.get(key))
+    ]
+    assert list(info.headers) == headers
+    bodies = [
+        body
+        for s in spans
+        for key in ("http.request.body", "http.response.body")
+        if isinstance(body := s.attrs.get(key), str) and body
+    ]
+    assert list(info.bodies) == bodies
+    for hop in ("client", "proxy", "server", "app", "worker", QUEUE):
+        queue = hop is QUEUE
+        chosen = [
+            s
+            for s in spans
+            if (s.attrs.get("span.kind") == "queue") == queue and (queue or s.hop == hop)
+        ]
+        took = [s.end - s.start for s in chosen if s.start is not None and s.end is not None]
+        assert info.longest(hop) == (bool(chosen), max(took, default=None))
+
+
+def test_summary_follows_new_events() -> None:
+    builder = TraceBuilder()
+    builder.extend(span_events("a1", end=None, start_attrs={"url.path": "/a"}))
+    (trace,) = builder.traces.values()
+    assert parse("inflight")(trace) and not parse("status:200")(trace)
+    builder.extend(span_events("a1", end_attrs={"http.response.status_code": 200})[1:])
+    assert not parse("inflight")(trace) and parse("status:200")(trace)
+    assert parse("duration=10ms")(trace)
 
 
 @settings(max_examples=200, deadline=None)
@@ -818,3 +898,24 @@ def test_any_text_parses_or_fails_with_a_position(text: str) -> None:
     except FilterError as error:
         assert 0 <= error.position <= len(text)
         assert "\n" not in str(error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab*?", max_size=6), st.text("ab\n", max_size=6), st.booleans())
+def test_glob_shortcuts_agree_with_the_regex(pattern: str, value: str, ignore_case: bool) -> None:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    expected = re.fullmatch(regex, value, flags) is not None
+    assert bool(filters._glob(pattern, ignore_case)(value)) is expected
+
+
+@pytest.mark.parametrize("odd", ["a\nb", "a\0b"])
+def test_header_values_holding_newlines_or_nul_are_still_matched(odd: str) -> None:
+    trace = request(request_headers=[["X-A", odd], ["x-b", "c"]])
+    assert trace.info.odd_headers is not None
+    assert matches("header:x-a", trace) and matches('header:x-a="a*b"', trace)
+    assert matches("header:x-b=c", trace)
+    assert not matches("header:x-c", trace) and not matches("header:x-b=a", trace)
+    plain = request(request_headers=[["X-A", "a b"]])
+    assert plain.info.odd_headers is None and plain.info.headers == (("x-a", "a b"),)
+    assert matches('header:x-a="a b"', plain) and not matches("header:x-a=a", plain)

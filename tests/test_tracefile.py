@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import stat
@@ -413,9 +414,12 @@ def test_complete_last_line_without_newline_is_kept(
     assert load_quietly(path) == sample[1]
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 300, 1])
 def test_malformed_middle_lines_are_skipped_and_counted(
-    tmp_path: Path, sample: tuple[Path, list[Trace]]
+    tmp_path: Path, sample: tuple[Path, list[Trace]], chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Lines are decoded a chunk at a time; wherever a chunk ends, the result is the same.
+    monkeypatch.setattr(tracefile, "_CHUNK_BYTES", chunk)
     source, expected = sample
     path = tmp_path / "damaged.jsonl"
     lines = lines_of(source)
@@ -435,6 +439,9 @@ def test_malformed_middle_lines_are_skipped_and_counted(
         b'{"kind": "\xff"}\n',  # not UTF-8
         b"[" * 200_000 + b"\n",  # nested past the recursion limit
         b'{"kind": "span_start", "ts": 1\n',  # cut off, but not the last line
+        # Two broken halves that make one event when glued: each line is its own event.
+        b'{"kind": "event", "ts": 1, "trace_id": "ab", "span_id": "cd", "attrs": {"x": [1\n',
+        b"2]}}\n",
     ]
     mixed = lines[:2] + garbage + lines[2:]
     path.write_bytes(b"".join(mixed))
@@ -454,3 +461,17 @@ def test_header_line_is_one_json_object_per_line() -> None:
     line = header_line()
     assert line.endswith("\n") and line.count("\n") == 1
     assert json.loads(line)["version"] == FORMAT_VERSION
+
+
+def test_load_leaves_the_garbage_collector_as_it_found_it(
+    sample: tuple[Path, list[Trace]],
+) -> None:
+    assert gc.isenabled()
+    assert load_quietly(sample[0]) == sample[1]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert load_quietly(sample[0]) == sample[1]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

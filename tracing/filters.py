@@ -16,12 +16,13 @@ parser dependency would be one more thing to conflict with theirs::
     term  := FIELD (":" | ">" | ">=" | "<" | "<=" | "=") VALUE | "error" | "inflight" | TEXT
 
 A viewer re-applies its filter to every trace it holds (100,000 and more) on each
-keystroke, so the work happens once, at parse time: globs become compiled regexes,
-durations integer nanosecond bounds, header names lowercase; and each filter compiles to
-a plain closure (:attr:`Filter.test`), because calling a closure costs a fraction of
-dispatching ``__call__`` on an instance.  Per trace, a predicate reads only the
-attributes it needs in a single pass over the spans, and tolerates values of the wrong
-type (a trace file is user input).
+keystroke, so the work happens once, at parse time: globs become string methods or
+compiled regexes, durations integer nanosecond bounds, header names lowercase; and each
+filter compiles to a plain closure (:attr:`Filter.test`), because calling a closure
+costs a fraction of dispatching ``__call__`` on an instance.  Per trace, predicates read
+the trace's summary (:class:`~hopscope.tracing.model.TraceInfo`: worked out once per
+change of the trace, not once per filter), fetched once for the whole expression, and
+tolerate values of the wrong type (a trace file is user input).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
+from operator import attrgetter
 from typing import Any, ClassVar
 
-from .model import _HOP_ORDER, Trace
+from .model import _HOP_ORDER, QUEUE, Trace, TraceInfo
 
 __all__ = [
     "And",
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 Test = Callable[[Trace], bool]
-Lookup = Callable[[Trace], Any]
+Check = Callable[[TraceInfo], bool]
 
 
 class FilterError(ValueError):
@@ -100,30 +102,9 @@ def _show(text: str) -> str:
 
 # -- what the predicates read from a trace ---------------------------------------------------
 #
-# Each helper is one pass over the spans, making the same choice as the model's properties
-# (tests check they agree) without their sorting: Trace.duration_ns costs more than all of
-# a typical filter.
-
-
-def _outer(key: str) -> Lookup:
-    """``key`` as the outermost hop recorded it, i.e. what the client saw (``Trace._attr``)."""
-    order = _HOP_ORDER.get
-
-    def lookup(trace: Trace) -> Any:
-        found = None
-        best = 99
-        best_start = 0
-        for span in trace.spans.values():
-            attrs = span.attrs
-            if key in attrs:
-                rank = order(span.hop, 4)
-                if rank <= best:
-                    start = span.start or 0
-                    if rank < best or start < best_start:
-                        found, best, best_start = attrs[key], rank, start
-        return found
-
-    return lookup
+# Every predicate reads the trace's TraceInfo (model.py): worked out once per change of the
+# trace, in one pass over its spans, and kept, so a filter over 100,000 traces is a field
+# read and a comparison per trace, not a walk over every span.
 
 
 def _as_int(value: Any) -> int | None:
@@ -134,82 +115,7 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _start_end(trace: Trace) -> tuple[int | None, int | None]:
-    """``(Trace.start, Trace.end)``: the earliest start, and the end of the root span."""
-    spans = trace.spans
-    first = end = None
-    best = 99
-    best_start = 0
-    for span in spans.values():
-        start = span.start
-        if start is not None and (first is None or start < first):
-            first = start
-        parent = span.parent_id
-        if (parent is not None and parent in spans) or span.attrs.get("span.kind") == "queue":
-            continue
-        rank = _HOP_ORDER.get(span.hop, 4)
-        start = start or 0
-        if rank < best or (rank == best and start < best_start):
-            end, best, best_start = span.end, rank, start
-    return first, end
-
-
-def _host(trace: Trace) -> str | None:
-    """The Host header (or ``:authority``) of the outermost hop that knows a host, without
-    its port; else that hop's ``server.address``."""
-    found = None
-    best = 99
-    best_start = 0
-    for span in trace.spans.values():
-        rank = _HOP_ORDER.get(span.hop, 4)
-        if rank > best:
-            continue
-        start = span.start or 0
-        if rank == best and start >= best_start:
-            continue
-        attrs = span.attrs
-        headers = attrs.get("http.request.headers")
-        host = _host_header(headers) if type(headers) is list else None
-        if host is None:
-            host = attrs.get("server.address")
-            if type(host) is not str:
-                continue
-        found, best, best_start = host, rank, start
-    return found
-
-
-def _host_header(headers: list[Any]) -> str | None:
-    try:
-        for name, value in headers:
-            if (len(name) == 4 and name.lower() == "host") or name == ":authority":
-                return value if ":" not in value else _strip_port(value)
-    except (TypeError, ValueError, AttributeError):  # something else than text pairs
-        for name, value in _pairs(headers):
-            if name.lower() in ("host", ":authority"):
-                return _strip_port(value)
-    return None
-
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):  # [::1]:8000
-        return host[1 : host.find("]")] if "]" in host else host[1:]
-    name, colon, port = host.rpartition(":")
-    return name if colon and port.isdigit() and ":" not in name else host
-
-
-def _pairs(headers: list[Any]) -> Iterator[tuple[str, str]]:
-    """The well-formed text pairs of a header list (the slow, careful way, for lists
-    where the fast loop met something else: a trace file is user input)."""
-    for pair in headers:
-        if isinstance(pair, list | tuple) and len(pair) == 2:
-            name, value = pair
-            if isinstance(name, str) and isinstance(value, str):
-                yield name, value
-
-
-def _body(encoded: Any) -> bytes:
-    if type(encoded) is not str:
-        return b""
+def _body(encoded: str) -> bytes:
     try:
         return binascii.a2b_base64(encoded)
     except (binascii.Error, ValueError):  # not base64, or not ASCII
@@ -239,15 +145,22 @@ class Filter:
     @cached_property
     def test(self) -> Test:
         """This filter as a plain function of a trace (no method dispatch per call)."""
+        check = self.check
+        return lambda trace: check(trace.info)
+
+    @cached_property
+    def check(self) -> Check:
+        """The same, of a trace's summary: operators combine these, so a whole
+        expression reads :attr:`Trace.info` once per trace."""
         return self._compile()
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         raise NotImplementedError
 
     def select(self, traces: Iterable[Trace]) -> list[Trace]:
         """The traces that match, in their order: ``[t for t in traces if self(t)]``."""
-        test = self.test
-        return [trace for trace in traces if test(trace)]
+        check = self.check
+        return [trace for trace in traces if check(trace.info)]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self}>"
@@ -256,8 +169,8 @@ class Filter:
 class Everything(Filter):
     help = "An empty expression matches every trace."
 
-    def _compile(self) -> Test:
-        return lambda trace: True
+    def _compile(self) -> Check:
+        return lambda info: True
 
     def __str__(self) -> str:
         return "every trace"
@@ -340,15 +253,33 @@ def _bounds(op: str, value: Fraction, half: Fraction = Fraction(0)) -> tuple[flo
     return math.ceil(value - half), math.ceil(value + half) - 1
 
 
-class Status(FieldFilter):
+class _Range(FieldFilter):
+    """A number measured on the trace within inclusive bounds (``status``, ``duration``)."""
+
+    def __init__(self, low: float, high: float, text: str) -> None:
+        self.low, self.high, self.text = low, high, text
+
+    @staticmethod
+    def measure(info: TraceInfo) -> int | None:
+        """The number compared, or None when the trace has none (it never matches)."""
+        raise NotImplementedError
+
+    def _compile(self) -> Check:
+        low, high, measure = self.low, self.high, self.measure
+
+        def test(info: TraceInfo) -> bool:
+            value = measure(info)
+            return value is not None and low <= value <= high
+
+        return test
+
+
+class Status(_Range):
     code = "status"
     examples = ("status:404", "status:5xx", "status:>=400")
     help = "Response status (the outermost hop's): exact, a class (5xx, 40x), or > >= < <= =."
 
     _CLASS = re.compile(r"\d(?:\d[\dxX]|[xX][xX])")
-
-    def __init__(self, low: float, high: float, text: str) -> None:
-        self.low, self.high, self.text = low, high, text
 
     @classmethod
     def build(cls, field: _Field) -> Filter:
@@ -366,19 +297,9 @@ class Status(FieldFilter):
             raise bad
         return cls(*_bounds(op, Fraction(int(text))), f"{op} {int(text)}")
 
-    def _compile(self) -> Test:
-        low, high = self.low, self.high
-        get = _outer("http.response.status_code")
-
-        def test(trace: Trace) -> bool:
-            status = get(trace)
-            if type(status) is not int:
-                status = _as_int(status)
-                if status is None:
-                    return False
-            return low <= status <= high
-
-        return test
+    @staticmethod
+    def measure(info: TraceInfo) -> int | None:
+        return _as_int(info.status)
 
     def __str__(self) -> str:
         return f"status {self.text}" if self.text[0] in "<>=" else f"status is {self.text}"
@@ -396,12 +317,11 @@ class Method(FieldFilter):
     def build(cls, field: _Field) -> Filter:
         return cls(field.colon_only(cls).text)
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         method = self.method
-        get = _outer("http.request.method")
 
-        def test(trace: Trace) -> bool:
-            value = get(trace)
+        def test(info: TraceInfo) -> bool:
+            value = info.method
             return type(value) is str and (value == method or value.upper() == method)
 
         return test
@@ -411,7 +331,25 @@ class Method(FieldFilter):
 
 
 def _glob(pattern: str, ignore_case: bool = False) -> Callable[[str], object]:
-    """``*`` any run of characters (``/`` too), ``?`` one character; the rest is literal."""
+    """``*`` any run of characters (``/`` too), ``?`` one character; the rest is literal.
+
+    Returns a function that is truthy for a match.  The usual shapes (``text``,
+    ``text*``, ``*text``, ``*text*``) become a string method, several times faster than
+    a regex over 100,000 values.
+    """
+    if not ignore_case and "?" not in pattern:
+        inner = pattern.strip("*")
+        if "*" not in inner:
+            lead, trail = pattern.startswith("*"), pattern.endswith("*") and bool(inner)
+            if not inner:
+                return (lambda value: True) if pattern else (lambda value: value == "")
+            if lead and trail:
+                return lambda value: inner in value
+            if lead:
+                return lambda value: value.endswith(inner)
+            if trail:
+                return lambda value: value.startswith(inner)
+            return inner.__eq__
     regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.compile(regex, re.DOTALL | (re.IGNORECASE if ignore_case else 0)).fullmatch
 
@@ -419,7 +357,8 @@ def _glob(pattern: str, ignore_case: bool = False) -> Callable[[str], object]:
 class _GlobField(FieldFilter):
     """A request attribute (as the outermost hop saw it) that matches a glob."""
 
-    key: ClassVar[str] = ""
+    field: ClassVar[str] = ""
+    """The TraceInfo field read."""
     ignore_case: ClassVar[bool] = False
 
     def __init__(self, pattern: str) -> None:
@@ -429,12 +368,12 @@ class _GlobField(FieldFilter):
     def build(cls, field: _Field) -> Filter:
         return cls(field.colon_only(cls).text)
 
-    def _compile(self) -> Test:
-        get, match = _outer(self.key), _glob(self.pattern, self.ignore_case)
+    def _compile(self) -> Check:
+        get, match = attrgetter(self.field), _glob(self.pattern, self.ignore_case)
 
-        def test(trace: Trace) -> bool:
-            value = get(trace)
-            return type(value) is str and match(value) is not None
+        def test(info: TraceInfo) -> bool:
+            value = get(info)
+            return type(value) is str and bool(match(value))
 
         return test
 
@@ -445,32 +384,24 @@ class _GlobField(FieldFilter):
 
 class Path(_GlobField):
     code = "path"
-    key = "url.path"
+    field = "path"
     examples = ("path:/api/*",)
     help = "The path (without query) matches the glob: * is any run, ? one character."
 
 
 class Route(_GlobField):
     code = "route"
-    key = "http.route"
+    field = "route"
     examples = ("route:/items/{id}",)
     help = "The framework's route template matches the glob."
 
 
 class Host(_GlobField):
     code = "host"
+    field = "host"
     ignore_case = True
     examples = ("host:example.com", "host:*.example.com")
     help = "Host header without its port (else server.address) matches the glob, in any case."
-
-    def _compile(self) -> Test:
-        match = _glob(self.pattern, ignore_case=True)
-
-        def test(trace: Trace) -> bool:
-            host = _host(trace)
-            return host is not None and match(host) is not None
-
-        return test
 
 
 _UNITS = {"us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
@@ -497,13 +428,10 @@ def _english_duration(op: str, text: str) -> str:
     return f"is about {text}" if op == "=" else f"{op} {text}"
 
 
-class Duration(FieldFilter):
+class Duration(_Range):
     code = "duration"
     examples = ("duration>200ms", "duration<=1.5s")
     help = "The whole trace's time, > >= < <= = (us, ms, s; = rounds as written); not if running."
-
-    def __init__(self, low: float, high: float, text: str) -> None:
-        self.low, self.high, self.text = low, high, text
 
     @classmethod
     def build(cls, field: _Field) -> Filter:
@@ -513,14 +441,10 @@ class Duration(FieldFilter):
         value = field.needs_value(cls, value)
         return cls(*_duration_bounds(op, value), _english_duration(op, value.text))
 
-    def _compile(self) -> Test:
-        low, high = self.low, self.high
-
-        def test(trace: Trace) -> bool:
-            start, end = _start_end(trace)
-            return start is not None and end is not None and low <= end - start <= high
-
-        return test
+    @staticmethod
+    def measure(info: TraceInfo) -> int | None:
+        start, end = info.start, info.end
+        return None if start is None or end is None else end - start
 
     def __str__(self) -> str:
         return f"duration {self.text}"
@@ -543,42 +467,31 @@ class Header(FieldFilter):
             raise field.fail(f"{field.name!r} needs a header name before '='", 0, cls.hint())
         return cls(name, pattern if equals else None)
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         wanted = self.name
+        key = f"\n{wanted}\0"
+        size = len(key)
+        plain = "\n" not in wanted and "\0" not in wanted  # else only odd headers have it
         match = None if self.pattern is None else _glob(self.pattern)
-        # Lowercasing keeps the length of anything that lowercases to ASCII, so for the
-        # usual ASCII name most headers are ruled out without lowercasing them.
-        size = len(wanted) if wanted.isascii() else -1
 
-        def careful(headers: list[Any]) -> bool:
-            return any(
-                name.lower() == wanted and (match is None or match(value) is not None)
-                for name, value in _pairs(headers)
-            )
-
-        def has(headers: Any) -> bool:
-            if type(headers) is not list:
+        def test(info: TraceInfo) -> bool:
+            odd = info.odd_headers
+            if odd is not None:
+                for name, value in odd:
+                    if name == wanted and (match is None or match(value)):
+                        return True
                 return False
-            try:
-                for name, value in headers:
-                    if name == wanted or (
-                        (size < 0 or len(name) == size) and name.lower() == wanted
-                    ):
-                        if match is None or match(value) is not None:
-                            return True
-            except (TypeError, ValueError, AttributeError):
-                return careful(headers)
-            return False
-
-        def test(trace: Trace) -> bool:
-            for span in trace.spans.values():
-                attrs = span.attrs
-                headers = attrs.get("http.request.headers")
-                if headers and has(headers):
+            if not plain:
+                return False
+            text = info.header_text
+            at = text.find(key)  # most traces are ruled out here, in C
+            if match is None:
+                return at >= 0
+            while at >= 0:
+                end = text.index("\n", at + size)
+                if match(text[at + size : end]):
                     return True
-                headers = attrs.get("http.response.headers")
-                if headers and has(headers):
-                    return True
+                at = text.find(key, end)
             return False
 
         return test
@@ -601,7 +514,7 @@ class Body(FieldFilter):
     def build(cls, field: _Field) -> Filter:
         return cls(field.colon_only(cls).text)
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         text = self.text
         # UTF-8 is self-synchronising: the encoded needle occurs in the raw bytes exactly
         # where the text occurs in the decoded body, so bodies need no decoding.  Only a
@@ -609,18 +522,10 @@ class Body(FieldFilter):
         needle = text.encode("utf-8", "surrogatepass")
         decode = "\ufffd" in text
 
-        def contains(encoded: Any) -> bool:
-            data = _body(encoded)
-            return text in data.decode("utf-8", "replace") if decode else needle in data
-
-        def test(trace: Trace) -> bool:
-            for span in trace.spans.values():
-                attrs = span.attrs
-                body = attrs.get("http.request.body")
-                if body and contains(body):
-                    return True
-                body = attrs.get("http.response.body")
-                if body and contains(body):
+        def test(info: TraceInfo) -> bool:
+            for encoded in info.bodies:
+                data = _body(encoded)
+                if (text in data.decode("utf-8", "replace")) if decode else (needle in data):
                     return True
             return False
 
@@ -672,25 +577,19 @@ class Hop(FieldFilter):
         low, high = _duration_bounds(op[0], rest)
         return cls(name, low, high, _english_duration(op[0], rest.text))
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         hop, high, compare = self.hop, self.high, self.low is not None
         low = -math.inf if self.low is None else self.low
-        queue = hop == "queue"
+        # Queue spans are recorded under the server hop, but are not the server.
+        key: str | tuple[str] = QUEUE if hop == "queue" else hop
 
-        def test(trace: Trace) -> bool:
-            longest = None
-            for span in trace.spans.values():
-                # Queue spans are recorded under the server hop, but are not the server.
-                if (span.attrs.get("span.kind") == "queue") != queue or not (
-                    queue or span.hop == hop
-                ):
-                    continue
-                if not compare:
-                    return True
-                start, end = span.start, span.end
-                if start is not None and end is not None:
-                    if longest is None or end - start > longest:
-                        longest = end - start
+        def test(info: TraceInfo) -> bool:
+            hops = info.hops
+            if key not in hops:
+                return False
+            if not compare:
+                return True
+            longest = hops[hops.index(key) + 1]
             return longest is not None and low <= longest <= high
 
         return test
@@ -706,17 +605,8 @@ class Error(Filter):
     examples = ("error",)
     help = "Some span failed: error set or an exception event (status:5xx is separate)."
 
-    def _compile(self) -> Test:
-        def test(trace: Trace) -> bool:
-            for span in trace.spans.values():
-                if span.attrs.get("error"):
-                    return True
-                for event in span.events:
-                    if event.name == "exception":
-                        return True
-            return False
-
-        return test
+    def _compile(self) -> Check:
+        return lambda info: info.failed
 
     def __str__(self) -> str:
         return "some span failed"
@@ -727,8 +617,8 @@ class Inflight(Filter):
     examples = ("inflight",)
     help = "Still running: the outermost span has not ended."
 
-    def _compile(self) -> Test:
-        return lambda trace: _start_end(trace)[1] is None
+    def _compile(self) -> Check:
+        return lambda info: info.end is None
 
     def __str__(self) -> str:
         return "still in flight"
@@ -742,11 +632,11 @@ class Text(Filter):
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def _compile(self) -> Test:
-        text, get = self.text, _outer("url.path")
+    def _compile(self) -> Check:
+        text = self.text
 
-        def test(trace: Trace) -> bool:
-            path = get(trace)
+        def test(info: TraceInfo) -> bool:
+            path = info.path
             return type(path) is str and text in path
 
         return test
@@ -763,9 +653,9 @@ class Not(Filter):
     def __init__(self, inner: Filter) -> None:
         self.inner = inner
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         inner = self.inner._compile()
-        return lambda trace: not inner(trace)
+        return lambda info: not inner(info)
 
     def __str__(self) -> str:
         inner = self.inner
@@ -780,15 +670,15 @@ class And(Filter):
     def __init__(self, *parts: Filter) -> None:
         self.parts = parts
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         tests = [part._compile() for part in self.parts]
         if len(tests) == 2:
             first, second = tests
-            return lambda trace: first(trace) and second(trace)
+            return lambda info: first(info) and second(info)
 
-        def test(trace: Trace) -> bool:
+        def test(info: TraceInfo) -> bool:
             for part in tests:
-                if not part(trace):
+                if not part(info):
                     return False
             return True
 
@@ -806,15 +696,15 @@ class Or(Filter):
     def __init__(self, *parts: Filter) -> None:
         self.parts = parts
 
-    def _compile(self) -> Test:
+    def _compile(self) -> Check:
         tests = [part._compile() for part in self.parts]
         if len(tests) == 2:
             first, second = tests
-            return lambda trace: first(trace) or second(trace)
+            return lambda info: first(info) or second(info)
 
-        def test(trace: Trace) -> bool:
+        def test(info: TraceInfo) -> bool:
             for part in tests:
-                if part(trace):
+                if part(info):
                     return True
             return False
 

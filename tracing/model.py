@@ -11,9 +11,10 @@ import base64
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
-__all__ = ["Event", "Span", "Trace", "TraceBuilder", "assemble"]
+__all__ = ["QUEUE", "Event", "Span", "Trace", "TraceBuilder", "TraceInfo", "assemble"]
 
 
 @dataclass(slots=True)
@@ -68,39 +69,46 @@ class Trace:
     trace_id: str
     spans: dict[str, Span] = field(default_factory=dict)
     dropped: int = 0
+    _info: TraceInfo | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def info(self) -> TraceInfo:
+        """What lists and filters read of the trace, worked out in one pass over its spans
+        and kept until the next event (:class:`TraceBuilder` forgets it; code that changes
+        spans by hand must call :meth:`changed`)."""
+        info = self._info
+        if info is None:
+            info = self._info = TraceInfo(self)
+        return info
+
+    def changed(self) -> None:
+        """Forget the summary: the spans were changed other than through a builder."""
+        self._info = None
 
     @property
     def root(self) -> Span | None:
         """The outermost span: among those whose parent is not in this trace, the one of the
         outermost hop (client, proxy, server, app), earliest first.  A queue span is never
         the root: it is waiting in front of a hop, not a hop."""
-        best: Span | None = None
-        for span in self.spans.values():
-            if span.parent_id is not None and span.parent_id in self.spans:
-                continue
-            if span.attrs.get("span.kind") == "queue":
-                continue
-            if best is None or _outer_first(span) < _outer_first(best):
-                best = span
-        return best
+        root_id = self.info.root_id
+        return None if root_id is None else self.spans.get(root_id)
 
     @property
     def start(self) -> int | None:
-        starts = [s.start for s in self.spans.values() if s.start is not None]
-        return min(starts) if starts else None
+        return self.info.start
 
     @property
     def end(self) -> int | None:
-        root = self.root
-        return root.end if root is not None else None
+        return self.info.end
 
     @property
     def finished(self) -> bool:
-        return self.end is not None
+        return self.info.end is not None
 
     @property
     def duration_ns(self) -> int | None:
-        start, end = self.start, self.end
+        info = self.info
+        start, end = info.start, info.end
         return None if start is None or end is None else end - start
 
     def children(self, span: Span) -> list[Span]:
@@ -113,6 +121,8 @@ class Trace:
         return [s for s in self.spans.values() if s.hop == hop]
 
     def _attr(self, key: str) -> Any:
+        """``key`` as the outermost hop recorded it (the reference :class:`TraceInfo`
+        agrees with; it sorts, so it is not what the properties use)."""
         for span in sorted(self.spans.values(), key=_outer_first):
             if key in span.attrs:
                 return span.attrs[key]
@@ -120,27 +130,27 @@ class Trace:
 
     @property
     def method(self) -> str | None:
-        value = self._attr("http.request.method")
+        value = self.info.method
         return str(value) if value is not None else None
 
     @property
     def path(self) -> str | None:
-        value = self._attr("url.path")
+        value = self.info.path
         return str(value) if value is not None else None
 
     @property
     def status(self) -> int | None:
-        value = self._attr("http.response.status_code")
+        value = self.info.status
         return int(value) if value is not None else None
 
     @property
     def route(self) -> str | None:
-        value = self._attr("http.route")
+        value = self.info.route
         return str(value) if value is not None else None
 
     @property
     def error(self) -> bool:
-        return any(span.attrs.get("error") for span in self.spans.values())
+        return self.info.error
 
 
 _HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
@@ -148,6 +158,209 @@ _HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
 
 def _outer_first(span: Span) -> tuple[int, int]:
     return (_HOP_ORDER.get(span.hop, 4), span.start or 0)
+
+
+#: The key :attr:`TraceInfo.hops` files queue spans under (no hop name equals it).
+QUEUE = ("queue",)
+
+#: Lowercase header names, shared between traces rather than one new string per header.
+_LOWER: dict[str, str] = {}
+
+
+class TraceInfo:
+    """A trace's summary: the fields a request list shows and every filter reads.
+
+    A viewer re-applies its filter to each of 100,000 traces on a keystroke and draws
+    rows of any of them, so this is worked out once per change of the trace, in a single
+    pass over the spans, instead of by every reader in its own (sorting) pass.  Values
+    are as recorded (a trace file is user input): ``status`` may be a string.
+    """
+
+    __slots__ = (
+        "bodies",
+        "end",
+        "error",
+        "failed",
+        "header_text",
+        "hops",
+        "host",
+        "method",
+        "odd_headers",
+        "path",
+        "root_id",
+        "route",
+        "start",
+        "status",
+    )
+
+    start: int | None
+    """The earliest span start."""
+    end: int | None
+    """The root span's end (None while it runs)."""
+    root_id: str | None
+    method: Any
+    path: Any
+    status: Any
+    route: Any
+    """Values of the outermost hop that has them (``Trace._attr``)."""
+    host: str | None
+    """The Host header (or ``:authority``) of the outermost hop that knows a host, without
+    its port; else that hop's ``server.address``."""
+    error: bool
+    """Some span has a true ``error`` attribute."""
+    failed: bool
+    """``error``, or some span has an ``exception`` event."""
+    header_text: str
+    """Every span's request and response headers that are text pairs, in one string
+    (one object, not one per header): ``"\\n" + "name\\0value\\n" * n``, names
+    lowercased.  A search for ``"\\nname\\0"`` finds a header by name in C."""
+    odd_headers: tuple[tuple[str, str], ...] | None
+    """The same pairs when one holds a newline or NUL (so the text would be ambiguous),
+    else None."""
+    bodies: tuple[str, ...]
+    """Every span's captured bodies (base64 text), request and response."""
+    hops: tuple[Any, ...]
+    """``(hop, longest, hop, longest...)``: each hop that has spans, and its longest
+    finished span in ns (None if none finished); queue spans count under :data:`QUEUE`."""
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        if self.odd_headers is not None:
+            return self.odd_headers
+        lines = self.header_text[1:-1].split("\n") if len(self.header_text) > 1 else []
+        return tuple((name, value) for name, _, value in (x.partition("\0") for x in lines))
+
+    def longest(self, hop: str | tuple[str]) -> tuple[bool, int | None]:
+        """Whether ``hop`` (or :data:`QUEUE`) has spans, and its longest finished one."""
+        hops = self.hops
+        if hop not in hops:
+            return False, None
+        return True, hops[hops.index(hop) + 1]
+
+    def __init__(self, trace: Trace) -> None:
+        spans = trace.spans
+        order = _HOP_ORDER.get
+        first = end = root_id = host = method = path = status = route = None
+        # (rank, start) of the span each value came from: the outermost hop, earliest.
+        no = (99, 0)
+        root_at = host_at = method_at = path_at = status_at = route_at = no
+        error = failed = False
+        headers: list[tuple[str, str]] = []
+        bodies: list[str] = []
+        hops: dict[str | tuple[str], int | None] = {}
+        for span in spans.values():
+            attrs = span.attrs
+            start, stop = span.start, span.end
+            if start is not None and (first is None or start < first):
+                first = start
+            hop = span.hop
+            at = (order(hop, 4) if type(hop) is str else 4, start or 0)
+            queue = "span.kind" in attrs and attrs["span.kind"] == "queue"
+            if at < root_at and not queue:
+                parent = span.parent_id
+                if parent is None or parent not in spans:
+                    end, root_id, root_at = stop, span.span_id, at
+            if "http.request.method" in attrs and at < method_at:
+                method, method_at = attrs["http.request.method"], at
+            if "url.path" in attrs and at < path_at:
+                path, path_at = attrs["url.path"], at
+            if "http.response.status_code" in attrs and at < status_at:
+                status, status_at = attrs["http.response.status_code"], at
+            if "http.route" in attrs and at < route_at:
+                route, route_at = attrs["http.route"], at
+            if "http.request.headers" in attrs:
+                pairs = _text_pairs(attrs["http.request.headers"])
+                if pairs:
+                    headers += pairs
+                    if at < host_at:
+                        found = _host_header(pairs)
+                        if found is not None:
+                            host, host_at = found, at
+            if "server.address" in attrs and at < host_at:
+                address = attrs["server.address"]
+                if type(address) is str:
+                    host, host_at = address, at
+            if "http.response.headers" in attrs:
+                headers += _text_pairs(attrs["http.response.headers"])
+            if "http.request.body" in attrs:
+                body = attrs["http.request.body"]
+                if body and type(body) is str:
+                    bodies.append(body)
+            if "http.response.body" in attrs:
+                body = attrs["http.response.body"]
+                if body and type(body) is str:
+                    bodies.append(body)
+            if attrs.get("error"):
+                error = failed = True
+            elif not failed and span.events:
+                for event in span.events:
+                    if event.name == "exception":
+                        failed = True
+                        break
+            key = QUEUE if queue else hop if type(hop) is str else ""
+            if start is None or stop is None:
+                if key not in hops:
+                    hops[key] = None
+            else:
+                longest = hops.get(key)
+                if longest is None or stop - start > longest:
+                    hops[key] = stop - start
+        self.start, self.end, self.root_id = first, end, root_id
+        self.method, self.path, self.status, self.route = method, path, status, route
+        self.host = host
+        self.error, self.failed = error, failed
+        text = "\n" + "".join([f"{name}\0{value}\n" for name, value in headers])
+        if text.count("\n") != len(headers) + 1 or text.count("\0") != len(headers):
+            self.header_text, self.odd_headers = "\n", tuple(headers)
+        else:
+            self.header_text, self.odd_headers = text, None
+        self.bodies = tuple(bodies)
+        self.hops = tuple(chain.from_iterable(hops.items()))
+
+
+def _text_pairs(headers: Any) -> list[tuple[str, str]]:
+    """The text pairs of a header list, names lowercased (anything else is skipped: a
+    trace file is user input)."""
+    if type(headers) is not list and type(headers) is not tuple:
+        return []
+    lower = _LOWER
+    try:
+        return [
+            (lower[pair[0]], pair[1])
+            for pair in headers
+            if (type(pair) is list or type(pair) is tuple)
+            and len(pair) == 2
+            and type(pair[0]) is str
+            and type(pair[1]) is str
+        ]
+    except KeyError:  # a name not seen before
+        pass
+    out = []
+    for pair in headers:
+        if (type(pair) is list or type(pair) is tuple) and len(pair) == 2:
+            name, value = pair
+            if type(name) is str and type(value) is str:
+                low = lower.get(name)
+                if low is None:
+                    low = name.lower()
+                    if len(lower) < 10_000:
+                        lower[name] = low
+                out.append((low, value))
+    return out
+
+
+def _host_header(pairs: list[tuple[str, str]]) -> str | None:
+    for name, value in pairs:
+        if name == "host" or name == ":authority":
+            return _strip_port(value) if ":" in value else value
+    return None
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):  # [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host[1:]
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else host
 
 
 class TraceBuilder:
@@ -182,6 +395,7 @@ class TraceBuilder:
             if self.max_traces is not None and len(self.traces) > self.max_traces:
                 self.traces.popitem(last=False)
                 self.evicted += 1
+        trace._info = None
         span = trace.spans.get(span_id)
         if span is None:
             span = trace.spans[span_id] = Span(trace_id, span_id)

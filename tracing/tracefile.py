@@ -7,6 +7,7 @@ is refused with a one-line error, older ones go through :data:`UPGRADES`.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -99,24 +100,57 @@ def read_events(
                 f"{name} uses trace format {header.get('version')}, which this hopscope "
                 f"({FORMAT_VERSION}) cannot convert"
             )
-        for number, raw in enumerate(handle, start=2):
-            complete = raw.endswith(b"\n")
-            try:
-                event = json.loads(raw)
-                if not isinstance(event, dict) or "kind" not in event:
-                    raise ValueError
-            except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-                if not complete:
-                    report.truncated_last_line = True
-                else:
-                    report.malformed_lines.append(number)
-                continue
-            for step in range(major, current):
-                event = UPGRADES[step](event)
-            report.events += 1
-            yield event
+        upgrades = [UPGRADES[step] for step in range(major, current)]
+        number = 2  # of the first line of the chunk
+        while True:
+            lines = handle.readlines(_CHUNK_BYTES)
+            if not lines:
+                break
+            for event in _decode(lines, number, report):
+                for upgrade in upgrades:
+                    event = upgrade(event)
+                report.events += 1
+                yield event
+            number += len(lines)
     finally:
         handle.close()
+
+
+#: How much of the file is decoded at a time (whole lines; about 4,000 events).
+_CHUNK_BYTES = 1 << 20
+
+
+def _decode(lines: list[bytes], number: int, report: LoadReport) -> list[dict[str, Any]]:
+    """The events of consecutive lines, ``number`` being the first one's line number.
+
+    One ``json.loads`` of them all as an array costs half as much as one call per line
+    (and shares the key strings between events).  When that fails or does not make one
+    event per line, some line is malformed: decode them one by one to find which.
+    """
+    if lines[-1].endswith(b"\n"):
+        try:
+            events = json.loads(b"[" + b",".join(lines) + b"]")
+        except (ValueError, RecursionError):
+            pass
+        else:
+            if len(events) == len(lines) and all(
+                type(event) is dict and "kind" in event for event in events
+            ):
+                return events  # type: ignore[no-any-return]
+    events = []
+    for offset, raw in enumerate(lines):
+        try:
+            event = json.loads(raw)
+            if not isinstance(event, dict) or "kind" not in event:
+                raise ValueError
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+            if not raw.endswith(b"\n"):
+                report.truncated_last_line = True
+            else:
+                report.malformed_lines.append(number + offset)
+            continue
+        events.append(event)
+    return events
 
 
 def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
@@ -127,12 +161,21 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
     """
     report = LoadReport()
     builder = TraceBuilder()
-    for event in read_events(path, report):
-        try:
-            builder.add(event)
-        except (KeyError, TypeError, ValueError):
-            report.malformed_lines.append(-1)
-            report.events -= 1
+    # A million events make millions of objects that all live on: left on, the garbage
+    # collector would walk them again and again as they pile up, more than doubling the
+    # time.  They hold no reference cycles, so nothing is missed meanwhile.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for event in read_events(path, report):
+            try:
+                builder.add(event)
+            except (KeyError, TypeError, ValueError):
+                report.malformed_lines.append(-1)
+                report.events -= 1
+    finally:
+        if collecting:
+            gc.enable()
     problems = []
     if report.malformed_lines:
         problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")

@@ -13,16 +13,21 @@ that is how a file source says it could not read part of its file.
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
 from hopscope.tracing.har import HarError, har_to_events
+from hopscope.tracing.model import TraceBuilder
 from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
+
+from .store import TRACE
 
 __all__ = [
     "EventSource",
@@ -205,7 +210,8 @@ class QueueSource:
 
 
 class FileSource:
-    """Replays a trace file, read in a background thread and delivered in batches.
+    """Replays a trace file, read and assembled into traces in a background thread, and
+    delivered in batches (see :func:`_hand_over`).
 
     The header is checked when the source is made, so a file that cannot be read at all
     fails with a one-line :class:`~hopscope.tracing.TraceFileError` before any UI starts.
@@ -243,17 +249,37 @@ class FileSource:
             thread.join(2.0)
 
     def _run(self, deliver: Deliver) -> None:
+        # While the file is read, a million new objects that all live on would make the
+        # garbage collector walk them again and again (as in tracing.load); the store
+        # collects the young generations itself every few thousand requests meanwhile.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            batch: list[Event] = [] if self._first is None else [self._first]
-            for event in self._events:
-                batch.append(event)
-                if len(batch) >= self.batch_size:
-                    deliver(batch)
-                    batch = []
+            events = self._events if self._first is None else chain([self._first], self._events)
+            builder = TraceBuilder()
+            handed: set[str] = set()
+            plain: list[Event] = []
+            count = 0
+            for event in events:
+                trace_id = event.get("trace_id")
+                if (
+                    type(trace_id) is not str
+                    or trace_id in handed
+                    or event.get("kind") not in _FOLDED
+                ):
+                    plain.append(event)
+                else:
+                    try:
+                        builder.add(event)
+                    except (AttributeError, KeyError, TypeError, ValueError):
+                        plain.append(event)  # for the store to count as rejected
+                count += 1
+                if count >= self.batch_size:
+                    _hand_over(builder, handed, plain, deliver)
+                    builder, plain, count = TraceBuilder(), [], 0
                     if self._stop.is_set():
                         return
-            if batch:
-                deliver(batch)
+            _hand_over(builder, handed, plain, deliver)
             report = self.report
             problems = []
             if report.malformed_lines:
@@ -268,7 +294,31 @@ class FileSource:
         except (TraceFileError, OSError) as exc:
             deliver([notice(f"{self.describe()}: {exc}", "error")])
         finally:
+            if collecting:
+                gc.enable()
             self.done.set()
+
+
+_FOLDED = ("span_start", "span_end", "event")
+
+
+def _hand_over(
+    builder: TraceBuilder, handed: set[str], plain: list[Event], deliver: Deliver
+) -> None:
+    """Deliver the traces assembled since the last call, then the other events.
+
+    Folding and summing up happen here, in the source's thread, so the UI thread only
+    files ready traces: it is not the bottleneck of opening a big file, and answers keys
+    meanwhile.  A trace is never touched again once handed over: its later events (a
+    request whose events straddle two batches) go to the UI as ordinary events, after it.
+    """
+    traces = list(builder.traces.values())
+    for trace in traces:
+        trace.info  # noqa: B018  (worked out now, off the UI thread)
+    handed.update(builder.traces)
+    batch: list[Event] = [{"kind": TRACE, "trace": trace} for trace in traces]
+    if batch or plain:
+        deliver(batch + plain)
 
 
 #: A pseudo-event telling the UI to forget every request (a playback seeking back).

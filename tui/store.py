@@ -8,11 +8,16 @@ list in arrival order so the list widget can index it in O(1).
 
 A filter is re-evaluated for every trace an ingested batch touched, because whether a
 request matches can change while it runs (its status arrives at the end).
+
+Besides wire events, a source may hand over whole traces it assembled in its own thread
+(:data:`TRACE`): that is how a big file opens without the UI thread folding a million
+events.
 """
 
 from __future__ import annotations
 
 import bisect
+import gc
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,13 +25,21 @@ from typing import Any
 
 from hopscope.tracing.model import Trace, TraceBuilder
 
-__all__ = ["Change", "RequestStore", "Row", "status_class", "trace_events"]
+__all__ = ["TRACE", "Change", "RequestStore", "Row", "status_class", "trace_events"]
 
 Event = dict[str, Any]
 Predicate = Callable[[Trace], bool]
 
 #: Seconds of history the requests/s sparkline covers.
 RATE_WINDOW = 60
+
+#: The kind of a pseudo-event carrying a trace a source assembled itself, in its own
+#: thread: ``{"kind": "trace", "trace": Trace}``.  The source must not touch it after
+#: handing it over; later events for it come as ordinary events.
+TRACE = "trace"
+
+#: New requests between two :func:`gc.freeze` calls (see ``RequestStore.freeze_gc``).
+FREEZE_EVERY = 2_000
 
 
 @dataclass(slots=True, eq=False)
@@ -70,10 +83,21 @@ def status_class(trace: Trace) -> str | None:
 
 
 class RequestStore:
-    def __init__(self, max_requests: int = 50_000) -> None:
+    def __init__(self, max_requests: int = 50_000, *, freeze_gc: bool = True) -> None:
         if max_requests < 1:
             raise ValueError("max_requests must be at least 1")
         self.max_requests = max_requests
+        self.freeze_gc = freeze_gc
+        """Every :data:`FREEZE_EVERY` new requests, move what the process holds out of the
+        garbage collector's sight (:func:`gc.freeze`).
+
+        A full ring is millions of objects (traces, spans, events, attribute dicts), and
+        a full collection walks all of them: 0.5 to 2 s with the UI frozen, every few
+        seconds under load.  Traces hold no reference cycles, so reference counting
+        frees them when they leave the ring, frozen or not; what freezing costs is
+        cyclic garbage that already reached the oldest generation at that moment, which
+        stays until the process ends.  Young generations are collected first, so that
+        is little."""
         self.filter: Predicate | None = None
         self.filter_text = ""
         self._seq = 0  # never reset: a clear must not make old arrival numbers valid again
@@ -90,6 +114,7 @@ class RequestStore:
         self.inflight: set[str] = set()
         self.total = 0
         """Requests seen since the last clear (evicted ones included)."""
+        self._frozen_total = 0
         self.rejected = 0
         self.latest_ts = 0
         """Newest timestamp seen in any event: "now" for a replayed file."""
@@ -155,6 +180,11 @@ class RequestStore:
                     change.reset = change.view_changed = True
                     change.touched.clear()
                     continue
+                if kind == TRACE:
+                    trace = event["trace"]
+                    latest = max(latest, self._adopt(trace))
+                    touched[trace.trace_id] = trace
+                    continue
                 is_new = event.get("trace_id") not in traces
                 trace = builder.add(event)
             except (AttributeError, KeyError, TypeError, ValueError):
@@ -189,7 +219,35 @@ class RequestStore:
                     self._refilter(row, change)
             self._account(trace_id, row)
             change.touched.add(trace_id)
+        if self.freeze_gc and self.total - self._frozen_total >= FREEZE_EVERY:
+            self._frozen_total = self.total
+            gc.collect(1)
+            gc.freeze()
         return change
+
+    def _adopt(self, trace: Trace) -> int:
+        """Take a trace a source already assembled (see :data:`TRACE`); returns its newest
+        timestamp."""
+        newest = 0
+        for span in trace.spans.values():
+            for ts in (span.start, span.end):
+                if ts is not None and ts > newest:
+                    newest = ts
+            for point in span.events:
+                if point.ts > newest:
+                    newest = point.ts
+        builder = self.builder
+        traces = builder.traces
+        if trace.trace_id in traces:  # not from FileSource; fold it into the one held
+            for wire in trace_events(trace):
+                builder.add(wire)
+            return newest
+        traces[trace.trace_id] = trace
+        if builder.max_traces is not None and len(traces) > builder.max_traces:
+            traces.popitem(last=False)
+            builder.evicted += 1
+        self._count_new(trace.info.start or newest)
+        return newest
 
     def _new_row(self, trace: Trace) -> Row:
         self._seq += 1

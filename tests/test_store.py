@@ -1,0 +1,153 @@
+"""The request store's memory habits: what it asks of the garbage collector, and that
+summaries it keeps follow the traces."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hopscope.tracing import load
+from hopscope.tracing.filters import parse
+from hopscope.tracing.tracefile import TraceFileWarning, header_line
+from hopscope.tui import store as store_module
+from hopscope.tui.source import FileSource
+from hopscope.tui.store import RequestStore
+
+Event = dict[str, Any]
+T0 = 1_735_732_800_000_000_000
+
+
+class Marker:
+    """An attribute value that can tell, through a weak reference, when it was freed."""
+
+
+def request(n: int, *, status: int | None = 200, marker: object = None) -> list[Event]:
+    trace_id, span_id = f"{n + 1:032x}", f"{n + 1:016x}"
+    start = {
+        "kind": "span_start",
+        "ts": T0 + n * 1_000_000,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "parent_id": None,
+        "hop": "app",
+        "name": f"GET /items/{n}",
+        "attrs": {
+            "http.request.method": "GET",
+            "url.path": f"/items/{n}",
+            "http.request.headers": [["host", "example.com"], ["X-User", str(n % 7)]],
+            "marker": marker,
+        },
+    }
+    if status is None:
+        return [start]
+    end = {
+        "kind": "span_end",
+        "ts": T0 + n * 1_000_000 + 500_000,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "attrs": {"http.response.status_code": status},
+    }
+    return [start, end]
+
+
+@pytest.fixture
+def unfreeze() -> Iterator[None]:
+    """Whatever a test froze goes back to the collector, not to the next test."""
+    yield
+    gc.unfreeze()
+
+
+def test_the_store_freezes_what_it_holds_every_few_thousand_requests(
+    monkeypatch: pytest.MonkeyPatch, unfreeze: None
+) -> None:
+    monkeypatch.setattr(store_module, "FREEZE_EVERY", 10)
+    gc.unfreeze()
+    store = RequestStore(max_requests=5)
+    store.ingest(request(0))
+    assert gc.get_freeze_count() == 0
+    store.ingest([e for n in range(1, 12) for e in request(n)])
+    assert gc.get_freeze_count() > 0
+
+
+def test_frozen_traces_are_still_freed_when_they_leave_the_ring(
+    monkeypatch: pytest.MonkeyPatch, unfreeze: None
+) -> None:
+    monkeypatch.setattr(store_module, "FREEZE_EVERY", 3)
+    store = RequestStore(max_requests=5)
+    marker = Marker()
+    gone = weakref.ref(marker)
+    store.ingest(request(0, marker=marker))
+    del marker
+    for n in range(1, 10):  # freezes along the way, with request 0 still held
+        store.ingest(request(n))
+    assert gc.get_freeze_count() > 0
+    assert store.get(f"{1:032x}") is None  # evicted...
+    assert gone() is None  # ...and freed by reference counting, frozen or not
+
+
+def test_a_store_told_not_to_never_freezes(monkeypatch: pytest.MonkeyPatch, unfreeze: None) -> None:
+    monkeypatch.setattr(store_module, "FREEZE_EVERY", 2)
+    gc.unfreeze()
+    store = RequestStore(max_requests=5, freeze_gc=False)
+    store.ingest([e for n in range(20) for e in request(n)])
+    assert gc.get_freeze_count() == 0
+
+
+def test_counts_and_filters_follow_a_request_that_finishes_later() -> None:
+    store = RequestStore(freeze_gc=False)
+    first = request(1)
+    store.ingest(first[:1])
+    assert len(store.inflight) == 1 and not store.counts
+    store.set_filter(parse("status:2xx and header:x-user=1").test, "status:2xx")
+    assert len(store) == 0
+    store.ingest(first[1:])
+    assert not store.inflight and store.counts == {"2xx": 1}
+    assert len(store) == 1
+    assert store[0].trace.info.headers == (("host", "example.com"), ("x-user", "1"))
+    assert store[0].trace.info.header_text == "\nhost\0example.com\nx-user\x001\n"
+
+
+def write_trace_file(path: Path, events: list[Event]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(header_line())
+        for event in events:
+            handle.write(json.dumps(event) + "\n")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5_000])
+def test_a_file_source_hands_over_traces_that_equal_what_load_reads(
+    tmp_path: Path, batch_size: int
+) -> None:
+    # Requests overlap (each one's end comes after the next one's start), so with small
+    # batches a trace is handed over before its last events, which follow as events.
+    events: list[Event] = []
+    for n in range(12):
+        events += request(n, status=200 if n % 3 else 500)[:1]
+        if n:
+            events += request(n - 1, status=200 if (n - 1) % 3 else 500)[1:]
+    events.append({"kind": "dropped", "ts": T0, "count": 4, "attrs": {}})
+    events.append({"kind": "span_end", "ts": "soon", "trace_id": "ab", "span_id": "cd"})
+    path = tmp_path / "trace.jsonl"
+    write_trace_file(path, events)
+    batches: list[list[Event]] = []
+    source = FileSource(path, batch_size=batch_size)
+    source.start(batches.append)
+    assert source.done.wait(10)
+    assert gc.isenabled()  # the source turned collection off while reading, and back on
+    store = RequestStore(freeze_gc=False)
+    for batch in batches:
+        store.ingest(batch)
+    held = [row.trace for row in store.rows.values()]
+    with pytest.warns(TraceFileWarning, match="skipped 1 malformed line"):
+        assert held == load(path)
+    assert [trace.status for trace in held] == [500, 200, 200] * 3 + [500, 200, None]
+    assert len(store.inflight) == 1  # the last request never ended
+    assert store.counts == {"2xx": 7, "5xx": 4}
+    assert store.dropped == 4 and store.rejected == 1
+    assert store.latest_ts == max(e["ts"] for e in events if isinstance(e["ts"], int))
+    assert sum(store.rate_series()) == 12
