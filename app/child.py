@@ -14,6 +14,11 @@ which all speak the same small protocol:
 
 Their stderr goes to a temporary file (the terminal belongs to the UI), read back for
 the reason when one fails to start.
+
+:func:`spawn`, :func:`wait_line` and :func:`stop` are the plain parts every command's
+children share (the proxy's recording child, ``run``'s server, these helpers): one-line
+errors when a program cannot start, a first line awaited with a bound, a stop that ends
+in SIGKILL rather than a hang.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["ChildError", "ChildProcess", "ParentLink", "read_frame"]
+__all__ = ["ChildError", "ChildProcess", "ParentLink", "read_frame", "spawn", "stop", "wait_line"]
 
 _LENGTH = struct.Struct("!I")
 #: Seconds to wait for a child to say it is ready (imports included).
@@ -40,7 +45,97 @@ START_TIMEOUT = 30.0
 
 
 class ChildError(Exception):
-    """A helper process could not start; the message is one line."""
+    """A process could not start; the message is one line, ``exit_code`` what a shell
+    would say (127: not found, 126: cannot run)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- starting and stopping any child (helpers, recorders, the user's server) ---------------
+
+
+def _with_parent() -> None:
+    """In the child, before exec: no SIGINT (a terminal's Ctrl+C reaches the whole group;
+    the parent stops it when it is ready to), and on Linux a SIGTERM when the parent
+    dies, so a killed parent leaves nothing behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    new_session: bool = False,
+    with_parent: bool = False,
+    **streams: Any,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (stdin from /dev/null unless ``streams`` say otherwise), or raise
+    :class:`ChildError`.  ``new_session``: the child leads its own process group (a
+    server and its workers, stopped together); ``with_parent``: it ignores SIGINT and
+    dies with this process (see :func:`_with_parent`)."""
+    streams.setdefault("stdin", subprocess.DEVNULL)
+    try:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            pass_fds=pass_fds,
+            start_new_session=new_session,
+            preexec_fn=_with_parent if with_parent else None,
+            **streams,
+        )
+    except FileNotFoundError:
+        raise ChildError(f"command not found: {argv[0]}", 127) from None
+    except PermissionError:
+        raise ChildError(f"cannot run {argv[0]}: permission denied", 126) from None
+    except OSError as exc:
+        raise ChildError(f"cannot run {argv[0]}: {exc.strerror or exc}", 126) from None
+
+
+def wait_line(
+    proc: subprocess.Popen[Any], fd: int, timeout: float | None = None
+) -> tuple[str | None, bytes]:
+    """The first line the child writes on ``fd`` (None if it exits, closes ``fd`` or
+    ``timeout`` passes first), and what came after it in the same reads."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = b""
+    while b"\n" not in pending:
+        if deadline is not None and time.monotonic() > deadline:
+            return None, pending
+        if not select.select([fd], [], [], 0.1)[0]:
+            if proc.poll() is not None:
+                return None, pending
+            continue
+        data = os.read(fd, 4096)
+        if not data:
+            return None, pending
+        pending += data
+    line, _, rest = pending.partition(b"\n")
+    return line.decode(errors="replace"), rest
+
+
+def stop(
+    proc: subprocess.Popen[Any], timeout: float = 10.0, signum: int | None = None
+) -> int | None:
+    """Stop ``proc``: ``signum`` if given (else the caller already asked, e.g. by closing
+    its stdin), then wait up to ``timeout`` and kill it if it lingers; returns its exit
+    status."""
+    if signum is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+    return proc.returncode
 
 
 # -- the parent's side ----------------------------------------------------------------------
@@ -65,15 +160,15 @@ class ChildProcess:
     def start(self, timeout: float = START_TIMEOUT) -> Any:
         """Start and wait for the ready frame; returns its info, or raises ChildError."""
         try:
-            self.proc = proc = subprocess.Popen(
+            self.proc = proc = spawn(
                 self.argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._log,
                 pass_fds=self.pass_fds,
             )
-        except OSError as exc:
-            raise ChildError(f"cannot start {self.argv[3]}: {exc.strerror or exc}") from None
+        except ChildError as exc:
+            raise ChildError(f"cannot start {self.argv[3]}: {exc}") from None
         assert proc.stdout is not None
         first = read_frame(proc.stdout.fileno(), timeout)
         if isinstance(first, tuple) and len(first) == 2 and first[0] == "ready":
@@ -114,11 +209,7 @@ class ChildProcess:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+            stop(proc, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
         if proc is not None and proc.stdout is not None:

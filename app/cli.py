@@ -557,7 +557,10 @@ def run(
 
 
 @main.command()
-@click.option("--upstream", required=True, metavar="URL", help="The app to forward to.")
+@click.option(
+    "--upstream", required=True, metavar="URL",
+    help="The app to forward to: http://HOST:PORT or https://HOST[:PORT].",
+)  # fmt: skip
 @click.option(
     "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
     help="Where the proxy accepts clients.",
@@ -576,6 +579,10 @@ def run(
     "--read-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
     show_default=True, help="Seconds the upstream may stay silent (then 504).",
 )  # fmt: skip
+@click.option(
+    "--insecure", is_flag=True,
+    help="Do not verify an https upstream's certificate (a development server's own).",
+)  # fmt: skip
 @_otlp_option
 @_server_timing_option
 def proxy(
@@ -587,6 +594,7 @@ def proxy(
     collector: str,
     connect_timeout: float,
     read_timeout: float,
+    insecure: bool,
     otlp: str | None,
     server_timing: bool,
 ) -> None:
@@ -600,7 +608,7 @@ def proxy(
     options: dict[str, Any] = {
         "listen": listen, "output": output, "collector": collector,
         "connect_timeout": connect_timeout, "read_timeout": read_timeout,
-        "otlp": otlp, "server_timing": server_timing,
+        "otlp": otlp, "server_timing": server_timing, "insecure": insecure,
     }  # fmt: skip
     if want_ui(ui):
         from .ui import build_proxy_app

@@ -33,26 +33,13 @@ class Front:
     """
 
     def __init__(self, sock: socket.socket, upstream: str, sink_url: str, **options: Any) -> None:
-        import uvicorn
         from hopscope.tracing.sinks import SocketSink
 
-        from .proxy import ProxyApp, ProxyHttpProtocol
+        from .proxy import ProxyApp, proxy_server
 
         self.sink = SocketSink(sink_url)
         self.app = ProxyApp(upstream, self.sink, **options)
-        config = uvicorn.Config(
-            self.app,
-            http=ProxyHttpProtocol,
-            ws="websockets-sansio",
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            date_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
+        self.server = proxy_server(self.app)
         # Not the main thread: uvicorn leaves signals alone, the caller handles them.
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="hopscope-proxy", daemon=True
@@ -86,10 +73,13 @@ class FrontProcess:
         read_timeout: float | None = None,
         on_exit: Callable[[str], None] | None = None,
         server_timing: bool = False,
+        insecure: bool = False,
     ) -> None:
         args = ["--fd", str(sock.fileno()), "--upstream", upstream, "--sink", sink_url]
         if server_timing:
             args.append("--server-timing")
+        if insecure:
+            args.append("--insecure")
         if connect_timeout is not None:
             args += ["--connect-timeout", repr(connect_timeout)]
         if read_timeout is not None:
@@ -114,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument("--read-timeout", type=float)
     parser.add_argument("--server-timing", action="store_true")
+    parser.add_argument("--insecure", action="store_true", help="no TLS verification upstream")
     args = parser.parse_args(argv)
     link = ParentLink()
     options: dict[str, Any] = {
@@ -126,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.server_timing:
         options["server_timing"] = True
+    if args.insecure:
+        options["insecure"] = True
     try:
         front = Front(socket.socket(fileno=args.fd), args.upstream, args.sink, **options)
     except (ProxyError, OSError) as exc:

@@ -18,8 +18,17 @@ twice.  Bodies stream both ways, never buffered whole; a request body goes upstr
 when the request has one.
 
 Recording goes through a :class:`~hopscope.tracing.sinks.Sink` like every other hop, so
-the collector, ``tail`` and trace files treat the proxy's records like an app's; the
+the collector, ``tail`` and trace files treat the proxy's records like an app's.  As the
+middlewares do, each request is one :class:`~hopscope.tracing.sinks.Recording` (the
+exchange itself): its path appends timestamps and compact tuples, and it travels as one
+``"r"`` record that the collector expands (:mod:`hopscope.tracing.proxyrecord`).  The
 command runs that collector and tail in a child process (why: :class:`_ChildProcess`).
+
+Upstreams may be ``https://`` (the default TLS context: system CAs, SNI and hostname
+checks against the upstream's host; ``insecure`` skips verification for a development
+certificate).  Upstream trailers are recorded, and forwarded when the client sent
+``TE: trailers`` (through :class:`CorkedWrites`: uvicorn's HTTP/1.1 protocols have no
+ASGI ``http.response.trailers``).
 """
 
 from __future__ import annotations
@@ -30,17 +39,33 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from operator import itemgetter
 from typing import Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
 
+from hopscope.tracing.asgi import BodyCapture
 from hopscope.tracing.exceptions import exception_event
+from hopscope.tracing.proxyrecord import (
+    CONNECT,
+    PROXY_REQUEST,
+    PROXY_START,
+    REQUEST_BODY,
+    RESPONSE_BODY,
+    RESPONSE_START,
+    RETRY,
+    SENT,
+    client_start,
+    end_records,
+    head_record,
+    item_record,
+)
 from hopscope.tracing.records import BODY_LIMIT, Record, new_span_id, new_trace_id
-from hopscope.tracing.sinks import Sink, SocketSink
+from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
 from hopscope.tracing.traceparent import format_traceparent, parse_traceparent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -60,7 +85,9 @@ __all__ = [
     "Upstream",
     "parse_listen",
     "parse_upstream",
+    "proxy_server",
     "run_proxy",
+    "tls_context",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -70,6 +97,12 @@ Send = Callable[[Message], Awaitable[None]]
 
 #: Body chunks recorded one event each; later ones are summed (as the ASGI middleware does).
 FIRST_CHUNKS = 4
+#: A request still running at a drain is sent piecewise (its start and events so far, so
+#: a live view shows it) only once it is this old.  Why wait: under load about half the
+#: requests are running at any drain, and piecewise they cost several records each in
+#: this process instead of one record the collector expands; nearly all of them are
+#: over by the next drain.
+LIVE_AFTER_NS = 100_000_000
 
 _now = time.time_ns
 _ident = threading.get_ident
@@ -110,31 +143,47 @@ class ProxyError(Exception):
 class Upstream:
     """The one place this proxy forwards to (it is never an open proxy)."""
 
-    __slots__ = ("host", "host_header", "port", "prefix", "url")
+    __slots__ = ("host", "host_header", "origin", "port", "prefix", "scheme", "url")
 
-    def __init__(self, host: str, port: int, prefix: str = "") -> None:
+    def __init__(self, host: str, port: int, prefix: str = "", scheme: str = "http") -> None:
         self.host = host
         self.port = port
+        self.scheme = scheme
         self.prefix = prefix.rstrip("/")
         shown = f"[{host}]" if ":" in host else host
-        self.host_header = shown if port == 80 else f"{shown}:{port}"
-        self.url = f"http://{self.host_header}{self.prefix}"
+        default = 443 if scheme == "https" else 80
+        self.host_header = shown if port == default else f"{shown}:{port}"
+        self.origin = f"{scheme}://{self.host_header}"
+        self.url = f"{self.origin}{self.prefix}"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
 
 
 def parse_upstream(url: str) -> Upstream:
-    """``http://HOST[:PORT][/PREFIX]`` -> :class:`Upstream` (raises :class:`ProxyError`)."""
+    """``http[s]://HOST[:PORT][/PREFIX]`` -> :class:`Upstream` (raises :class:`ProxyError`)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ProxyError(f"invalid --upstream {url!r}: {exc}") from None
-    if parts.scheme == "https":
-        raise ProxyError("https upstreams are not supported yet: use an http:// upstream")
-    if parts.scheme != "http" or not parts.hostname:
-        raise ProxyError(f"--upstream must look like http://HOST:PORT, got {url!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProxyError(f"--upstream must look like http://HOST:PORT or https://HOST, got {url!r}")
     if parts.query or parts.fragment:
         raise ProxyError(f"--upstream cannot have a query or fragment, got {url!r}")
-    return Upstream(parts.hostname, port or 80, parts.path)
+    default = 443 if parts.scheme == "https" else 80
+    return Upstream(parts.hostname, port or default, parts.path, parts.scheme)
+
+
+def tls_context(insecure: bool = False) -> ssl.SSLContext:
+    """The client context for an https upstream: the system's CAs and hostname checks,
+    or (``insecure``, for a dev server's self-signed certificate) no verification."""
+    context = ssl.create_default_context()
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -160,13 +209,22 @@ class CorkedWrites:
     than all the proxy's Python work for a small request.
     """
 
-    __slots__ = ("_held", "_transport")
+    __slots__ = ("_held", "_transport", "trailers")
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self._held: list[bytes] | None = None
+        #: A trailer section for the chunked body's end (see :meth:`write`).
+        self.trailers: bytes | None = None
 
     def write(self, data: bytes) -> None:
+        trailers = self.trailers
+        if trailers is not None and data.endswith(b"0\r\n\r\n"):
+            # uvicorn's HTTP/1.1 protocols cannot send trailers (no ASGI
+            # ``http.response.trailers`` there): set just before the body's last message,
+            # they go into the last chunk uvicorn writes.
+            self.trailers = None
+            data = data[:-2] + trailers + b"\r\n"
         if self._held is not None:
             self._held.append(data)
         else:
@@ -250,50 +308,8 @@ class ProxyHttpProtocol(HttpToolsProtocol):
 
 
 # --------------------------------------------------------------------------------------
-# Recording helpers
+# Helpers
 # --------------------------------------------------------------------------------------
-
-
-class _Body:
-    """One direction's body: counts every chunk, keeps the first ``limit`` bytes."""
-
-    __slots__ = ("chunks", "count", "first_ts", "kept", "last_ts", "limit", "size")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-        self.size = 0
-        self.kept = 0
-        self.chunks: list[bytes] = []
-        self.first_ts = 0
-        self.last_ts = 0
-
-    def add(self, chunk: bytes, ts: int) -> int:
-        """Count ``chunk``; returns its number (1 for the first)."""
-        if not self.count:
-            self.first_ts = ts
-        self.count += 1
-        self.size += len(chunk)
-        self.last_ts = ts
-        if self.kept < self.limit:
-            keep = chunk[: self.limit - self.kept]
-            self.chunks.append(keep)
-            self.kept += len(keep)
-        return self.count
-
-    def attrs(self, attrs: dict[str, Any], direction: str) -> None:
-        attrs[f"http.{direction}.body.size"] = self.size
-        if self.size:
-            attrs[f"http.{direction}.body"] = self.chunks
-            attrs[f"http.{direction}.body.truncated"] = self.size > self.kept
-
-    def summary(self) -> dict[str, int]:
-        return {
-            "count": self.count,
-            "bytes": self.size,
-            "first_ts": self.first_ts,
-            "last_ts": self.last_ts,
-        }
 
 
 def _error_body(status: int, reason: str) -> bytes:
@@ -319,6 +335,8 @@ class Forwarded(NamedTuple):
     removed: list[bytes]
     content_length: bytes | None
     chunked: bool
+    #: The client announced ``TE: trailers``: upstream's trailers are forwarded to it.
+    trailers: bool = False
 
 
 class ProxyApp:
@@ -338,8 +356,11 @@ class ProxyApp:
         body_limit: int = BODY_LIMIT,
         max_idle: int = 64,
         server_timing: bool = False,
+        insecure: bool = False,
     ) -> None:
         self.upstream = upstream if isinstance(upstream, Upstream) else parse_upstream(upstream)
+        #: TLS to an https upstream (SNI and hostname checks against its host).
+        self.tls: ssl.SSLContext | None = tls_context(insecure) if self.upstream.tls else None
         self.server_timing = server_timing
         self.sink = sink
         self.connect_timeout = connect_timeout
@@ -361,6 +382,7 @@ class ProxyApp:
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
                 max_idle=self.max_idle,
+                tls=self.tls,
             )
         return pool
 
@@ -412,6 +434,7 @@ class ProxyApp:
         original_host: bytes | None = None
         content_length: bytes | None = None
         chunked = False
+        trailers = False
         listed: set[bytes] | None = None
         for pair in scope["headers"]:
             name = pair[0]
@@ -430,6 +453,8 @@ class ProxyApp:
                 tokens = {t.strip().lower() for t in pair[1].split(b",")} - _PLAIN_TOKENS
                 if tokens:
                     listed = tokens if listed is None else listed | tokens
+            elif name == b"te" and b"trailers" in pair[1].lower():
+                trailers = True
             if name in _HOP_BY_HOP or name == b"expect":
                 removed.append(name)
         if listed:
@@ -448,7 +473,11 @@ class ProxyApp:
             out.append((b"x-forwarded-host", original_host))
         out.append((b"x-request-start", b"t=%d" % (request_start // 1000)))
         out.append((b"traceparent", format_traceparent(trace_id, span_id).encode("ascii")))
-        return Forwarded(out, kept, removed, content_length, chunked)
+        if trailers:
+            # The client takes trailers, and so does this proxy: say so upstream (TE is
+            # hop-by-hop, so the client's own does not go through).
+            out.append((b"te", b"trailers"))
+        return Forwarded(out, kept, removed, content_length, chunked, trailers)
 
     def target(self, scope: Scope) -> bytes:
         raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -511,27 +540,51 @@ def _response_headers(
     return out, [pair[0] for pair in headers if id(pair) not in kept]
 
 
-class _Exchange:
-    """One HTTP request through the proxy, and its two spans."""
+#: The scope's fields at the head of a proxy recording's ``request`` (see
+#: :data:`hopscope.tracing.proxyrecord.PROXY_REQUEST`).
+_SCOPE_FIELDS = itemgetter(*PROXY_REQUEST[:8])
+
+
+def _scope_fields(scope: Scope) -> tuple[Any, ...]:
+    try:
+        return _SCOPE_FIELDS(scope)  # type: ignore[no-any-return]
+    except KeyError:
+        fields = tuple(scope.get(key) for key in PROXY_REQUEST[:8])
+        return (scope.get("method", "GET"), *fields[1:])
+
+
+class _Exchange(Recording):
+    """One HTTP request through the proxy, and the recording of its two spans.
+
+    Why a :class:`~hopscope.tracing.sinks.Recording`: the request's path only takes
+    timestamps and appends compact tuples (:mod:`hopscope.tracing.proxyrecord`); the
+    sink's drain makes records of them, and a request over before the next drain
+    travels as one ``"r"`` record that the collector expands.  The references that
+    only the request needs are dropped when it is sealed, as the recording lives on
+    until the drain.
+    """
+
+    interface = "proxy"
 
     __slots__ = (
         "app",
-        "begin",
-        "client_attrs",
         "client_conn",
-        "client_id",
+        "client_extra",
         "conn",
-        "proxy_attrs",
+        "end_ts",
+        "proxy_ended",
+        "proxy_extra",
         "proxy_id",
         "receive",
-        "request",
+        "request_body",
         "response",
+        "response_headers",
         "response_started",
         "scope",
         "send",
-        "sink",
         "status",
-        "trace_id",
+        "up_conn",
+        "up_status",
         "upload",
     )
 
@@ -541,67 +594,83 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.sink = app.sink
-        self.request = _Body(app.body_limit)
-        self.response = _Body(app.body_limit)
+        self.request_body: BodyCapture | None = None
+        self.response = BodyCapture(app.body_limit)
         self.conn: UpstreamConnection | None = None
         self.client_conn: ClientConnection | None = None
         self.upload: asyncio.Task[None] | None = None
         self.response_started = False
         self.status = 0
-        self.client_attrs: dict[str, Any] = {}
-        self.proxy_attrs: dict[str, Any] = {}
-
-    def emit(self, record: Record) -> None:
-        self.sink.emit(record)
+        self.response_headers: Any = None
+        self.client_extra: dict[str, Any] | None = None
+        self.proxy_extra: dict[str, Any] | None = None
+        self.proxy_ended = False
+        self.up_conn: int | None = None
+        self.up_status = 0
+        self.end_ts = 0
+        self.items = []
+        self.end_at = -1
+        self.done = False
+        self._state = -1
 
     def event(self, span_id: int, name: str, attrs: dict[str, Any] | None, ts: int = 0) -> None:
-        self.sink.emit(("p", ts or _now(), self.trace_id, span_id, name, attrs))
+        self.items.append(("p", ts or _now(), self.trace_id, span_id, name, attrs))
+
+    def client_attr(self, key: str, value: Any) -> None:
+        extra = self.client_extra
+        if extra is None:
+            extra = self.client_extra = {}
+        extra[key] = value
+
+    def proxy_attr(self, key: str, value: Any) -> None:
+        extra = self.proxy_extra
+        if extra is None:
+            extra = self.proxy_extra = {}
+        extra[key] = value
 
     # -- the request ---------------------------------------------------------------
     async def run(self) -> None:
         scope = self.scope
         app = self.app
         arrival = scope.get("hopscope.arrival")
-        now = _now()
         if arrival is not None:
             begin, head_ts, absolute, client_conn = arrival
             self.client_conn = client_conn
+            accepted, number = client_conn.accepted, client_conn.requests
         else:
-            begin = head_ts = now
+            begin = head_ts = _now()
             absolute = False
-        trace_id, parent_id = app.ids(scope)
-        self.trace_id = trace_id
-        self.begin = begin
-        self.client_id = client_id = new_span_id()
+            accepted = number = None
+        self.trace_id, self.parent_id = app.ids(scope)
+        self.start = begin
+        self.span_id = new_span_id()
         self.proxy_id = proxy_id = new_span_id()
-        method = scope["method"]
-        name = f"{method} {scope['path']}"
-        attrs = request_attrs(scope)
-        if arrival is not None:
-            attrs["connection.accepted_ts"] = client_conn.accepted
-            attrs["connection.request_number"] = client_conn.requests
-        sink = self.sink
-        ident = _ident()
-        sink.emit(("s", begin, trace_id, client_id, parent_id, "client", name, ident, attrs))
-        sink.emit(("p", head_ts, trace_id, client_id, "request.head", None))
+        self.thread_id = _ident()
+        self.request = (*_scope_fields(scope), head_ts, accepted, number, proxy_id)
+        if not self.sink.start_live(self):
+            self.go_eager()
+        try:
+            method = scope["method"]
+            if absolute or method == "CONNECT":
+                await self._refuse(absolute)
+            else:
+                await self._proxy(method, head_ts)
+        finally:
+            if self.client_conn is not None:
+                self.client_conn.on_lost = None
+            self.seal()
 
-        if absolute or method == "CONNECT":
-            await self._refuse(absolute)
-            return
-
+    async def _proxy(self, method: str, head_ts: int) -> None:
+        app = self.app
+        scope = self.scope
+        trace_id, proxy_id = self.trace_id, self.proxy_id
         forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
         target = app.target(scope)
         up = app.upstream
-        attrs = {
-            "http.request.method": method,
-            "url.full": f"http://{up.host_header}{target.decode('latin-1')}",
-            "server.address": up.host,
-            "server.port": up.port,
-            "proxy.request.headers.added": forwarded.headers[forwarded.kept :],
-        }
-        if forwarded.removed:
-            attrs["proxy.request.headers.removed"] = forwarded.removed
-        sink.emit(("s", _now(), trace_id, proxy_id, client_id, "proxy", name, ident, attrs))
+        headers = forwarded.headers
+        start = (PROXY_START, _now(), target, headers, forwarded.kept, len(headers),
+                 forwarded.removed or None, up.host, up.port, up.origin)  # fmt: skip
+        self.items.append(start)
         try:
             await self._forward(method, target, forwarded)
         except ClientGone:
@@ -612,17 +681,15 @@ class _Exchange:
             # Cancellation (shutdown) or a bug: close both sides, record, let uvicorn see it.
             self._abandon_upstream()
             if isinstance(exc, Exception):
-                self.emit(exception_event(trace_id, proxy_id, exc, phase="proxy"))
-                self.proxy_attrs.update({"error": True, "exception.type": type(exc).__name__})
+                self.items.append(exception_event(trace_id, proxy_id, exc, phase="proxy"))
+                self.proxy_attr("error", True)
+                self.proxy_attr("exception.type", type(exc).__name__)
             else:
-                self.proxy_attrs["cancelled"] = type(exc).__name__
+                self.proxy_attr("cancelled", type(exc).__name__)
             self._end()
             raise
         else:
             self._end()
-        finally:
-            if self.client_conn is not None:
-                self.client_conn.on_lost = None
 
     async def _forward(self, method: str, target: bytes, forwarded: Forwarded) -> None:
         client_conn = self.client_conn
@@ -664,12 +731,18 @@ class _Exchange:
         pool = self.app.pool
         head_only = method == "HEAD"
         retried = False
+        items = self.items
+        if more and chunked:
+            self.proxy_attr("proxy.request.chunked", True)
         while True:
             conn = pool.take_idle()
             reused = conn is not None
-            connect_start = _now()
             if conn is None:
+                connect_start = _now()
                 conn = await pool.connect()
+                connect_ns: int | None = _now() - connect_start
+            else:
+                connect_ns = None
             self.conn = conn
             conn.begin(head_only)
             if client_conn is not None:
@@ -677,24 +750,15 @@ class _Exchange:
                     pool.release(conn)
                     raise ClientGone("the client went away")
                 client_conn.on_lost = self._on_client_lost
-            connected = _now()
-            attrs: dict[str, Any] = {
-                "reused": reused,
-                "connection.id": conn.id,
-                "connection.exchange": conn.exchanges,
-            }
-            if not reused:
-                attrs["connect_ns"] = connected - connect_start
-                attrs["network.local.port"] = conn.local_port
-            self.event(self.proxy_id, "upstream.connect", attrs, connected)
+            items.append(
+                (CONNECT, _now(), reused, conn.id, conn.exchanges, connect_ns, conn.local_port)
+            )
             conn.write(first)
             if more:
                 conn.sending = True
                 self.upload = asyncio.create_task(self._upload(conn, chunked))
             else:
-                self.event(self.proxy_id, "request.sent", {"bytes": len(first)})
-            if more and chunked:
-                self.proxy_attrs["proxy.request.chunked"] = True
+                items.append((SENT, _now(), len(first)))
             try:
                 await conn.head()
             except UpstreamClosed:
@@ -702,11 +766,11 @@ class _Exchange:
                 # once more on a new one, when the request can be sent again.
                 if reused and not more and not retried and not conn.status:
                     retried = True
-                    self.event(self.proxy_id, "upstream.retry", {"reason": "stale connection"})
+                    items.append((RETRY, _now()))
                     continue
                 raise
             break
-        await self._relay(conn, head_only)
+        await self._relay(conn, head_only, forwarded.trailers)
 
     def _on_client_lost(self) -> None:
         conn = self.conn
@@ -715,8 +779,11 @@ class _Exchange:
 
     def _request_chunk(self, body: bytes, more: bool) -> None:
         ts = _now()
-        if self.request.add(body, ts) <= FIRST_CHUNKS:
-            self.event(self.client_id, "request.body", {"size": len(body), "more": more}, ts)
+        capture = self.request_body
+        if capture is None:
+            capture = self.request_body = BodyCapture(self.app.body_limit)
+        if capture.add(body, ts) <= FIRST_CHUNKS:
+            self.items.append((REQUEST_BODY, ts, len(body), more))
 
     async def _upload(self, conn: UpstreamConnection, chunked: bool) -> None:
         """Stream the rest of a request body upstream (while the response may start).
@@ -739,7 +806,8 @@ class _Exchange:
                         conn.write(b"0\r\n\r\n")
                     break
                 await conn.drain()
-            self.event(self.proxy_id, "request.sent", {"bytes": self.request.size})
+            capture = self.request_body
+            self.items.append((SENT, _now(), capture.size if capture is not None else 0))
         except (UpstreamError, ClientGone):
             return  # already on the connection (conn.error)
         except Exception as exc:
@@ -747,19 +815,21 @@ class _Exchange:
         finally:
             conn.sending = False
 
-    async def _relay(self, conn: UpstreamConnection, head_only: bool) -> None:
+    async def _relay(self, conn: UpstreamConnection, head_only: bool, te_trailers: bool) -> None:
         """Send upstream's response to the client as it arrives."""
         self.status = status = conn.status
         headers, removed = _response_headers(conn.headers)
+        if te_trailers and removed and b"trailer" in removed:
+            # Announced trailers may come: the client is told which, as upstream said.
+            headers += [pair for pair in conn.headers if pair[0] == b"trailer"]
+            removed = [name for name in removed if name != b"trailer"]
         if self.app.server_timing:
             headers = _add_server_timing(
-                headers, f"proxy;dur={(conn.head_ts - self.begin) / 1e6:.3f}"
+                headers, f"proxy;dur={(conn.head_ts - self.start) / 1e6:.3f}"
             )
-        self.client_attrs["http.response.headers"] = headers
-        attrs: dict[str, Any] = {"status": status, "http.version": conn.version}
-        if removed:
-            attrs["proxy.response.headers.removed"] = removed
-        self.event(self.proxy_id, "response.start", attrs, conn.head_ts)
+        self.response_headers = headers
+        items = self.items
+        items.append((RESPONSE_START, conn.head_ts, status, conn.version, removed or None))
         send = self.send
         client_conn = self.client_conn
         # The whole response is here already (the common small case): head and body
@@ -773,6 +843,8 @@ class _Exchange:
             response = self.response
             while True:
                 data, done = await conn.read()
+                if done and conn.trailers:
+                    self._trailers(conn.trailers, te_trailers, client_conn)
                 await send({"type": "http.response.body", "body": data, "more_body": not done})
                 if writer is not None:
                     writer.release()
@@ -780,9 +852,7 @@ class _Exchange:
                 if data:
                     ts = _now()
                     if response.add(data, ts) <= FIRST_CHUNKS and not done:
-                        self.event(
-                            self.proxy_id, "response.body", {"size": len(data), "more": True}, ts
-                        )
+                        items.append((RESPONSE_BODY, ts, len(data)))
                 if client_conn is not None and client_conn.lost:
                     raise ClientGone("the client went away during the response")
                 if done:
@@ -790,6 +860,8 @@ class _Exchange:
         finally:
             if writer is not None:
                 writer.release()
+            if client_conn is not None:
+                client_conn.writer.trailers = None  # not written (the response was cut)
         upload = self.upload
         if upload is not None and not upload.done():
             # Upstream answered before reading the whole request body: the connection's
@@ -797,6 +869,23 @@ class _Exchange:
             upload.cancel()
             conn.close()
         self.app.pool.release(conn)
+
+    def _trailers(
+        self,
+        trailers: list[tuple[bytes, bytes]],
+        forward: bool,
+        client_conn: ClientConnection | None,
+    ) -> None:
+        """Upstream's trailer fields: recorded, and forwarded when the client takes them
+        (``TE: trailers``) and the response to it is chunked."""
+        headers = self.response_headers or ()
+        chunked = not any(name == b"content-length" for name, _ in headers)
+        sent = forward and chunked and client_conn is not None
+        if sent:
+            assert client_conn is not None
+            client_conn.writer.trailers = b"".join(b"%s: %s\r\n" % pair for pair in trailers)
+        attrs = {"http.response.trailers": trailers, "forwarded": sent}
+        self.event(self.proxy_id, "response.trailers", attrs)
 
     # -- ends ----------------------------------------------------------------------
     def _abandon_upstream(self) -> None:
@@ -806,27 +895,27 @@ class _Exchange:
         conn = self.conn
         if conn is not None:
             conn.close()
-            self.proxy_attrs["upstream.connection.closed"] = True
+            self.proxy_attr("upstream.connection.closed", True)
 
     def _client_gone(self) -> None:
         self._abandon_upstream()
         phase = "during_response" if self.response_started else "before_response"
-        self.event(self.client_id, "disconnect", {"phase": phase})
-        self.client_attrs["disconnected"] = True
-        self.proxy_attrs["upstream.aborted"] = True
+        self.event(self.span_id, "disconnect", {"phase": phase})
+        self.client_attr("disconnected", True)
+        self.proxy_attr("upstream.aborted", True)
         self._end()
 
     async def _upstream_failed(self, exc: UpstreamError) -> None:
         self._abandon_upstream()
         phase = "during_response" if self.response_started else "before_response"
-        self.emit(exception_event(self.trace_id, self.proxy_id, exc, phase=phase))
-        self.proxy_attrs.update(
-            {"error": True, "error.type": exc.kind, "exception.type": type(exc).__name__}
-        )
+        self.items.append(exception_event(self.trace_id, self.proxy_id, exc, phase=phase))
+        self.proxy_attr("error", True)
+        self.proxy_attr("error.type", exc.kind)
+        self.proxy_attr("exception.type", type(exc).__name__)
         if self.response_started:
             # Too late for an error page: cut the client's connection so it sees a
             # truncated response (no final chunk, or fewer bytes than Content-Length).
-            self.client_attrs["response.aborted"] = True
+            self.client_attr("response.aborted", True)
             client_conn = self.client_conn
             if client_conn is not None:
                 client_conn.transport.close()
@@ -840,7 +929,7 @@ class _Exchange:
             status, reason = 400, "absolute-form request targets are refused (not an open proxy)"
         else:
             status, reason = 405, "CONNECT is refused (not an open proxy)"
-        self.client_attrs["proxy.refused"] = reason
+        self.client_attr("proxy.refused", reason)
         await self._respond(status, reason)
         self._end(proxy=False)
 
@@ -851,44 +940,96 @@ class _Exchange:
             (b"content-length", b"%d" % len(body)),
         ]
         self.status = status
-        self.client_attrs["http.response.headers"] = headers
+        self.response_headers = headers
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
         self.response.add(body, _now())
 
     def _end(self, proxy: bool = True) -> None:
-        now = _now()
-        sink = self.sink
-        trace_id = self.trace_id
-        if proxy:
-            conn = self.conn
-            attrs = self.proxy_attrs
-            if conn is not None:
-                attrs["http.response.status_code"] = conn.status or None
-                attrs["upstream.connection.id"] = conn.id
-            attrs["http.request.body.size"] = self.request.size
-            attrs["http.response.body.size"] = self.response.size
-            if self.response.count > FIRST_CHUNKS:
-                sink.emit(
-                    (
-                        "p",
-                        now,
-                        trace_id,
-                        self.proxy_id,
-                        "response.body.summary",
-                        self.response.summary(),
-                    )
-                )
-            sink.emit(("e", now, trace_id, self.proxy_id, attrs))
-        attrs = self.client_attrs
-        attrs["http.response.status_code"] = self.status or None
-        self.request.attrs(attrs, "request")
-        self.response.attrs(attrs, "response")
-        if self.request.count > FIRST_CHUNKS:
-            sink.emit(
-                ("p", now, trace_id, self.client_id, "request.body.summary", self.request.summary())
+        if self.end_at >= 0:
+            return
+        self.end_ts = _now()
+        self.proxy_ended = proxy
+        conn = self.conn
+        if conn is not None:
+            self.up_conn = conn.id
+            self.up_status = conn.status
+        self.end_at = len(self.items)  # publishes the end: written last
+
+    def seal(self) -> None:
+        # Only the request needed these; the recording lives on until the next drain.
+        self.scope = _NO_SCOPE
+        self.receive = self.send = _gone
+        self.conn = self.client_conn = self.upload = None
+        Recording.seal(self)
+
+    # -- the drain's side ------------------------------------------------------------
+    def end_fields(self) -> tuple[Any, ...]:
+        request, response = self.request_body, self.response
+        size = response.size
+        resp_summary = response.summary() if response.count > FIRST_CHUNKS else None
+        if request is None:
+            req: tuple[Any, ...] = (0, None, False, None)
+        else:
+            req = (
+                request.size,
+                request.kept(),
+                request.size > request.limit,
+                request.summary() if request.count > FIRST_CHUNKS else None,
             )
-        sink.emit(("e", now, trace_id, self.client_id, attrs))
+        return (
+            self.end_ts, self.status, self.response_headers, self.proxy_ended, self.up_status,
+            self.up_conn, *req, size, response.kept(), size > response.limit, resp_summary,
+            self.client_extra, self.proxy_extra,
+        )  # fmt: skip
+
+    def _record(self, items: list[Any], end_at: int) -> Record:
+        return (
+            "r", self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id,
+            "proxy", self.request, end_at, self.end_fields() if end_at >= 0 else None, items,
+        )  # fmt: skip
+
+    def _collect(self, state: int, out: list[Record]) -> tuple[int, bool]:
+        # Read in the order the request's side publishes: done, then the end, then items.
+        done = self.done
+        if state < 0 and not done and _now() - self.start < LIVE_AFTER_NS:
+            return -1, False  # likely over by the next drain: then one record
+        end_at = self.end_at
+        items = self.items
+        size = len(items)
+        if done:
+            if state < 0:
+                out.append(self._record(items, end_at))
+                return 1, True
+            if size and items[size - 1] is None:
+                size -= 1
+        if end_at > size:
+            end_at = -1  # ended after the items were read: next time
+        # Still running (or seen running before): what is new since the last take, as
+        # records (``state`` is ``2 * items sent + end sent``, as in Recording).
+        record = self._record(items, end_at)
+        if state < 0:
+            out.append(client_start(record))
+            out.append(head_record(record))
+            state = 0
+        cursor, end_sent = state >> 1, state & 1
+        if end_at >= 0 and not end_sent:
+            while cursor < end_at and items[cursor] is not None:
+                out.append(item_record(items[cursor], record))
+                cursor += 1
+            end_records(record, out)
+            end_sent = 1
+        while cursor < size and items[cursor] is not None:
+            out.append(item_record(items[cursor], record))
+            cursor += 1
+        return cursor << 1 | end_sent, done
+
+
+async def _gone(*_: Any) -> Any:
+    raise RuntimeError("the exchange is over")
+
+
+_NO_SCOPE: Scope = {}
 
 
 # --------------------------------------------------------------------------------------
@@ -913,69 +1054,28 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _LocalSink(Sink):
-    """Hands records to the in-process collector's loop, skipping the socket round trip.
+class _LocalSink(_BatchingSink):
+    """Hands batches to the in-process collector's loop, skipping the socket round trip.
 
-    ``emit`` appends to a bounded deque (as every sink, it never blocks); a timer on the
-    collector's loop takes what accumulated every ``interval`` and delivers it exactly
-    as a SocketSink batch would arrive.
+    A batching sink like the others (bounded queue, drain thread, requests taken as
+    recordings); its "write" delivers the batch on the collector's loop exactly as a
+    SocketSink batch would arrive there.
     """
 
     def __init__(
         self,
         deliver: Callable[[dict[str, Any], int, list[Record]], None],
         loop: asyncio.AbstractEventLoop,
-        *,
-        interval: float = 0.05,
-        max_queue: int = 65_536,
     ) -> None:
         from hopscope.tracing.records import process_info
 
-        self._queue: deque[Record] = deque()
         self._deliver = deliver
         self._loop = loop
-        self._interval = interval
-        self._max = max_queue
         self._info = process_info(os.getpid())
-        self._unreported = 0
-        self.dropped = 0
-        self._closed = False
-        loop.call_soon_threadsafe(self._tick)
+        super().__init__()
 
-    def emit(self, record: Record) -> None:
-        if len(self._queue) < self._max and not self._closed:
-            self._queue.append(record)
-        else:
-            self.dropped += 1
-            self._unreported += 1
-
-    def _tick(self) -> None:
-        self._drain()
-        if not self._closed:
-            self._loop.call_later(self._interval, self._tick)
-
-    def _drain(self) -> None:
-        queue = self._queue
-        while queue or self._unreported:
-            batch = [queue.popleft() for _ in range(min(len(queue), 4096))]
-            dropped, self._unreported = self._unreported, 0
-            self._deliver(self._info, dropped, batch)
-
-    def flush(self, timeout: float = 5.0) -> None:
-        done = threading.Event()
-
-        def drain() -> None:
-            self._drain()
-            done.set()
-
-        with contextlib.suppress(RuntimeError):  # the loop is gone
-            self._loop.call_soon_threadsafe(drain)
-            done.wait(timeout)
-
-    def close(self) -> None:
-        if not self._closed:
-            self.flush()
-            self._closed = True
+    def _write(self, batch: list[Record], dropped: int) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, self._info, dropped, batch)
 
 
 @contextlib.contextmanager
@@ -1046,17 +1146,6 @@ class _InProcess(_Recording):
         return f"hopscope proxy: stopped after {self.tail.printed} request(s){note}"
 
 
-def _child_setup() -> None:
-    """In the recording child, before exec: no SIGINT (the proxy stops it), and on Linux
-    a SIGTERM when the proxy dies, so a killed proxy leaves no collector behind."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform == "linux":
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class _ChildProcess(_Recording):
     """``hopscope tail --listen`` in a child process, fed by a SocketSink.
 
@@ -1070,53 +1159,70 @@ class _ChildProcess(_Recording):
     """
 
     def __init__(self, address: str, output: str | None, otlp: str | None = None) -> None:
-        import selectors
         import subprocess
+
+        from .child import ChildError, spawn, wait_line
 
         argv = [sys.executable, "-m", "hopscope.app", "tail", "--listen", address]
         if output is not None:
             argv += ["-o", output]
         if otlp is not None:
             argv += ["--otlp", otlp]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_child_setup,
-        )
+        try:
+            self.proc = spawn(argv, stderr=subprocess.PIPE, with_parent=True)
+        except ChildError as exc:
+            raise ProxyError(str(exc)) from None
         assert self.proc.stderr is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stderr, selectors.EVENT_READ)
-            ready = selector.select(timeout=30)
-        first = self.proc.stderr.readline() if ready else ""
-        match = first.partition("listening on ")[2].partition(";")[0]
+        first, self._said = wait_line(self.proc, self.proc.stderr.fileno(), timeout=30)
+        match = (first or "").partition("listening on ")[2].partition(";")[0]
         if not match:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.communicate(timeout=10)
-            reason = first.strip().removeprefix("Error: ") or "the collector did not start"
+            self._said += self._stop()
+            said = self._said.decode(errors="replace").strip().splitlines()
+            reason = (first or (said[-1] if said else "")).strip().removeprefix("Error: ")
+            reason = reason or "the collector did not start"
             raise ProxyError(f"{reason}; --collector picks another address")
         self.url = match
         self.sink = SocketSink(self.url)
 
-    def stop(self) -> str:
-        import subprocess
+    def _stop(self) -> bytes:
+        """Stop the child (SIGTERM, then SIGKILL) and return the rest of its stderr."""
+        from .child import stop
 
+        stop(self.proc, 10.0, signal.SIGTERM)
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            return self.proc.stderr.read()
+
+    def stop(self) -> str:
         self.sink.flush()
         time.sleep(0.1)
         self.sink.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-        lines = (err or "").strip().splitlines() or [""]
+        err = (self._said + self._stop()).decode(errors="replace")
+        lines = err.strip().splitlines() or [""]
         # The child's stderr is only read now: its --otlp warning and summary come here.
         said = [line for line in lines[:-1] if "OTLP" in line] + lines[-1:]
         return "\n".join(line.replace("hopscope: ", "hopscope proxy: ", 1) for line in said)
+
+
+def proxy_server(app: ProxyApp) -> Any:
+    """A ``uvicorn.Server`` for the proxy (every command that serves it uses this one):
+    the observing httptools protocol, no headers of uvicorn's own (a proxy adds no
+    Server or Date), no X-Forwarded-* trust (the proxy sets them for its upstream)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        http=ProxyHttpProtocol,
+        ws="websockets-sansio",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
+    return uvicorn.Server(config)
 
 
 def run_proxy(
@@ -1131,6 +1237,7 @@ def run_proxy(
     out: TextIO | None = None,
     server_timing: bool = False,
     otlp: str | None = None,
+    insecure: bool = False,
 ) -> None:
     """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
 
@@ -1140,8 +1247,6 @@ def run_proxy(
     records handed over (``local``) or sent to its port (``socket``, see
     :class:`_InProcess`).  Raises :class:`ProxyError` with a one-line reason.
     """
-    import uvicorn
-
     target = parse_upstream(upstream)
     host, port = parse_listen(listen)
     sock = _bind(host, port)
@@ -1160,6 +1265,7 @@ def run_proxy(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         server_timing=server_timing,
+        insecure=insecure,
     )
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
@@ -1169,19 +1275,7 @@ def run_proxy(
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        app,
-        http=ProxyHttpProtocol,
-        ws="websockets-sansio",
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
+    server = proxy_server(app)
     try:
         with _quiet_signals():
             server.run(sockets=[sock])

@@ -101,7 +101,8 @@ class _WebSocketRelay:
                 return
             headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).headers
             target = app.target(scope).decode("latin-1")
-            url = f"ws://{app.upstream.host_header}{target}"
+            scheme = "wss" if app.upstream.tls else "ws"
+            url = f"{scheme}://{app.upstream.host_header}{target}"
             self.proxy_started = True
             self.sink.emit(
                 (
@@ -155,6 +156,7 @@ class _WebSocketRelay:
                 max_size=MAX_MESSAGE,
                 user_agent_header=None,
                 proxy=None,
+                ssl=self.app.tls,
             )
         except InvalidStatus as exc:
             response = exc.response

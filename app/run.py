@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from hopscope.tui.source import notice
 
+from .child import ChildError, spawn, wait_line
 from .collector import BackgroundCollector, CollectorError, wait_quiet
 from .front import Front, FrontProcess
 from .proxy import ProxyError
@@ -188,20 +189,9 @@ def _spawn(
     """Start the child as the leader of a new process group; ``streams`` may redirect
     its ``stdout`` and ``stderr`` (the UI owns the terminal)."""
     try:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            pass_fds=pass_fds,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            **streams,
-        )
-    except FileNotFoundError:
-        raise RunError(f"command not found: {argv[0]}", 127) from None
-    except PermissionError:
-        raise RunError(f"cannot run {argv[0]}: permission denied", 126) from None
-    except OSError as exc:
-        raise RunError(f"cannot run {argv[0]}: {exc.strerror or exc}", 126) from None
+        return spawn(argv, env=env, pass_fds=pass_fds, new_session=True, **streams)
+    except ChildError as exc:
+        raise RunError(str(exc), exc.exit_code) from None
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -567,18 +557,11 @@ class _Output:
 
 def _wait_ready(proc: Any, fd: int) -> str | None:
     """The child's "ready" line, or None when it exited (or closed the pipe) first."""
-    pending = b""
     try:
-        while proc.poll() is None:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            data = os.read(fd, 512)
-            pending += data
-            if b"\n" in pending:
-                return pending.partition(b"\n")[0].decode(errors="replace")
-            if not data:
-                proc.wait()
-        return None
+        line, _ = wait_line(proc, fd)
+        if line is None:
+            proc.wait()
+        return line
     except BaseException:  # Ctrl+C while the app loads: nothing may stay behind
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -201,6 +201,7 @@ def build_proxy_app(
     max_requests: int = DEFAULT_MAX_REQUESTS,
     server_timing: bool = False,
     otlp: str | None = None,
+    insecure: bool = False,
 ) -> Session:
     """``hopscope proxy`` with the UI: the proxy and the collector in helper processes.
 
@@ -226,6 +227,7 @@ def build_proxy_app(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             server_timing=server_timing,
+            insecure=insecure,
             on_exit=lambda reason: source.push(
                 [notice(f"hopscope's proxy stopped: {reason}", "error")]
             ),

@@ -31,6 +31,7 @@ import asyncio
 import errno
 import itertools
 import socket
+import ssl
 import time
 from collections import deque
 from typing import cast
@@ -122,6 +123,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.version = "1.1"
         self.head_ts = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        #: Fields after a chunked body (httptools reports them as headers after the head).
+        self.trailers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the end is known without EOF
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -212,6 +215,9 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if self.status:
+            self.trailers.append((name, value))
+            return
         if name == b"content-length" or (
             name == b"transfer-encoding" and b"chunked" in value.lower()
         ):
@@ -364,8 +370,10 @@ class UpstreamPool:
         read_timeout: float = 60.0,
         max_idle: int = 64,
         loop: asyncio.AbstractEventLoop | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.port = port
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -394,12 +402,26 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
                 )
         except TimeoutError:
             raise ConnectTimeout(
                 f"connecting to upstream {where} timed out after {self.connect_timeout:g}s"
             ) from None
+        except ssl.SSLCertVerificationError as exc:
+            reason = exc.verify_message or exc.reason or "certificate verify failed"
+            raise ConnectFailed(
+                f"cannot connect to upstream {where}: TLS certificate not trusted ({reason}; "
+                "--insecure skips the check for a development certificate)"
+            ) from None
+        except ssl.SSLError as exc:
+            reason = exc.reason or str(exc)
+            message = f"cannot connect to upstream {where}: TLS failed ({reason})"
+            raise ConnectFailed(message) from None
         except OSError as exc:
             if exc.errno == errno.ECONNREFUSED or isinstance(exc, ConnectionRefusedError):
                 reason = "connection refused"

@@ -186,13 +186,24 @@ class _MinimalCollector:
                     self.events += len(to_events(record, info))
 
 
-def collector_main() -> None:
-    """Print the collector's URL, answer ``stats`` lines on stdin, stop at EOF."""
+def collector_main(tail: bool = False) -> None:
+    """Print the collector's URL, answer ``stats`` lines on stdin, stop at EOF.
+
+    Without ``tail`` nobody reads the collector's events (it then only counts them);
+    with it, it prints ``hopscope tail`` lines to /dev/null, as ``hopscope tail --listen``
+    does to a terminal.
+    """
     kind = "hopscope.app.collector"
     try:
         from hopscope.app.collector import BackgroundCollector
 
-        background = BackgroundCollector(f"{HOST}:0").start()
+        consumer = None
+        if tail:
+            from hopscope.app.tail import Tail
+
+            consumer = Tail(open(os.devnull, "w")).feed  # open as long as we run
+            kind += " feeding hopscope tail (lines to /dev/null)"
+        background = BackgroundCollector(f"{HOST}:0", consumer).start()
         url, counters = background.url, background.collector
     except ImportError:
         kind = "minimal in-bench collector"
@@ -311,9 +322,10 @@ def start_server(framework: str, mode: str, sink_url: str) -> Server:
 
 
 class CollectorProcess:
-    def __init__(self) -> None:
+    def __init__(self, tail: bool = False) -> None:
         self.proc = spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--collector"],
+            [sys.executable, str(Path(__file__).resolve()), "--collector"]
+            + (["--tail"] if tail else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -753,6 +765,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short run (about a minute)")
     parser.add_argument("--collector", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tail",
+        action="store_true",
+        help="the collector prints tail lines (to /dev/null) instead of only counting",
+    )
     parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
     parser.add_argument(
         "--in-process-only",
@@ -764,7 +781,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args()
     if args.collector:
-        collector_main()
+        collector_main(args.tail)
         return 0
     args.rounds = 2 if args.quick else 5
     args.duration = 1 if args.quick else 3  # whole seconds: wrk takes no fractions
@@ -791,7 +808,7 @@ def main() -> int:
     wrk = shutil.which("wrk")
     load = run_wrk if wrk else run_python_load
     with cleanup():
-        collector = CollectorProcess()
+        collector = CollectorProcess(args.tail)
         print(
             f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; collector: {collector.kind}"
         )

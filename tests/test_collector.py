@@ -105,6 +105,23 @@ def test_collector_receives_socket_sink_batches() -> None:
     assert collector.collector.rejected == 0
 
 
+def test_a_collector_nobody_reads_counts_without_decoding() -> None:
+    with BackgroundCollector("127.0.0.1:0") as collector:
+        sink = SocketSink(collector.url)
+        try:
+            for record in request_records("GET /one"):
+                sink.emit(record)
+            sink.emit(("c", 1, 2, new_trace_id(), new_span_id(), 0, "app", "bg", 1, None))
+            sink.flush()
+            deadline = time.monotonic() + 10
+            while collector.collector.events < 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            sink.close()
+    assert collector.collector.events == 5  # what the records would decode to
+    assert collector.collector.frames >= 1 and collector.collector.rejected == 0
+
+
 def test_unix_socket_collector(tmp_path: Path) -> None:
     path = tmp_path / "collector.sock"
     inbox = Inbox()

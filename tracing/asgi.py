@@ -36,7 +36,7 @@ from .records import (
 from .sinks import Recording, Sink, default_sink
 from .traceparent import parse_traceparent
 
-__all__ = ["ASGIMiddleware"]
+__all__ = ["ASGIMiddleware", "BodyCapture"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -183,34 +183,38 @@ def _route(scope: Scope, root_path: Any) -> str | None:
     return prefix + path
 
 
-class _Body:
-    """Counts the request body and keeps its first bytes (references, not copies).
+class BodyCapture:
+    """Counts a body's chunks and keeps its first bytes (references, not copies).
 
-    Made at the first chunk: most requests have none.  (The response's counters live
-    on the recording itself, as nearly every response has a body.)
+    The middleware makes one at a request's first chunk (most requests have none; the
+    response's counters live on its recording, as nearly every response has a body);
+    ``hopscope proxy`` uses it for both directions.  :meth:`kept` cuts what was kept to
+    ``limit`` bytes, once, when the request is over.
     """
 
-    __slots__ = ("chunks", "count", "first_ts", "kept", "last_ts", "limit", "size")
+    __slots__ = ("chunks", "count", "first_ts", "kept_size", "last_ts", "limit", "size")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.count = 0
         self.size = 0
-        self.kept = 0
+        self.kept_size = 0
         self.chunks: list[bytes] = []
         self.first_ts = 0
         self.last_ts = 0
 
-    def add(self, chunk: bytes, ts: int) -> None:
+    def add(self, chunk: bytes, ts: int) -> int:
+        """Count ``chunk`` (and keep it while under the limit); returns its number."""
         size = len(chunk)
         if not self.count:
             self.first_ts = ts
-        self.count += 1
+        count = self.count = self.count + 1
         self.size += size
         self.last_ts = ts
-        if self.kept < self.limit:
+        if self.kept_size < self.limit:
             self.chunks.append(chunk)
-            self.kept += size
+            self.kept_size += size
+        return count
 
     def summary(self) -> dict[str, int]:
         return {
@@ -219,6 +223,13 @@ class _Body:
             "first_ts": self.first_ts,
             "last_ts": self.last_ts,
         }
+
+    def kept(self) -> list[bytes]:
+        """The first ``limit`` bytes, as chunks (cut here if the last one went past)."""
+        if self.kept_size > self.limit:
+            self.chunks = _cut(self.chunks, self.limit)
+            self.kept_size = self.limit
+        return self.chunks
 
 
 def _cut(chunks: Any, limit: int) -> Any:
@@ -278,7 +289,7 @@ class _HTTPRecording(Recording):
         self.end_ts = 0
         self.end_extra: dict[str, Any] | None = None
         self.route: str | None = None
-        self.request_body: _Body | None = None
+        self.request_body: BodyCapture | None = None
         self.response_count = 0
         self.response_size = 0
         self.response_chunks: Any = None  # the first kept chunk, then a list of them
@@ -302,8 +313,11 @@ class _HTTPRecording(Recording):
     def seal(self) -> None:
         # The scope was only needed for the route: let it (and whatever the app hung on
         # it) go now rather than at the next drain, so the collector of garbage does
-        # not walk it in the meantime.
+        # not walk it in the meantime.  Likewise the exception an error page was sent
+        # for: its traceback holds the app's frames (the request, whatever the view had),
+        # which the app expects freed once it returned, not at the sink's next drain.
         self.scope = _NO_SCOPE
+        self.handling = None
         Recording.seal(self)
 
     def _background(self, attrs: dict[str, Any] | None) -> None:
@@ -335,7 +349,7 @@ class _HTTPRecording(Recording):
                 ts = _now()
                 request = self.request_body
                 if request is None:
-                    request = self.request_body = _Body(self.limit)
+                    request = self.request_body = BodyCapture(self.limit)
                 request.add(body, ts)
                 if request.count <= FIRST_CHUNKS:
                     more = bool(message.get("more_body"))
@@ -436,8 +450,7 @@ class _HTTPRecording(Recording):
             self.route = _route(scope, self.request[8])
         request = self.request_body
         if request is not None:
-            if request.kept > request.limit:
-                request.chunks = _cut(request.chunks, request.limit)
+            request.kept()
             if request.count > FIRST_CHUNKS:
                 self._event(ts, "request.body.summary", request.summary())
         if self.response_count > FIRST_CHUNKS:

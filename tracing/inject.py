@@ -15,11 +15,15 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   allows it: hopscope's uvicorn protocol classes, gunicorn's request hooks (chained to
   the user's, never replacing them).
 * The framework's, for servers without a hook (``flask run``, Django's ``runserver``,
-  waitress...): ``Flask.__call__`` and Django's ``WSGIHandler``/``ASGIHandler``.  They
-  record only when no server wrap point fired in the process and no hopscope span is
-  current, so they never add a second app span.  Patching the handler's
-  call rather than ``get_wsgi_application`` is why: under gunicorn, a project that wraps
-  Django's app in its own middleware (WhiteNoise) still gets one app span, not two.
+  waitress, granian, daphne) and test clients that call the app directly:
+  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` and ``Starlette.__call__``
+  (FastAPI's ends in Starlette's).  They record only when no server wrap point fired in
+  the process and no hopscope span is current, so they never add a second app span.
+  Patching the handler's call rather than ``get_wsgi_application`` is why: under
+  gunicorn, a project that wraps Django's app in its own middleware (WhiteNoise) still
+  gets one app span, not two.  Their callers get the app's own result back
+  (:class:`_Result`): Django's handler returns the ``HttpResponse``, and code that calls
+  it directly uses more of it than a server does.
 
 Tracing never stops the program: a patch that fails says why on stderr in one line
 starting with ``hopscope:``, and the server runs as it would have.  This module runs inside
@@ -265,6 +269,88 @@ def _patch_hypercorn(module: ModuleType) -> None:
 _MIDDLEWARE = "_hopscope_middleware"
 
 
+class _Result:
+    """The app's own response as its caller sees it, with the middleware's iteration.
+
+    A server only iterates a WSGI result and closes it, but a framework's call may be
+    made by code that uses more of it: Django's ``WSGIHandler`` returns the
+    ``HttpResponse`` itself, and tests read its ``status_code`` or take ``bytes()`` of
+    it.  Iterating and closing go to the middleware's body (``iter()`` hands it over
+    itself, so chunks pay no extra call); everything else reaches the app's object, and
+    ``isinstance`` sees its class, as ``unittest.mock`` does it.
+    """
+
+    __slots__ = ("_hopscope_body", "_hopscope_result")
+
+    def __init__(self, body: Any, result: Any) -> None:
+        object.__setattr__(self, "_hopscope_body", body)
+        object.__setattr__(self, "_hopscope_result", result)
+
+    def __iter__(self) -> Any:
+        return iter(self._hopscope_body)
+
+    def close(self) -> None:
+        self._hopscope_body.close()
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        return type(self._hopscope_result)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hopscope_result, name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # copy, deepcopy and pickle: of the app's object, as they would be bare.
+        return self._hopscope_result.__reduce_ex__(protocol)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._hopscope_result, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._hopscope_result, name)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self._hopscope_result)
+
+    def __str__(self) -> str:
+        return str(self._hopscope_result)
+
+    def __repr__(self) -> str:
+        return repr(self._hopscope_result)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._hopscope_result[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._hopscope_result[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._hopscope_result[key]
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._hopscope_result
+
+
+class _SizedResult(_Result):
+    """For results with a length: servers may use ``len()`` (one chunk: Content-Length)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._hopscope_result)
+
+
+def _app_result(body: Any) -> Any:
+    """What the framework's caller gets: the app's own object where the middleware
+    wrapped it (a file wrapper, or an untraced call, comes back as it is)."""
+    from .wsgi import _Body
+
+    if not isinstance(body, _Body):
+        return body
+    result = body._result
+    return (_SizedResult if hasattr(result, "__len__") else _Result)(body, result)
+
+
 def _patch_wsgi_call(cls: type) -> None:
     """Make ``cls.__call__`` record its requests when no hopscope span is current."""
     from .context import current
@@ -282,7 +368,7 @@ def _patch_wsgi_call(cls: type) -> None:
             middleware = self.__dict__.setdefault(
                 _MIDDLEWARE, WSGIMiddleware(functools.partial(call, self))
             )
-        return middleware(environ, start_response)
+        return _app_result(middleware(environ, start_response))
 
     cls.__call__ = __call__  # type: ignore[method-assign]
 
@@ -322,6 +408,11 @@ def _patch_django_asgi(module: ModuleType) -> None:
     _patch_asgi_call(module.ASGIHandler)
 
 
+def _patch_starlette(module: ModuleType) -> None:
+    # FastAPI's __call__ ends in Starlette's, so FastAPI apps are covered too.
+    _patch_asgi_call(module.Starlette)
+
+
 #: Module name -> the patch applied right after that module first runs.
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn,
@@ -330,6 +421,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
+    "starlette.applications": _patch_starlette,
 }
 
 

@@ -36,16 +36,19 @@ for, so the wire events are the same as if they had been emitted one by one.
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import sys
+from binascii import b2a_base64 as _b2a_base64
 from typing import Any
+
+from .proxyrecord import expand_proxy
 
 __all__ = [
     "BODY_LIMIT",
     "HOPS",
     "Record",
+    "event_count",
     "expand",
     "legacy",
     "new_span_id",
@@ -125,14 +128,19 @@ def _headers(pairs: Any) -> list[list[str]]:
 
 
 def _body(value: Any, limit: int) -> str:
-    if isinstance(value, list | tuple):
+    if type(value) is bytes:
+        data = value
+    elif isinstance(value, list | tuple):
         try:
             data = b"".join(value)
         except TypeError:
             data = b"".join(bytes(chunk) for chunk in value)
     else:
         data = bytes(value)
-    return base64.b64encode(data[:limit]).decode("ascii")
+    if len(data) > limit:
+        data = data[:limit]
+    # base64.b64encode without its argument checks: same text.
+    return _b2a_base64(data, newline=False).decode("ascii")
 
 
 def _plain(value: Any) -> Any:
@@ -248,10 +256,29 @@ def _start(
     attrs: dict[str, Any] | None,
     process: dict[str, Any] | None,
 ) -> Event:
-    merged = normalise_attrs(attrs)
+    return _started(
+        ts, trace_id, span_id, parent_id, hop, name, tid, normalise_attrs(attrs), process
+    )
+
+
+def _started(
+    ts: int,
+    trace_id: int,
+    span_id: int,
+    parent_id: int,
+    hop: str,
+    name: str,
+    tid: int,
+    merged: dict[str, Any],
+    process: dict[str, Any] | None,
+) -> Event:
+    """A span start from attributes already normalised (``merged`` gains the process's)."""
     if process:
-        for key, value in process.items():
-            merged.setdefault(key, value)
+        if merged.keys().isdisjoint(process):
+            merged.update(process)  # what setdefault per key does when none is there
+        else:
+            for key, value in process.items():
+                merged.setdefault(key, value)
     merged.setdefault("thread.id", tid)
     return {
         "kind": "span_start",
@@ -439,7 +466,215 @@ def _wsgi_end(end: Any) -> tuple[int, dict[str, Any]]:
     return ts, attrs
 
 
+# -- the collector's quick path -------------------------------------------------------------
+# ``_request_events`` is what the collector runs for every request, and on a small machine
+# it shares the cores with the app it watches.  The functions below make the normalised
+# attributes of the common case (the types servers really give) in one step, instead of
+# building raw attributes and normalising them key by key; each returns None for anything
+# else, and the general path (the ``_asgi_*``/``_wsgi_*`` makers and normalise_attrs)
+# then does what it always did.  tests/test_records.py checks that both agree.
+
+#: Scalar types a value of the quick path may have (None is left to the general path,
+#: or checked where it is common, because normalise_attrs leaves None values out).
+_SCALARS = frozenset({str, int, float, bool})
+
+
+def _plain_pairs(pairs: Any) -> Any:
+    """``_plain(pairs)`` for a list of ``(name, value)`` pairs of bytes or str."""
+    out: list[list[str]] = []
+    append = out.append
+    for item in pairs:
+        kind = type(item)
+        if (kind is tuple or kind is list) and len(item) == 2:
+            name, value = item
+            kind_name, kind_value = type(name), type(value)
+            if kind_name is bytes:
+                name = name.decode("latin-1")
+            elif kind_name is not str:
+                return _plain(pairs)
+            if kind_value is bytes:
+                value = value.decode("latin-1")
+            elif kind_value is not str:
+                return _plain(pairs)
+            append([name, value])
+        else:
+            return _plain(pairs)
+    return out
+
+
+def _asgi_quick_start(request: Any) -> tuple[str, dict[str, Any]] | None:
+    if len(request) != len(ASGI_REQUEST):
+        return None
+    method, scheme, version, path, query, client, server, headers, _ = request
+    if type(query) is bytes:
+        query = query.decode("latin-1")
+    kind = type(client)
+    if (kind is not tuple and kind is not list) or len(client) != 2:
+        return None
+    kind = type(server)
+    if (kind is not tuple and kind is not list) or len(server) != 2:
+        return None
+    client_host, client_port = client
+    server_host, server_port = server
+    plain = (method, scheme, version, query, client_host, client_port, server_host, server_port)
+    if type(path) is not str or not _SCALARS.issuperset(map(type, plain)):
+        return None
+    if type(headers) is not list and type(headers) is not tuple:
+        return None
+    attrs = {
+        "interface": "asgi",
+        "http.request.method": method,
+        "url.scheme": scheme,
+        "network.protocol.version": version,
+        "url.path": path,
+        "url.query": query,
+        "client.address": client_host,
+        "client.port": client_port,
+        "server.address": server_host,
+        "server.port": server_port,
+        "http.request.headers": _headers(headers),
+    }
+    return f"{method} {path}", attrs
+
+
+def _asgi_quick_end(end: Any) -> tuple[int, dict[str, Any]] | None:
+    if len(end) != len(ASGI_END):
+        return None
+    (ts, status, headers, route, req_size, req_body, req_cut, resp_size, resp_body, resp_cut,
+     extra) = end  # fmt: skip
+    if extra or type(route) not in _AS_IS or type(status) not in _AS_IS:
+        return None
+    if not _SCALARS.issuperset(map(type, (req_size, resp_size))):
+        return None
+    attrs: dict[str, Any] = {}
+    if status:
+        attrs["http.response.status_code"] = status
+    if headers is not None:
+        attrs["http.response.headers"] = _headers(headers)
+    if route is not None:
+        attrs["http.route"] = route
+    attrs["http.request.body.size"] = req_size
+    if req_size:
+        if req_body:
+            attrs["http.request.body"] = _body(req_body, BODY_CAP)
+        if type(req_cut) not in _SCALARS:
+            return None
+        attrs["http.request.body.truncated"] = req_cut
+    attrs["http.response.body.size"] = resp_size
+    if resp_size:
+        if resp_body:
+            attrs["http.response.body"] = _body(resp_body, BODY_CAP)
+        if type(resp_cut) not in _SCALARS:
+            return None
+        attrs["http.response.body.truncated"] = resp_cut
+    return ts, attrs
+
+
+#: environ key -> header name (bounded: header names come from clients).
+_WSGI_NAMES: dict[str, str] = {}
+
+
+def _wsgi_quick_headers(pairs: Any) -> list[list[str]] | None:
+    """``_headers(_wsgi_headers(pairs))`` for str keys and values."""
+    out = []
+    names = _WSGI_NAMES
+    for key, value in pairs:
+        if type(key) is not str or type(value) is not str:
+            return None
+        name = names.get(key)
+        if name is None:
+            if key[:5] == "HTTP_":
+                name = key[5:].replace("_", "-").lower()
+                if len(names) < 4096:
+                    names[key] = name
+            elif value and key in _CONTENT_HEADERS:
+                name = _CONTENT_HEADERS[key]
+            else:
+                continue
+        out.append([name, value])
+    return out
+
+
+def _wsgi_quick_start(request: Any) -> tuple[str, dict[str, Any]] | None:
+    if len(request) != 2:
+        return None
+    fields, pairs = request
+    if len(fields) != len(WSGI_REQUEST):
+        return None
+    (method, script, path_info, query, protocol, scheme, client, client_port, server,
+     server_port, software) = fields  # fmt: skip
+    if not _SCALARS.issuperset(map(type, fields[:10])) or type(software) not in _AS_IS:
+        return None
+    if type(script) is not str or type(path_info) is not str or type(protocol) is not str:
+        return None
+    headers = _wsgi_quick_headers(pairs)
+    if headers is None:
+        return None
+    path = script + path_info
+    if not path.isascii():
+        path = wsgi_text(path)
+    attrs = {
+        "interface": "wsgi",
+        "http.request.method": method,
+        "url.scheme": scheme,
+        "network.protocol.version": _PROTOCOLS.get(protocol) or protocol.removeprefix("HTTP/"),
+        "url.path": path,
+        "url.query": query,
+        "client.address": client,
+    }
+    number = port(client_port)
+    if number is not None:
+        attrs["client.port"] = number
+    attrs["server.address"] = server
+    number = port(server_port)
+    if number is not None:
+        attrs["server.port"] = number
+    attrs["http.request.headers"] = headers
+    if software is not None:
+        attrs["server.software"] = software
+    return f"{method} {path}", attrs
+
+
+def _wsgi_quick_end(end: Any) -> tuple[int, dict[str, Any]] | None:
+    if len(end) != len(WSGI_END):
+        return None
+    (ts, status, headers, route, req_size, req_body, req_cut, resp_size, resp_body, resp_cut,
+     file_wrapper, disconnected, error) = end  # fmt: skip
+    if not _AS_IS.issuperset(map(type, (status, route, error))):
+        return None
+    if not _SCALARS.issuperset(map(type, (req_size, req_cut, resp_size, resp_cut))):
+        return None
+    attrs: dict[str, Any] = {}
+    if status is not None:
+        attrs["http.response.status_code"] = status
+    if headers is not None:
+        attrs["http.response.headers"] = _headers(headers)
+    if route is not None:
+        attrs["http.route"] = route
+    attrs["http.request.body.size"] = req_size
+    if req_body is not None:
+        attrs["http.request.body"] = _body(req_body, BODY_CAP)
+    attrs["http.request.body.truncated"] = req_cut
+    if file_wrapper:
+        attrs["wsgi.file_wrapper"] = True
+    else:
+        attrs["http.response.body.size"] = resp_size
+        if resp_body is not None:
+            attrs["http.response.body"] = _body(resp_body, BODY_CAP)
+        attrs["http.response.body.truncated"] = resp_cut
+    if disconnected:
+        attrs["disconnected"] = True
+    if error is not None:
+        attrs["error"] = True
+        attrs["exception.type"] = error
+    return ts, attrs
+
+
 _INTERFACES = {"asgi": (_asgi_start, _asgi_end), "wsgi": (_wsgi_start, _wsgi_end)}
+_QUICK = {
+    "asgi": (_asgi_quick_start, _asgi_quick_end),
+    "wsgi": (_wsgi_quick_start, _wsgi_quick_end),
+}
 
 
 def request_start(
@@ -485,6 +720,8 @@ def expand(record: Record) -> list[Record]:
     """The ``"s"``, ``"p"`` and ``"e"`` records (and any others it holds) an ``"r"``
     record stands for, in the order they were made."""
     _, ts, trace_id, span_id, parent_id, tid, interface, request, end_at, end, items = record
+    if interface == "proxy":
+        return expand_proxy(record)
     out = [request_start(interface, ts, trace_id, span_id, parent_id, tid, request)]
     size = len(items)
     if 0 <= end_at <= size:
@@ -501,21 +738,35 @@ def _request_events(record: Record, process: dict[str, Any] | None) -> list[Even
     """``to_events`` of each record :func:`expand` makes, without making them: this is
     the collector's busiest path (hex ids once, no intermediate tuples)."""
     _, ts, trace_id, span_id, parent_id, tid, interface, request, end_at, end, items = record
+    if interface == "proxy":
+        return [event for each in expand_proxy(record) for event in to_events(each, process)]
     make_start, make_end = _INTERFACES[interface]
-    name, attrs = make_start(request)
-    events = [_start(ts, trace_id, span_id, parent_id, "app", name, tid, attrs, process)]
-    ids = (events[0]["trace_id"], events[0]["span_id"])
+    quick_start, quick_end = _QUICK[interface]
+    started = quick_start(request)
+    if started is None:
+        name, attrs = make_start(request)
+        attrs = normalise_attrs(attrs)
+    else:
+        name, attrs = started
+    first = _started(ts, trace_id, span_id, parent_id, "app", name, tid, attrs, process)
+    events = [first]
+    ids = (first["trace_id"], first["span_id"])
     size = len(items)
     if 0 <= end_at <= size:
         stop = _item_events(items, 0, end_at, ids, process, events)
-        end_ts, end_attrs = make_end(end)
+        ended = quick_end(end)
+        if ended is None:
+            end_ts, end_attrs = make_end(end)
+            end_attrs = normalise_attrs(end_attrs)
+        else:
+            end_ts, end_attrs = ended
         events.append(
             {
                 "kind": "span_end",
                 "ts": end_ts,
                 "trace_id": ids[0],
                 "span_id": ids[1],
-                "attrs": normalise_attrs(end_attrs),
+                "attrs": end_attrs,
             }
         )
         if stop == end_at:
@@ -544,12 +795,21 @@ def _item_events(
                 raise ValueError("an 'r' record cannot nest")
             out.extend(to_events(item if type(item) is tuple else tuple(item), process))
             continue
+        attrs: dict[str, Any]
         if code == RESPONSE_START:
             name = "response.start"
-            attrs: dict[str, Any] = {"status": item[2], "headers": item[3]}
+            status, headers = item[2], item[3]
+            if type(status) is int and (type(headers) is list or type(headers) is tuple):
+                attrs = {"status": status, "headers": _plain_pairs(headers)}
+            else:
+                attrs = normalise_attrs({"status": status, "headers": headers})
         elif code == REQUEST_BODY or code == RESPONSE_BODY:
             name = _BODY_EVENTS[code]
-            attrs = {"size": item[2], "more": item[3]}
+            size, more = item[2], item[3]
+            if type(size) is int and type(more) is bool:
+                attrs = {"size": size, "more": more}
+            else:
+                attrs = normalise_attrs({"size": size, "more": more})
         else:
             raise ValueError(f"unknown item code {code!r}")
         out.append(
@@ -559,10 +819,29 @@ def _item_events(
                 "trace_id": ids[0],
                 "span_id": ids[1],
                 "name": name,
-                "attrs": normalise_attrs(attrs),
+                "attrs": attrs,
             }
         )
     return hi
+
+
+def event_count(record: Record) -> int:
+    """How many wire events ``to_events(record)`` makes, without making them (for a
+    collector nobody reads from: its counters stay right at no cost)."""
+    shape = record[0]
+    if shape == "c":
+        return 2
+    if shape != "r":
+        return 1
+    if record[6] == "proxy":
+        return sum(2 if each[0] == "c" else 1 for each in expand(record))
+    items, end_at = record[10], record[8]
+    count = 2 if 0 <= end_at <= len(items) else 1
+    for item in items:
+        if item is None:
+            break
+        count += 2 if item[0] == "c" else 1
+    return count
 
 
 def legacy(records: Any) -> list[Record]:

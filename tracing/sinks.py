@@ -572,8 +572,9 @@ class FileSink(_BatchingSink):
             pass
 
 
-def _json(event: dict[str, Any]) -> str:
-    return json.dumps(event, separators=(",", ":"), default=repr)
+#: ``json.dumps(event, separators=(",", ":"), default=repr)``, without making a new
+#: encoder for every event.
+_json = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 
 def dropped_event(count: int, info: dict[str, Any]) -> dict[str, Any]:
