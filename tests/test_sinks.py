@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import io
 import marshal
 import os
 import shutil
@@ -595,3 +596,36 @@ def test_a_request_that_cannot_be_recorded_is_counted_and_the_drain_goes_on(
     events = list(read_events(path))
     assert [e["name"] for e in events if e["kind"] == "event"] == ["tick", "tock"]
     assert [e["count"] for e in events if e["kind"] == "dropped"] == [1]
+
+
+def test_responses_never_closed_do_not_grow_the_sink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WSGI body nobody closes never ends its request; the sink follows only so many."""
+    from hopscope.tracing import wrap
+
+    monkeypatch.setattr(sinks, "MAX_INFLIGHT", 5)
+    sink = FileSink(tmp_path / "open.jsonl")
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"never closed"]
+
+    wrapped = wrap(app, sink=sink)
+    kept = []
+    for n in range(12):
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": f"/{n}",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(),
+        }
+        kept.append(wrapped(environ, lambda status, headers, exc_info=None: None))
+        sink.flush()
+    assert len(sink._inflight) == 5
+    assert sink.dropped == 7
+    sink.close()
+    starts = [e for e in read_events(tmp_path / "open.jsonl") if e["kind"] == "span_start"]
+    assert len(starts) == 12  # what each request recorded before it was let go was kept

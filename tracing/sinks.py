@@ -61,6 +61,10 @@ BATCH = 4096
 WAKE_AT = 256
 #: Records a :class:`Recording` keeps for its request; past this they go to the sink.
 RECORDING_ITEMS = 4096
+#: Running requests a sink follows at most.  A response nobody closes (a test client
+#: that never reads it, a leaked iterator) never ends: past this many, the oldest are let
+#: go (what they recorded so far was sent; they count as dropped) so memory stays bounded.
+MAX_INFLIGHT = 10_000
 
 WIRE_MAGIC = b"HOPSCOPE/1\n"
 _FRAME = struct.Struct("!I")
@@ -460,6 +464,9 @@ class _BatchingSink(Sink):
                         inflight.append(item)
                 else:
                     records.append(item)
+            if len(inflight) > MAX_INFLIGHT:
+                self._count_dropped(len(inflight) - MAX_INFLIGHT)
+                del inflight[:-MAX_INFLIGHT]
             self._inflight = inflight
             batch, records = records[:BATCH], records[BATCH:]
             with self._drop_lock:
