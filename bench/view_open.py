@@ -10,8 +10,10 @@ server hop, the app span with its headers, a user span, body and response events
 
 - ``load``: ``hopscope.tracing.load(path)``, the file into assembled traces;
 - ``view``: what ``hopscope view --max-requests N FILE`` does (``open_file`` and the
-  app), driven headless with Textual's ``run_test`` at 120x35, from the start until the
-  UI's store holds every request and the request list has drawn the screen after that.
+  app), driven headless with Textual's ``run_test`` at 120x35: the time to the *first
+  screen* (the request list drawn with a screenful of requests, while the rest still
+  loads in the background), and the time until the UI's store holds every request and
+  the request list has drawn the screen after that (*all loaded*).
 
 Both report wall and CPU time: on a shared machine the wall time mostly measures the
 neighbours, so compare CPU times across runs, and say the load average (``uptime``).
@@ -85,6 +87,8 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
     app = HopscopeApp(source, title="hopscope view", max_requests=requests)
     loaded_at: list[float] = []
     drawn_at: list[float] = []
+    first_at: list[float] = []
+    first_cpu: list[float] = []
     async with app.run_test(size=(120, 35)):
         store, inbox, request_list = app.store, app.inbox, app.request_list
         original_ingest, original_render = store.ingest, request_list.render_lines
@@ -100,6 +104,9 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
 
         def timed_render(crop: Any) -> Any:
             strips = original_render(crop)
+            if not first_at and len(store) >= min(requests, request_list.size.height):
+                first_at.append(time.perf_counter())
+                first_cpu.append(time.process_time() - cpu)
             if loaded_at and not drawn_at:
                 drawn_at.append(time.perf_counter())
             return strips
@@ -118,6 +125,8 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
     if not drawn_at:
         raise SystemExit(f"the view did not hold {requests:,} requests within 600 s ({held:,})")
     return {
+        "first_screen_s": round(first_at[0] - wall, 2),
+        "first_screen_cpu_s": round(first_cpu[0], 2),
         "loaded_s": round(loaded_at[0] - wall, 2),
         "drawn_s": round(drawn_at[0] - wall, 2),
         "cpu_s": round(cpu_used, 2),
@@ -133,6 +142,7 @@ def main() -> None:
         "--keep", metavar="FILE", help="write the file here and keep it (reused if present)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--skip-load", action="store_true", help="time only the view")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="hopscope-view-") as tmp:
@@ -148,24 +158,27 @@ def main() -> None:
                 f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB"
                 f" (made in {time.perf_counter() - began:.0f} s, untimed); goal {GOAL_S:g} s"
             )
-        loads = [time_load(path) for _ in range(args.repeat)]
+        loads = [] if args.skip_load else [time_load(path) for _ in range(args.repeat)]
         views = [asyncio.run(time_view(path, args.requests)) for _ in range(args.repeat)]
     result = {
         "requests": args.requests,
         "events": events,
         "bytes": size,
-        "load": min(loads, key=lambda r: r["cpu_s"]),
+        "load": min(loads, key=lambda r: r["cpu_s"]) if loads else None,
         "view": min(views, key=lambda r: r["cpu_s"]),
     }
     if args.json:
         print(json.dumps(result))
         return
     best_load, best_view = result["load"], result["view"]
-    print(f"load(): {best_load['wall_s']} s wall, {best_load['cpu_s']} s CPU")
-    flag = "" if best_view["drawn_s"] <= GOAL_S else "  OVER GOAL"
+    if best_load:
+        print(f"load(): {best_load['wall_s']} s wall, {best_load['cpu_s']} s CPU")
+    flag = "" if best_view["first_screen_s"] <= GOAL_S else "  OVER GOAL"
     print(
-        f"view: all requests held after {best_view['loaded_s']} s, first screen drawn after"
-        f" {best_view['drawn_s']} s wall ({best_view['cpu_s']} s CPU){flag}"
+        f"view: first screen after {best_view['first_screen_s']} s wall"
+        f" ({best_view['first_screen_cpu_s']} s CPU){flag}; all {best_view['requests_held']:,}"
+        f" requests held after {best_view['loaded_s']} s, drawn after {best_view['drawn_s']} s"
+        f" wall ({best_view['cpu_s']} s CPU)"
     )
 
 

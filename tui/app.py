@@ -38,7 +38,7 @@ from .replay_view import ComparisonScreen, EditScreen, TargetScreen
 from .request_list import RequestList
 from .resend import Outgoing, Resent, original_target, outgoing, send
 from .save import SaveScreen, default_name, write_trace_file
-from .source import EventSource, Inbox, PlaybackSource
+from .source import EventSource, FileSource, Inbox, PlaybackSource
 from .store import Change, RequestStore, Row
 
 __all__ = ["HopscopeApp"]
@@ -47,6 +47,10 @@ __all__ = ["HopscopeApp"]
 TICK = 0.075
 #: Seconds of folding per tick at most; what is left waits for the next tick.
 INGEST_BUDGET = 0.04
+#: The same for a replay (a file loading): its requests arrive as ready traces, cheap to
+#: file, and nothing happens live meanwhile.  Keys still wait for one slice at most (see
+#: ``_tick``).  Opening a big file is bound by the source's thread, not by this.
+LOADING_INGEST_BUDGET = 0.065
 #: Events folded between two looks at the message queue (a few milliseconds' worth).
 INGEST_SLICE = 500
 #: Seconds the selection must stay put before the detail pane is drawn.
@@ -190,7 +194,8 @@ class HopscopeApp(App[None]):
     async def _tick(self) -> None:
         self.ticks += 1
         change: Change | None = None
-        deadline = time.perf_counter() + INGEST_BUDGET
+        budget = INGEST_BUDGET if self.live else LOADING_INGEST_BUDGET
+        deadline = time.perf_counter() + budget
         while self._alive() and not self.paused:
             events = self.inbox.take(INGEST_SLICE)
             if not events:
@@ -247,6 +252,8 @@ class HopscopeApp(App[None]):
         store = self.store
         if self.playback is not None:
             self.header.show_source(f"{self.playback.describe()}  {self.playback.state()}")
+        elif isinstance(self.source, FileSource):
+            self.header.show_source(self._loading_label(self.source))
         now_s = self.now() // 1_000_000_000 if self.live else None
         self.header.update_stats(
             paused=self.paused,
@@ -257,6 +264,14 @@ class HopscopeApp(App[None]):
             rejected=store.rejected,
             rate=store.rate_series(now_s),
         )
+
+    def _loading_label(self, source: FileSource) -> str:
+        """``trace.jsonl · loading 42%`` until every request is in, then the count."""
+        name = source.describe()
+        if source.done.is_set() and not self.inbox.pending:
+            return f"{name} · {self.store.total:,} requests"
+        percent = int(source.progress() * 100)
+        return f"{name} · loading {min(percent, 99)}%"
 
     def _update_status(self) -> None:
         request_list = self.request_list

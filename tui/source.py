@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from hopscope.tracing.har import HarError, har_to_events
 from hopscope.tracing.model import TraceBuilder
-from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
+from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_chunks, read_events
 
 from .store import TRACE
 
@@ -213,25 +213,51 @@ class FileSource:
     """Replays a trace file, read and assembled into traces in a background thread, and
     delivered in batches (see :func:`_hand_over`).
 
+    The UI shows each batch as it comes, so the first screen of a big file is there
+    long before the last line is read; :meth:`progress` says how far reading got.
+
     The header is checked when the source is made, so a file that cannot be read at all
     fails with a one-line :class:`~hopscope.tracing.TraceFileError` before any UI starts.
+
+    ``gate``, when given, is called in the source's thread after each batch it delivered,
+    with the number of batches so far: a test holds the load there to look at the UI
+    mid-way, deterministically.
     """
 
     live = False
 
-    def __init__(self, path: str | os.PathLike[str], *, batch_size: int = 5_000) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch_size: int = 5_000,
+        gate: Callable[[int], object] | None = None,
+    ) -> None:
         self.path = os.fspath(path)
         self.batch_size = batch_size
+        self.gate = gate
         self.report = LoadReport()
-        self._events: Iterator[Event] = read_events(self.path, self.report)
+        self._chunks: Iterator[list[Event]] = read_chunks(self.path, self.report)
         try:
-            self._first: Event | None = next(self._events)
+            self._first: list[Event] | None = next(self._chunks)
         except StopIteration:
             self._first = None
+        try:
+            self.size = os.path.getsize(self.path)
+        except OSError:
+            self.size = 0
+        self.requests = 0
+        """Traces handed over so far."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.done = threading.Event()
         """Set once the whole file was delivered (or reading stopped)."""
+
+    def progress(self) -> float:
+        """How much of the file was read, 0.0 to 1.0 (1.0 once done)."""
+        if self.done.is_set() or self.size <= 0:
+            return 1.0
+        return min(self.report.bytes_read / self.size, 1.0)
 
     def describe(self) -> str:
         return os.path.basename(self.path) or self.path
@@ -251,35 +277,44 @@ class FileSource:
     def _run(self, deliver: Deliver) -> None:
         # While the file is read, a million new objects that all live on would make the
         # garbage collector walk them again and again (as in tracing.load); the store
-        # collects the young generations itself every few thousand requests meanwhile.
+        # freezes what it holds every few thousand requests meanwhile.
         collecting = gc.isenabled()
         gc.disable()
         try:
-            events = self._events if self._first is None else chain([self._first], self._events)
+            chunks = self._chunks if self._first is None else chain([self._first], self._chunks)
             builder = TraceBuilder()
+            add = builder.add
             handed: set[str] = set()
             plain: list[Event] = []
-            count = 0
-            for event in events:
-                trace_id = event.get("trace_id")
-                if (
-                    type(trace_id) is not str
-                    or trace_id in handed
-                    or event.get("kind") not in _FOLDED
-                ):
-                    plain.append(event)
-                else:
-                    try:
-                        builder.add(event)
-                    except (AttributeError, KeyError, TypeError, ValueError):
-                        plain.append(event)  # for the store to count as rejected
-                count += 1
-                if count >= self.batch_size:
-                    _hand_over(builder, handed, plain, deliver)
-                    builder, plain, count = TraceBuilder(), [], 0
-                    if self._stop.is_set():
-                        return
+            count = batches = 0
+            batch_size = self.batch_size
+            for events in chunks:
+                for event in events:
+                    trace_id = event.get("trace_id")
+                    if (
+                        type(trace_id) is not str
+                        or trace_id in handed
+                        or event.get("kind") not in _FOLDED
+                    ):
+                        plain.append(event)
+                    else:
+                        try:
+                            add(event)
+                        except (AttributeError, KeyError, TypeError, ValueError):
+                            plain.append(event)  # for the store to count as rejected
+                    count += 1
+                    if count >= batch_size:
+                        _hand_over(builder, handed, plain, deliver)
+                        self.requests = len(handed)
+                        builder, plain, count = TraceBuilder(), [], 0
+                        add = builder.add
+                        batches += 1
+                        if self.gate is not None:
+                            self.gate(batches)
+                        if self._stop.is_set():
+                            return
             _hand_over(builder, handed, plain, deliver)
+            self.requests = len(handed)
             report = self.report
             problems = []
             if report.malformed_lines:
@@ -295,6 +330,11 @@ class FileSource:
             deliver([notice(f"{self.describe()}: {exc}", "error")])
         finally:
             if collecting:
+                # What was read lives on in the store (or waits in the inbox to get
+                # there): out of the collector's sight, or the first collections after
+                # this would walk all of it, again for every few thousand requests the
+                # UI still has to file (see RequestStore.freeze_gc).
+                gc.freeze()
                 gc.enable()
             self.done.set()
 

@@ -1,0 +1,162 @@
+"""Opening a big trace file: the first rows show while the rest still loads, the header
+says how far loading got, and what the UI holds at the end is what ``load`` reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hopscope.tracing import load
+from hopscope.tracing.tracefile import LoadReport, header_line, read_chunks, read_events
+from hopscope.tui.app import HopscopeApp
+from hopscope.tui.source import FileSource
+from rich.console import Console
+from textual.pilot import Pilot
+from textual.widgets import Static
+
+Event = dict[str, Any]
+T0 = 1_735_732_800_000_000_000
+SIZE = (120, 35)
+WAIT = 30.0
+REQUESTS = 3_000
+
+
+def request(n: int) -> list[Event]:
+    trace_id, span_id = f"{n + 1:032x}", f"{n + 1:016x}"
+    return [
+        {
+            "kind": "span_start",
+            "ts": T0 + n * 1_000_000,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "parent_id": None,
+            "hop": "app",
+            "name": f"GET /items/{n}",
+            "attrs": {"http.request.method": "GET", "url.path": f"/items/{n}"},
+        },
+        {
+            "kind": "event",
+            "ts": T0 + n * 1_000_000 + 100_000,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "name": "response.start",
+            "attrs": {"status": 500 if n % 10 == 0 else 200},
+        },
+        {
+            "kind": "span_end",
+            "ts": T0 + n * 1_000_000 + 500_000,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "attrs": {"http.response.status_code": 500 if n % 10 == 0 else 200},
+        },
+    ]
+
+
+def write_file(path: Path, requests: int) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(header_line())
+        for n in range(requests):
+            for event in request(n):
+                handle.write(json.dumps(event, separators=(",", ":")) + "\n")
+
+
+def header_source(app: HopscopeApp) -> str:
+    console = Console(width=200, color_system=None, record=True, file=None)
+    with console.capture() as capture:
+        console.print(app.query_one("#header-source", Static).content)
+    return capture.get().strip()
+
+
+def list_lines(app: HopscopeApp) -> list[str]:
+    request_list = app.request_list
+    return [
+        request_list.render_line(y).text
+        for y in range(request_list.scrollable_content_region.height)
+    ]
+
+
+async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+def test_the_first_rows_show_while_a_big_file_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    write_file(path, REQUESTS)
+    release = threading.Event()
+    held_at: list[int] = []
+
+    def gate(batches: int) -> None:
+        # Hold the load after its first batch until the test looked at the screen.
+        if batches == 1:
+            held_at.append(batches)
+            release.wait(WAIT)
+
+    source = FileSource(path, batch_size=600, gate=gate)  # 200 requests a batch
+
+    async def main() -> None:
+        app = HopscopeApp(source, max_requests=REQUESTS)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: len(app.store) >= 200, "the first batch")
+            await pilot.pause(0.1)
+            assert held_at == [1] and not source.done.is_set()
+            assert len(app.store) == 200  # the rest is not there yet
+            lines = [line for line in list_lines(app) if "/items/" in line]
+            assert lines, "no request drawn while the file loads"
+            assert "/items/199" in lines[-1]  # following: the newest loaded at the bottom
+            label = header_source(app)
+            assert label.startswith("big.jsonl · loading ") and label.endswith("%"), label
+            assert 0 < int(label.rsplit(" ", 1)[1].rstrip("%")) < 100
+            # Filters and counts cover what has loaded, and keep up as more comes.
+            assert app.apply_filter("status:5xx")
+            assert len(app.store) == 20
+            assert app.store.counts == {"2xx": 180, "5xx": 20}
+            release.set()
+            await wait_for(
+                pilot,
+                lambda: header_source(app) == f"big.jsonl · {REQUESTS:,} requests",
+                "the final count",
+            )
+            assert len(app.store.rows) == REQUESTS
+            assert len(app.store) == REQUESTS // 10
+            assert app.store.counts == {"2xx": REQUESTS * 9 // 10, "5xx": REQUESTS // 10}
+            assert [row.trace for row in app.store.rows.values()] == load(path)
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
+def test_progress_follows_the_bytes_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    write_file(path, REQUESTS)
+    seen: list[float] = []
+    source = FileSource(path, batch_size=3_000, gate=lambda _: seen.append(source.progress()))
+    assert 0 < source.progress() < 1  # the first chunk is read to check the file
+    source.start(lambda events: None)
+    assert source.done.wait(WAIT)
+    assert source.progress() == 1.0
+    assert seen == sorted(seen) and len(seen) == 3
+    assert source.requests == REQUESTS
+
+
+def test_chunks_hold_the_same_events_as_read_events(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    write_file(path, REQUESTS)
+    with path.open("a") as handle:
+        handle.write("not json\n")
+    report = LoadReport()
+    chunks = list(read_chunks(path, report))
+    assert len(chunks) > 1
+    assert [event for chunk in chunks for event in chunk] == list(read_events(path))
+    assert report.events == REQUESTS * 3
+    assert report.bytes_read == path.stat().st_size
+    assert report.malformed_lines == [REQUESTS * 3 + 2]
