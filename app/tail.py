@@ -8,10 +8,19 @@ records can arrive before the app's, and a background task is recorded after the
 response.  "After" is measured against the newest event seen and, live, against the
 clock too (a ticker prints lines when traffic stops).  Events that arrive for a trace
 already printed are ignored rather than printed as a second, partial line.
+
+Why not :class:`~hopscope.tracing.model.TraceBuilder`: a tail runs next to the apps it
+watches (in the proxy's recording child, in ``hopscope run``), so its CPU is taken from
+their throughput.  Full traces keep every attribute, header and event, and their summary
+(:class:`~hopscope.tracing.model.TraceInfo`) works out header text and bodies a line
+never shows.  A tail keeps only what the line reads, per span (:class:`_Span`), and
+picks the root, method, path, status and route by the same rules as ``TraceInfo``, so
+the lines are the same (tests/test_tail.py checks that against the model).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -21,106 +30,289 @@ from datetime import datetime
 from typing import Any, TextIO
 
 import click
-from hopscope.tracing.model import Span, Trace, TraceBuilder
+from hopscope.tracing.model import Trace
 
 __all__ = ["Tail", "format_line"]
 
 Event = dict[str, Any]
 
-_HOP_ORDER = ("client", "proxy", "queue", "server", "app")
+#: The order of the hops in a line (other hops after them, by name).
+_HOP_RANK = {hop: rank for rank, hop in enumerate(("client", "proxy", "queue", "server", "app"))}
+_LAST_HOP = len(_HOP_RANK)
 _STATUS_COLOURS = {2: "green", 3: "cyan", 4: "yellow", 5: "red"}
+#: How outer a hop is when choosing the root and the values a line shows: the ranks of
+#: :class:`~hopscope.tracing.model.TraceInfo` (other hops rank 4).
+_RANK = {"client": 0, "proxy": 1, "server": 2, "app": 3}
+#: The only span attributes a line reads; the rest are not kept.
+_KEYS = (
+    "http.request.method",
+    "url.path",
+    "http.response.status_code",
+    "http.route",
+    "span.kind",
+    "network.protocol.name",
+    "websocket.accepted",
+    "error",
+    "exception.type",
+    "disconnected",
+)
+_KINDS = frozenset({"span_start", "span_end", "event"})
+_UNKNOWN: Any = object()
 
 
 def _ms(ns: int | None) -> str:
     return "?" if ns is None else f"{ns / 1e6:.1f}ms"
 
 
+#: The last second :func:`_clock` formatted, and its text: lines come in time order, so
+#: most of them are in the second of the line before.
+_second: tuple[int, str] = (0, "")
+
+
 def _clock(ns: int | None) -> str:
+    """``datetime.fromtimestamp(ns / 1e9).strftime("%H:%M:%S.%f")[:-3]``, formatting each
+    second once: the microseconds are rounded as ``fromtimestamp`` rounds them (half to
+    even, into the next second when they round up to it)."""
+    global _second
     if ns is None:
         return "--:--:--.---"
-    return datetime.fromtimestamp(ns / 1e9).strftime("%H:%M:%S.%f")[:-3]
+    frac, whole = math.modf(ns / 1e9)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    elif micros < 0:
+        micros += 1_000_000
+        whole -= 1.0
+    second = int(whole)
+    cached = _second
+    if cached[0] != second or not cached[1]:
+        cached = _second = (second, datetime.fromtimestamp(second).strftime("%H:%M:%S"))
+    return f"{cached[1]}.{micros // 1000:03d}"
 
 
-def _top_level(trace: Trace, span: Span) -> bool:
-    """True when no ancestor of ``span`` in this trace belongs to the same hop."""
-    seen: set[str] = set()
-    parent_id = span.parent_id
-    while parent_id is not None and parent_id in trace.spans and parent_id not in seen:
-        seen.add(parent_id)
-        parent = trace.spans[parent_id]
-        if parent.hop == span.hop:
-            return False
-        parent_id = parent.parent_id
-    return True
+def _kept(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {key: attrs[key] for key in _KEYS if key in attrs}
 
 
-def hop_times(trace: Trace) -> list[tuple[str, int, int]]:
-    """``(name, total ns, count)``: each hop's outermost spans, then user spans by name."""
-    hops: dict[str, list[int]] = {}
-    user: dict[str, list[int]] = {}
-    for span in trace.spans.values():
-        duration = span.duration_ns
-        if duration is None:
-            continue
-        if span.attrs.get("span.kind") == "user":
-            bucket = user.setdefault(span.name or "span", [0, 0])
-        elif span.name == "background":
-            bucket = user.setdefault("background", [0, 0])
-        elif span.attrs.get("span.kind") == "queue":
-            # Waiting in front of the server is not the server's time.
-            bucket = hops.setdefault("queue", [0, 0])
-        elif _top_level(trace, span):
-            bucket = hops.setdefault(span.hop, [0, 0])
+class _Span:
+    """What a line needs of a span: its place in the tree, its times, a few attributes
+    (:data:`_KEYS`) and the exception types of its ``exception`` events, in order."""
+
+    __slots__ = ("attrs", "end", "hop", "name", "parent_id", "raised", "start")
+
+    def __init__(self) -> None:
+        # The defaults of tracing.model.Span: a span known only by an event or its end.
+        self.parent_id: Any = None
+        self.hop: Any = "app"
+        self.name: Any = ""
+        self.start: int | None = None
+        self.end: int | None = None
+        self.attrs: dict[str, Any] = {}
+        self.raised: list[Any] | None = None
+
+
+class _Trace:
+    """A request's spans, folded from wire events the way ``TraceBuilder.add`` folds
+    them (so the same events give the same line)."""
+
+    __slots__ = ("_end", "_root", "spans", "trace_id")
+
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        self.spans: dict[Any, _Span] = {}
+        self._end: Any = _UNKNOWN
+        self._root: _Span | None = None
+
+    def fold(self, kind: str, span_id: str, ts: int, attrs: dict[str, Any], event: Event) -> None:
+        self._end = _UNKNOWN
+        span = self.spans.get(span_id)
+        if span is None:
+            span = self.spans[span_id] = _Span()
+        if kind == "span_start":
+            span.parent_id = event.get("parent_id")
+            span.hop = event.get("hop", span.hop)
+            span.name = event.get("name", span.name)
+            span.start = ts
+            kept = _kept(attrs)
+            if kept:
+                span.attrs = {**kept, **span.attrs}  # what the end said is kept
+        elif kind == "span_end":
+            span.end = ts
+            if "name" in event:
+                span.name = event["name"]
+            kept = _kept(attrs)
+            if kept:
+                span.attrs.update(kept)
+        elif event.get("name", "") == "exception":
+            raised = attrs.get("exception.type")
+            if raised:
+                if span.raised is None:
+                    span.raised = [raised]
+                else:
+                    span.raised.append(raised)
+            # It can arrive after its span ended: the span is in error all the same.
+            span.attrs["error"] = True
+
+    def root(self) -> _Span | None:
+        """The outermost span whose parent is not in the trace (never a queue span):
+        ``TraceInfo.root_id``'s rule."""
+        spans = self.spans
+        root = None
+        root_at = (99, 0)
+        for span in spans.values():
+            hop = span.hop
+            at = (_RANK.get(hop, 4) if type(hop) is str else 4, span.start or 0)
+            if at < root_at and span.attrs.get("span.kind") != "queue":
+                parent = span.parent_id
+                if parent is None or parent not in spans:
+                    root, root_at = span, at
+        return root
+
+    @property
+    def end(self) -> int | None:
+        """The root span's end (None while it runs, or when the ids make no tree)."""
+        end = self._end
+        if end is _UNKNOWN:
+            try:
+                root = self._root = self.root()
+            except TypeError:  # an unhashable parent id in untrusted data
+                root = self._root = None
+            end = self._end = root.end if root is not None else None
+        return end  # type: ignore[no-any-return]
+
+    def line(self, color: bool = False) -> str:
+        """``HH:MM:SS.mmm METHOD /path [route] STATUS TOTAL hop=ms ...``."""
+        spans = self.spans
+        root = self._root if self._end is not _UNKNOWN else self.root()
+        # The values of the outermost hop that has them, earliest first (TraceInfo's).
+        no = (99, 0)
+        method = path = status = route = start = None
+        method_at = path_at = status_at = route_at = no
+        error = gone = raised = False
+        # Each hop's outermost spans, then user spans by name: (total ns, count).
+        hops: dict[Any, list[int]] = {}
+        user: dict[Any, list[int]] = {}
+        for span in spans.values():
+            attrs = span.attrs
+            first, last = span.start, span.end
+            if first is not None:
+                if start is None or first < start:
+                    start = first
+                if last is not None:
+                    kind = attrs.get("span.kind") if attrs else None
+                    if kind == "user":
+                        bucket = user.setdefault(span.name or "span", [0, 0])
+                    elif span.name == "background":
+                        bucket = user.setdefault("background", [0, 0])
+                    elif kind == "queue":
+                        # Waiting in front of the server is not the server's time.
+                        bucket = hops.setdefault("queue", [0, 0])
+                    elif self._top_level(span):
+                        bucket = hops.setdefault(span.hop, [0, 0])
+                    else:
+                        bucket = None
+                    if bucket is not None:
+                        bucket[0] += last - first
+                        bucket[1] += 1
+            if span.raised:
+                raised = True
+            if not attrs:
+                continue
+            if attrs.get("error"):
+                error = True
+            if attrs.get("disconnected"):
+                gone = True
+            if "exception.type" in attrs:
+                raised = True
+            hop = span.hop
+            at = (_RANK.get(hop, 4) if type(hop) is str else 4, first or 0)
+            if "http.request.method" in attrs and at < method_at:
+                method, method_at = attrs["http.request.method"], at
+            if "url.path" in attrs and at < path_at:
+                path, path_at = attrs["url.path"], at
+            if "http.response.status_code" in attrs and at < status_at:
+                status, status_at = attrs["http.response.status_code"], at
+            if "http.route" in attrs and at < route_at:
+                route, route_at = attrs["http.route"], at
+        end = root.end if root is not None else None
+        root_attrs = root.attrs if root is not None else {}
+        if method is not None:
+            method = str(method)
+        if root_attrs.get("network.protocol.name") == "websocket":
+            method = "WS"
+        if path is not None:
+            path = str(path)
         else:
-            continue
-        bucket[0] += duration
-        bucket[1] += 1
-    order = {hop: index for index, hop in enumerate(_HOP_ORDER)}
-    ordered = sorted(hops.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
-    return [(n, t, c) for n, (t, c) in ordered] + [(n, t, c) for n, (t, c) in user.items()]
+            path = root.name if root is not None else "?"
+        parts = [_clock(start), method or "-", path]
+        if route is not None:
+            route = str(route)
+            if route and route != path:
+                parts.append(f"[{route}]")
+        if status is not None:
+            status = int(status)
+        elif root_attrs.get("websocket.accepted"):
+            status = 101  # the handshake's Switching Protocols
+        status_text = str(status) if status is not None else "---"
+        if color and status is not None:
+            status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
+        parts.append(status_text)
+        parts.append(_ms(None if start is None or end is None else end - start))
+        if len(hops) > 1:
+            order = _HOP_RANK.get
+            items = sorted(hops.items(), key=lambda item: (order(item[0], _LAST_HOP), item[0]))
+        else:
+            items = list(hops.items())
+        for name, (total, count) in (*items, *user.items()):
+            parts.append(f"{name}={total / 1e6:.1f}ms" + (f"x{count}" if count > 1 else ""))
+        types = self.exception_types() if raised else []
+        if types or error:
+            parts.append("error" + (f"={','.join(types)}" if types else ""))
+        if gone:
+            parts.append("client-gone")
+        return " ".join(parts)
+
+    def _top_level(self, span: _Span) -> bool:
+        """True when no ancestor of ``span`` in this trace belongs to the same hop."""
+        spans = self.spans
+        parent_id = span.parent_id
+        if parent_id is None or parent_id not in spans:
+            return True
+        seen: set[Any] = set()
+        while parent_id is not None and parent_id in spans and parent_id not in seen:
+            seen.add(parent_id)
+            parent = spans[parent_id]
+            if parent.hop == span.hop:
+                return False
+            parent_id = parent.parent_id
+        return True
+
+    def exception_types(self) -> list[str]:
+        """Short names of the exceptions raised in the trace, first seen first."""
+        names: dict[str, None] = {}
+        for span in sorted(self.spans.values(), key=lambda s: s.start or 0):
+            for raised in span.raised or ():
+                names[str(raised).rpartition(".")[2]] = None
+            if span.attrs.get("exception.type"):
+                names[str(span.attrs["exception.type"]).rpartition(".")[2]] = None
+        return list(names)
 
 
 def format_line(trace: Trace, color: bool = False) -> str:
-    """``HH:MM:SS.mmm METHOD /path [route] STATUS TOTAL hop=ms ...``."""
-    root = trace.root
-    method = trace.method
-    if root is not None and root.attrs.get("network.protocol.name") == "websocket":
-        method = "WS"
-    path = trace.path
-    if path is None:
-        path = root.name if root is not None else "?"
-    parts = [_clock(trace.start), method or "-", path]
-    route = trace.route
-    if route and route != path:
-        parts.append(f"[{route}]")
-    status = trace.status
-    if status is None and root is not None and root.attrs.get("websocket.accepted"):
-        status = 101  # the handshake's Switching Protocols
-    status_text = str(status) if status is not None else "---"
-    if color and status is not None:
-        status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
-    parts.append(status_text)
-    parts.append(_ms(trace.duration_ns))
-    for name, total, count in hop_times(trace):
-        parts.append(f"{name}={_ms(total)}" + (f"x{count}" if count > 1 else ""))
-    types = _exception_types(trace)
-    if types or trace.error:
-        parts.append("error" + (f"={','.join(types)}" if types else ""))
-    if any(s.attrs.get("disconnected") for s in trace.spans.values()):
-        parts.append("client-gone")
-    return " ".join(parts)
-
-
-def _exception_types(trace: Trace) -> list[str]:
-    """Short names of the exceptions raised in the trace, first seen first."""
-    names: dict[str, None] = {}
-    for span in sorted(trace.spans.values(), key=lambda s: s.start or 0):
-        for event in span.events:
-            if event.name == "exception" and event.attrs.get("exception.type"):
-                names[str(event.attrs["exception.type"]).rpartition(".")[2]] = None
-        if span.attrs.get("exception.type"):
-            names[str(span.attrs["exception.type"]).rpartition(".")[2]] = None
-    return list(names)
+    """The tail line of an assembled trace (a viewer's, a file's)."""
+    slim = _Trace(trace.trace_id)
+    for span_id, span in trace.spans.items():
+        kept = slim.spans[span_id] = _Span()
+        kept.parent_id, kept.hop, kept.name = span.parent_id, span.hop, span.name
+        kept.start, kept.end, kept.attrs = span.start, span.end, _kept(span.attrs)
+        raised = [
+            e.attrs["exception.type"]
+            for e in span.events
+            if e.name == "exception" and e.attrs.get("exception.type")
+        ]
+        kept.raised = raised or None
+    return slim.line(color)
 
 
 class Tail:
@@ -146,9 +338,10 @@ class Tail:
             isatty = getattr(self.out, "isatty", None)
             color = bool(isatty and isatty())
         self.color = color
-        self.builder = TraceBuilder(max_traces=max_in_flight)
+        self._traces: OrderedDict[str, _Trace] = OrderedDict()
+        self._max_in_flight = max_in_flight
         self._done: OrderedDict[str, None] = OrderedDict()
-        self._held: dict[str, Trace] = {}
+        self._held: dict[str, _Trace] = {}
         self._remember = remember
         self._hold_ns = int(hold * 1e9)
         self._live = live
@@ -159,14 +352,11 @@ class Tail:
         self.printed = 0
         self.dropped = 0
         self.malformed = 0
-
-    @property
-    def evicted(self) -> int:
-        return self.builder.evicted
+        self.evicted = 0
 
     @property
     def in_flight(self) -> int:
-        return len(self.builder.traces)
+        return len(self._traces)
 
     def feed(self, events: Iterable[Event]) -> list[str]:
         """Fold a batch of events; print and return the lines of requests it finished.
@@ -183,13 +373,16 @@ class Tail:
             return self._feed(events)
 
     def _feed(self, events: Iterable[Event]) -> list[str]:
-        touched: dict[str, Trace] = {}
+        touched: dict[str, _Trace] = {}
         notes: list[str] = []
+        traces, done, kinds = self._traces, self._done, _KINDS
+        newest = self._newest
         for event in events:
             if not isinstance(event, dict):
                 self.malformed += 1
                 continue
-            if event.get("kind") == "dropped":
+            kind = event.get("kind")
+            if kind == "dropped":
                 count = event.get("count")
                 if isinstance(count, int) and count > 0:
                     self.dropped += count
@@ -199,41 +392,51 @@ class Tail:
                         f"!! {count} events dropped{where} (queue full or collector unreachable)"
                     )
                 continue
-            if event.get("trace_id") in self._done:
+            trace_id = event.get("trace_id")
+            if isinstance(trace_id, str) and trace_id in done:
                 continue
-            try:
-                trace = self.builder.add(event)
-            except (KeyError, TypeError, ValueError):
+            span_id = event.get("span_id")
+            ts = event.get("ts")
+            attrs = event.get("attrs") or {}
+            # Checked before anything is kept: a bad event leaves no trace behind.
+            if (
+                kind not in kinds
+                or not isinstance(trace_id, str)
+                or not isinstance(span_id, str)
+                or not isinstance(ts, int)
+                or not isinstance(attrs, dict)
+            ):
                 self.malformed += 1
                 continue
-            if trace is not None:
-                touched[trace.trace_id] = trace
-                ts = event.get("ts")
-                if isinstance(ts, int) and ts > self._newest:
-                    self._newest = ts
+            trace = traces.get(trace_id)
+            if trace is None:
+                trace = traces[trace_id] = _Trace(trace_id)
+                if len(traces) > self._max_in_flight:
+                    traces.popitem(last=False)
+                    self.evicted += 1
+            trace.fold(kind, span_id, ts, attrs, event)
+            touched[trace_id] = trace
+            if ts > newest:
+                newest = ts
+        self._newest = newest
         for trace_id, trace in touched.items():
-            try:
-                if trace.end is not None:
-                    self._held[trace_id] = trace
-            except TypeError:  # timestamps of the wrong type in untrusted data
-                pass
+            if trace.end is not None:
+                self._held[trace_id] = trace
         lines = notes + self._due(self._held.values())
         self._write(lines)
         return lines
 
-    def _due(self, candidates: Iterable[Trace], flush: bool = False) -> list[str]:
+    def _due(self, candidates: Iterable[_Trace], flush: bool = False) -> list[str]:
         """Lines for finished traces whose hold has passed (all finished ones on flush)."""
         now = max(self._newest, time.time_ns()) if self._live else self._newest
-        ready: list[tuple[int, str, Trace]] = []
+        ready: list[tuple[int, str, _Trace]] = []
+        traces = self._traces
         for trace in list(candidates):
             trace_id = trace.trace_id
-            try:
-                end = trace.end
-            except TypeError:  # timestamps of the wrong type in untrusted data
-                end = None
-            if self.builder.traces.get(trace_id) is not trace:
-                self._held.pop(trace_id, None)  # evicted from a full builder meanwhile
+            if traces.get(trace_id) is not trace:
+                self._held.pop(trace_id, None)  # evicted from a full tail meanwhile
                 continue
+            end = trace.end
             if end is None:
                 continue
             if flush or end + self._hold_ns <= now:
@@ -241,8 +444,8 @@ class Tail:
         lines: list[str] = []
         for _, trace_id, trace in sorted(ready, key=lambda item: item[0]):
             try:
-                line = format_line(trace, self.color)
-            except (TypeError, ValueError):
+                line = trace.line(self.color)
+            except (TypeError, ValueError, OverflowError, OSError):  # untrusted values
                 self.malformed += 1
                 line = None
             self._forget(trace_id)
@@ -275,17 +478,17 @@ class Tail:
         """Print every finished request still held, and stop the ticker."""
         self._closed.set()
         with self._lock:
-            lines = self._due(self.builder.traces.values(), flush=True)
+            lines = self._due(self._traces.values(), flush=True)
             self._write(lines)
             return lines
 
     def _forget(self, trace_id: str) -> None:
         self._held.pop(trace_id, None)
-        self.builder.traces.pop(trace_id, None)
+        self._traces.pop(trace_id, None)
         self._done[trace_id] = None
         if len(self._done) > self._remember:
             self._done.popitem(last=False)
 
     def unfinished(self) -> int:
         """How many requests started but never ended (in what was seen)."""
-        return len(self.builder.traces)
+        return len(self._traces)

@@ -12,7 +12,9 @@ request, from the frame's bytes to what each kind of consumer does with it:
 * ``none``: no consumer and no file (what bench/overhead.py's collector process does);
 * ``tail``: ``hopscope tail --listen``'s consumer, printing its lines into a buffer;
 * ``file``: the ``-o FILE`` writer, into /dev/null;
-* ``events``: a consumer that walks every wire event it is given (UIs, OTLP export).
+* ``events``: a consumer that walks every wire event it is given (UIs, OTLP export);
+* ``tail-base``: the tail of another version of app/tail.py, side by side with ``tail``
+  (``--base-tail FILE``, e.g. from ``git show HEAD~1:app/tail.py > /tmp/tail.py``).
 
 No sockets, no event loop: only the collector's own work is timed.
 """
@@ -70,6 +72,22 @@ def _walk(events: Any) -> None:
         event["attrs"]
 
 
+def load_tail(path: str) -> Any:
+    """The ``Tail`` class of another version of app/tail.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tail_base", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Tail
+
+
+BASE_TAIL: Any = None
+#: What each tail printed, last round: ``tail`` and ``tail-base`` must agree.
+PRINTED: dict[str, str] = {}
+
+
 def consumer_for(kind: str) -> tuple[Callable[..., None] | None, Any, Callable[[], None]]:
     """(consumer, output file or None, what to call at the end)."""
     if kind == "none":
@@ -81,11 +99,12 @@ def consumer_for(kind: str) -> tuple[Callable[..., None] | None, Any, Callable[[
     from hopscope.app.tail import Tail
 
     buffer = io.StringIO()
-    tail = Tail(buffer, live=False, hold=0)
+    tail = (BASE_TAIL if kind == "tail-base" else Tail)(buffer, live=False, hold=0)
 
     def done() -> None:
         tail.close()
-        lines = buffer.getvalue().count("\n")
+        PRINTED[kind] = buffer.getvalue()
+        lines = PRINTED[kind].count("\n")
         assert lines > 0, "the tail printed nothing"
 
     return tail.feed, None, done
@@ -123,7 +142,13 @@ def main() -> int:
     parser.add_argument(
         "--consumers", default="none,tail,file,events", help="comma-separated, of the above"
     )
+    parser.add_argument("--base-tail", metavar="FILE", help="adds the consumer tail-base")
     args = parser.parse_args()
+    if args.base_tail:
+        global BASE_TAIL
+        BASE_TAIL = load_tail(args.base_tail)
+        if "tail-base" not in args.consumers:
+            args.consumers += ",tail-base"
     kinds = [k for k in args.consumers.split(",") if k]
     frameworks = [args.only] if args.only else ["asgi", "wsgi"]
     print(
@@ -138,6 +163,8 @@ def main() -> int:
         for _ in range(args.rounds):
             for kind in kinds:
                 times[kind].append(run_once(frames, kind, args.requests))
+        if "tail" in PRINTED and "tail-base" in PRINTED:
+            assert PRINTED["tail"] == PRINTED["tail-base"], "the two tails printed different lines"
         cells = "  ".join(
             f"{k} {statistics.median(v):6.2f} ({min(v):.2f})" for k, v in times.items()
         )
