@@ -33,7 +33,6 @@ from .records import (
     RESPONSE_START,
     WSGI_REQUEST,
     _getrandbits,
-    new_trace_id,
     port,
 )
 from .sinks import Recording
@@ -194,7 +193,8 @@ class _Flow:
         """The body ended: nothing more follows the last chunk."""
         if not self._ended:
             self._ended = True
-            self._settle(False)
+            if self._pending is not None:
+                self._settle(False)
 
     def _settle(self, more: bool | None) -> None:
         pending = self._pending
@@ -204,7 +204,8 @@ class _Flow:
 
     def finish(self) -> tuple[int, list[bytes] | None, bool]:
         """(size, kept chunks, truncated), for the span's end."""
-        self._settle(None)  # the body stopped before its end was seen
+        if self._pending is not None:
+            self._settle(None)  # the body stopped before its end was seen
         return self.size, self.chunks or None, self.size > self.kept
 
 
@@ -314,10 +315,14 @@ class _Exchange(Recording):
         self.trace_id, self.parent_id = ids
         self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
         self.thread_id = _get_ident()
-        # A plain copy (C speed): picking the fields and headers out of it takes a loop
-        # over every key, run once the response is out (finish) or by the sink's thread
-        # for a request still running at a drain (request_fields).
-        self.request = environ.copy()
+        # The request's fields and header pairs, picked out now: what the app does to the
+        # environ later does not show, and no copy of it is kept (a header plan makes the
+        # headers one lookup for a kind of environ the server already sent).
+        try:
+            fields = _REQUEST_FIELDS(environ)
+        except KeyError:  # wsgiref has no REMOTE_PORT, for one
+            fields = _request_fields(environ)
+        self.request = (fields, _header_pairs(environ))
         self.items = []
         self.end_at = -1
         self.done = False
@@ -336,14 +341,6 @@ class _Exchange(Recording):
         self.disconnect = False
         self.file_wrapper = False
         self.original_close: Callable[[], object] | None = None
-
-    def request_fields(self) -> Any:
-        request = self.request
-        if type(request) is dict:
-            # The copy keeps objects (wsgi.input...) that records must not hold.  Both
-            # threads may get here at once: they make the same tuple from the same copy.
-            request = self.request = (_request_fields(request), _header_pairs(request))
-        return request
 
     def context(self) -> SpanContext:
         """The request's context.  Made when needed, not kept: the exchange is its sink,
@@ -464,11 +461,14 @@ class _Exchange(Recording):
             self.push()
         # Let the request's (and the server's) objects go now: the exchange waits for
         # the next drain, and whatever it holds is walked by the garbage collector.
-        self.request_fields()
         self.environ = _NO_ENVIRON
         self._server_start_response = self._server_write = _ended
         self.input = self.response = None  # the end holds what they counted
-        self.seal()
+        # Recording.seal, inlined (one call less per request).
+        self.done = True
+        items.append(None)
+        if type(items) is not list:
+            items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
 
     def _summary(self, ts: int, name: str, flow: _Flow) -> None:
         attrs = {
@@ -532,7 +532,11 @@ class _Body:
                     exchange.response.eof()
             raise StopIteration
         if chunk:
-            exchange.response_chunk(chunk)
+            flow = exchange.response
+            if flow is None:
+                exchange.response_chunk(chunk)
+            else:
+                flow.add(chunk, _now())
         return chunk  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -633,7 +637,8 @@ class WSGIMiddleware:
         else:
             traceparent = environ.get("HTTP_TRACEPARENT")
             parent = parse_traceparent(traceparent) if traceparent else None
-            ids = (new_trace_id(), 0) if parent is None else parent
+            # records.new_trace_id, inlined
+            ids = (_getrandbits(128) or 1, 0) if parent is None else parent
 
         exchange = _Exchange(sink, start, ids, environ, start_response, self.body_limit)
         context_sink = exchange if sink.start_live(exchange) else exchange.go_eager()

@@ -1,0 +1,354 @@
+"""The middlewares' own cost per request, measured without a server and without noise.
+
+Run: ``python bench/hotpath.py`` (CPU microseconds, best of alternating rounds) or
+``python bench/hotpath.py --callgrind`` (instructions per request, counted by valgrind:
+the same on a busy machine as on an idle one, so small changes can be compared).
+
+A Starlette and a Flask hello world are driven directly: a fresh scope (environ) per
+request, ``receive``/``send`` (``start_response``) that do nothing, and the ASGI coroutine
+stepped by hand (the app never waits, so no event loop is needed and none is counted).
+Each runs bare and wrapped; wrapped minus bare is what the middleware adds.  The sink
+takes each request's recording like a real sink does and lets them go every
+:data:`DRAIN_EVERY` requests; with ``--take`` it also makes their records then, as a
+SocketSink's drain thread would (that work is in the app's process too, off its thread).
+
+Under ``--callgrind`` each variant runs in its own ``valgrind --tool=callgrind`` process
+that counts only what runs inside the measured loop (``--toggle-collect`` on the C
+function driving it), so interpreter start-up, imports and warm-up are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from hopscope.tracing.sinks import Recording, Sink
+
+#: Requests between two "drains" of the bench sink.
+DRAIN_EVERY = 1000
+VARIANTS = ("asgi-bare", "asgi-wrapped", "wsgi-bare", "wsgi-wrapped")
+
+ASGI_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", b"bench/1.0"),
+        (b"accept", b"*/*"),
+    ],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+    "state": {},
+}
+
+WSGI_ENVIRON: dict[str, Any] = {
+    "REQUEST_METHOD": "GET",
+    "SCRIPT_NAME": "",
+    "PATH_INFO": "/",
+    "QUERY_STRING": "",
+    "SERVER_NAME": "127.0.0.1",
+    "SERVER_PORT": "8000",
+    "SERVER_PROTOCOL": "HTTP/1.1",
+    "SERVER_SOFTWARE": "bench",
+    "REMOTE_ADDR": "127.0.0.1",
+    "REMOTE_PORT": "50000",
+    "HTTP_HOST": "127.0.0.1:8000",
+    "HTTP_USER_AGENT": "bench/1.0",
+    "HTTP_ACCEPT": "*/*",
+    "wsgi.version": (1, 0),
+    "wsgi.url_scheme": "http",
+    "wsgi.errors": sys.stderr,
+    "wsgi.multithread": False,
+    "wsgi.multiprocess": False,
+    "wsgi.run_once": False,
+}
+
+
+class BenchSink(Sink):
+    """Takes recordings like a SocketSink (a reference in a queue) and drops them at
+    each :meth:`drain`; with ``take`` it first makes their records, as a drain would."""
+
+    def __init__(self, take: bool = False) -> None:
+        self.queue: list[Any] = []
+        self.take = take
+        self.records = 0
+
+    def emit(self, record: Any) -> None:
+        self.queue.append(record)
+
+    def start_live(self, recording: Recording) -> bool:
+        self.queue.append(recording)
+        return True
+
+    def drain(self) -> None:
+        if self.take:
+            out: list[Any] = []
+            for item in self.queue:
+                if isinstance(item, Recording):
+                    if not item.take(out):
+                        raise AssertionError("a request was not over at the drain")
+                else:
+                    out.append(item)
+            self.records += len(out)
+        self.queue.clear()
+
+
+def starlette_hello() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+def flask_hello() -> Any:
+    from flask import Flask
+
+    app = Flask("hello")
+
+    @app.route("/")
+    def hello() -> str:
+        return "Hello, world!"
+
+    return app
+
+
+def asgi_step(app: Any, sink: BenchSink | None) -> Callable[[Any, int], Any]:
+    """One request per call, as ``functools.reduce`` calls it."""
+    request = {"type": "http.request", "body": b"", "more_body": False}
+    scope = ASGI_SCOPE
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    drain = sink.drain if sink is not None else sent.clear
+
+    def step(acc: Any, i: int) -> Any:
+        coroutine = app(dict(scope), receive, send)
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            pass
+        else:  # pragma: no cover - the hello world never waits
+            raise AssertionError("the app waited for something")
+        if len(sent) != 2:
+            raise AssertionError(f"unexpected messages: {sent}")
+        sent.clear()
+        if not i % DRAIN_EVERY:
+            drain()
+        return acc
+
+    return step
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def wsgi_step(app: Any, sink: BenchSink | None) -> Callable[[Any, int], Any]:
+    environ = WSGI_ENVIRON
+    bytes_io = io.BytesIO
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        statuses.append(status)
+        return _discard
+
+    drain = sink.drain if sink is not None else statuses.clear
+
+    def step(acc: Any, i: int) -> Any:
+        env = dict(environ)
+        env["wsgi.input"] = bytes_io(b"")
+        result = app(env, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if body != b"Hello, world!" or statuses[-1] != "200 OK":
+            raise AssertionError(f"unexpected response: {statuses[-1]} {body!r}")
+        if not i % DRAIN_EVERY:
+            statuses.clear()
+            drain()
+        return acc
+
+    return step
+
+
+def make_step(variant: str, take: bool) -> tuple[Callable[[Any, int], Any], BenchSink | None]:
+    framework, mode = variant.split("-")
+    app = starlette_hello() if framework == "asgi" else flask_hello()
+    sink = None
+    if mode == "wrapped":
+        from hopscope.tracing import wrap
+
+        sink = BenchSink(take)
+        app = wrap(app, sink=sink, capture_logs=False)
+    step = (asgi_step if framework == "asgi" else wsgi_step)(app, sink)
+    return step, sink
+
+
+def run(step: Callable[[Any, int], Any], sink: BenchSink | None, n: int) -> None:
+    # ``functools.reduce`` is the C function callgrind's counting is toggled on by.
+    functools.reduce(step, range(1, n + 1), None)
+    if sink is not None:
+        sink.drain()
+
+
+# --------------------------------------------------------------------------------------
+# CPU time mode
+# --------------------------------------------------------------------------------------
+
+
+def cpu_mode(n: int, rounds: int, take: bool) -> None:
+    steps = {variant: make_step(variant, take) for variant in VARIANTS}
+    for step, sink in steps.values():
+        run(step, sink, 2000)  # warm up
+    gc.collect()
+    gc.freeze()  # see child()
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for _ in range(rounds):
+        for variant, (step, sink) in steps.items():
+            gc.collect()
+            began = time.process_time()
+            run(step, sink, n)
+            times[variant].append((time.process_time() - began) / n * 1e6)
+    print(f"CPU us/request, best of {rounds} rounds of {n} (take={take}); {_load()}")
+    for framework in ("asgi", "wsgi"):
+        bare, wrapped = min(times[f"{framework}-bare"]), min(times[f"{framework}-wrapped"])
+        print(
+            f"  {framework}: bare {bare:7.2f}  wrapped {wrapped:7.2f}  "
+            f"added {wrapped - bare:6.2f} us ({wrapped / bare:.2f}x)"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# callgrind mode
+# --------------------------------------------------------------------------------------
+
+
+def child(variant: str, n: int, take: bool) -> None:
+    """Runs under valgrind: warm up (a Python loop: not counted), then the counted loop."""
+    step, sink = make_step(variant, take)
+    for i in range(1, 1001):
+        step(None, i)
+    if sink is not None:
+        sink.drain()
+    gc.collect()
+    # What the interpreter, the frameworks and the warm-up left alive is moved out of the
+    # collector's sight: whether one walk of all of it falls inside the counted loop
+    # would otherwise swing the count by thousands per request.
+    gc.freeze()
+    run(step, sink, n)
+
+
+def count_instructions(variant: str, n: int, take: bool, workdir: str) -> int:
+    out = os.path.join(workdir, f"callgrind.{variant}")
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--collect-atstart=no",
+        "--toggle-collect=functools_reduce",
+        "--cache-sim=no",
+        "--branch-sim=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        variant,
+        "-n",
+        str(n),
+    ]
+    if take:
+        command.append("--take")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"valgrind failed for {variant}: {proc.stderr.strip()[-500:]}")
+    with open(out) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise SystemExit(f"no totals in {out}")
+
+
+def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found: run without --callgrind for CPU time")
+    frameworks = [only] if only else ["asgi", "wsgi"]
+    variants = [f"{f}-{m}" for f in frameworks for m in ("bare", "wrapped")]
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(jobs) as pool:
+        counts = dict(
+            zip(
+                variants,
+                pool.map(lambda v: count_instructions(v, n, take, workdir), variants),
+                strict=True,
+            )
+        )
+    print(f"instructions/request over {n} requests (take={take}); {_load()}")
+    for framework in frameworks:
+        bare = counts[f"{framework}-bare"] / n
+        wrapped = counts[f"{framework}-wrapped"] / n
+        print(
+            f"  {framework}: bare {bare:9.0f}  wrapped {wrapped:9.0f}  "
+            f"added {wrapped - bare:8.0f} ({wrapped / bare:.3f}x)"
+        )
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return "load " + " ".join(f.read().split()[:3])
+    except OSError:
+        return "load ?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    parser.add_argument("--take", action="store_true", help="also make records, as a drain")
+    parser.add_argument("-n", type=int, default=0, help="requests per variant (and round)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
+    parser.add_argument("--jobs", type=int, default=2, help="valgrind processes at once")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.n < 0 or args.rounds < 1 or args.jobs < 1:
+        parser.error("-n, --rounds and --jobs must be positive")
+    if args.child:
+        child(args.child, args.n or 2000, args.take)
+    elif args.callgrind:
+        callgrind_mode(args.n or 2000, args.take, args.only, args.jobs)
+    else:
+        cpu_mode(args.n or 20_000, args.rounds, args.take)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
