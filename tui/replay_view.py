@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static, TextArea
 
 from .commands import keys_of
+from .prompt import PromptScreen
 from .resend import Outgoing, Resent
 
 __all__ = ["ComparisonScreen", "EditScreen", "TargetScreen", "render_comparison"]
@@ -21,39 +22,18 @@ __all__ = ["ComparisonScreen", "EditScreen", "TargetScreen", "render_comparison"
 BODY_SHOWN = 8_000
 
 
-class TargetScreen(ModalScreen[str | None]):
+class TargetScreen(PromptScreen):
     """Asks where to resend; dismisses with the target, or None when cancelled."""
 
-    DEFAULT_CSS = """
-    TargetScreen { align: center middle; }
-    TargetScreen > #target-box {
-        width: 70; max-width: 95%; height: auto;
-        border: round $accent; background: $surface; padding: 0 1;
-    }
-    TargetScreen #target-hint { color: $text-muted; }
-    """
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False, id="dialog-cancel")]
-
     def __init__(self, target: str, count: int) -> None:
-        super().__init__()
-        self._target = target
-        self._count = count
-
-    def compose(self) -> ComposeResult:
-        what = "the request" if self._count == 1 else f"{self._count} requests"
-        with Vertical(id="target-box"):
-            yield Static(f"Replay {what} against (http://HOST:PORT):")
-            yield Input(self._target, id="target-input")
-            cancel = keys_of(self.app, "dialog-cancel", "escape")
-            yield Static(f"enter to send, {cancel} to cancel", id="target-hint")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.dismiss(event.value.strip() or None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+        what = "the request" if count == 1 else f"{count} requests"
+        super().__init__(
+            f"Replay {what} against (http://HOST:PORT):",
+            target,
+            accept="send",
+            input_id="target-input",
+            hint_id="target-hint",
+        )
 
 
 def _headers_text(headers: Sequence[tuple[str, str]]) -> str:

@@ -14,13 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from hopscope.tracing.tracefile import header_line
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Vertical
-from textual.screen import ModalScreen
-from textual.widgets import Input, Static
 
-from .commands import keys_of
+from .prompt import PromptScreen
 
 __all__ = ["SaveScreen", "default_name", "write_trace_file"]
 
@@ -50,36 +45,14 @@ def write_trace_file(path: str, events: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-class SaveScreen(ModalScreen[str | None]):
+class SaveScreen(PromptScreen):
     """Asks for a file name; dismisses with the path, or None when cancelled."""
 
-    DEFAULT_CSS = """
-    SaveScreen { align: center middle; }
-    SaveScreen > #save-box {
-        width: 70; max-width: 95%; height: auto;
-        border: round $accent; background: $surface; padding: 0 1;
-    }
-    SaveScreen #save-hint { color: $text-muted; }
-    """
-
-    # The id the other dialogs' cancel keys share: one keymap entry remaps them all.
-    BINDINGS = [Binding("escape", "cancel", "Cancel", show=False, id="dialog-cancel")]
-
     def __init__(self, suggestion: str) -> None:
-        super().__init__()
-        self._suggestion = suggestion
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="save-box"):
-            yield Static("Save the trace (JSON Lines, mode 0600) to:")
-            yield Input(self._suggestion, id="save-path")
-            cancel = keys_of(self.app, "dialog-cancel", "escape")
-            yield Static(f"enter to save, {cancel} to cancel", id="save-hint")
-
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        value = event.value.strip()
-        self.dismiss(value or None)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
+        super().__init__(
+            "Save the trace (JSON Lines, mode 0600) to:",
+            suggestion,
+            accept="save",
+            input_id="save-path",
+            hint_id="save-hint",
+        )
