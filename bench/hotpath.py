@@ -33,53 +33,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from _common import ASGI_SCOPE, WSGI_ENVIRON
 from hopscope.tracing.sinks import Recording, Sink
 
 #: Requests between two "drains" of the bench sink.
 DRAIN_EVERY = 1000
 VARIANTS = ("asgi-bare", "asgi-wrapped", "wsgi-bare", "wsgi-wrapped")
-
-ASGI_SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/",
-    "raw_path": b"/",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [
-        (b"host", b"127.0.0.1:8000"),
-        (b"user-agent", b"bench/1.0"),
-        (b"accept", b"*/*"),
-    ],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-    "state": {},
-}
-
-WSGI_ENVIRON: dict[str, Any] = {
-    "REQUEST_METHOD": "GET",
-    "SCRIPT_NAME": "",
-    "PATH_INFO": "/",
-    "QUERY_STRING": "",
-    "SERVER_NAME": "127.0.0.1",
-    "SERVER_PORT": "8000",
-    "SERVER_PROTOCOL": "HTTP/1.1",
-    "SERVER_SOFTWARE": "bench",
-    "REMOTE_ADDR": "127.0.0.1",
-    "REMOTE_PORT": "50000",
-    "HTTP_HOST": "127.0.0.1:8000",
-    "HTTP_USER_AGENT": "bench/1.0",
-    "HTTP_ACCEPT": "*/*",
-    "wsgi.version": (1, 0),
-    "wsgi.url_scheme": "http",
-    "wsgi.errors": sys.stderr,
-    "wsgi.multithread": False,
-    "wsgi.multiprocess": False,
-    "wsgi.run_once": False,
-}
 
 
 class BenchSink(Sink):

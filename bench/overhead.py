@@ -46,9 +46,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    ASGI_SCOPE,
+    HOST,
+    WSGI_ENVIRON,
+    free_port,
+    spawn,
+    stop,
+    stop_all,
+    wait_ready,
+    wrk_ms,
+)
+
 HERE = Path(__file__).resolve().parent
 MODES = ("bare", "hopscope", "otel")
-HOST = "127.0.0.1"
 GOAL_RATIO = 0.90
 GOAL_ADDED_US = 10.0
 
@@ -210,9 +221,10 @@ def collector_main(tail: bool = False) -> None:
         minimal = _MinimalCollector()
         url, counters, background = minimal.url, minimal, None
     print(f"{url} {kind}", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "stats":
-            print(counters.frames, counters.events, counters.dropped, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # the bench stops its children with SIGINT
+        for line in sys.stdin:
+            if line.strip() == "stats":
+                print(counters.frames, counters.events, counters.dropped, flush=True)
     if background is not None:
         background.stop()
 
@@ -220,75 +232,6 @@ def collector_main(tail: bool = False) -> None:
 # --------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------
-
-_children: list[subprocess.Popen[Any]] = []
-
-
-def spawn(
-    argv: list[str], env: dict[str, str] | None = None, **kwargs: Any
-) -> subprocess.Popen[Any]:
-    proc = subprocess.Popen(
-        argv, env={**os.environ, **(env or {})}, start_new_session=True, **kwargs
-    )
-    _children.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM the process group we created (gunicorn's worker too), then SIGKILL."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers left in the group
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
-    if proc in _children:
-        _children.remove(proc)
-
-
-def stop_all() -> None:
-    for proc in list(reversed(_children)):
-        stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_get(port: int, timeout: float = 2.0) -> int:
-    """Status of ``GET /`` (raw socket: the bench itself needs no HTTP client)."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
-def wait_ready(proc: subprocess.Popen[Any], port: int, name: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"overhead: {name} exited with {proc.returncode} before serving")
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            status = http_get(port)
-            if status != 200:
-                raise SystemExit(f"overhead: {name} answered {status} to GET /")
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"overhead: {name} did not serve within {timeout:.0f}s")
 
 
 @dataclass
@@ -317,7 +260,7 @@ def start_server(framework: str, mode: str, sink_url: str) -> Server:
         ]  # fmt: skip
         env = {}
     proc = spawn(argv, env, stdin=subprocess.DEVNULL)
-    wait_ready(proc, port, f"{framework} {mode} server")
+    wait_ready(proc, port, f"{framework} {mode} server", bench="overhead")
     return Server(framework, mode, port, proc)
 
 
@@ -373,16 +316,6 @@ class Load:
     collector_us: float = float("nan")
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if match is None:
-        raise ValueError(f"unreadable wrk latency {text!r}")
-    return float(match[1]) * _UNITS[match[2]]
-
-
 def run_wrk(port: int, seconds: int, connections: int) -> Load:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     out = subprocess.run(
@@ -393,8 +326,8 @@ def run_wrk(port: int, seconds: int, connections: int) -> Load:
         check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    p50 = wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
+    p99 = wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
     count = int(bad[1]) if bad else 0
@@ -523,49 +456,6 @@ def end_to_end(
 # --------------------------------------------------------------------------------------
 # In process
 # --------------------------------------------------------------------------------------
-
-ASGI_SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/",
-    "raw_path": b"/",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [
-        (b"host", b"127.0.0.1:8000"),
-        (b"user-agent", b"bench/1.0"),
-        (b"accept", b"*/*"),
-    ],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-    "state": {},
-}
-
-WSGI_ENVIRON: dict[str, Any] = {
-    "REQUEST_METHOD": "GET",
-    "SCRIPT_NAME": "",
-    "PATH_INFO": "/",
-    "QUERY_STRING": "",
-    "SERVER_NAME": "127.0.0.1",
-    "SERVER_PORT": "8000",
-    "SERVER_PROTOCOL": "HTTP/1.1",
-    "SERVER_SOFTWARE": "bench",
-    "REMOTE_ADDR": "127.0.0.1",
-    "REMOTE_PORT": "50000",
-    "HTTP_HOST": "127.0.0.1:8000",
-    "HTTP_USER_AGENT": "bench/1.0",
-    "HTTP_ACCEPT": "*/*",
-    "wsgi.version": (1, 0),
-    "wsgi.url_scheme": "http",
-    "wsgi.errors": sys.stderr,
-    "wsgi.multithread": False,
-    "wsgi.multiprocess": False,
-    "wsgi.run_once": False,
-}
-
 
 #: CPU seconds of this whole process (the sink's thread included), not wall time: the
 #: collector and anything else on the machine then cannot inflate the figures.

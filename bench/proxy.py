@@ -34,24 +34,23 @@ Every process this script starts is stopped before it exits (also on Ctrl-C).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _common import HOST, free_port, spawn, stop_all, wait_ready, wrk_ms
+
 HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
+BENCH = "proxy bench"
+HELLO = b"Hello, world!"
 WORK = Path("/tmp/hopscope-bench")
 MITM_VENV = WORK / "mitm"
 GOAL_MITM_RATIO = 2.0
@@ -79,69 +78,6 @@ def hello_app() -> Any:
 # Processes
 # --------------------------------------------------------------------------------------
 
-_children: list[subprocess.Popen[Any]] = []
-
-
-def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-    kwargs.setdefault("stdin", subprocess.DEVNULL)
-    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
-    _children.append(proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    """SIGINT (a clean stop for every server here), then SIGTERM, then SIGKILL the group."""
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers left in the group (nginx's)
-    if proc in _children:
-        _children.remove(proc)
-
-
-def stop_all() -> None:
-    for proc in list(reversed(_children)):
-        stop(proc)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def get(port: int, timeout: float = 2.0) -> tuple[int, bytes]:
-    """Status and body of ``GET /`` over a raw socket (the bench needs no HTTP client)."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b"chunked" in head.lower():
-        body = body.split(b"\r\n")[1]
-    return int(head.split(b" ", 2)[1]), body
-
-
-def wait_ready(proc: subprocess.Popen[Any], port: int, name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"proxy bench: {name} exited with {proc.returncode} before serving")
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            status, body = get(port)
-            if status != 200 or body != b"Hello, world!":
-                raise SystemExit(f"proxy bench: {name} answered {status} {body[:60]!r}")
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"proxy bench: {name} did not serve within {timeout:.0f}s")
-
 
 @dataclass
 class Target:
@@ -164,7 +100,7 @@ def start_app() -> Target:
         "--no-access-log",
     ]  # fmt: skip
     proc = spawn(argv)
-    wait_ready(proc, port, "the app")
+    wait_ready(proc, port, "the app", bench=BENCH, body=HELLO)
     import uvicorn
 
     return Target("direct", port, proc, f"uvicorn {uvicorn.__version__}, httptools, 1 worker")
@@ -212,7 +148,7 @@ def start_hopscope(upstream: int, variant: str = "", baseline: str = "") -> Targ
     log = open(WORK / f"{name}.log", "w")  # the child has its own copy once started
     proc = spawn(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
     log.close()
-    wait_ready(proc, port, name)
+    wait_ready(proc, port, name, bench=BENCH, body=HELLO)
     return Target(name, port, proc, note)
 
 
@@ -248,7 +184,7 @@ def start_mitmdump(upstream: int) -> Target | None:
         "--listen-port", str(port), "-q", "--set", f"confdir={WORK / 'mitm-conf'}",
     ]  # fmt: skip
     proc = spawn(argv, stdout=subprocess.DEVNULL)
-    wait_ready(proc, port, "mitmdump", timeout=60)
+    wait_ready(proc, port, "mitmdump", bench=BENCH, body=HELLO, timeout=60)
     return Target("mitmdump", port, proc, version.strip())
 
 
@@ -309,7 +245,7 @@ def start_nginx(upstream: int) -> Target | None:
     conf.write_text(NGINX_CONF.format(prefix=prefix, host=HOST, upstream=upstream, port=port))
     version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
     proc = spawn([nginx, "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")])
-    wait_ready(proc, port, "nginx")
+    wait_ready(proc, port, "nginx", bench=BENCH, body=HELLO)
     return Target("nginx", port, proc, f"{version}, 1 worker, keepalive 64 upstream")
 
 
@@ -326,16 +262,6 @@ class Load:
     errors: int
     cpu_us: float = float("nan")  # the proxy's main process
     helper_us: float = float("nan")  # its other processes (recording child, nginx worker)
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _ms(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-    if match is None:
-        raise ValueError(f"unreadable wrk latency {text!r}")
-    return float(match[1]) * _UNITS[match[2]]
 
 
 def wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
@@ -362,8 +288,8 @@ def wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
         count += sum(int(x) for x in errors.groups())
     load = Load(
         float(find(r"Requests/sec:\s+([\d.]+)")),
-        _ms(find(r"^\s+50%\s+(\S+)")),
-        _ms(find(r"^\s+99%\s+(\S+)")),
+        wrk_ms(find(r"^\s+50%\s+(\S+)")),
+        wrk_ms(find(r"^\s+99%\s+(\S+)")),
         count,
     )
     return load, requests
