@@ -103,6 +103,32 @@ def wait_ready(
     raise SystemExit(f"{bench}: {name} did not serve within {timeout:.0f}s")
 
 
+def starlette_hello() -> Any:
+    """The hello world every bench serves (ASGI)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    return Starlette(routes=[Route("/", hello)])
+
+
+def flask_hello() -> Any:
+    """The same hello world as a WSGI app."""
+    from flask import Flask
+
+    app = Flask("hello")
+
+    @app.route("/")
+    def hello() -> str:
+        return "Hello, world!"
+
+    return app
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 

@@ -33,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import overhead  # the hello-world apps and fake servers
+import _common  # the hello-world apps
+import overhead  # the fake servers
 
 FRAME_RECORDS = 256
 
@@ -43,7 +44,7 @@ def records_of(framework: str, n: int) -> list[tuple[Any, ...]]:
     from hopscope.tracing import MemorySink
 
     sink = MemorySink()
-    make = overhead.starlette_hello if framework == "asgi" else overhead.flask_hello
+    make = _common.starlette_hello if framework == "asgi" else _common.flask_hello
     app = overhead.wrapped(make(), "hopscope", sink, framework)
     if framework == "asgi":
         overhead.drive_asgi(app, n, lambda: None)

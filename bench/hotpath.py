@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import ASGI_SCOPE, WSGI_ENVIRON
+from _common import ASGI_SCOPE, WSGI_ENVIRON, flask_hello, starlette_hello
 from hopscope.tracing.sinks import Recording, Sink
 
 #: Requests between two "drains" of the bench sink.
@@ -68,30 +68,6 @@ class BenchSink(Sink):
                     out.append(item)
             self.records += len(out)
         self.queue.clear()
-
-
-def starlette_hello() -> Any:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
-
-    async def hello(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("Hello, world!")
-
-    return Starlette(routes=[Route("/", hello)])
-
-
-def flask_hello() -> Any:
-    from flask import Flask
-
-    app = Flask("hello")
-
-    @app.route("/")
-    def hello() -> str:
-        return "Hello, world!"
-
-    return app
 
 
 def asgi_step(app: Any, sink: BenchSink | None) -> Callable[[Any, int], Any]:

@@ -50,8 +50,10 @@ from _common import (
     ASGI_SCOPE,
     HOST,
     WSGI_ENVIRON,
+    flask_hello,
     free_port,
     spawn,
+    starlette_hello,
     stop,
     stop_all,
     wait_ready,
@@ -97,30 +99,6 @@ def otel_provider() -> Any:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_BoundedExporter()))
     return provider
-
-
-def starlette_hello() -> Any:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
-
-    async def hello(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("Hello, world!")
-
-    return Starlette(routes=[Route("/", hello)])
-
-
-def flask_hello() -> Any:
-    from flask import Flask
-
-    app = Flask("hello")
-
-    @app.route("/")
-    def hello() -> str:
-        return "Hello, world!"
-
-    return app
 
 
 def wrapped(app: Any, mode: str, sink: Any, interface: str) -> Any:

@@ -58,23 +58,6 @@ GOAL_ADDED_P50_MS = 1.0
 
 
 # --------------------------------------------------------------------------------------
-# The app (uvicorn imports it as ``proxy:hello_app`` with ``--app-dir bench``)
-# --------------------------------------------------------------------------------------
-
-
-def hello_app() -> Any:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import PlainTextResponse
-    from starlette.routing import Route
-
-    async def hello(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("Hello, world!")
-
-    return Starlette(routes=[Route("/", hello)])
-
-
-# --------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------
 
@@ -95,7 +78,8 @@ class Target:
 def start_app() -> Target:
     port = free_port()
     argv = [
-        sys.executable, "-m", "uvicorn", "--app-dir", str(HERE), "--factory", "proxy:hello_app",
+        sys.executable, "-m", "uvicorn", "--app-dir", str(HERE),
+        "--factory", "_common:starlette_hello",
         "--host", HOST, "--port", str(port), "--http", "httptools", "--log-level", "warning",
         "--no-access-log",
     ]  # fmt: skip
