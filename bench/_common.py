@@ -132,6 +132,28 @@ def flask_hello() -> Any:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+def wrk(port: int, seconds: float, connections: int) -> str:
+    """wrk's report of ``GET /`` on ``port`` (one thread, ``--latency``), as text."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    return subprocess.run(
+        [*argv, f"http://{HOST}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+
+
+def wrk_errors(out: str) -> int:
+    """Responses that were not 2xx/3xx plus socket errors, from a wrk report."""
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
+    count = int(bad[1]) if bad else 0
+    if errors:
+        count += sum(int(x) for x in errors.groups())
+    return count
+
+
 def wrk_ms(text: str) -> float:
     """A latency as wrk prints it (``812.00us``, ``1.20ms``, ``2.00s``), in milliseconds."""
     match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)

@@ -57,6 +57,8 @@ from _common import (
     stop,
     stop_all,
     wait_ready,
+    wrk,
+    wrk_errors,
     wrk_ms,
 )
 
@@ -295,22 +297,11 @@ class Load:
 
 
 def run_wrk(port: int, seconds: int, connections: int) -> Load:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    out = subprocess.run(
-        [*argv, f"http://{HOST}:{port}/"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout
+    out = wrk(port, seconds, connections)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p50 = wrk_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
     p99 = wrk_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M)[1])  # type: ignore[index]
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
-    count = int(bad[1]) if bad else 0
-    if errors:
-        count += sum(int(x) for x in errors.groups())
+    count = wrk_errors(out)
     done = re.search(r"(\d+) requests in", out)
     return Load(rps, p50, p99, count, int(done[1]) if done else round(rps * seconds))
 

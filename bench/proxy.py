@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import HOST, free_port, spawn, stop_all, wait_ready, wrk_ms
+from _common import HOST, free_port, spawn, stop_all, wait_ready, wrk, wrk_errors, wrk_ms
 
 HERE = Path(__file__).resolve().parent
 BENCH = "proxy bench"
@@ -248,15 +248,8 @@ class Load:
     helper_us: float = float("nan")  # its other processes (recording child, nginx worker)
 
 
-def wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
-    out = subprocess.run(
-        [*argv, f"http://{HOST}:{port}/"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    ).stdout
+def run_wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
+    out = wrk(port, seconds, connections)
 
     def find(pattern: str) -> str:
         match = re.search(pattern, out, re.M)
@@ -265,11 +258,7 @@ def wrk(port: int, seconds: float, connections: int) -> tuple[Load, int]:
         return match[1]
 
     requests = int(find(r"(\d+) requests in"))
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    errors = re.search(r"Socket errors:.*?read (\d+), write (\d+), timeout (\d+)", out)
-    count = int(bad[1]) if bad else 0
-    if errors:
-        count += sum(int(x) for x in errors.groups())
+    count = wrk_errors(out)
     load = Load(
         float(find(r"Requests/sec:\s+([\d.]+)")),
         wrk_ms(find(r"^\s+50%\s+(\S+)")),
@@ -304,9 +293,9 @@ def group_cpu(pgid: int) -> tuple[float, float]:
 
 def measure(target: Target, seconds: float, connections: int) -> Load:
     if target.proc is None:
-        return wrk(target.port, seconds, connections)[0]
+        return run_wrk(target.port, seconds, connections)[0]
     leader, others = group_cpu(target.proc.pid)
-    load, requests = wrk(target.port, seconds, connections)
+    load, requests = run_wrk(target.port, seconds, connections)
     if requests:
         leader_after, others_after = group_cpu(target.proc.pid)
         load.cpu_us = (leader_after - leader) * 1e6 / requests
@@ -450,7 +439,7 @@ def main() -> None:
         if not args.no_nginx and (nginx := start_nginx(app.port)) is not None:
             targets.append(nginx)
         for target in targets:
-            wrk(target.port, args.warmup, args.connections)
+            run_wrk(target.port, args.warmup, args.connections)
         loads: dict[str, list[Load]] = {t.name: [] for t in targets}
         latency: dict[str, list[Load]] = (
             {t.name: [] for t in targets} if args.latency_connections > 0 else {}
