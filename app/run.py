@@ -639,6 +639,15 @@ def _live_source(
         raise RunError(str(exc)) from None
 
 
+def _captured(stack: contextlib.ExitStack, start: Callable[..., Any]) -> tuple[Any, _Output]:
+    """Start a child whose output is held while the UI owns the terminal (shown after)."""
+    out = _Output()
+    stack.callback(out.close)
+    proc = start(stdout=out.write, stderr=out.write)
+    out.close_write()
+    return proc, out
+
+
 def build_run_command_app(
     argv: list[str],
     *,
@@ -656,13 +665,10 @@ def build_run_command_app(
     stack = contextlib.ExitStack()
     try:
         source, feed = _live_source(stack, f"run {shown}", output, otlp)
-        out = _Output()
-        stack.callback(out.close)
         env = injected_env(feed.url)
         if server_timing:
             env["HOPSCOPE_SERVER_TIMING"] = "1"
-        proc = _spawn(command, env, stdout=out.write, stderr=out.write)
-        out.close_write()
+        proc, out = _captured(stack, lambda **streams: _spawn(command, env, **streams))
         return _ui_session(
             stack, proc, shown, source, out, "hopscope run", output, max_requests,
             {"collector": feed.url},
@@ -701,10 +707,7 @@ def build_run_target_app(
             app_dir=app_dir, proxy=proxy, separate=True, server_timing=server_timing,
         )  # fmt: skip
         source, feed = box
-        out = _Output()
-        stack.callback(out.close)
-        proc = plan.spawn(stdout=out.write, stderr=out.write)
-        out.close_write()
+        proc, out = _captured(stack, plan.spawn)
         line = _wait_ready(proc, plan.pipe.read)
         if line is None:
             status = proc.wait()
