@@ -18,7 +18,8 @@ Two measurements, in one run, on loopback only:
 * In process: the same apps driven by a minimal fake server loop (no sockets, no parsing),
   so the difference between wrapped and bare is the middleware's own cost per request:
   into a MemorySink (the request's path only) and into a SocketSink to the collector
-  (plus encoding and sending, which the sink's thread does in the same process).
+  (plus marshalling and sending, done in the same process: by a request now and then,
+  by the sink's thread when the app is idle).
 
 Every process this script starts is stopped before it exits (also on Ctrl-C).
 """

@@ -410,12 +410,15 @@ def test_run_target_under_the_ui_and_its_exit_status(
     async def scenario(app: HopscopeApp, pilot: Pilot[None]) -> None:
         async with httpx.AsyncClient(base_url=session.urls["proxy"]) as client:
             pid = (await client.get("/pid")).json()["pid"]
+        # The proxy and the app process send their parts separately: wait for all of them.
+        hops = {"client", "proxy", "server", "app"}
         trace = await wait_for(
             pilot,
-            lambda: [t for t in traces(app) if t.finished and t.by_hop("app")],
-            "the request",
+            lambda: [
+                t for t in traces(app) if t.finished and {s.hop for s in t.spans.values()} >= hops
+            ],
+            "the request through every hop",
         )
-        assert {s.hop for s in trace[0].spans.values()} >= {"client", "proxy", "server", "app"}
         assert trace[0].by_hop("app")[0].attrs["process.pid"] == pid
 
     drive(session, scenario)

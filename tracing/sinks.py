@@ -1,10 +1,13 @@
 """Sinks: where records go, without ever making the app wait.
 
 The hot path calls :meth:`Sink.emit`, which appends to a bounded queue and returns.  A
-background thread drains the queue in batches (every ``interval`` seconds, sooner when
-:data:`WAKE_AT` records wait), so encoding and I/O never run on a request's thread.  A
 full queue drops the record and counts it; the count travels with the next batch, so a
-viewer can say how much it did not see.
+viewer can say how much it did not see.  Who drains the queue depends on the sink: a
+:class:`FileSink` has a background thread (every ``interval`` seconds, sooner when
+:data:`WAKE_AT` records wait), because JSON encoding costs too much for a request's
+thread; a :class:`SocketSink` ships marshalled records, cheap enough that a request
+sends a batch itself now and then (non-blocking), and its thread mostly sleeps (see
+there why).
 
 Middlewares hand over a whole request instead (:meth:`Sink.start_live` with a
 :class:`Recording`): the request's thread only fills the recording in, and the drain
@@ -20,6 +23,7 @@ import fcntl
 import json
 import marshal
 import os
+import select
 import socket
 import struct
 import threading
@@ -65,6 +69,14 @@ RECORDING_ITEMS = 4096
 #: that never reads it, a leaked iterator) never ends: past this many, the oldest are let
 #: go (what they recorded so far was sent; they count as dropped) so memory stays bounded.
 MAX_INFLIGHT = 10_000
+#: Queued records that make the next request's thread send them (:class:`SocketSink`):
+#: often enough that what waits is young and few (still in the CPU's caches when it is
+#: marshalled: 128 cost less per request than 256 or 1024 here), seldom enough that the
+#: cost of a send is shared by many requests.
+FLUSH_AT = 128
+#: Bytes of frames a :class:`SocketSink` keeps while the collector reads slower than the
+#: app records; past them batches are dropped (and counted) instead of waited for.
+MAX_PENDING = 8 << 20
 
 WIRE_MAGIC = b"HOPSCOPE/1\n"
 _FRAME = struct.Struct("!I")
@@ -406,6 +418,13 @@ class _BatchingSink(Sink):
             self.dropped += count
             self._unreported += count
 
+    def _lost(self, records: int, reported: int) -> None:
+        """A batch that could not be delivered: its records are dropped, and the drop
+        count it carried (already counted) goes with the next batch instead."""
+        with self._drop_lock:
+            self.dropped += records
+            self._unreported += records + reported
+
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is None and not self._closed:
@@ -476,11 +495,11 @@ class _BatchingSink(Sink):
             try:
                 self._write(batch, dropped)
             except Exception:
-                self._count_dropped(len(batch) + len(records) + dropped)
+                self._lost(len(batch) + len(records), dropped)
                 self._failed()
                 return
-            if not (records or queue or self._unreported):
-                return
+            if not (records or queue):
+                return  # drops counted meanwhile go with the next batch
             if not self._ready():
                 self._count_dropped(len(records))
                 return
@@ -610,55 +629,153 @@ class SocketSink(_BatchingSink):
 
     Records travel as marshalled batches, undecoded: the collector process does the
     encoding work, so the app's process spends as little CPU on export as it can.
-    While the collector is unreachable records wait in the bounded queue (then drop,
-    counted) and the sink reconnects with exponential backoff.
+
+    Why no draining thread while the app is busy: a second thread that wakes to drain
+    takes the GIL from the request's thread every time that one makes a system call,
+    and under load those hand-offs cost the app more than the draining itself.  So the
+    request that finds :data:`FLUSH_AT` records queued sends them itself, before it
+    queues its own: it marshals the batch and hands it to a non-blocking socket.  What
+    the socket does not take at once waits, up to ``max_pending`` bytes, for the next
+    send; past that, batches are dropped and counted, and the request never waits.  A
+    request that finds another thread sending skips, and the next one sends.
+
+    A background thread still wakes every ``interval`` seconds, and otherwise sleeps:
+    when no request sent for half an interval (an idle app, a slow trickle) it sends
+    what waits, so the last requests, and the ones still running (their start and
+    events so far), reach the collector within 1.5 intervals; it is also the only
+    thread that connects, with exponential backoff, so a request never waits for a
+    connection.  While the collector is unreachable records wait in the bounded queue
+    (then drop, counted).  :meth:`flush` and :meth:`close` (at exit too) do wait for
+    the socket, up to their timeout.
     """
 
-    def __init__(self, address: str = "tcp://127.0.0.1:7401", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:7401",
+        *,
+        interval: float = 0.05,
+        flush_at: int = 0,
+        max_pending: int = MAX_PENDING,
+        **kwargs: Any,
+    ) -> None:
         self.family, self.address = parse_address(address)
         self._sock: socket.socket | None = None
+        # Frames (or the unsent end of one) the socket did not take yet, oldest first,
+        # each with the number of records it carries (counted as dropped if it is lost).
+        self._pending: deque[tuple[memoryview, int]] = deque()
+        self._pending_bytes = 0
+        self._max_pending = max_pending
+        self._flush_at = flush_at or FLUSH_AT
         self._backoff = 0.05
         self._next_try = 0.0
+        self._last_drain = 0.0
+        self._info: dict[str, Any] = {}
+        self._connect_lock = threading.Lock()
         self.connects = 0
-        super().__init__(**kwargs)
+        super().__init__(interval=interval, **kwargs)
+        # A small queue must be sent before it is full, or a busy app would drop records
+        # while the collector listens.
+        self._flush_at = max(1, min(self._flush_at, self._max // 2))
 
-    def _connect(self) -> socket.socket:
-        if self.family == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # -- hot path ---------------------------------------------------------------
+    def emit(self, record: Record) -> None:
+        queue = self._queue
+        waiting = len(queue)
+        if waiting >= self._flush_at and self._sock is not None:
+            self._send_here()
+            waiting = len(queue)
+        if waiting < self._max and not self._closed:
+            queue.append(record)
+            if self._thread is None:
+                self._start()
         else:
-            sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(2.0)
-        try:
-            sock.connect(self.address)
-            sock.sendall(WIRE_MAGIC)
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(10.0)
-        return sock
+            self._count_dropped(1)
 
-    def _ready(self) -> bool:
-        if self._sock is not None:
+    def start_live(self, recording: Recording) -> bool:
+        queue = self._queue
+        waiting = len(queue)
+        if waiting >= self._flush_at and self._sock is not None:
+            self._send_here()
+            waiting = len(queue)
+        if waiting < self._max and not self._closed:
+            queue.append(recording)
+            if self._thread is None:
+                self._start()
             return True
-        now = time.monotonic()
-        if now < self._next_try:
-            return False
-        try:
-            self._sock = self._connect()
-        except OSError:
-            self._next_try = now + self._backoff
-            self._backoff = min(self._backoff * 2, 2.0)
-            return False
-        self._backoff = 0.05
-        self.connects += 1
-        return True
+        return False
+
+    def _send_here(self) -> None:
+        # Never wait for the lock: whoever holds it is sending this very queue.
+        lock = self._drain_lock
+        if lock.acquire(False):
+            try:
+                self._drain_locked()
+            finally:
+                lock.release()
+
+    # -- sending ----------------------------------------------------------------
+    def _ready(self) -> bool:
+        return self._sock is not None
+
+    def _drain_locked(self) -> None:
+        self._last_drain = time.monotonic()
+        sock = self._sock
+        if sock is not None and self._pending:
+            try:
+                self._push(sock)
+            except OSError:
+                self._failed()
+                return
+        super()._drain_locked()
 
     def _write(self, batch: list[Record], dropped: int) -> None:
         sock = self._sock
         assert sock is not None
-        frame = encode_frame(batch, dropped, process_info(os.getpid()))
-        sock.sendall(frame)
+        if self._pending and self._pending_bytes >= self._max_pending:
+            self._lost(len(batch), dropped)  # not even marshalled
+            return
+        frame = encode_frame(batch, dropped, self._info)
+        if self._pending:
+            # Frames go out whole and in order: this one waits behind the others.
+            if self._pending_bytes + len(frame) > self._max_pending:
+                self._lost(len(batch), dropped)
+            else:
+                self._pending.append((memoryview(frame), len(batch)))
+                self._pending_bytes += len(frame)
+            return
+        try:
+            sent = sock.send(frame, _NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(frame):
+            if sent == 0 and len(frame) > self._max_pending:
+                self._lost(len(batch), dropped)
+                return
+            # Begun frames must be finished, or the stream would be garbage: the rest
+            # is kept even past max_pending (so at most one frame over it).
+            rest = memoryview(frame)[sent:]
+            self._pending.append((rest, len(batch)))
+            self._pending_bytes += len(rest)
+
+    def _push(self, sock: socket.socket) -> bool:
+        """Send what is pending, as far as the socket takes it now; True when all went."""
+        pending = self._pending
+        while pending:
+            try:
+                sent = sock.sendmsg([view for view, _ in list(pending)[:64]], (), _NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                return False
+            while sent:
+                view, count = pending[0]
+                if sent >= len(view):
+                    pending.popleft()
+                    sent -= len(view)
+                    self._pending_bytes -= len(view)
+                else:
+                    pending[0] = (view[sent:], count)
+                    self._pending_bytes -= sent
+                    sent = 0
+        return True
 
     def _failed(self) -> None:
         if self._sock is not None:
@@ -667,20 +784,142 @@ class SocketSink(_BatchingSink):
             except OSError:
                 pass
             self._sock = None
+        lost = sum(count for _, count in self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if lost:
+            self._count_dropped(lost)
         self._next_try = time.monotonic() + self._backoff
+
+    # -- the background thread ----------------------------------------------------
+    def _run(self) -> None:
+        interval = self._interval
+        while not self._closed:
+            # Under load the requests send, and this thread only looks at the clock: it
+            # sends only when no request did for half an interval.
+            if (
+                self._connect_when_due(2.0)
+                and (self._queue or self._inflight or self._unreported or self._pending)
+                and time.monotonic() - self._last_drain >= interval / 2
+            ):
+                self._drain()
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _connect(self, timeout: float = 2.0) -> socket.socket:
+        if self.family == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.address)
+            sock.sendall(WIRE_MAGIC)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    def _connect_when_due(self, timeout: float) -> bool:
+        """Connect unless the backoff says not yet; True when connected."""
+        if self._sock is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_try or not self._connect_lock.acquire(False):
+            return False
+        try:
+            if self._sock is not None:
+                return True  # another thread just connected
+            try:
+                sock = self._connect(max(0.01, timeout))
+            except OSError:
+                self._next_try = now + self._backoff
+                self._backoff = min(self._backoff * 2, 2.0)
+                return False
+            self._info = process_info(os.getpid())
+            self._backoff = 0.05
+            self.connects += 1
+            self._sock = sock
+            return True
+        finally:
+            self._connect_lock.release()
+
+    # -- flush and close ----------------------------------------------------------
+    def flush(self, timeout: float = 5.0) -> None:
+        """Send what is queued, waiting for the socket (not for the app) up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._closed:
+            self._deliver(deadline)
+            if not (self._queue or self._pending or self._unreported or self._ending()):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.005, left))
+
+    def _deliver(self, deadline: float) -> None:
+        """Connect if due, send what waits and wait for the socket to take it."""
+        left = deadline - time.monotonic()
+        if self._connect_when_due(min(2.0, left)) and self._drain_lock.acquire(
+            timeout=max(0.0, left)
+        ):
+            try:
+                # Pending frames first, so the batches sent now find room.
+                self._finish_pending(deadline)
+                self._drain_locked()
+                self._finish_pending(deadline)
+            finally:
+                self._drain_lock.release()
+
+    def _finish_pending(self, deadline: float) -> None:
+        """With the drain lock held: wait (up to ``deadline``) until the socket took all."""
+        poller = select.poll()
+        while self._pending and (sock := self._sock) is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller.register(sock, select.POLLOUT)
+            poller.poll(left * 1000)
+            poller.unregister(sock)
+            try:
+                self._push(sock)
+            except OSError:
+                self._failed()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        # One last delivery: at most one connection attempt (if the backoff allows).
+        self._deliver(time.monotonic() + 5.0)
+        self._closed_hook()
 
     def _forked(self) -> None:
         # The parent's connection is not ours to use or close.
         self._sock = None
+        self._connect_lock = threading.Lock()
+        self._pending = deque()
+        self._pending_bytes = 0
         self._next_try = 0.0
+        self._last_drain = 0.0
 
     def _closed_hook(self) -> None:
+        self._next_try = float("inf")  # closed for good: never connect again
         if self._sock is not None:
             try:
                 self._sock.close()
             except OSError:
                 pass
             self._sock = None
+
+
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> bytes:
