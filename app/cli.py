@@ -18,7 +18,7 @@ from typing import Any
 import click
 from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
 
-from .collector import DEFAULT_ADDRESS, BackgroundCollector, CollectorError
+from .collector import DEFAULT_ADDRESS, BackgroundCollector, CollectorError, tune_gc
 from .tail import Tail
 
 __all__ = ["main"]
@@ -212,9 +212,23 @@ def _tail_live(
             _quiet_stdout()
             stop.set()
 
+    def take(records: list[Any], info: dict[str, Any], dropped: int) -> int:
+        if stop.is_set():
+            return 0
+        try:
+            return tail.feed_records(records, info, dropped)
+        except BrokenPipeError:
+            _quiet_stdout()
+            stop.set()
+            return 0
+
     try:
         collector = BackgroundCollector(
-            address, consume, output=output, allow_remote=allow_remote
+            address,
+            consume,
+            output=output,
+            allow_remote=allow_remote,
+            records=take if sender is None else None,
         ).start()
     except CollectorError as exc:
         if sender is not None:
@@ -230,6 +244,7 @@ def _tail_live(
                 sender.close(0)
             raise click.ClickException(str(exc)) from None
     also = f" and OTLP/HTTP on {listener.url}" if listener is not None else ""
+    tune_gc()  # a long-running recorder of its own (the proxy's child is one)
     click.echo(
         f"hopscope: listening on {collector.url}{also}; "
         f"start apps with HOPSCOPE_SINK={collector.url} (Ctrl+C to stop)",

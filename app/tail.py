@@ -31,6 +31,17 @@ from typing import Any, TextIO
 
 import click
 from hopscope.tracing.model import Trace
+from hopscope.tracing.proxyrecord import (
+    CONNECT,
+    PROXY_START,
+    REQUEST_BODY,
+    RESPONSE_BODY,
+    RESPONSE_START,
+    RETRY,
+    SENT,
+)
+from hopscope.tracing.records import hex_id, normalise_attrs, to_events
+from hopscope.tracing.sinks import dropped_event
 
 __all__ = ["Tail", "format_line"]
 
@@ -57,6 +68,10 @@ _KEYS = (
     "disconnected",
 )
 _KINDS = frozenset({"span_start", "span_end", "event"})
+#: The proxy record's item codes (its point events, which a line does not read).
+_PROXY_CODES = frozenset(
+    {PROXY_START, REQUEST_BODY, CONNECT, SENT, RETRY, RESPONSE_START, RESPONSE_BODY}
+)
 _UNKNOWN: Any = object()
 
 
@@ -93,6 +108,22 @@ def _clock(ns: int | None) -> str:
 
 def _kept(attrs: dict[str, Any]) -> dict[str, Any]:
     return {key: attrs[key] for key in _KEYS if key in attrs}
+
+
+def _status(status: Any) -> dict[str, Any]:
+    """``normalise_attrs({"http.response.status_code": status or None})``, quicker for
+    an int."""
+    if type(status) is int and status:
+        return {"http.response.status_code": status}
+    return normalise_attrs({"http.response.status_code": status or None})
+
+
+def _inherited(process: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The line attributes a process's info gives every span start it sends (none, from
+    hopscope's own recorders)."""
+    if not process:
+        return None
+    return _kept(process) or None
 
 
 class _Span:
@@ -153,6 +184,43 @@ class _Trace:
                     span.raised.append(raised)
             # It can arrive after its span ended: the span is in error all the same.
             span.attrs["error"] = True
+
+    # -- folding without events (Tail._fold_proxy): what fold does for each kind --------
+    def span(self, span_id: str) -> _Span:
+        """The span an event names (made, with the defaults, when it is not known yet)."""
+        span = self.spans.get(span_id)
+        if span is None:
+            span = self.spans[span_id] = _Span()
+        return span
+
+    def started(
+        self,
+        span_id: str,
+        ts: int,
+        parent_id: str | None,
+        hop: str,
+        name: str,
+        kept: dict[str, Any],
+        inherited: dict[str, Any] | None,
+    ) -> None:
+        """A span start whose line attributes are ``kept`` (normalised), the emitting
+        process's (``inherited``) filling in the ones it lacks."""
+        span = self.span(span_id)
+        span.parent_id = parent_id
+        span.hop = hop
+        span.name = name
+        span.start = ts
+        if inherited:
+            for key, value in inherited.items():
+                kept.setdefault(key, value)
+        if kept:
+            span.attrs = {**kept, **span.attrs}
+
+    def ended(self, span_id: str, ts: int, kept: dict[str, Any]) -> None:
+        span = self.span(span_id)
+        span.end = ts
+        if kept:
+            span.attrs.update(kept)
 
     def root(self) -> _Span | None:
         """The outermost span whose parent is not in the trace (never a queue span):
@@ -365,16 +433,23 @@ class Tail:
         (a response and the work right after it) are reported together.
         """
         with self._lock:
-            if self._live and self._hold_ns and self._ticker is None:
-                self._ticker = threading.Thread(
-                    target=self._tick_forever, name="hopscope-tail", daemon=True
-                )
-                self._ticker.start()
+            self._start_ticker()
             return self._feed(events)
+
+    def _start_ticker(self) -> None:
+        if self._live and self._hold_ns and self._ticker is None:
+            self._ticker = threading.Thread(
+                target=self._tick_forever, name="hopscope-tail", daemon=True
+            )
+            self._ticker.start()
 
     def _feed(self, events: Iterable[Event]) -> list[str]:
         touched: dict[str, _Trace] = {}
         notes: list[str] = []
+        self._fold(events, touched, notes)
+        return self._finish(touched, notes)
+
+    def _fold(self, events: Iterable[Event], touched: dict[str, _Trace], notes: list[str]) -> None:
         traces, done, kinds = self._traces, self._done, _KINDS
         newest = self._newest
         for event in events:
@@ -410,21 +485,180 @@ class Tail:
                 continue
             trace = traces.get(trace_id)
             if trace is None:
-                trace = traces[trace_id] = _Trace(trace_id)
-                if len(traces) > self._max_in_flight:
-                    traces.popitem(last=False)
-                    self.evicted += 1
+                trace = self._new_trace(trace_id)
             trace.fold(kind, span_id, ts, attrs, event)
             touched[trace_id] = trace
             if ts > newest:
                 newest = ts
         self._newest = newest
+
+    def _new_trace(self, trace_id: str) -> _Trace:
+        traces = self._traces
+        trace = traces[trace_id] = _Trace(trace_id)
+        if len(traces) > self._max_in_flight:
+            traces.popitem(last=False)
+            self.evicted += 1
+        return trace
+
+    def _finish(self, touched: dict[str, _Trace], notes: list[str]) -> list[str]:
         for trace_id, trace in touched.items():
             if trace.end is not None:
                 self._held[trace_id] = trace
         lines = notes + self._due(self._held.values())
         self._write(lines)
         return lines
+
+    # -- records straight from the collector ------------------------------------------
+    def feed_records(
+        self, records: Iterable[Any], process: dict[str, Any] | None = None, dropped: int = 0
+    ) -> int:
+        """Fold a collector batch (its sender's ``process`` info and ``dropped`` count)
+        and print the lines it finished; returns how many records could not be read.
+
+        Why: in the proxy's recording child, making wire events of the proxy's ``"r"``
+        records cost more CPU than the tail itself, and a line reads a handful of their
+        fields.  Those records are folded directly (:meth:`_fold_proxy`), to the same
+        spans the events would give; every other record goes through
+        :func:`~hopscope.tracing.records.to_events` as before.  Only for a collector
+        that keeps no events (no ``-o`` file, no OTLP export).
+        """
+        with self._lock:
+            self._start_ticker()
+            touched: dict[str, _Trace] = {}
+            notes: list[str] = []
+            failed = 0
+            for record in records:
+                try:
+                    if not (
+                        type(record) is tuple
+                        and len(record) == 11
+                        and record[0] == "r"
+                        and record[6] == "proxy"
+                        and self._fold_proxy(record, process, touched)
+                    ):
+                        self._fold(to_events(record, process), touched, notes)
+                except Exception:  # a record of the right kind but the wrong shape
+                    failed += 1
+            if dropped > 0 or failed:
+                count = max(dropped, 0) + failed
+                self._fold([dropped_event(count, process or {})], touched, notes)
+            self._finish(touched, notes)
+            return failed
+
+    def _fold_proxy(
+        self, record: tuple[Any, ...], process: dict[str, Any] | None, touched: dict[str, _Trace]
+    ) -> bool:
+        """Fold a proxy ``"r"`` record as its wire events would fold (the order of
+        :func:`~hopscope.tracing.proxyrecord.expand_proxy`, the attributes a line reads);
+        False, with nothing folded, when it is not the shape this knows (the caller then
+        takes the event path, which judges it as it always did)."""
+        _, begin, trace_num, client_num, parent_num, _, _, request, end_at, end, items = record
+        if not (
+            type(trace_num) is int
+            and trace_num > 0
+            and type(client_num) is int
+            and client_num > 0
+            and type(parent_num) is int
+            and parent_num >= 0
+            and type(begin) is int
+            and type(request) is tuple
+            and len(request) == 12
+            and type(request[8]) is int
+            and type(request[11]) is int
+            and request[11] > 0
+            and type(end_at) is int
+            and (end is None or (type(end) is tuple and len(end) == 16 and type(end[0]) is int))
+            and type(items) in (list, tuple)
+        ):
+            return False
+        # Checked (and whole records in it made into events) before anything is kept.
+        whole: dict[int, list[Event]] = {}
+        newest = max(begin, request[8])
+        for index, item in enumerate(items):
+            if item is None:
+                break
+            if type(item) is not tuple or not item or type(item[1]) is not int:
+                return False
+            code = item[0]
+            if type(code) is str:
+                whole[index] = to_events(item, process)
+            elif code not in _PROXY_CODES:
+                return False
+            elif item[1] > newest:
+                newest = item[1]
+        trace_id: str = hex_id(trace_num, 32)  # type: ignore[assignment]
+        if trace_id in self._done:
+            return True
+        trace = self._traces.get(trace_id)
+        if trace is None:
+            trace = self._new_trace(trace_id)
+        trace._end = _UNKNOWN
+        client_id: str = hex_id(client_num, 16)  # type: ignore[assignment]
+        proxy_id: str = hex_id(request[11], 16)  # type: ignore[assignment]
+        method, path = request[0], request[3]
+        inherited = _inherited(process)
+        name = f"{method} {path}"
+        plain = type(method) is str and type(path) is str  # as normalising leaves them
+        kept = {"http.request.method": method, "url.path": path}
+        trace.started(
+            client_id, begin, hex_id(parent_num, 16), "client", name,
+            kept if plain else normalise_attrs(kept), inherited,
+        )  # fmt: skip
+        ended = end_at >= 0 and end is not None
+        proxy_known = False  # the proxy span exists (point events add nothing else to it)
+        for index, item in enumerate(items):
+            if index == end_at and ended:
+                self._proxy_ends(trace, end, client_id, proxy_id)
+                ended = False
+            if item is None:
+                break
+            code = item[0]
+            if code == PROXY_START:
+                kept = {"http.request.method": method}
+                trace.started(
+                    proxy_id, item[1], client_id, "proxy", name,
+                    kept if plain else normalise_attrs(kept), inherited,
+                )  # fmt: skip
+                proxy_known = True
+            elif type(code) is int:
+                if code != REQUEST_BODY and not proxy_known:  # (the client span exists)
+                    trace.span(proxy_id)
+                    proxy_known = True
+            else:
+                self._fold(whole[index], touched, [])
+        if ended:
+            self._proxy_ends(trace, end, client_id, proxy_id)
+        if end is not None and end[0] > newest:
+            newest = end[0]
+        touched[trace_id] = trace
+        if newest > self._newest:
+            self._newest = newest
+        return True
+
+    @staticmethod
+    def _proxy_ends(trace: _Trace, end: Any, client_id: str, proxy_id: str) -> None:
+        """The spans' ends of :func:`~hopscope.tracing.proxyrecord.end_records`."""
+        ts, status, proxy_ended, up_status, up_conn = end[0], end[1], end[3], end[4], end[5]
+        if proxy_ended:
+            # (a response.body.summary event before this end adds nothing to the span)
+            extra = end[15]
+            if up_conn is None:
+                attrs: dict[str, Any] = normalise_attrs(_kept(extra)) if extra else {}
+            elif extra:
+                attrs = _kept(extra)
+                attrs["http.response.status_code"] = up_status or None
+                attrs = normalise_attrs(attrs)
+            else:
+                attrs = _status(up_status)
+            trace.ended(proxy_id, ts, attrs)
+        extra = end[14]
+        if extra:
+            attrs = _kept(extra)
+            attrs["http.response.status_code"] = status or None
+            attrs = normalise_attrs(attrs)
+        else:
+            attrs = _status(status)
+        trace.ended(client_id, ts, attrs)
 
     def _due(self, candidates: Iterable[_Trace], flush: bool = False) -> list[str]:
         """Lines for finished traces whose hold has passed (all finished ones on flush)."""

@@ -110,14 +110,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: When the current wait times out (loop time); see :meth:`_wait`.
+        self._deadline = 0.0
         #: True while a request body is still being streamed: the upstream is then
         #: allowed to wait for it before answering (its silence is no read timeout).
         self.sending = False
+        self._head_only = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks: deque[bytes] = deque()
         self._new_exchange(False)
 
     # -- exchange state ----------------------------------------------------------
     def _new_exchange(self, head_only: bool) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        if head_only or self._head_only:
+            # A HEAD's response ends at its head, which httptools cannot be told: the
+            # parser of the exchange before one, or after one, is not reused.  (Any other
+            # reused connection ended its last exchange cleanly, and httptools then
+            # waits for the next response.)
+            self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
         self.status = 0
         self.version = "1.1"
@@ -126,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: Fields after a chunked body (httptools reports them as headers after the head).
         self.trailers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the end is known without EOF
-        self._chunks: deque[bytes] = deque()
+        self._chunks.clear()
         self._buffered = 0
         self.received = 0
         self.complete = False
@@ -186,6 +196,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.pool._lost(self)
         if self.complete or self.error is not None:
             self._wake()
@@ -278,23 +291,36 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if self._waiter is None or self.closed:
+            return  # nothing waits now: the next wait starts a timer again
+        loop = self._loop
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timeout)
+            return
         timeout = self.pool.read_timeout
         if self.sending:
-            self._timer = self._loop.call_later(timeout, self._on_timeout)
+            self._deadline = loop.time() + timeout
+            self._timer = loop.call_at(self._deadline, self._on_timeout)
             return
         self._fail(ReadTimeout(f"upstream sent nothing for {timeout:g}s"))
         self.close()
 
     async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        self._timer = self._loop.call_later(self.pool.read_timeout, self._on_timeout)
+        """Wait for the response's next step; the read timeout runs from now.
+
+        Why one timer per connection, moved forward by each wait instead of one per
+        wait: most waits last well under a millisecond, and arming and cancelling a
+        timer for each was a measurable part of the proxy's work per request.
+        """
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        self._deadline = loop.time() + self.pool.read_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._on_timeout)
         try:
             await waiter
         finally:
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
 
     async def head(self) -> None:
         """Wait for the response head (``status``, ``headers``, ``head_ts``)."""
@@ -319,6 +345,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         return data, self.complete and self.error is None
+
+    def take_whole(self) -> bytes | None:
+        """The whole body of a response that is complete (None when it is not)."""
+        if not self.complete or self.error is not None:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
 
     # -- writing -----------------------------------------------------------------
     def write(self, data: bytes) -> None:

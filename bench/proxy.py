@@ -28,6 +28,9 @@ Goals (issue 3): hopscope's throughput at least twice mitmdump's, and its median
 at most 1 ms above direct.  CPU microseconds per request of each proxy process are shown
 too: unlike req/s they hardly move with the load of the rest of the machine.
 
+For load-independent figures (instructions per request of the proxy, and of its
+recording child's tail, under callgrind) see bench/proxy_hotpath.py.
+
 Every process this script starts is stopped before it exits (also on Ctrl-C).
 """
 

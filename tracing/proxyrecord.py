@@ -21,8 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CONNECT",
     "PROXY_END",
     "PROXY_REQUEST",
+    "PROXY_START",
+    "REQUEST_BODY",
+    "RESPONSE_BODY",
+    "RESPONSE_START",
+    "RETRY",
+    "SENT",
     "client_start",
     "end_records",
     "expand_proxy",

@@ -1,0 +1,245 @@
+"""The proxy's tail lines made from its records without wire events.
+
+The recording child folds the proxy's ``"r"`` records straight into tail lines
+(``Tail.feed_records``); the lines, and what is held for them, must be those the wire
+events give, whatever the request's fate and however records are batched.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hopscope.app.collector import BackgroundCollector
+from hopscope.app.tail import Tail
+from hopscope.tracing import MemorySink
+from hopscope.tracing.records import Record, to_events
+from hopscope.tracing.sinks import SocketSink
+from test_proxy import HOST, _answers, proxy_to, raw_request, upstream_server, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+HOPSCOPE = [sys.executable, "-m", "hopscope.app"]
+INFO = {"process.pid": 4242, "server.software": "hopscope-proxy"}
+
+
+class Sink:
+    """Where lines go: a list."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.extend(line for line in text.splitlines() if line)
+
+    def flush(self) -> None:
+        pass
+
+
+def _state(tail: Tail) -> dict[str, Any]:
+    return {
+        trace_id: {
+            span_id: (s.parent_id, s.hop, s.name, s.start, s.end, s.attrs, s.raised)
+            for span_id, s in trace.spans.items()
+        }
+        for trace_id, trace in tail._traces.items()
+    }
+
+
+def _both_ways(
+    batches: list[list[Record]], info: dict[str, Any] = INFO
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(lines per batch, state held, counters) fed as events and fed as records."""
+    results = []
+    for way in ("events", "records"):
+        tail = Tail(Sink(), live=False, hold=0.05)  # type: ignore[arg-type]
+        per_batch = []
+        for batch in batches:
+            if way == "records":
+                tail.feed_records(batch, info)
+                per_batch.append(list(tail.out.lines))  # type: ignore[attr-defined]
+            else:
+                events = []
+                dropped = 0
+                for record in batch:
+                    try:
+                        events.extend(to_events(record, info))
+                    except Exception:
+                        dropped += 1
+                if dropped:
+                    events.insert(0, {"kind": "dropped", "ts": 0, "count": dropped,
+                                      "attrs": dict(info)})  # fmt: skip
+                tail.feed(events)
+                per_batch.append(list(tail.out.lines))  # type: ignore[attr-defined]
+        state = _state(tail)
+        tail.close()
+        counters = (tail.printed, tail.dropped, tail.malformed, tail.in_flight)
+        results.append((per_batch, state, tail.out.lines, counters))  # type: ignore[attr-defined]
+    return results[0], results[1]
+
+
+@pytest.fixture(scope="module")
+def recorded(free_port_module: Callable[[], int]) -> list[Record]:
+    """The proxy's and the app's records of requests of every kind of fate."""
+    app_sink = MemorySink()
+    with upstream_server(app_sink) as upstream, proxy_to(upstream.url) as proxy:
+        with httpx.Client(base_url=proxy.url, timeout=10) as client:
+            assert client.get("/").status_code == 200
+            assert client.head("/").status_code == 200
+            assert client.post("/echo", content=b"x" * 100).status_code == 200
+            chunks = (b"y" * 70_000 for _ in range(8))  # more than 4 chunks each way
+            assert client.post("/echo", content=chunks).status_code == 200
+            assert client.get("/big", params={"n": 600_000}).status_code == 200
+            assert client.get("/headers").status_code == 200  # hop-by-hop fields removed
+            assert client.get("/sse").status_code == 500  # the app raises (no gate named)
+            assert client.get("/nowhere").status_code == 404
+            assert client.get("/", headers={"TE": "trailers"}).status_code == 200
+        raw_request(proxy.port, b"GET http://example.com/ HTTP/1.1\r\nHost: e\r\n\r\n")
+        raw_request(proxy.port, b"CONNECT example.com:443 HTTP/1.1\r\nHost: e\r\n\r\n")
+        # A client that leaves in the middle of a large response.
+        with socket.create_connection((HOST, proxy.port)) as sock:
+            sock.sendall(b"GET /big?n=50000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(1000)
+        wait_until(lambda: len(proxy.sink.records()) >= 11)
+        wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
+        proxy_records = proxy.sink.records()
+    with proxy_to(f"http://{HOST}:{free_port_module()}") as down:
+        assert httpx.get(down.url + "/down", timeout=10).status_code == 502
+        wait_until(lambda: len(down.sink.records()) == 1 and down.sink.records()[0][8] >= 0)
+        proxy_records += down.sink.records()
+    assert {r[6] for r in proxy_records} == {"proxy"}
+    return proxy_records + app_sink.records()
+
+
+@pytest.fixture(scope="module")
+def free_port_module() -> Callable[[], int]:
+    def free() -> int:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+            return port
+
+    return free
+
+
+def test_lines_from_records_are_the_lines_from_events(recorded: list[Record]) -> None:
+    by_events, by_records = _both_ways([recorded])
+    assert by_records == by_events
+    lines = by_records[2]
+    assert len(lines) >= 12
+    assert any(re.search(r" GET /big 200 .* client=.* proxy=.*client-gone", x) for x in lines)
+    assert any(" GET /down 502 " in x and "error=" in x for x in lines)
+    assert any(" 400 " in x for x in lines)  # an absolute-form target, refused
+    assert any(" POST /echo 200 " in x and " app=" in x for x in lines)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_batching_and_order_gives_the_same_lines(recorded: list[Record], seed: int) -> None:
+    rng = random.Random(seed)
+    records = list(recorded)
+    rng.shuffle(records)
+    batches: list[list[Record]] = []
+    while records:
+        size = rng.randint(1, 4)
+        batches.append(records[:size])
+        records = records[size:]
+    by_events, by_records = _both_ways(batches)
+    assert by_records == by_events
+
+
+def test_bad_records_and_odd_process_info_judged_as_events_judge_them(
+    recorded: list[Record],
+) -> None:
+    proxy = [r for r in recorded if r[0] == "r" and r[6] == "proxy"]
+    first = proxy[0]
+    bad_items = (*first[:10], [(99, 1)])
+    zero_trace = (first[0], first[1], 0, *first[3:])
+    short_end = (*first[:9], first[9][:3], first[10])
+    not_a_tuple = list(first)
+    end = first[9]
+    odd_status = (*first[:2], 11, *first[3:9], (end[0], "200", *end[2:4], "5", *end[5:]), first[10])
+    no_status = (*first[:2], 12, *first[3:9], (end[0], 0, *end[2:4], 0, *end[5:]), first[10])
+    odd_info = {"process.pid": 1, "http.route": "/from-info", "span.kind": None}
+    batches = [
+        [bad_items, zero_trace, proxy[1]],
+        [short_end, not_a_tuple],
+        [odd_status, no_status],
+        proxy[2:],
+    ]
+    for info in (INFO, odd_info, {}):
+        by_events, by_records = _both_ways(batches, info)  # type: ignore[arg-type]
+        assert by_records == by_events
+
+
+def test_collector_gives_records_only_when_no_file_wants_events(tmp_path: Any) -> None:
+    seen: dict[str, int] = {"events": 0, "records": 0}
+
+    def consume(events: list[dict[str, Any]]) -> None:
+        seen["events"] += len(events)
+
+    def take(records: list[Any], info: dict[str, Any], dropped: int) -> int:
+        seen["records"] += len(records)
+        return 1 if dropped else 0
+
+    for output in (None, tmp_path / "t.jsonl"):
+        seen.update(events=0, records=0)
+        with BackgroundCollector("127.0.0.1:0", consume, output=output, records=take) as bg:
+            bg.collector._deliver(INFO, 0, [("p", 1, 1, 1, "x", None)])
+            bg.collector._deliver(INFO, 2, [])
+        if output is None:
+            assert seen == {"events": 0, "records": 1}
+            assert bg.collector.dropped == 3
+        else:
+            assert seen["records"] == 0 and seen["events"] == 2  # the event and a "dropped"
+
+
+@pytest.fixture
+def cli_proxy_no_file() -> Iterator[dict[str, Any]]:
+    """``hopscope proxy`` as users run it (no -o): its child folds records into lines."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        collector_port = probe.getsockname()[1]
+    sink = SocketSink(f"tcp://{HOST}:{collector_port}")
+    with upstream_server(sink) as upstream, socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        proc = subprocess.Popen(
+            [*HOPSCOPE, "proxy", "--upstream", upstream.url, "--listen", f"{HOST}:{port}",
+             "--collector", f"{HOST}:{collector_port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: _answers(port) or proc.poll() is not None, timeout=20)
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            yield {"proc": proc, "url": f"http://{HOST}:{port}", "sink": sink}
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            sink.close()
+
+
+def test_command_without_a_file_prints_whole_lines(cli_proxy_no_file: dict[str, Any]) -> None:
+    proc = cli_proxy_no_file["proc"]
+    with httpx.Client(base_url=cli_proxy_no_file["url"], timeout=10) as client:
+        assert client.post("/echo", content=b"hi").content == b"hi"
+        assert client.get("/nowhere").status_code == 404
+        sent = client.get("/", headers={"X-Forwarded-For": "10.0.0.1"})
+        assert sent.status_code == 200
+    cli_proxy_no_file["sink"].flush()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert "stopped after 3 request(s)" in err
+    echo = [line for line in out.splitlines() if " POST /echo 200 " in line]
+    assert echo and all(f" {hop}=" in echo[0] for hop in ("client", "proxy", "server", "app"))
+    assert any(" GET /nowhere 404 " in line for line in out.splitlines())
