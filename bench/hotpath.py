@@ -9,12 +9,14 @@ request, ``receive``/``send`` (``start_response``) that do nothing, and the ASGI
 stepped by hand (the app never waits, so no event loop is needed and none is counted).
 Each runs bare and wrapped; wrapped minus bare is what the middleware adds.  The sink
 takes each request's recording like a real sink does and lets them go every
-:data:`DRAIN_EVERY` requests; with ``--take`` it also makes their records then, as a
-SocketSink's drain thread would (that work is in the app's process too, off its thread).
+:data:`DRAIN_EVERY` requests; with ``--take`` it also makes their records then, and
+with ``--encode`` also marshals them into a wire frame, as a SocketSink does before it
+sends (that work is in the app's process too, done now and then by a request's thread).
 
 Under ``--callgrind`` each variant runs in its own ``valgrind --tool=callgrind`` process
 that counts only what runs inside the measured loop (``--toggle-collect`` on the C
-function driving it), so interpreter start-up, imports and warm-up are left out.
+function driving it), so interpreter start-up, imports and warm-up are left out, with
+``PYTHONHASHSEED=0`` unless it is set (dict probe counts follow the hash seed).
 """
 
 from __future__ import annotations
@@ -34,20 +36,26 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from _common import ASGI_SCOPE, WSGI_ENVIRON, flask_hello, starlette_hello
-from hopscope.tracing.sinks import Recording, Sink
+from hopscope.tracing.records import process_info
+from hopscope.tracing.sinks import Recording, Sink, encode_frame
 
 #: Requests between two "drains" of the bench sink.
 DRAIN_EVERY = 1000
+#: ``--encode``: drains also marshal a frame (set once, before any variant is made).
+ENCODE = False
 VARIANTS = ("asgi-bare", "asgi-wrapped", "wsgi-bare", "wsgi-wrapped")
 
 
 class BenchSink(Sink):
     """Takes recordings like a SocketSink (a reference in a queue) and drops them at
-    each :meth:`drain`; with ``take`` it first makes their records, as a drain would."""
+    each :meth:`drain`; with ``take`` it first makes their records, as a drain would,
+    and with ``encode`` also marshals them into a frame."""
 
-    def __init__(self, take: bool = False) -> None:
+    def __init__(self, take: bool = False, encode: bool = False) -> None:
         self.queue: list[Any] = []
-        self.take = take
+        self.take = take or encode
+        self.encode = encode
+        self.info = process_info(os.getpid())
         self.records = 0
 
     def emit(self, record: Any) -> None:
@@ -67,6 +75,8 @@ class BenchSink(Sink):
                 else:
                     out.append(item)
             self.records += len(out)
+            if self.encode:
+                encode_frame(out, 0, self.info)
         self.queue.clear()
 
 
@@ -144,7 +154,7 @@ def make_step(variant: str, take: bool) -> tuple[Callable[[Any, int], Any], Benc
     if mode == "wrapped":
         from hopscope.tracing import wrap
 
-        sink = BenchSink(take)
+        sink = BenchSink(take, ENCODE)
         app = wrap(app, sink=sink, capture_logs=False)
     step = (asgi_step if framework == "asgi" else wsgi_step)(app, sink)
     return step, sink
@@ -175,7 +185,9 @@ def cpu_mode(n: int, rounds: int, take: bool) -> None:
             began = time.process_time()
             run(step, sink, n)
             times[variant].append((time.process_time() - began) / n * 1e6)
-    print(f"CPU us/request, best of {rounds} rounds of {n} (take={take}); {_load()}")
+    print(
+        f"CPU us/request, best of {rounds} rounds of {n} (take={take}, encode={ENCODE}); {_load()}"
+    )
     for framework in ("asgi", "wsgi"):
         bare, wrapped = min(times[f"{framework}-bare"]), min(times[f"{framework}-wrapped"])
         print(
@@ -223,7 +235,12 @@ def count_instructions(variant: str, n: int, take: bool, workdir: str) -> int:
     ]
     if take:
         command.append("--take")
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if ENCODE:
+        command.append("--encode")
+    # A fixed hash seed: with a random one, how many probes each dict lookup takes
+    # changes from run to run, and so does the count (by a thousand or so per request).
+    env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"valgrind failed for {variant}: {proc.stderr.strip()[-500:]}")
     with open(out) as f:
@@ -246,7 +263,7 @@ def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
                 strict=True,
             )
         )
-    print(f"instructions/request over {n} requests (take={take}); {_load()}")
+    print(f"instructions/request over {n} requests (take={take}, encode={ENCODE}); {_load()}")
     for framework in frameworks:
         bare = counts[f"{framework}-bare"] / n
         wrapped = counts[f"{framework}-wrapped"] / n
@@ -268,6 +285,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--take", action="store_true", help="also make records, as a drain")
+    parser.add_argument(
+        "--encode", action="store_true", help="also marshal them, as a SocketSink (implies --take)"
+    )
     parser.add_argument("-n", type=int, default=0, help="requests per variant (and round)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
@@ -276,6 +296,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.n < 0 or args.rounds < 1 or args.jobs < 1:
         parser.error("-n, --rounds and --jobs must be positive")
+    global ENCODE
+    ENCODE = args.encode
+    args.take = args.take or args.encode
     if args.child:
         child(args.child, args.n or 2000, args.take)
     elif args.callgrind:

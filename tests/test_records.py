@@ -22,6 +22,7 @@ from hopscope.tracing.records import (
     WSGI_REQUEST,
     event_count,
     expand,
+    legacy,
     process_info,
     to_events,
 )
@@ -262,7 +263,10 @@ def wsgi_records(draw: st.DrawFn) -> tuple[Any, ...]:
         max_size=4,
     )
     assert len(fields) == len(WSGI_REQUEST)
-    request = [_spoil(draw, fields, scalar), draw(environ_pairs)]
+    pairs = draw(environ_pairs)
+    request: list[Any] = [_spoil(draw, fields, scalar), pairs]
+    if draw(st.booleans()):  # the middleware's layout: header keys and values apart
+        request[1:] = [tuple(k for k, _ in pairs), tuple(v for _, v in pairs)]
     end = [
         5,
         draw(st.sampled_from([200, None])),
@@ -299,6 +303,18 @@ def test_odd_asgi_values_decode_alike(record: tuple[Any, ...]) -> None:
 @given(wsgi_records())
 def test_odd_wsgi_values_decode_alike(record: tuple[Any, ...]) -> None:
     same(record)
+
+
+def test_both_wsgi_request_layouts_make_the_same_events() -> None:
+    """The middleware records header keys and values as two tuples; a record with
+    ``(key, value)`` pairs instead says the same."""
+    for record in _wsgi_records():
+        fields, keys, values = record[7]
+        pairs = list(zip(keys, values, strict=True))
+        assert ("HTTP_HOST", "example") in pairs
+        as_pairs = (*record[:7], (fields, pairs), *record[8:])
+        assert to_events(as_pairs, INFO) == to_events(record, INFO)
+        assert legacy([as_pairs]) == legacy([record])
 
 
 @given(st.dictionaries(st.sampled_from(["process.pid", "interface", "thread.id", "x"]), scalar))

@@ -17,8 +17,8 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from functools import partial
 from operator import itemgetter
+from types import MethodType
 from typing import Any
 
 from .context import SpanContext, current
@@ -83,20 +83,16 @@ class ASGIMiddleware:
             if scope["type"] == "websocket":
                 return await _WebSocketRecorder(self, scope).run(receive, send)
             return await self.app(scope, receive, send)
-        recording = _HTTPRecording(self, scope)
+        recording = _recording(self, scope)
         sink = recording.sink
         context_sink = recording if sink.start_live(recording) else recording.go_eager()
         token = current.set(
             _context(SpanContext, (context_sink, recording.trace_id, recording.span_id))
         )
         try:
-            # The server's channels are bound into what the app gets, not kept on the
-            # recording: it outlives the request until the next drain, and would keep
-            # the server's per-request objects alive (and walked by the collector of
-            # garbage) all that time.
-            result = await self.app(
-                scope, _partial(_receive, recording, receive), _partial(_send, recording, send)
-            )
+            # The server's channels are bound into what the app gets (see _receive).
+            channels = (recording, receive, send)
+            result = await self.app(scope, _method(_receive, channels), _method(_send, channels))
         except BaseException as exc:
             recording.failed(exc)
             raise
@@ -130,7 +126,7 @@ class ASGIMiddleware:
 #: ``tuple.__new__(SpanContext, fields)`` skips the named tuple's Python-level ``__new__``.
 _context = tuple.__new__
 _NO_SCOPE: Scope = {}
-_partial = partial
+_method = MethodType
 
 
 def _request_attrs(scope: Scope, interface: str) -> dict[str, Any]:
@@ -283,52 +279,25 @@ class _HTTPRecording(Recording):
         "trailers",
     )
 
-    def __init__(self, middleware: ASGIMiddleware, scope: Scope):
-        self.start = _now()
-        self.sink = middleware.sink or middleware._sink()
-        # _ids(scope) and _request_fields(scope), inlined: two calls less per request.
-        server = scope.get("hopscope")
-        if server is not None:
-            self.trace_id = server["trace_id"]
-            self.parent_id = server["parent_id"]
-        else:
-            for name, value in scope.get("headers") or ():
-                if name == b"traceparent":
-                    parsed = parse_traceparent(value)
-                    if parsed is not None:
-                        self.trace_id, self.parent_id = parsed
-                        break
-                    self.trace_id, self.parent_id = _getrandbits(128) or 1, 0
-                    break
-            else:
-                self.trace_id = _getrandbits(128) or 1  # records.new_trace_id, inlined
-                self.parent_id = 0
-        self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
-        self.thread_id = _ident()
-        try:
-            self.request = _REQUEST_FIELDS(scope)
-        except KeyError:
-            self.request = _request_fields(scope)
-        self.items = []
-        self.end_at = -1
-        self.done = False
-        self._state = -1
-        self.limit = middleware.body_limit
-        self.scope = scope
-        self.status: int | None = None  # None until the response starts
-        self.response_headers: Any = None
-        self.trailers = False
-        self.handling: BaseException | None = None
-        self.complete = False
-        self.end_ts = 0
-        self.end_extra: dict[str, Any] | None = None
-        self.route: str | None = None
-        self.request_body: BodyCapture | None = None
-        self.response_count = 0
-        self.response_size = 0
-        self.response_chunks: Any = None  # the first kept chunk, then a list of them
-        # response_first and response_last are set by the first chunk, read only by a
-        # summary (more than FIRST_CHUNKS chunks): nothing to set before.
+    complete: bool
+    end_extra: dict[str, Any] | None
+    end_ts: int
+    handling: BaseException | None
+    limit: int
+    request_body: BodyCapture | None
+    response_chunks: Any  # the first kept chunk, then a list of them
+    response_count: int
+    response_first: int
+    response_headers: Any
+    response_last: int
+    response_size: int
+    route: str | None
+    scope: Scope
+    status: int | None
+    trailers: bool
+
+    # Made by _recording(), not by an ``__init__``: a Python ``__init__`` behind a type
+    # call costs a request more than all the stores it makes.
 
     def _event(self, ts: int, name: str, attrs: dict[str, Any] | None) -> None:
         self.items.append(("p", ts, self.trace_id, self.span_id, name, attrs))
@@ -362,95 +331,6 @@ class _HTTPRecording(Recording):
                     attrs,
                 )
             )
-
-    # -- receive ---------------------------------------------------------------
-    async def receive(self, receive: Receive) -> Message:
-        message = await receive()
-        kind = message.get("type")
-        if kind == "http.request":
-            body = message.get("body", b"")
-            if body:
-                ts = _now()
-                request = self.request_body
-                if request is None:
-                    request = self.request_body = BodyCapture(self.limit)
-                request.add(body, ts)
-                if request.count <= FIRST_CHUNKS:
-                    more = bool(message.get("more_body"))
-                    self.items.append((REQUEST_BODY, ts, len(body), more))
-        elif kind == "http.disconnect" and not self.complete and self.end_at < 0:
-            # After the final body a disconnect is the normal end of the exchange.
-            phase = "during_response" if self.status is not None else "before_response"
-            self._event(_now(), "disconnect", {"phase": phase})
-            self._end({"disconnected": True})
-        return message
-
-    # -- send ------------------------------------------------------------------
-    async def send(self, send: Send, message: Message) -> None:
-        # The app's part ends when it hands the last message over: the server's own
-        # span (which writes it) then closes after the app span, not before.  Only
-        # messages that may be the last need that time (one clock read less per start).
-        kind = message.get("type")
-        handed = 0 if kind == "http.response.start" else _now()
-        try:
-            await send(message)
-        except OSError:
-            # The server could not write: the client is gone.
-            if self.end_at < 0:
-                self._event(_now(), "disconnect", {"phase": "send"})
-                self._end({"disconnected": True})
-            raise
-        if kind == "http.response.body":
-            body = message.get("body", b"")
-            more = message.get("more_body", False)
-            if body:
-                count = self.response_count = self.response_count + 1
-                size = self.response_size
-                if size < self.limit:
-                    kept = self.response_chunks
-                    if kept is None:
-                        self.response_chunks = body
-                    elif type(kept) is list:
-                        kept.append(body)
-                    else:
-                        self.response_chunks = [kept, body]
-                self.response_size = size + len(body)
-                # The chunk's time serves its event and a long body's summary: a single
-                # final chunk (most responses) needs neither.
-                if more or count > FIRST_CHUNKS:
-                    ts = _now()
-                    if count == 1:
-                        self.response_first = ts
-                    self.response_last = ts
-                    if more and count <= FIRST_CHUNKS:
-                        self.items.append((RESPONSE_BODY, ts, len(body), True))
-                elif count == 1:
-                    self.response_first = self.response_last = handed
-            if not more and not self.trailers:
-                # _complete(None, handed), inlined for the last body of most responses.
-                self.complete = True
-                self.end_ts = handed
-                if self.handling is None:
-                    self._end(None)
-        elif kind == "http.response.start":
-            # An app (Starlette's ServerErrorMiddleware) may send an error page while it
-            # handles an exception that it then re-raises: remember which, see _complete.
-            self.handling = sys.exception()
-            status = self.status = message.get("status", 0)
-            headers = self.response_headers = message.get("headers")
-            if message.get("trailers"):
-                self.trailers = True
-            self.items.append((RESPONSE_START, _now(), status, headers))
-        elif kind == "http.response.trailers":
-            attrs = {"http.response.trailers": message.get("headers")}
-            self._event(_now(), "response.trailers", attrs)
-            if not message.get("more_trailers"):
-                self._complete(None, handed)
-        elif kind == "http.response.pathsend":
-            self._complete({"http.response.pathsend": message.get("path")}, handed)
-        elif kind == "http.response.zerocopysend":
-            if not message.get("more_body"):
-                self._complete({"http.response.zerocopysend": True}, handed)
 
     # -- end -------------------------------------------------------------------
     def _complete(self, extra: dict[str, Any] | None, handed: int) -> None:
@@ -543,8 +423,163 @@ class _HTTPRecording(Recording):
         self.seal()
 
 
-_receive = _HTTPRecording.receive
-_send = _HTTPRecording.send
+def _recording(middleware: ASGIMiddleware, scope: Scope) -> _HTTPRecording:
+    self: _HTTPRecording = _new(_HTTPRecording)
+    self.start = _now()
+    self.sink = middleware.sink or middleware._sink()
+    # _ids(scope) and _request_fields(scope), inlined: two calls less per request.
+    server = scope.get("hopscope")
+    if server is not None:
+        self.trace_id = server["trace_id"]
+        self.parent_id = server["parent_id"]
+    else:
+        headers = scope.get("headers") or ()
+        # Is there a traceparent at all?  Asked in C (a loop here costs a dozen opcodes
+        # per header); then the first one is looked for, as _ids does.
+        if b"traceparent" in map(_name, headers):
+            for name, value in headers:
+                if name == b"traceparent":
+                    parsed = parse_traceparent(value)
+                    if parsed is not None:
+                        self.trace_id, self.parent_id = parsed
+                        break
+                    self.trace_id, self.parent_id = _getrandbits(128) or 1, 0
+                    break
+        else:
+            self.trace_id = _getrandbits(128) or 1  # records.new_trace_id, inlined
+            self.parent_id = 0
+    self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
+    self.thread_id = _ident()
+    try:
+        self.request = _REQUEST_FIELDS(scope)
+    except KeyError:
+        self.request = _request_fields(scope)
+    self.items = []
+    self.end_at = -1
+    self.done = False
+    self._state = -1
+    self.limit = middleware.body_limit
+    self.scope = scope
+    self.status = None  # None until the response starts
+    self.response_headers = None
+    self.trailers = False
+    self.handling = None
+    self.complete = False
+    self.end_ts = 0
+    self.end_extra = None
+    self.route = None
+    self.request_body = None
+    self.response_count = 0
+    self.response_size = 0
+    self.response_chunks = None  # the first kept chunk, then a list of them
+    # response_first and response_last are set by the first chunk, read only by a
+    # summary (more than FIRST_CHUNKS chunks): nothing to set before.
+    return self
+
+
+_name = itemgetter(0)
+_new = object.__new__
+
+
+_Channels = tuple[_HTTPRecording, Receive, Send]
+
+
+# -- the app's receive and send ---------------------------------------------------------
+# Bound to ``(recording, server's receive, server's send)`` with MethodType: one tuple and
+# two method objects per request (two partials made six objects), and not on the
+# recording, which outlives the request until the next drain and would keep the server's
+# per-request objects alive (and walked by the collector of garbage) all that time.
+
+
+async def _receive(channels: _Channels) -> Message:
+    recording, receive, _ = channels
+    message = await receive()
+    kind = message.get("type")
+    if kind == "http.request":
+        body = message.get("body", b"")
+        if body:
+            ts = _now()
+            request = recording.request_body
+            if request is None:
+                request = recording.request_body = BodyCapture(recording.limit)
+            request.add(body, ts)
+            if request.count <= FIRST_CHUNKS:
+                more = bool(message.get("more_body"))
+                recording.items.append((REQUEST_BODY, ts, len(body), more))
+    elif kind == "http.disconnect" and not recording.complete and recording.end_at < 0:
+        # After the final body a disconnect is the normal end of the exchange.
+        phase = "during_response" if recording.status is not None else "before_response"
+        recording._event(_now(), "disconnect", {"phase": phase})
+        recording._end({"disconnected": True})
+    return message
+
+
+async def _send(channels: _Channels, message: Message) -> None:
+    recording, _, send = channels
+    # The app's part ends when it hands the last message over: the server's own
+    # span (which writes it) then closes after the app span, not before.  Only
+    # messages that may be the last need that time (one clock read less per start).
+    kind = message.get("type")
+    handed = 0 if kind == "http.response.start" else _now()
+    try:
+        await send(message)
+    except OSError:
+        # The server could not write: the client is gone.
+        if recording.end_at < 0:
+            recording._event(_now(), "disconnect", {"phase": "send"})
+            recording._end({"disconnected": True})
+        raise
+    if kind == "http.response.body":
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if body:
+            count = recording.response_count = recording.response_count + 1
+            size = recording.response_size
+            if size < recording.limit:
+                kept = recording.response_chunks
+                if kept is None:
+                    recording.response_chunks = body
+                elif type(kept) is list:
+                    kept.append(body)
+                else:
+                    recording.response_chunks = [kept, body]
+            recording.response_size = size + len(body)
+            # The chunk's time serves its event and a long body's summary: a single
+            # final chunk (most responses) needs neither.
+            if more or count > FIRST_CHUNKS:
+                ts = _now()
+                if count == 1:
+                    recording.response_first = ts
+                recording.response_last = ts
+                if more and count <= FIRST_CHUNKS:
+                    recording.items.append((RESPONSE_BODY, ts, len(body), True))
+            elif count == 1:
+                recording.response_first = recording.response_last = handed
+        if not more and not recording.trailers:
+            # _complete(None, handed), inlined for the last body of most responses.
+            recording.complete = True
+            recording.end_ts = handed
+            if recording.handling is None:
+                recording._end(None)
+    elif kind == "http.response.start":
+        # An app (Starlette's ServerErrorMiddleware) may send an error page while it
+        # handles an exception that it then re-raises: remember which, see _complete.
+        recording.handling = sys.exception()
+        status = recording.status = message.get("status", 0)
+        headers = recording.response_headers = message.get("headers")
+        if message.get("trailers"):
+            recording.trailers = True
+        recording.items.append((RESPONSE_START, _now(), status, headers))
+    elif kind == "http.response.trailers":
+        attrs = {"http.response.trailers": message.get("headers")}
+        recording._event(_now(), "response.trailers", attrs)
+        if not message.get("more_trailers"):
+            recording._complete(None, handed)
+    elif kind == "http.response.pathsend":
+        recording._complete({"http.response.pathsend": message.get("path")}, handed)
+    elif kind == "http.response.zerocopysend":
+        if not message.get("more_body"):
+            recording._complete({"http.response.zerocopysend": True}, handed)
 
 
 class _WebSocketRecorder:

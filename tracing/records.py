@@ -321,7 +321,9 @@ ASGI_END = (
     "request_truncated", "response_size", "response_body", "response_truncated", "extra",
 )  # fmt: skip
 #: ``request`` is ``(fields, headers)``: these environ values, and the environ's
-#: ``(key, value)`` pairs that may be headers (``HTTP_*``, ``CONTENT_*``), in order.
+#: ``(key, value)`` pairs that may be headers (``HTTP_*``, ``CONTENT_*``), in order; or
+#: ``(fields, keys, values)``, those pairs as two tuples (what the middleware makes: no
+#: pair to build, and the tuple of keys is shared by like requests).
 WSGI_REQUEST = (
     "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL",
     "wsgi.url_scheme", "REMOTE_ADDR", "REMOTE_PORT", "SERVER_NAME", "SERVER_PORT",
@@ -414,8 +416,17 @@ def _wsgi_headers(pairs: Any) -> list[tuple[str, str]]:
     return headers
 
 
-def _wsgi_start(request: Any) -> tuple[str, dict[str, Any]]:
+def _wsgi_request(request: Any) -> tuple[Any, Any]:
+    """``(fields, header pairs)`` of either layout of :data:`WSGI_REQUEST`."""
+    if len(request) == 3:
+        fields, keys, values = request
+        return fields, zip(keys, values, strict=True)
     fields, pairs = request
+    return fields, pairs
+
+
+def _wsgi_start(request: Any) -> tuple[str, dict[str, Any]]:
+    fields, pairs = _wsgi_request(request)
     (method, script, path_info, query, protocol, scheme, client, client_port, server,
      server_port, software) = fields  # fmt: skip
     path = script + path_info
@@ -596,9 +607,9 @@ def _wsgi_quick_headers(pairs: Any) -> list[list[str]] | None:
 
 
 def _wsgi_quick_start(request: Any) -> tuple[str, dict[str, Any]] | None:
-    if len(request) != 2:
+    if len(request) != 2 and len(request) != 3:
         return None
-    fields, pairs = request
+    fields, pairs = _wsgi_request(request)
     if len(fields) != len(WSGI_REQUEST):
         return None
     (method, script, path_info, query, protocol, scheme, client, client_port, server,

@@ -53,6 +53,8 @@ _now = time.time_ns
 _get_ident = threading.get_ident
 #: ``tuple.__new__(SpanContext, fields)`` skips the named tuple's Python-level ``__new__``.
 _context = tuple.__new__
+#: ``object.__new__``: an exchange is made without a Python ``__init__`` call.
+_new = object.__new__
 
 
 _HEADER_PREFIXES = ("HTTP_", "CONTENT_")
@@ -79,18 +81,6 @@ def _header_plan(keys: tuple[Any, ...]) -> tuple[tuple[str, ...], Callable[[Any]
     return plan
 
 
-def _header_pairs(environ: WSGIEnvironment) -> list[tuple[str, Any]]:
-    """The environ's ``(key, value)`` pairs that may be headers (``HTTP_*``, ``CONTENT_*``),
-    in order; which of them are and under what name is worked out off the app's process
-    (records._wsgi_headers)."""
-    keys = tuple(environ)
-    plan = _HEADER_PLANS.get(keys)
-    if plan is None:
-        plan = _header_plan(keys)
-    found, values = plan
-    return list(zip(found, values(environ), strict=True))
-
-
 #: What the old code defaulted each request field to when the environ lacked it.
 _DEFAULTS = {"REQUEST_METHOD": "", "SCRIPT_NAME": "", "PATH_INFO": "", "QUERY_STRING": ""}
 _DEFAULTS["SERVER_PROTOCOL"] = ""
@@ -104,11 +94,18 @@ def _request_fields(environ: WSGIEnvironment) -> tuple[Any, ...]:
         return tuple(environ.get(key, _DEFAULTS.get(key)) for key in WSGI_REQUEST)
 
 
-def _content_length(headers: Iterable[tuple[str, str]] | None) -> int | None:
-    for name, value in headers or ():
-        if len(name) == 14 and name.lower() == "content-length":
-            return port(value)
-    return None
+#: Status line -> status code (bounded: an app may make up any status line).
+_CODES: dict[str, int | None] = {}
+
+
+def _status_code(status: Any) -> int | None:
+    try:
+        code: int | None = int(status[:3])
+    except (TypeError, ValueError):
+        code = None
+    if type(status) is str and len(_CODES) < 1024:
+        _CODES[status] = code
+    return code
 
 
 def _has_body(environ: WSGIEnvironment) -> bool:
@@ -125,6 +122,9 @@ def _has_body(environ: WSGIEnvironment) -> bool:
 
 
 _BODILESS = frozenset({"GET", "HEAD"})
+#: The protocols :func:`_has_body` answers for by the method and length alone (compared,
+#: not hashed: a server may give anything).
+_HTTP1 = ("HTTP/1.1", "HTTP/1.0")
 
 
 class _Flow:
@@ -150,39 +150,49 @@ class _Flow:
         "size",
     )
 
-    def __init__(self, items: list[Any], code: int, limit: int, expected: int | None):
-        # The recording's items, not the recording: no reference cycle to outlive the
-        # request until the garbage collector finds it.
-        self._items = items
-        self._code = code
-        self._limit = limit
-        self._expected = expected
-        self._pending: tuple[int, int] | None = None
-        self._ended = False
-        self.chunks: list[bytes] = []
-        self.count = 0
-        self.size = 0
-        self.kept = 0
-        # first_ts and last_ts are set by the first chunk, before anything reads them.
+    _items: list[Any]
+    _code: int
+    _limit: int
+    _expected: int | None
+    _pending: tuple[int, int] | None
+    _ended: bool
+    #: The kept chunks: None, the first one, then a list of them (most bodies are one
+    #: chunk: no list to make, nor for the garbage collector to walk till the drain).
+    chunks: bytes | list[bytes] | None
+    count: int
+    size: int
+    kept: int
+    first_ts: int
+    last_ts: int
+
+    # Made by _flow(), not by an ``__init__`` (see WSGIMiddleware.__call__).
 
     def add(self, chunk: bytes | bytearray | memoryview, ts: int) -> None:
         size = len(chunk)
-        self.count = count = self.count + 1
-        self.size += size
+        count = self.count = self.count + 1
+        total = self.size = self.size + size
         if count == 1:
             self.first_ts = ts
         self.last_ts = ts
-        room = self._limit - self.kept
+        kept = self.kept
+        room = self._limit - kept
         if room > 0:
-            piece = chunk if size <= room else chunk[:room]
-            if type(piece) is not bytes:
-                piece = bytes(piece)
-            self.chunks.append(piece)
-            self.kept += len(piece)
+            if size > room:
+                chunk = chunk[:room]
+            if type(chunk) is not bytes:
+                chunk = bytes(chunk)
+            chunks = self.chunks
+            if chunks is None:
+                self.chunks = chunk
+            elif type(chunks) is list:
+                chunks.append(chunk)
+            else:
+                self.chunks = [chunks, chunk]  # type: ignore[list-item]  # bytes here
+            self.kept = kept + len(chunk)
         if count <= EVENT_CHUNKS:
             expected = self._expected
             if expected is not None:
-                self._items.append((self._code, ts, size, self.size < expected))
+                self._items.append((self._code, ts, size, total < expected))
             else:
                 self._settle(True)
                 self._pending = (ts, size)
@@ -202,11 +212,38 @@ class _Flow:
             self._pending = None
             self._items.append((self._code, pending[0], pending[1], more))
 
-    def finish(self) -> tuple[int, list[bytes] | None, bool]:
+    def finish(self) -> tuple[int, bytes | list[bytes] | None, bool]:
         """(size, kept chunks, truncated), for the span's end."""
         if self._pending is not None:
             self._settle(None)  # the body stopped before its end was seen
-        return self.size, self.chunks or None, self.size > self.kept
+        return self.size, self.chunks, self.size > self.kept
+
+
+def _flow(items: list[Any], code: int, limit: int, expected: int | None) -> _Flow:
+    flow = _new(_Flow)
+    # The recording's items, not the recording: no reference cycle to outlive the
+    # request until the garbage collector finds it.
+    flow._items = items
+    flow._code = code
+    flow._limit = limit
+    flow._expected = expected
+    flow._pending = None
+    flow._ended = False
+    flow.chunks = None
+    flow.count = 0
+    flow.size = 0
+    flow.kept = 0
+    # first_ts and last_ts are set by the first chunk, before anything reads them.
+    return flow
+
+
+def _response_flow(exchange: _Exchange) -> _Flow:
+    expected = None
+    for name, value in exchange.response_headers or ():
+        if len(name) == 14 and name.lower() == "content-length":
+            expected = port(value)
+            break
+    return _flow(exchange.items, RESPONSE_BODY, exchange.limit, expected)
 
 
 class _Input:
@@ -229,7 +266,7 @@ class _Input:
         flow = self._flow
         if flow is None:
             expected = port(self._content_length) if self._content_length else None
-            flow = self._flow = _Flow(self._items, REQUEST_BODY, self._limit, expected)
+            flow = self._flow = _flow(self._items, REQUEST_BODY, self._limit, expected)
         if data:
             flow.add(data, _now())
         else:
@@ -301,47 +338,23 @@ class _Exchange(Recording):
         "status",
     )
 
-    def __init__(
-        self,
-        sink: Sink,
-        start: int,
-        ids: tuple[int, int],
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
-        limit: int,
-    ) -> None:
-        self.sink = sink
-        self.start = start
-        self.trace_id, self.parent_id = ids
-        self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
-        self.thread_id = _get_ident()
-        # The request's fields and header pairs, picked out now: what the app does to the
-        # environ later does not show, and no copy of it is kept (a header plan makes the
-        # headers one lookup for a kind of environ the server already sent).
-        try:
-            fields = _REQUEST_FIELDS(environ)
-        except KeyError:  # wsgiref has no REMOTE_PORT, for one
-            fields = _request_fields(environ)
-        self.request = (fields, _header_pairs(environ))
-        self.items = []
-        self.end_at = -1
-        self.done = False
-        self._state = -1
-        self.environ = environ
-        self._server_start_response = start_response
-        self._server_write: Callable[[bytes], object] | None = None
-        self.limit = limit
-        self.input: _Input | None = None
-        self.response: _Flow | None = None
-        self.status: int | None = None
-        self.response_headers: list[tuple[str, str]] | None = None
-        self.error: str | None = None
-        self.route: str | None = None
-        self.exhausted = False
-        self.disconnect = False
-        self.file_wrapper = False
-        self.original_close: Callable[[], object] | None = None
+    _server_start_response: StartResponse
+    _server_write: Callable[[bytes], object]
+    disconnect: bool
+    environ: WSGIEnvironment
+    error: str | None
+    exhausted: bool
+    file_wrapper: bool
+    input: _Input | None
+    limit: int
+    original_close: Callable[[], object] | None
+    response: _Flow | None
+    response_headers: tuple[tuple[str, str], ...] | None
+    route: str | None
+    status: int | None
 
+    # No ``__init__``: WSGIMiddleware.__call__ fills the slots in itself (a Python
+    # ``__init__`` behind a type call costs a request more than all its stores).
     def context(self) -> SpanContext:
         """The request's context.  Made when needed, not kept: the exchange is its sink,
         and a reference back would be a cycle only the garbage collector can free."""
@@ -364,11 +377,12 @@ class _Exchange(Recording):
             write = self._server_start_response(status, headers, exc_info)
         self._server_write = write
         try:
-            code: int | None = int(status[:3])
-        except (TypeError, ValueError):
-            code = None
+            code = _CODES[status]
+        except (KeyError, TypeError):
+            code = _status_code(status)
         self.status = code
-        self.response_headers = kept = list(headers)
+        # A tuple: of pairs of str, it is the garbage collector's to forget at once.
+        self.response_headers = kept = tuple(headers)
         if self.route is None:
             # Flask drops its request from the environ when the call returns; while it
             # answers, the matched rule is still there.
@@ -390,8 +404,7 @@ class _Exchange(Recording):
     def response_chunk(self, chunk: bytes) -> None:
         flow = self.response
         if flow is None:
-            expected = _content_length(self.response_headers)
-            flow = self.response = _Flow(self.items, RESPONSE_BODY, self.limit, expected)
+            flow = self.response = _response_flow(self)
         flow.add(chunk, _now())
 
     def phase(self) -> str:
@@ -444,20 +457,27 @@ class _Exchange(Recording):
             request_size, request_body, request_cut = flow.finish()
             if flow.count > EVENT_CHUNKS:
                 self._summary(ts, "request.body.summary", flow)
-        flow = None if self.file_wrapper else self.response
-        if flow is None:
+        file_wrapper = self.file_wrapper
+        flow = self.response
+        if flow is None or file_wrapper:
             size, body, cut = 0, None, False
         else:
-            size, body, cut = flow.finish()
+            # flow.finish(), inlined: a response body is nearly every request's.
+            if flow._pending is not None:
+                flow._settle(None)  # the body stopped before its end was seen
+            size = flow.size
+            body = flow.chunks
+            cut = size > flow.kept
             if flow.count > EVENT_CHUNKS:
                 self._summary(ts, "response.body.summary", flow)
         self.end = (
             ts, self.status, self.response_headers, route, request_size, request_body,
-            request_cut, size, body, cut, self.file_wrapper, self.disconnect, self.error,
+            request_cut, size, body, cut, file_wrapper, self.disconnect, self.error,
         )  # fmt: skip
         items = self.items
         self.end_at = len(items)  # publishes the end: written last
-        if type(items) is not list:
+        eager = type(items) is not list
+        if eager:
             self.push()
         # Let the request's (and the server's) objects go now: the exchange waits for
         # the next drain, and whatever it holds is walked by the garbage collector.
@@ -467,7 +487,7 @@ class _Exchange(Recording):
         # Recording.seal, inlined (one call less per request).
         self.done = True
         items.append(None)
-        if type(items) is not list:
+        if eager:
             items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
 
     def _summary(self, ts: int, name: str, flow: _Flow) -> None:
@@ -492,52 +512,32 @@ def _route(environ: WSGIEnvironment) -> str | None:
 class _Body:
     """The app's response iterable, passed on one chunk at a time.
 
-    A class rather than a generator: ``close()`` must reach the app's iterable even if
-    iteration never started, and a generator's ``close()`` would then skip our code.
+    ``iter()`` of it is a generator (:func:`_pass_chunks`): a generator's end costs no
+    ``StopIteration`` object, a ``__next__`` method's does.  The class around it is what
+    the server closes: ``close()`` must reach the app's iterable even if iteration never
+    started, and a bare generator's ``close()`` would then skip our code.
     """
 
-    __slots__ = ("_closed", "_context", "_exchange", "_iterator", "_plain", "_result")
+    __slots__ = ("_chunks", "_closed", "_context", "_exchange", "_result")
 
-    def __init__(self, result: Iterable[bytes], exchange: _Exchange, context: SpanContext):
-        self._result = result
-        self._exchange = exchange
-        self._context = context
-        # Stepping through a list runs no app code: no context to set for it.
-        self._plain = type(result) in _PLAIN
-        self._iterator: Iterator[bytes] | None = None
-        self._closed = False
+    _chunks: Iterator[bytes] | None
+    _closed: bool
+    _context: SpanContext
+    _exchange: _Exchange
+    _result: Iterable[bytes]
 
-    def __iter__(self) -> _Body:
-        return self
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = self._chunks
+        if chunks is None:
+            result = self._result
+            # Stepping through a list runs no app code: no context to set for it.
+            context = None if type(result) in _PLAIN else self._context
+            chunks = self._chunks = _pass_chunks(result, self._exchange, context)
+        return chunks
 
     def __next__(self) -> bytes:
-        exchange = self._exchange
-        token = None if self._plain else current.set(self._context)
-        try:
-            iterator = self._iterator
-            if iterator is None:
-                iterator = self._iterator = iter(self._result)
-            # A sentinel rather than catching StopIteration: one exception less per body.
-            chunk: Any = next(iterator, _END)
-        except BaseException as exc:
-            exchange.failed(exc)
-            raise
-        finally:
-            if token is not None:
-                current.reset(token)
-        if chunk is _END:
-            if not exchange.exhausted:
-                exchange.exhausted = True
-                if exchange.response is not None:
-                    exchange.response.eof()
-            raise StopIteration
-        if chunk:
-            flow = exchange.response
-            if flow is None:
-                exchange.response_chunk(chunk)
-            else:
-                flow.add(chunk, _now())
-        return chunk  # type: ignore[no-any-return]
+        # For callers that step the result without iter() first.
+        return next(self.__iter__())
 
     def close(self) -> None:
         if self._closed:
@@ -559,6 +559,59 @@ class _Body:
             if not exchange.exhausted and exchange.error is None:
                 exchange.disconnected()
             exchange.finish()
+
+
+def _body(
+    kind: type[_Body], result: Iterable[bytes], exchange: _Exchange, context: SpanContext
+) -> _Body:
+    # A function, not ``kind(...)``: a Python ``__init__`` behind a type call costs more.
+    body = _new(kind)
+    body._result = result
+    body._exchange = exchange
+    body._context = context
+    body._chunks = None
+    body._closed = False
+    return body
+
+
+def _pass_chunks(
+    result: Iterable[bytes], exchange: _Exchange, context: SpanContext | None
+) -> Iterator[bytes]:
+    """The app's chunks, each counted; the app's code runs under the request's context
+    (``context`` is None for a list or tuple: stepping through it runs no app code).
+
+    Nothing is in a ``try`` at the ``yield``: a server that closes the result before
+    its end leaves this generator suspended, and its ``GeneratorExit`` runs nothing.
+    """
+    iterator: Iterator[bytes] | None = None
+    flow = exchange.response
+    while True:
+        token = None if context is None else current.set(context)
+        try:
+            if iterator is None:
+                iterator = iter(result)
+            # A sentinel rather than catching StopIteration: one exception less per body.
+            chunk: Any = next(iterator, _END)
+        except BaseException as exc:
+            exchange.failed(exc)
+            raise
+        finally:
+            if token is not None:
+                current.reset(token)
+        if chunk is _END:
+            break
+        if chunk:
+            if flow is None:
+                flow = exchange.response
+                if flow is None:
+                    flow = exchange.response = _response_flow(exchange)
+            flow.add(chunk, _now())
+        yield chunk
+    if not exchange.exhausted:
+        exchange.exhausted = True
+        flow = exchange.response
+        if flow is not None:
+            flow.eof()
 
 
 _PLAIN = (list, tuple)
@@ -623,32 +676,79 @@ class WSGIMiddleware:
         if sink is None:
             if self._disabled or (sink := self._default_sink()) is None:
                 return self.app(environ, start_response)
-        start = _now()
+        exchange = _new(_Exchange)
+        exchange.start = _now()
+        exchange.sink = sink
         # Inside another traced request of this process (a WSGI app mounted in a traced
         # app), nest under it; else continue the caller's trace, or start one.
         # A server hook on this thread (gunicorn's pre_request) may have opened the
         # server span this app span belongs under.
         outer = current.get()
-        server = server_parent.get()
         if outer is not None:
-            ids = outer.trace_id, outer.span_id
-        elif server is not None:
-            ids = server
+            exchange.trace_id = outer.trace_id
+            exchange.parent_id = outer.span_id
         else:
-            traceparent = environ.get("HTTP_TRACEPARENT")
-            parent = parse_traceparent(traceparent) if traceparent else None
-            # records.new_trace_id, inlined
-            ids = (_getrandbits(128) or 1, 0) if parent is None else parent
+            server = server_parent.get()
+            if server is not None:
+                exchange.trace_id, exchange.parent_id = server
+            else:
+                traceparent = environ.get("HTTP_TRACEPARENT")
+                parent = parse_traceparent(traceparent) if traceparent else None
+                if parent is None:
+                    exchange.trace_id = _getrandbits(128) or 1  # records.new_trace_id
+                    exchange.parent_id = 0
+                else:
+                    exchange.trace_id, exchange.parent_id = parent
+        exchange.span_id = span_id = _getrandbits(64) or 1  # records.new_span_id
+        exchange.thread_id = _get_ident()
+        # The request's fields and header keys and values, picked out now: what the app
+        # does to the environ later does not show, and no copy of it is kept (a header
+        # plan makes the headers one lookup for a kind of environ the server already
+        # sent).  A copy, picked out at the drain, costs the request's thread less but
+        # the process more (the copy made, walked by the garbage collector, freed).
+        try:
+            fields = _REQUEST_FIELDS(environ)
+        except KeyError:  # wsgiref has no REMOTE_PORT, for one
+            fields = _request_fields(environ)
+        keys = tuple(environ)
+        plan = _HEADER_PLANS.get(keys)
+        if plan is None:
+            plan = _header_plan(keys)
+        exchange.request = (fields, plan[0], plan[1](environ))
+        exchange.items = []
+        exchange.end_at = -1
+        exchange.done = False
+        exchange._state = -1
+        exchange.environ = environ
+        exchange._server_start_response = start_response
+        exchange.limit = limit = self.body_limit
+        exchange.input = None
+        exchange.response = None
+        exchange.status = None
+        exchange.response_headers = None
+        exchange.error = None
+        exchange.route = None
+        exchange.exhausted = False
+        exchange.disconnect = False
+        exchange.file_wrapper = False
 
-        exchange = _Exchange(sink, start, ids, environ, start_response, self.body_limit)
         context_sink = exchange if sink.start_live(exchange) else exchange.go_eager()
-        context = _context(SpanContext, (context_sink, exchange.trace_id, exchange.span_id))
+        context = _context(SpanContext, (context_sink, exchange.trace_id, span_id))
         stream = environ.get("wsgi.input")
-        if stream is not None and _has_body(environ):
-            kind = _ReadintoInput if hasattr(stream, "readinto") else _Input
-            exchange.input = environ["wsgi.input"] = kind(
-                stream, exchange.items, self.body_limit, environ.get("CONTENT_LENGTH")
+        length = environ.get("CONTENT_LENGTH")
+        # _has_body's common answer (a GET of HTTP/1 with no body) without the call.
+        if (
+            stream is not None
+            and (
+                environ.get("REQUEST_METHOD") not in _BODILESS
+                or (length and length != "0")
+                or "HTTP_TRANSFER_ENCODING" in environ
+                or environ.get("SERVER_PROTOCOL") not in _HTTP1
             )
+            and _has_body(environ)
+        ):
+            kind = _ReadintoInput if hasattr(stream, "readinto") else _Input
+            exchange.input = environ["wsgi.input"] = kind(stream, exchange.items, limit, length)
 
         token = current.set(context)
         try:
@@ -660,12 +760,14 @@ class WSGIMiddleware:
         finally:
             current.reset(token)
 
+        if type(result) is list:  # no file wrapper, and sized
+            return _body(_SizedBody, result, exchange, context)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
             return _pass_file_wrapper(result, exchange)
         if hasattr(result, "__len__"):
-            return _SizedBody(result, exchange, context)
-        return _Body(result, exchange, context)
+            return _body(_SizedBody, result, exchange, context)
+        return _body(_Body, result, exchange, context)
 
 
 def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
