@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .httpattrs import request_attrs
+
 __all__ = [
     "CONNECT",
     "PROXY_END",
@@ -73,22 +75,8 @@ RESPONSE_BODY = 16
 def client_start(record: Record) -> Record:
     """The client span's ``"s"`` record."""
     _, begin, trace_id, client_id, parent_id, tid, _, request, _, _, _ = record
-    (method, scheme, version, path, query, client, server, headers, _, accepted, number,
-     _) = request  # fmt: skip
-    client = client or (None, None)
-    server = server or (None, None)
-    attrs: dict[str, Any] = {
-        "http.request.method": method,
-        "url.scheme": scheme,
-        "network.protocol.version": version,
-        "url.path": path,
-        "url.query": query,
-        "client.address": client[0],
-        "client.port": client[1],
-        "server.address": server[0],
-        "server.port": server[1],
-        "http.request.headers": headers,
-    }
+    method, path, accepted, number = request[0], request[3], request[9], request[10]
+    attrs = request_attrs({}, request)
     if accepted is not None:
         attrs["connection.accepted_ts"] = accepted
         attrs["connection.request_number"] = number

@@ -42,6 +42,7 @@ import sys
 from binascii import b2a_base64 as _b2a_base64
 from typing import Any
 
+from .httpattrs import request_attrs
 from .proxyrecord import expand_proxy
 
 __all__ = [
@@ -337,22 +338,8 @@ WSGI_END = (
 
 
 def _asgi_start(request: Any) -> tuple[str, dict[str, Any]]:
-    method, scheme, version, path, query, client, server, headers = request[:8]
-    client = client or (None, None)
-    server = server or (None, None)
-    attrs = {
-        "interface": "asgi",
-        "http.request.method": method,
-        "url.scheme": scheme,
-        "network.protocol.version": version,
-        "url.path": path,
-        "url.query": query,
-        "client.address": client[0],
-        "client.port": client[1],
-        "server.address": server[0],
-        "server.port": server[1],
-        "http.request.headers": headers,
-    }
+    method, path = request[0], request[3]
+    attrs = request_attrs({"interface": "asgi"}, request)
     return f"{method} {'' if path is None else path}", attrs
 
 
