@@ -394,6 +394,57 @@ def test_remapped_keys_work_and_show_in_footer_help_and_palette(
     run(app, scenario, (120, 35))
 
 
+def _footer_keys(keymap: dict[str, str]) -> list[tuple[str, str]]:
+    """The footer's (action, key) pairs, left to right, for an app with ``keymap``."""
+    app = HopscopeApp(QueueSource("live test"), keymap=keymap)
+    shown: list[tuple[str, str]] = []
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await wait_for(pilot, lambda: app.query(FooterKey), "the footer")
+        await pilot.pause()
+        keys = sorted(app.query(FooterKey), key=lambda key: key.region.x)
+        shown.extend((key.action, key.key) for key in keys)
+
+    run(app, scenario, (200, 30))
+    return shown
+
+
+def test_remapped_keys_keep_their_place_in_the_footer() -> None:
+    default = _footer_keys({})
+    remapped = _footer_keys({"search": "ctrl+f", "pause": "p", "quit": "ctrl+q"})
+    actions = [action for action, _ in default]
+    # "search" and "pause" sit in the middle by default: remapped, Textual's keymap
+    # would move them (and quit, the first) to the end.
+    assert actions.index("focus_search") < actions.index("toggle_pause") < len(actions) - 2, default
+    assert [action for action, _ in remapped] == actions, remapped
+    keys = dict(remapped)
+    assert (keys["focus_search"], keys["toggle_pause"], keys["quit"]) == ("ctrl+f", "p", "ctrl+q")
+
+
+@pytest.mark.parametrize(
+    "keymap",
+    [
+        {"search": "ctrl+f", "pause": "p"},
+        {"search": "f", "follow": "g"},  # a key passed on
+        {"search": "c"},  # a key taken from a binding the keymap leaves alone
+        {"help": "h,f2", "cursor-up": "up,i", "quit": "Q"},
+    ],
+)
+def test_in_order_binds_the_keys_textuals_keymap_binds(keymap: dict[str, str]) -> None:
+    from hopscope.tui.keymap import in_order
+    from textual.app import App
+    from textual.binding import BindingsMap
+
+    for bindings in (HopscopeApp.BINDINGS, RequestList.BINDINGS):
+        textual = BindingsMap(bindings)
+        textual.apply_keymap(App._normalize_keymap(keymap))
+        ours = in_order(BindingsMap(bindings), keymap)
+        assert {(key, b.id) for key, b in ours} == {(key, b.id) for key, b in textual}
+        kept = {b.id for _, b in ours}
+        default = dict.fromkeys(b.id for _, b in BindingsMap(bindings) if b.id in kept)
+        assert list(dict.fromkeys(b.id for _, b in ours)) == list(default)  # the same order
+
+
 def test_every_id_in_the_help_screen_is_one_the_keymap_takes() -> None:
     ids = binding_ids()
     for command in COMMANDS:

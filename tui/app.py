@@ -31,7 +31,7 @@ from .detail import DetailPane
 from .exchange import attr, curl
 from .header import HeaderBar
 from .help import HelpScreen
-from .keymap import dialog_bindings, load_keymap, remap
+from .keymap import dialog_bindings, dialog_keymap, in_order, load_keymap, remap
 from .messages import FollowRequested, RequestSelected
 from .query_bar import QueryBar
 from .replay_view import ComparisonScreen, EditScreen, TargetScreen
@@ -116,7 +116,10 @@ class HopscopeApp(App[None]):
         self._clock = clock
         self.keymap: dict[str, str] = dict(load_keymap() if keymap is None else keymap)
         """The user's keys by binding id, as given (the help screen and palette show them)."""
-        self.set_keymap(self.keymap)
+        # Applied here rather than by Textual, which would move remapped keys to the
+        # end of the footer (see in_order); the request list gets them in compose.
+        self._bindings = in_order(self._bindings, self.keymap)
+        self.set_keymap(dialog_keymap(self.keymap))
         self._follow_keys = keys_of(self, "follow", "f")
         self.title = title
         self.source = source
@@ -150,6 +153,7 @@ class HopscopeApp(App[None]):
         self.header = HeaderBar(self.source.describe(), id="header")
         self.query_bar = QueryBar(id="query")
         self.request_list = RequestList(self.store, self.now, id="requests")
+        self.request_list._bindings = in_order(self.request_list._bindings, self.keymap)
         self.request_list.marked = self.marked
         self.list_status = ListStatus("", id="list-status")
         self.detail = DetailPane(self.now, id="detail")

@@ -1,8 +1,8 @@
 """The user's own keys: a ``[keys]`` table in hopscope's config file.
 
-Textual remaps keys by binding id (:meth:`textual.app.App.set_keymap`); every binding
-of the UI has one (see :data:`~hopscope.tui.commands.COMMANDS`), and the config file
-maps ids to keys the way Textual's keymaps do::
+Keys are remapped by binding id, as Textual's keymaps do; every binding of the UI has
+one (see :data:`~hopscope.tui.commands.COMMANDS`), and the config file maps ids to
+keys::
 
     [keys]
     quit = "ctrl+q"
@@ -22,8 +22,14 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from textual.binding import Binding, BindingType
-from textual.keys import KEY_NAME_REPLACEMENTS, REPLACED_KEYS, Keys, _character_to_key
+from textual.binding import Binding, BindingsMap, BindingType
+from textual.keys import (
+    KEY_NAME_REPLACEMENTS,
+    REPLACED_KEYS,
+    Keys,
+    _character_to_key,
+    _normalize_key_list,
+)
 
 from .commands import COMMANDS
 from .help import HelpScreen
@@ -36,6 +42,8 @@ __all__ = [
     "binding_ids",
     "config_path",
     "dialog_bindings",
+    "dialog_keymap",
+    "in_order",
     "load_keymap",
     "parse_keymap",
     "remap",
@@ -191,3 +199,33 @@ def remap(items: Iterable[BindingType], keymap: Mapping[str, str]) -> list[Bindi
             binding = binding.with_key(keys, key_display=None)
         out.append(binding)
     return out
+
+
+def in_order(bindings: BindingsMap, keymap: Mapping[str, str]) -> BindingsMap:
+    """``bindings`` with the user's keys, each remapped binding where it was.
+
+    Textual's own keymap (:meth:`BindingsMap.apply_keymap`, run on every look at the
+    bindings) moves a remapped binding to the end of the map, and the footer shows the
+    bindings in map order: a remapped action would jump to the end of the footer.  So
+    the app and the request list get their keys here, once, and Textual's keymap keeps
+    only the ids of the dialogs (:func:`dialog_keymap`).  As with Textual's keymap, a
+    key the user gave to a remapped binding is taken from any other binding of the map.
+    """
+    keys = {bid: _normalize_key_list(value) for bid, value in keymap.items()}
+    remapped = {binding.id for _, binding in bindings if binding.id and binding.id in keys}
+    taken = {key for bid in remapped if bid for key in keys[bid].split(",")}
+    out: list[Binding] = []
+    for key, binding in bindings:
+        if binding.id in remapped:
+            remapped.discard(binding.id)  # its first key: where all its keys go
+            out.append(binding.with_key(keys[binding.id or ""], key_display=None))
+        elif binding.id not in keys and key not in taken:
+            out.append(binding)
+    return BindingsMap(out)
+
+
+def dialog_keymap(keymap: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``keymap`` left to Textual: the dialogs' ids, not those of
+    :data:`~hopscope.tui.commands.COMMANDS` (:func:`in_order` applied those)."""
+    commands = {command.id for command in COMMANDS}
+    return {bid: keys for bid, keys in keymap.items() if bid not in commands}
