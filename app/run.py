@@ -107,7 +107,12 @@ class _Live:
         self._quiet = False
         self.sender = _sender(otlp)
         try:
-            self.collector = BackgroundCollector("127.0.0.1:0", self._consume, output=output)
+            # Without an OTLP export only tail lines read the records: the proxy's are then
+            # folded without making events (Tail.feed_records).
+            records = self._records if self.sender is None else None
+            self.collector = BackgroundCollector(
+                "127.0.0.1:0", self._consume, output=output, records=records
+            )
             self.collector.start()
         except CollectorError as exc:
             raise RunError(str(exc)) from None
@@ -126,6 +131,16 @@ class _Live:
                 self.tail.feed(events)
             except BrokenPipeError:  # ``hopscope run ... | head``: keep serving, stop printing
                 self._quiet = True
+
+    def _records(self, records: list[Any], info: dict[str, Any], dropped: int) -> int:
+        with self._lock:
+            if self._quiet:
+                return 0
+            try:
+                return self.tail.feed_records(records, info, dropped)
+            except BrokenPipeError:
+                self._quiet = True
+                return 0
 
     def stop(self) -> None:
         """Wait (briefly) until no more batches arrive, then stop listening."""

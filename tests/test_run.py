@@ -125,13 +125,15 @@ def _alive(pid: int) -> bool:
 class Run:
     """A ``hopscope run`` process, its output in files."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, env: dict[str, str] | None = None, save: bool = True
+    ) -> None:
         self.trace = cwd / f"trace-{time.monotonic_ns()}.jsonl"
         self.out_path = cwd / f"out-{time.monotonic_ns()}.txt"
         self.err_path = cwd / f"err-{time.monotonic_ns()}.txt"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [*HOPSCOPE, "-o", str(self.trace), *args],
+                [*HOPSCOPE, *(["-o", str(self.trace)] if save else []), *args],
                 cwd=cwd,
                 env=env or _env(),
                 stdin=subprocess.DEVNULL,
@@ -192,8 +194,8 @@ class Run:
 def runs() -> Iterator[Callable[..., Run]]:
     started: list[Run] = []
 
-    def start(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Run:
-        run = Run(list(args), cwd, env)
+    def start(cwd: Path, *args: str, env: dict[str, str] | None = None, save: bool = True) -> Run:
+        run = Run(list(args), cwd, env, save)
         started.append(run)
         return run
 
@@ -292,6 +294,21 @@ def test_target_asgi_behind_the_proxy(starlette_project: Path, runs: Callable[..
         assert proxy.parent_id == client.span_id and server.parent_id == proxy.span_id
         assert client.attrs["process.pid"] != server.attrs["process.pid"]
     assert "stopped after" in run.err
+
+
+def test_target_without_a_file_prints_every_hop(
+    starlette_project: Path, runs: Callable[..., Run]
+) -> None:
+    """No -o: the collector hands the tail raw records, the proxy's folded without events."""
+    run = runs(starlette_project, "app:app", "--port", "0", save=False)
+    base = run.url()
+    _get(base, 1)
+    lines = run.wait_for(
+        lambda: [line for line in run.out.splitlines() if " GET /pid" in line], "a tail line"
+    )
+    assert all(f" {hop}=" in lines[0] for hop in ("client", "proxy", "server", "app")), lines
+    assert run.stop() == 0, run.err
+    assert not run.trace.exists() and "Traceback" not in run.err
 
 
 def test_target_wsgi_under_gunicorn(flask_project: Path, runs: Callable[..., Run]) -> None:
