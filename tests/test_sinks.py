@@ -29,6 +29,7 @@ from hopscope.tracing.sinks import (
     FileSink,
     MemorySink,
     Recording,
+    Sink,
     SocketSink,
     decode_frame,
     default_sink,
@@ -109,7 +110,7 @@ def test_flush_waits_for_the_batch_in_flight(tmp_path: Path) -> None:
     sink.close()
 
 
-def _fork_child(sink: FileSink) -> None:
+def _fork_child(sink: Sink) -> None:
     """Runs in the forked child: never returns."""
     code = 1
     try:

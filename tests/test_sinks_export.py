@@ -31,6 +31,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from test_sinks import _fork_child
 
 Serve = Callable[[Any], AbstractContextManager[str]]
 
@@ -347,18 +348,6 @@ def test_busy_app_sends_from_the_request_path(serve_asgi: Serve, short_dir: Path
         collector.stop()
     assert _ends(collector.records) == 41  # close() sent the rest
     assert sink.dropped == 0
-
-
-def _fork_child(sink: SocketSink) -> None:
-    """Runs in the forked child: never returns."""
-    code = 1
-    try:
-        for i in range(50):
-            sink.emit(("s", i, 2, 1000 + i, 0, "app", "child", 1, {"i": i}))
-        sink.close()
-        code = 0
-    finally:
-        os._exit(code)
 
 
 def test_forked_worker_gets_its_own_connection_and_queue(short_dir: Path) -> None:

@@ -679,19 +679,12 @@ class SocketSink(_BatchingSink):
 
     # -- hot path ---------------------------------------------------------------
     def emit(self, record: Record) -> None:
-        queue = self._queue
-        waiting = len(queue)
-        if waiting >= self._flush_at and self._sock is not None:
-            self._send_here()
-            waiting = len(queue)
-        if waiting < self._max and not self._closed:
-            queue.append(record)
-            if self._thread is None:
-                self._start()
-        else:
+        if not self.start_live(record):
             self._count_dropped(1)
 
-    def start_live(self, recording: Recording) -> bool:
+    def start_live(self, recording: Recording | Record) -> bool:
+        """Queue ``recording`` (or, from :meth:`emit`, a record), sending what waits first
+        when enough does; False when it cannot be queued."""
         queue = self._queue
         waiting = len(queue)
         if waiting >= self._flush_at and self._sock is not None:
