@@ -57,7 +57,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
-    """``free_port()``: a port nothing listens on right now (for "collector absent")."""
+    """``free_port()``: a port nothing listens on right now (for "collector absent");
+    session-wide, so module fixtures can ask for ports too."""
     return _free_port

@@ -8,11 +8,10 @@ the same records, hence the same trace.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +147,12 @@ def test_memory_sink_sees_the_request_before_it_ends(proxy: Proxy) -> None:
 
 
 @pytest.mark.parametrize("sink_kind", ["local", "socket"])
-def test_in_process_recording_kinds(upstream: Running, tmp_path: Path, sink_kind: str) -> None:
+def test_in_process_recording_kinds(
+    upstream: Running, tmp_path: Path, sink_kind: str, free_port: Callable[[], int]
+) -> None:
     """The proxy with its collector on a thread of its own process: records handed over
     (``local``) or sent to the collector's port (``socket``) reach the trace file."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            ports.append(probe.getsockname()[1])
-    port, collector = ports
+    port, collector = free_port(), free_port()
     output = tmp_path / "trace.jsonl"
     code = (
         "from hopscope.app.proxy import run_proxy; "

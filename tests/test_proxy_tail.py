@@ -87,7 +87,7 @@ def _both_ways(
 
 
 @pytest.fixture(scope="module")
-def recorded(free_port_module: Callable[[], int]) -> list[Record]:
+def recorded(free_port: Callable[[], int]) -> list[Record]:
     """The proxy's and the app's records of requests of every kind of fate."""
     app_sink = MemorySink()
     with upstream_server(app_sink) as upstream, proxy_to(upstream.url) as proxy:
@@ -111,23 +111,12 @@ def recorded(free_port_module: Callable[[], int]) -> list[Record]:
         wait_until(lambda: len(proxy.sink.records()) >= 11)
         wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
         proxy_records = proxy.sink.records()
-    with proxy_to(f"http://{HOST}:{free_port_module()}") as down:
+    with proxy_to(f"http://{HOST}:{free_port()}") as down:
         assert httpx.get(down.url + "/down", timeout=10).status_code == 502
         wait_until(lambda: len(down.sink.records()) == 1 and down.sink.records()[0][8] >= 0)
         proxy_records += down.sink.records()
     assert {r[6] for r in proxy_records} == {"proxy"}
     return proxy_records + app_sink.records()
-
-
-@pytest.fixture(scope="module")
-def free_port_module() -> Callable[[], int]:
-    def free() -> int:
-        with socket.socket() as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-            return port
-
-    return free
 
 
 def test_lines_from_records_are_the_lines_from_events(recorded: list[Record]) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +147,10 @@ def test_websocket_to_a_tls_upstream(tls_upstream: tuple[Running, MemorySink]) -
 
 
 def test_the_command_takes_an_https_upstream_with_insecure(
-    tls_upstream: tuple[Running, MemorySink], tmp_path: Path
+    tls_upstream: tuple[Running, MemorySink], tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
     running, _ = tls_upstream
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            ports.append(probe.getsockname()[1])
-    port, collector = ports
+    port, collector = free_port(), free_port()
     output = tmp_path / "trace.jsonl"
     argv = [
         *HOPSCOPE, "proxy", "--upstream", https(running), "--insecure", "--headless",

@@ -543,9 +543,13 @@ class _BatchingSink(Sink):
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
+        self._last_drain_at_close(thread)
+        self._closed_hook()
+
+    def _last_drain_at_close(self, thread: threading.Thread | None) -> None:
+        """What is still queued once the thread is gone (a thread still draining keeps it)."""
         if thread is None or not thread.is_alive():
             self._drain()
-        self._closed_hook()
 
     def _closed_hook(self) -> None:
         pass
@@ -881,17 +885,9 @@ class SocketSink(_BatchingSink):
             except OSError:
                 self._failed()
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
+    def _last_drain_at_close(self, thread: threading.Thread | None) -> None:
         # One last delivery: at most one connection attempt (if the backoff allows).
         self._deliver(time.monotonic() + 5.0)
-        self._closed_hook()
 
     def _forked(self) -> None:
         # The parent's connection is not ours to use or close.
