@@ -900,6 +900,84 @@ def test_context_is_set_during_the_call_and_reset_after(sink: MemorySink) -> Non
     assert current.get() is None
 
 
+def _ok(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+    return lambda data: None
+
+
+def test_body_stepped_and_closed_on_other_threads(sink: MemorySink) -> None:
+    """Servers that run WSGI apps in a thread pool (a2wsgi, uvicorn's and Starlette's
+    WSGIMiddleware) may step the body and close it on threads other than the call's: the
+    app's code sees its request on each, and no worker keeps the request afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(3):
+                seen.append(current.get())
+                with span(f"step-{i}"):
+                    pass
+                yield b"x"
+
+        class Body:
+            def __iter__(self) -> Iterator[bytes]:
+                return chunks()
+
+            def close(self) -> None:
+                seen.append(current.get())
+                with span("close"):
+                    pass
+
+        return Body()
+
+    wrapped = WSGIMiddleware(app, sink=sink)
+    with ThreadPoolExecutor(4) as pool:
+        body = pool.submit(wrapped, {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, _ok).result()
+        iterator = iter(body)
+        got = [pool.submit(next, iterator, None).result() for _ in range(4)]
+        pool.submit(body.close).result()
+        # Every worker, whichever steps it ran, is back outside any request.
+        after = [pool.submit(current.get).result() for _ in range(16)]
+    assert got == [b"x", b"x", b"x", None]
+    s = app_span(only_trace(sink))
+    assert [f"{c.span_id:016x}" for c in seen] == [s.span_id] * 4
+    assert [c.name for c in only_trace(sink).children(s)] == [
+        "step-0", "step-1", "step-2", "close",
+    ]  # fmt: skip
+    assert after == [None] * 16
+    assert current.get() is None
+
+
+def test_a_body_never_closed_leaves_no_request_behind(sink: MemorySink) -> None:
+    """A server that drops the body without close() (against PEP 3333) must not leave the
+    request current: span() after it records nothing, and the next request on the
+    thread is a trace of its own, not a child of the abandoned one."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"a"
+        yield b"b"
+
+    wrapped = WSGIMiddleware(app, sink=sink)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    for stop_after in (0, 1, 3):  # not stepped, stepped part way, stepped to the end
+        body = wrapped(dict(environ), _ok)
+        for _, _chunk in zip(range(stop_after), body, strict=False):
+            assert current.get() is None  # the server's code, between steps
+        del body
+        assert current.get() is None
+        with span("outside"):
+            pass
+    assert not [e for e in sink.events() if e.get("name") == "outside"]
+    assert serve(wrapped).endswith(b"ab")
+    last = sink.traces()[-1]
+    assert app_span(last).parent_id is None
+    assert len(sink.traces()) == 4
+
+
 def test_requests_on_one_thread_do_not_share_state(sink: MemorySink) -> None:
     app = flask_app()
     wrapped = WSGIMiddleware(app, sink=sink)

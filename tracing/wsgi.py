@@ -85,6 +85,9 @@ def _header_plan(keys: tuple[Any, ...]) -> tuple[tuple[str, ...], Callable[[Any]
 _DEFAULTS = {"REQUEST_METHOD": "", "SCRIPT_NAME": "", "PATH_INFO": "", "QUERY_STRING": ""}
 _DEFAULTS["SERVER_PROTOCOL"] = ""
 _REQUEST_FIELDS = itemgetter(*WSGI_REQUEST)
+#: Where the request fields have the method and protocol (read again by _has_body's test).
+_METHOD = WSGI_REQUEST.index("REQUEST_METHOD")
+_PROTOCOL = WSGI_REQUEST.index("SERVER_PROTOCOL")
 
 
 def _request_fields(environ: WSGIEnvironment) -> tuple[Any, ...]:
@@ -165,7 +168,7 @@ class _Flow:
     first_ts: int
     last_ts: int
 
-    # Made by _flow(), not by an ``__init__`` (see WSGIMiddleware.__call__).
+    # Made by _flow() or _response_flow(), not by an ``__init__`` (see _Exchange).
 
     def add(self, chunk: bytes | bytearray | memoryview, ts: int) -> None:
         size = len(chunk)
@@ -237,13 +240,43 @@ def _flow(items: list[Any], code: int, limit: int, expected: int | None) -> _Flo
     return flow
 
 
-def _response_flow(exchange: _Exchange) -> _Flow:
+def _response_flow(exchange: _Exchange, chunk: bytes, ts: int) -> _Flow:
+    """The response's flow, made by its first chunk and counting it: what
+    ``_flow(...).add(chunk, ts)`` does, in one call (most bodies are one chunk)."""
     expected = None
     for name, value in exchange.response_headers or ():
         if len(name) == 14 and name.lower() == "content-length":
-            expected = port(value)
+            try:  # records.port(value), inlined
+                expected = int(value)
+            except (TypeError, ValueError):
+                pass
             break
-    return _flow(exchange.items, RESPONSE_BODY, exchange.limit, expected)
+    items = exchange.items
+    flow = _new(_Flow)
+    flow._items = items
+    flow._code = RESPONSE_BODY
+    flow._limit = limit = exchange.limit
+    flow._expected = expected
+    flow._ended = False
+    flow.count = 1
+    flow.size = size = len(chunk)
+    flow.first_ts = flow.last_ts = ts
+    if limit > 0:
+        if size > limit:
+            chunk = chunk[:limit]
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        flow.chunks = chunk
+        flow.kept = len(chunk)
+    else:
+        flow.chunks = None
+        flow.kept = 0
+    if expected is not None:
+        flow._pending = None
+        items.append((RESPONSE_BODY, ts, size, size < expected))
+    else:
+        flow._pending = (ts, size)
+    return flow
 
 
 class _Input:
@@ -385,8 +418,12 @@ class _Exchange(Recording):
         self.response_headers = kept = tuple(headers)
         if self.route is None:
             # Flask drops its request from the environ when the call returns; while it
-            # answers, the matched rule is still there.
-            self.route = _route(self.environ)
+            # answers, the matched rule is still there.  (_route, inlined.)
+            request = self.environ.get("werkzeug.request")
+            if request is not None:
+                rule = getattr(getattr(request, "url_rule", None), "rule", None)
+                if isinstance(rule, str):
+                    self.route = rule
         self.items.append((RESPONSE_START, ts, code, kept))
         return self.write
 
@@ -404,8 +441,9 @@ class _Exchange(Recording):
     def response_chunk(self, chunk: bytes) -> None:
         flow = self.response
         if flow is None:
-            flow = self.response = _response_flow(self)
-        flow.add(chunk, _now())
+            self.response = _response_flow(self, chunk, _now())
+        else:
+            flow.add(chunk, _now())
 
     def phase(self) -> str:
         """Where an exception struck, in the terms of :func:`exception_event`."""
@@ -561,19 +599,6 @@ class _Body:
             exchange.finish()
 
 
-def _body(
-    kind: type[_Body], result: Iterable[bytes], exchange: _Exchange, context: SpanContext
-) -> _Body:
-    # A function, not ``kind(...)``: a Python ``__init__`` behind a type call costs more.
-    body = _new(kind)
-    body._result = result
-    body._exchange = exchange
-    body._context = context
-    body._chunks = None
-    body._closed = False
-    return body
-
-
 def _pass_chunks(
     result: Iterable[bytes], exchange: _Exchange, context: SpanContext | None
 ) -> Iterator[bytes]:
@@ -601,17 +626,18 @@ def _pass_chunks(
         if chunk is _END:
             break
         if chunk:
-            if flow is None:
-                flow = exchange.response
-                if flow is None:
-                    flow = exchange.response = _response_flow(exchange)
-            flow.add(chunk, _now())
+            if flow is not None:
+                flow.add(chunk, _now())
+            elif (flow := exchange.response) is not None:  # write() made it
+                flow.add(chunk, _now())
+            else:
+                flow = exchange.response = _response_flow(exchange, chunk, _now())
         yield chunk
     if not exchange.exhausted:
         exchange.exhausted = True
         flow = exchange.response
-        if flow is not None:
-            flow.eof()
+        if flow is not None and flow._pending is not None:
+            flow.eof()  # the last chunk's event waited to learn whether more follows
 
 
 _PLAIN = (list, tuple)
@@ -740,10 +766,10 @@ class WSGIMiddleware:
         if (
             stream is not None
             and (
-                environ.get("REQUEST_METHOD") not in _BODILESS
+                fields[_METHOD] not in _BODILESS
                 or (length and length != "0")
                 or "HTTP_TRANSFER_ENCODING" in environ
-                or environ.get("SERVER_PROTOCOL") not in _HTTP1
+                or fields[_PROTOCOL] not in _HTTP1
             )
             and _has_body(environ)
         ):
@@ -760,14 +786,21 @@ class WSGIMiddleware:
         finally:
             current.reset(token)
 
+        body: _Body
         if type(result) is list:  # no file wrapper, and sized
-            return _body(_SizedBody, result, exchange, context)
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
-            return _pass_file_wrapper(result, exchange)
-        if hasattr(result, "__len__"):
-            return _body(_SizedBody, result, exchange, context)
-        return _body(_Body, result, exchange, context)
+            body = _new(_SizedBody)
+        else:
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+                return _pass_file_wrapper(result, exchange)
+            body = _new(_SizedBody if hasattr(result, "__len__") else _Body)
+        # Filled in here, not by an ``__init__`` (see _Exchange).
+        body._result = result
+        body._exchange = exchange
+        body._context = context
+        body._chunks = None
+        body._closed = False
+        return body
 
 
 def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
