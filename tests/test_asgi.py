@@ -1162,3 +1162,77 @@ def test_requests_leave_no_reference_cycles_behind() -> None:
             gc.enable()
 
     assert garbage(ASGIMiddleware(app, sink=sink)) == garbage(app) == 0
+
+
+# -- the lean request path: what it reads of headers and messages -------------------------
+
+
+def test_the_first_traceparent_among_other_headers_is_the_one_continued() -> None:
+    trace_id, parent_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+    valid = format_traceparent(trace_id, parent_id).encode()
+    other = format_traceparent(trace_id + 1, parent_id + 1).encode()
+    malformed = b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body"})
+
+    def start_ids(headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        sink = MemorySink()
+        run(ASGIMiddleware(app, sink=sink), http_scope(headers=headers))
+        (start,) = [r for r in legacy(sink.records()) if r[0] == "s"]
+        return start[2], start[4]
+
+    host = (b"host", b"example.test")
+    assert start_ids([host, (b"traceparent", valid), (b"traceparent", other)]) == (
+        trace_id,
+        parent_id,
+    )
+    # The first one decides: malformed, it starts a new trace even when a later one is fine.
+    new_trace, parent = start_ids([host, (b"traceparent", malformed), (b"traceparent", valid)])
+    assert new_trace not in (0, trace_id) and parent == 0
+    new_trace, parent = start_ids([host, (b"x-traceparent", valid)])
+    assert new_trace not in (0, trace_id) and parent == 0
+
+
+def test_optional_message_keys_are_read_with_their_asgi_defaults() -> None:
+    """Messages that leave out optional keys (or give truthy non-bools) are recorded as
+    if the defaults were written, and reach the server as they were sent."""
+    sink = MemorySink()
+    sent: list[Message] = [
+        {"type": "http.response.start", "status": 201, "trailers": False},  # no headers
+        {"type": "http.response.body", "body": b"ab", "more_body": 1},
+        {"type": "http.response.body", "more_body": True},  # no body
+        {"type": "http.response.body", "body": b"c"},  # no more_body: the last one
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in sent:
+            await send(message)
+
+    server = FakeServer()
+    run(ASGIMiddleware(app, sink=sink), server=server)
+    assert all(a is b for a, b in zip(server.sent, sent, strict=True))
+    s = app_span(the_trace(sink))
+    assert s.attrs["http.response.status_code"] == 201
+    assert "http.response.headers" not in s.attrs
+    assert s.attrs["http.response.body.size"] == 3 and s.body("response") == b"abc"
+    assert events(s, "response.start") == [{"status": 201}]  # no headers: none recorded
+    assert events(s, "response.body") == [{"size": 2, "more": True}]
+    assert "response.incomplete" not in s.attrs and len(end_records(sink)) == 1
+
+
+def test_a_message_without_a_type_goes_to_the_server_unrecorded() -> None:
+    sink = MemorySink()
+    odd: Message = {"status": 200}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with contextlib.suppress(KeyError):  # FakeServer reads message["type"]
+            await send(odd)
+        await send({"type": "http.response.start", "status": 204})
+        await send({"type": "http.response.body"})
+
+    run(ASGIMiddleware(app, sink=sink))
+    s = app_span(the_trace(sink))
+    assert s.attrs["http.response.status_code"] == 204
+    assert events(s, "response.start") == [{"status": 204}]

@@ -630,3 +630,41 @@ def test_responses_never_closed_do_not_grow_the_sink(
     sink.close()
     starts = [e for e in read_events(tmp_path / "open.jsonl") if e["kind"] == "span_start"]
     assert len(starts) == 12  # what each request recorded before it was let go was kept
+
+
+class _Finished(Recording):
+    """A request as a middleware leaves it: its items, an end, maybe a seal."""
+
+    interface = "asgi"
+
+    def __init__(self, items: list[Any], end_at: int, done: bool) -> None:
+        self.sink = MemorySink()
+        self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id = 1, 2, 3, 0, 4
+        self.request = ("GET", "http", "1.1", "/", b"", None, None, [], "")
+        self.end = (9, 200, None, None, 0, None, False, 0, None, False, None)
+        self.items = items
+        self.end_at = end_at
+        self.done = done
+        self._state = -1
+
+
+def test_take_makes_what_a_snapshot_makes() -> None:
+    """take's shortcut for a request over before its first take (one "r" record) and
+    its general path (a seal not at the end, a request still running) agree with
+    snapshot(); once it said all was sent, the sink lets the recording go."""
+    event = ("p", 5, 2, 3, "log", None)
+    cases = [
+        ([event, None], 1, True),  # ended, then sealed: the shortcut
+        ([None], 0, True),
+        ([event, None], -1, True),  # sealed without an end
+        ([event, None, ("p", 6, 2, 3, "late", None)], 1, True),  # a record after the seal
+        ([event], 1, False),  # still running
+    ]
+    for items, end_at, done in cases:
+        recording = _Finished(list(items), end_at, done)
+        expected = recording.snapshot()
+        out: list[Record] = []
+        finished = recording.take(out)
+        assert out == expected and finished is done
+    (record,) = _Finished([event, None], 1, True).snapshot()
+    assert record[0] == "r" and record[8] == 1 and record[9][0] == 9

@@ -56,6 +56,7 @@ WS_PREVIEW = 256
 
 _now = time.time_ns
 _ident = threading.get_ident
+_exception = sys.exception
 
 
 class ASGIMiddleware:
@@ -83,12 +84,54 @@ class ASGIMiddleware:
             if scope["type"] == "websocket":
                 return await _WebSocketRecorder(self, scope).run(receive, send)
             return await self.app(scope, receive, send)
-        recording = _recording(self, scope)
-        sink = recording.sink
+        # The recording is made here, not by a function or an ``__init__``: a call costs
+        # a request more than all the stores below.  (A class without ``__new__`` or
+        # ``__init__``, called, costs less than ``object.__new__(cls)``: 300
+        # instructions, as the latter goes through a wrapper that slices its arguments.)
+        recording = _HTTPRecording()
+        recording.start = _now()
+        sink = recording.sink = self.sink or self._sink()
+        # _ids(scope) and _request_fields(scope), inlined.
+        server = scope.get("hopscope")
+        if server is not None:
+            trace_id = recording.trace_id = server["trace_id"]
+            recording.parent_id = server["parent_id"]
+        else:
+            # The first traceparent, as _ids looks for it.  A plain loop: ``in map(...)``
+            # asked in C cost more (the map and a call per header: 2k instructions
+            # against 1.2k for three headers, counted by callgrind).
+            for name, value in scope.get("headers") or ():
+                if name == b"traceparent":
+                    parsed = parse_traceparent(value)
+                    if parsed is None:
+                        parsed = _getrandbits(128) or 1, 0
+                    recording.trace_id, recording.parent_id = parsed
+                    trace_id = parsed[0]
+                    break
+            else:
+                trace_id = recording.trace_id = _getrandbits(128) or 1  # new_trace_id()
+                recording.parent_id = 0
+        span_id = recording.span_id = _getrandbits(64) or 1  # new_span_id(), inlined
+        recording.thread_id = _ident()
+        try:
+            recording.request = _REQUEST_FIELDS(scope)
+        except KeyError:
+            recording.request = _request_fields(scope)
+        recording.items = []
+        recording.end_at = recording._state = -1
+        recording.limit = self.body_limit
+        recording.scope = scope
+        # One constant loaded per value, not per field.  status is None until the
+        # response starts; response_chunks holds the first kept chunk, then a list.
+        # (response_first and response_last are set by the first chunk, read only by a
+        # summary of more than FIRST_CHUNKS chunks: nothing to set before.)
+        recording.status = recording.response_headers = recording.handling = None
+        recording.end_extra = recording.route = recording.request_body = None
+        recording.response_chunks = None
+        recording.done = recording.trailers = recording.complete = False
+        recording.end_ts = recording.response_count = recording.response_size = 0
         context_sink = recording if sink.start_live(recording) else recording.go_eager()
-        token = current.set(
-            _context(SpanContext, (context_sink, recording.trace_id, recording.span_id))
-        )
+        token = current.set(_context(SpanContext, (context_sink, trace_id, span_id)))
         try:
             # The server's channels are bound into what the app gets (see _receive).
             channels = (recording, receive, send)
@@ -296,8 +339,9 @@ class _HTTPRecording(Recording):
     status: int | None
     trailers: bool
 
-    # Made by _recording(), not by an ``__init__``: a Python ``__init__`` behind a type
-    # call costs a request more than all the stores it makes.
+    # Filled in by ASGIMiddleware.__call__, not by an ``__init__``: a Python ``__init__``
+    # behind a type call costs a request more than all the stores it makes.  (Neither
+    # this class nor its bases may define ``__init__`` or ``__new__``.)
 
     def _event(self, ts: int, name: str, attrs: dict[str, Any] | None) -> None:
         self.items.append(("p", ts, self.trace_id, self.span_id, name, attrs))
@@ -357,7 +401,10 @@ class _HTTPRecording(Recording):
         route = scope.get("route")
         if route is not None:
             # _route's common case inline: no mount between the middleware and the route.
-            path = getattr(route, "path", None)
+            try:
+                path = route.path  # (cheaper than getattr with a default when it is there)
+            except AttributeError:
+                path = None
             if type(path) is str and scope.get("root_path", "") == self.request[8]:
                 self.route = path
             else:
@@ -423,64 +470,6 @@ class _HTTPRecording(Recording):
         self.seal()
 
 
-def _recording(middleware: ASGIMiddleware, scope: Scope) -> _HTTPRecording:
-    self: _HTTPRecording = _new(_HTTPRecording)
-    self.start = _now()
-    self.sink = middleware.sink or middleware._sink()
-    # _ids(scope) and _request_fields(scope), inlined: two calls less per request.
-    server = scope.get("hopscope")
-    if server is not None:
-        self.trace_id = server["trace_id"]
-        self.parent_id = server["parent_id"]
-    else:
-        headers = scope.get("headers") or ()
-        # Is there a traceparent at all?  Asked in C (a loop here costs a dozen opcodes
-        # per header); then the first one is looked for, as _ids does.
-        if b"traceparent" in map(_name, headers):
-            for name, value in headers:
-                if name == b"traceparent":
-                    parsed = parse_traceparent(value)
-                    if parsed is not None:
-                        self.trace_id, self.parent_id = parsed
-                        break
-                    self.trace_id, self.parent_id = _getrandbits(128) or 1, 0
-                    break
-        else:
-            self.trace_id = _getrandbits(128) or 1  # records.new_trace_id, inlined
-            self.parent_id = 0
-    self.span_id = _getrandbits(64) or 1  # records.new_span_id, without the call
-    self.thread_id = _ident()
-    try:
-        self.request = _REQUEST_FIELDS(scope)
-    except KeyError:
-        self.request = _request_fields(scope)
-    self.items = []
-    self.end_at = -1
-    self.done = False
-    self._state = -1
-    self.limit = middleware.body_limit
-    self.scope = scope
-    self.status = None  # None until the response starts
-    self.response_headers = None
-    self.trailers = False
-    self.handling = None
-    self.complete = False
-    self.end_ts = 0
-    self.end_extra = None
-    self.route = None
-    self.request_body = None
-    self.response_count = 0
-    self.response_size = 0
-    self.response_chunks = None  # the first kept chunk, then a list of them
-    # response_first and response_last are set by the first chunk, read only by a
-    # summary (more than FIRST_CHUNKS chunks): nothing to set before.
-    return self
-
-
-_name = itemgetter(0)
-_new = object.__new__
-
-
 _Channels = tuple[_HTTPRecording, Receive, Send]
 
 
@@ -516,22 +505,46 @@ async def _receive(channels: _Channels) -> Message:
 
 async def _send(channels: _Channels, message: Message) -> None:
     recording, _, send = channels
+    # Subscripts where a key is (nearly) always there and ``in`` where it is often not:
+    # both cost less than a method call (a try costs nothing until it catches).
+    try:
+        kind = message["type"]
+    except (KeyError, TypeError):  # not a message: the server's to refuse
+        kind = None
+    if kind == "http.response.start":
+        try:
+            await send(message)
+        except OSError:
+            _send_failed(recording)
+            raise
+        # An app (Starlette's ServerErrorMiddleware) may send an error page while it
+        # handles an exception that it then re-raises: remember which, see _complete.
+        recording.handling = _exception()
+        try:
+            status = message["status"]
+        except KeyError:
+            status = 0
+        recording.status = status
+        headers = recording.response_headers = message.get("headers")
+        if "trailers" in message and message["trailers"]:  # noqa: RUF019 (see above)
+            recording.trailers = True
+        recording.items.append((RESPONSE_START, _now(), status, headers))
+        return
     # The app's part ends when it hands the last message over: the server's own
     # span (which writes it) then closes after the app span, not before.  Only
-    # messages that may be the last need that time (one clock read less per start).
-    kind = message.get("type")
-    handed = 0 if kind == "http.response.start" else _now()
+    # messages that may be the last need that time (the start above does not).
+    handed = _now()
     try:
         await send(message)
     except OSError:
-        # The server could not write: the client is gone.
-        if recording.end_at < 0:
-            recording._event(_now(), "disconnect", {"phase": "send"})
-            recording._end({"disconnected": True})
+        _send_failed(recording)
         raise
     if kind == "http.response.body":
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
+        try:
+            body = message["body"]
+        except KeyError:
+            body = b""
+        more = "more_body" in message and message["more_body"]
         if body:
             count = recording.response_count = recording.response_count + 1
             size = recording.response_size
@@ -561,15 +574,6 @@ async def _send(channels: _Channels, message: Message) -> None:
             recording.end_ts = handed
             if recording.handling is None:
                 recording._end(None)
-    elif kind == "http.response.start":
-        # An app (Starlette's ServerErrorMiddleware) may send an error page while it
-        # handles an exception that it then re-raises: remember which, see _complete.
-        recording.handling = sys.exception()
-        status = recording.status = message.get("status", 0)
-        headers = recording.response_headers = message.get("headers")
-        if message.get("trailers"):
-            recording.trailers = True
-        recording.items.append((RESPONSE_START, _now(), status, headers))
     elif kind == "http.response.trailers":
         attrs = {"http.response.trailers": message.get("headers")}
         recording._event(_now(), "response.trailers", attrs)
@@ -580,6 +584,13 @@ async def _send(channels: _Channels, message: Message) -> None:
     elif kind == "http.response.zerocopysend":
         if not message.get("more_body"):
             recording._complete({"http.response.zerocopysend": True}, handed)
+
+
+def _send_failed(recording: _HTTPRecording) -> None:
+    """The server could not write: the client is gone."""
+    if recording.end_at < 0:
+        recording._event(_now(), "disconnect", {"phase": "send"})
+        recording._end({"disconnected": True})
 
 
 class _WebSocketRecorder:
