@@ -8,16 +8,19 @@ proxy span and an ``X-Request-Start``, so an instrumented app (hopscope's middle
 its uvicorn protocol) puts its server and app spans into the same trace, and shows how
 long the request queued in front of it.
 
-Why it is built this way (measured, see the proxy-speed notes): the listening side is a
-pure ASGI callable under uvicorn with httptools, because a framework route costs more
-than the whole proxy budget; the upstream leg is :mod:`hopscope.app.upstream`, a pool of
-asyncio protocols around httptools' response parser, because httpx and aiohttp clients
-are several times slower.  uvicorn is subclassed to observe (connection accept,
-request start, head parsed, the raw request target, connection lost): nothing is parsed
-twice; and a response that is whole when its head arrives (most small ones) is written
-in one go past uvicorn's ``send`` (:meth:`ClientConnection.write_whole`).  Bodies
-stream both ways, never buffered whole; a request body goes upstream only when the
-request has one.
+Why it is built this way (measured, see the proxy-speed notes and
+``bench/proxy_hotpath.py``): the listening side is the proxy's own protocol around
+httptools' request parser (:class:`ProxyHttpProtocol`, :mod:`hopscope.app.listener`)
+under uvicorn's server, because uvicorn's per-request machinery (scope, request cycle,
+task, keep-alive timer, ``send`` messages) cost more than the exchange; a WebSocket
+upgrade is handed to uvicorn's protocol, observed (:class:`UvicornProxyProtocol`).
+The upstream leg is :mod:`hopscope.app.upstream`, a pool of asyncio protocols around
+httptools' response parser, because httpx and aiohttp clients are several times slower.
+Nothing is parsed twice.  A request without a body that finds an idle upstream
+connection is answered from that connection's callbacks, with no task
+(:meth:`_Exchange.serve`); a response that is whole when its head arrives (most small
+ones) is written in one go (:meth:`ClientConnection.write_whole`).  Bodies stream both
+ways, never buffered whole; a request body goes upstream only when the request has one.
 
 Recording goes through a :class:`~hopscope.tracing.sinks.Sink` like every other hop, so
 the collector, ``tail`` and trace files treat the proxy's records like an app's.  As the
@@ -29,8 +32,8 @@ command runs that collector and tail in a child process (why: :class:`_ChildProc
 Upstreams may be ``https://`` (the default TLS context: system CAs, SNI and hostname
 checks against the upstream's host; ``insecure`` skips verification for a development
 certificate).  Upstream trailers are recorded, and forwarded when the client sent
-``TE: trailers`` (through :class:`CorkedWrites`: uvicorn's HTTP/1.1 protocols have no
-ASGI ``http.response.trailers``).
+``TE: trailers`` (through :class:`CorkedWrites`: ASGI over HTTP/1.1 has no
+``http.response.trailers`` in uvicorn).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, MutableMapping
 from operator import itemgetter
 from typing import Any, NamedTuple, TextIO
 from urllib.parse import urlsplit
@@ -69,13 +72,10 @@ from hopscope.tracing.proxyrecord import (
 from hopscope.tracing.records import BODY_LIMIT, Record, new_span_id, new_trace_id
 from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
 from hopscope.tracing.traceparent import format_traceparent, parse_traceparent
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .collector import tune_gc
+from .listener import ClientConnection, CorkedWrites, HttpListener, Request
 from .upstream import (
     ClientGone,
     UpstreamClosed,
@@ -86,10 +86,13 @@ from .upstream import (
 
 __all__ = [
     "FIRST_CHUNKS",
+    "ClientConnection",
+    "CorkedWrites",
     "ProxyApp",
     "ProxyError",
     "ProxyHttpProtocol",
     "Upstream",
+    "UvicornProxyProtocol",
     "parse_listen",
     "parse_upstream",
     "proxy_server",
@@ -208,142 +211,9 @@ def parse_listen(address: str) -> tuple[str, int]:
 # --------------------------------------------------------------------------------------
 
 
-class CorkedWrites:
-    """The client transport as uvicorn's request cycle sees it, with writes that can be
-    held and joined.
-
-    Why: uvicorn writes a response's head and its body separately, two system calls and
-    two segments.  When the upstream's whole response is already here, the proxy holds
-    both writes and makes them one; on this kind of machine a loopback write costs more
-    than all the proxy's Python work for a small request.
-    """
-
-    __slots__ = ("_held", "_transport", "trailers")
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._held: list[bytes] | None = None
-        #: A trailer section for the chunked body's end (see :meth:`write`).
-        self.trailers: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        trailers = self.trailers
-        if trailers is not None and data.endswith(b"0\r\n\r\n"):
-            # uvicorn's HTTP/1.1 protocols cannot send trailers (no ASGI
-            # ``http.response.trailers`` there): set just before the body's last message,
-            # they go into the last chunk uvicorn writes.
-            self.trailers = None
-            data = data[:-2] + trailers + b"\r\n"
-        if self._held is not None:
-            self._held.append(data)
-        else:
-            self._transport.write(data)
-
-    def hold(self) -> None:
-        self._held = []
-
-    def release(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            self._transport.write(b"".join(held))
-
-    def close(self) -> None:
-        self.release()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class ClientConnection:
-    """What the proxy knows about one client connection, shared by its requests."""
-
-    __slots__ = ("accepted", "lost", "on_lost", "requests", "transport", "writer")
-
-    def __init__(self, transport: Any) -> None:
-        self.accepted = _now()
-        self.requests = 0
-        self.transport = transport
-        self.writer = CorkedWrites(transport)
-        self.lost = False
-        #: Called once when the client goes away (the exchange in progress abandons
-        #: its upstream request instead of waiting for a response nobody will read).
-        self.on_lost: Callable[[], None] | None = None
-
-    def write_whole(
-        self,
-        cycle: RequestResponseCycle | None,
-        status: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-    ) -> bool:
-        """Write a whole response (its head and body) in one go, as uvicorn's ``send``
-        would write it in two messages, and complete the request's ``cycle``; False,
-        with nothing done, when the response is not the plain kind this handles.
-
-        Why: for a small response that is already here (most of them), uvicorn's two
-        ``send`` calls (message dicts, a validating pass over each header, two writes
-        joined) cost several percent of the proxy's work per request.  The fields come
-        from upstream through httptools (which rejects invalid ones), lowercased, with
-        the hop-by-hop ones (Connection, Transfer-Encoding) already removed.  This
-        leans on uvicorn's cycle attributes as of uvicorn 0.54, as the protocol does.
-        """
-        if (
-            cycle is None
-            or cycle.response_started
-            or cycle.disconnected
-            or cycle.default_headers
-            or cycle.flow.write_paused
-            or not 200 <= status < 600
-            or status == 204
-            or status == 304
-        ):
-            return False
-        length = None
-        for name, value in headers:
-            if name == b"content-length":
-                if length is not None:
-                    return False
-                length = value
-        head_only = cycle.scope["method"] == "HEAD"
-        if length is not None and not head_only:
-            try:
-                if int(length) != len(body):
-                    return False  # uvicorn's send says what is wrong (and closes)
-            except ValueError:
-                return False
-        keep_alive = cycle.keep_alive
-        content = [STATUS_LINE[status]]
-        if headers:
-            content.append(b"\r\n".join(map(_FIELD_JOIN, headers)))
-            content.append(b"\r\n")
-        if not keep_alive:
-            content.append(b"connection: close\r\n")
-        if head_only:
-            content.append(b"\r\n")
-        elif length is None:
-            content.append(b"transfer-encoding: chunked\r\n\r\n")
-            if body:
-                content.append(b"%x\r\n" % len(body))
-                content.append(body)
-                content.append(b"\r\n")
-            content.append(b"0\r\n\r\n")
-        else:
-            content.append(b"\r\n")
-            content.append(body)
-        self.transport.write(b"".join(content))
-        cycle.response_started = True
-        cycle.waiting_for_100_continue = False
-        cycle.response_complete = True
-        cycle.message_event.set()
-        if not keep_alive:
-            self.transport.close()
-        cycle.on_response()
-        return True
-
-
-class ProxyHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, telling the proxy app what ASGI does not say.
+class UvicornProxyProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, telling the proxy app what ASGI does not say: the
+    path an Upgrade request (a WebSocket) takes, handed over by :class:`ProxyHttpProtocol`.
 
     ``scope["hopscope.arrival"] = (begin_ns, head_ns, absolute_form, ClientConnection,
     RequestResponseCycle | None)``:
@@ -393,6 +263,27 @@ class ProxyHttpProtocol(HttpToolsProtocol):
             if callback is not None:
                 callback()
         super().connection_lost(exc)
+
+
+class ProxyHttpProtocol(HttpListener):
+    """The proxy's listening side (:mod:`hopscope.app.listener`): each request goes
+    straight to an :class:`_Exchange`, told what ASGI does not say (when the request's
+    first byte and head arrived, an absolute-form target, the connection, the request
+    for :meth:`ClientConnection.write_whole`).  An Upgrade request's connection goes to
+    :class:`UvicornProxyProtocol`, and so does every connection when the app is not a
+    :class:`ProxyApp`."""
+
+    fallback = UvicornProxyProtocol
+
+    def accepts(self, app: Any) -> bool:
+        return isinstance(app, ProxyApp)
+
+    def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        scope = request.scope
+        arrival = (request.begin, request.head_ts, request.absolute, self.conn, request)
+        scope["hopscope.arrival"] = arrival
+        exchange = _Exchange(self.config.app, scope, request.receive, request.send)
+        return exchange.serve(self.spawn)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------
@@ -641,6 +532,12 @@ def _scope_fields(scope: Scope) -> tuple[Any, ...]:
         return (scope.get("method", "GET"), *fields[1:])
 
 
+#: What the fast path sent (see ``_Exchange.serve``): the request's bytes, the
+#: connection, and the response's head and whole body when it already took them.
+_Head = tuple[list[tuple[bytes, bytes]], bytes | None]
+_Sent = tuple[bytes, UpstreamConnection, _Head | None]
+
+
 class _Exchange(Recording):
     """One HTTP request through the proxy, and the recording of its two spans.
 
@@ -655,6 +552,7 @@ class _Exchange(Recording):
     interface = "proxy"
 
     __slots__ = (
+        "_pending",
         "app",
         "client_conn",
         "client_extra",
@@ -702,6 +600,7 @@ class _Exchange(Recording):
         self.end_at = -1
         self.done = False
         self._state = -1
+        self._pending: tuple[Any, ...] | None = None
 
     def event(self, span_id: int, name: str, attrs: dict[str, Any] | None, ts: int = 0) -> None:
         self.items.append(("p", ts or _now(), self.trace_id, span_id, name, attrs))
@@ -720,6 +619,85 @@ class _Exchange(Recording):
 
     # -- the request ---------------------------------------------------------------
     async def run(self) -> None:
+        """Answer the request (the ASGI path: uvicorn's protocol runs this as a task)."""
+        head_ts, absolute = self._begin()
+        await self._answer(head_ts, absolute)
+
+    def serve(self, spawn: Callable[[Any, Coroutine[Any, Any, None]], None]) -> Any:
+        """Answer the request without a task when it can be: None when the exchange
+        goes on from upstream's callbacks, else the coroutine to run as a task.
+
+        Why: most requests have no body, find an idle upstream connection, and get a
+        response that arrives whole in one read.  Those are sent upstream here and
+        answered from the connection's callback (:meth:`_upstream_moved`): no task, no
+        future and no coroutine frames per request, which were a sizeable part of the
+        proxy's work.  Anything else (a body, a new connection, a response still
+        coming, an error) goes on as a coroutine from where the fast path stopped,
+        ``spawn(cycle, coroutine)`` running it.
+        """
+        head_ts, absolute = self._begin()
+        method = self.scope["method"]
+        if absolute or method == "CONNECT":
+            return self._answer(head_ts, absolute)
+        forwarded, target = prepared = self._prepare(method, head_ts)
+        content_length = forwarded.content_length
+        client_conn = self.client_conn
+        if (
+            forwarded.chunked
+            or (content_length is not None and content_length != b"0")
+            or client_conn is None
+            or client_conn.lost
+        ):
+            return self._answer(head_ts, absolute, prepared)
+        conn = self.app.pool.take_idle()
+        if conn is None:
+            return self._answer(head_ts, absolute, prepared)
+        first = self._request_head(method, target, forwarded, b"", False)
+        self._send(conn, True, None, first, False, False, method == "HEAD")
+        self._pending = (forwarded, target, first, conn, spawn)
+        conn.notify(self._upstream_moved)
+        return None
+
+    def _upstream_moved(self) -> None:
+        """The fast path's continuation (see :meth:`serve`): a whole response is
+        written and the exchange ends here; otherwise the coroutine takes over."""
+        pending = self._pending
+        assert pending is not None
+        forwarded, target, first, conn, spawn = pending
+        self._pending = None
+        head: _Head | None = None
+        client_conn = self.client_conn
+        try:
+            if (
+                conn.complete
+                and conn.error is None
+                and not conn.trailers
+                and client_conn is not None
+                and not client_conn.lost
+            ):
+                headers = self._response_head(conn, forwarded.trailers)
+                done, whole = self._try_whole(conn, headers)
+                if done:
+                    self._end()
+                    self._close()
+                    return
+                head = (headers, whole)
+        except BaseException as exc:
+            self._abandon_upstream()
+            self.items.append(exception_event(self.trace_id, self.proxy_id, exc, phase="proxy"))
+            self.proxy_attr("error", True)
+            self.proxy_attr("exception.type", type(exc).__name__)
+            self._end()
+            self._close()
+            if client_conn is not None:
+                client_conn.transport.close()
+            raise
+        sent = (first, conn, head)
+        spawn(self.cycle, self._answer(0, False, (forwarded, target), sent))
+
+    def _begin(self) -> tuple[int, bool]:
+        """Start the recording: (when the head arrived, whether the target was in
+        absolute form)."""
         scope = self.scope
         app = self.app
         # Taken out: it holds the request's cycle, which holds the scope (a reference
@@ -741,30 +719,55 @@ class _Exchange(Recording):
         self.request = (*_scope_fields(scope), head_ts, accepted, number, proxy_id)
         if not self.sink.start_live(self):
             self.go_eager()
+        return head_ts, absolute
+
+    async def _answer(
+        self,
+        head_ts: int,
+        absolute: bool,
+        prepared: tuple[Forwarded, bytes] | None = None,
+        sent: _Sent | None = None,
+    ) -> None:
         try:
-            method = scope["method"]
+            method = self.scope["method"]
             if absolute or method == "CONNECT":
                 await self._refuse(absolute)
             else:
-                await self._proxy(method, head_ts)
+                if prepared is None:
+                    prepared = self._prepare(method, head_ts)
+                await self._proxy(method, prepared[0], prepared[1], sent)
         finally:
-            if self.client_conn is not None:
-                self.client_conn.on_lost = None
-            self.seal()
+            self._close()
 
-    async def _proxy(self, method: str, head_ts: int) -> None:
+    def _close(self) -> None:
+        client_conn = self.client_conn
+        if client_conn is not None and client_conn.on_lost == self._on_client_lost:
+            # (A pipelined request behind this one may have started, and set its own.)
+            client_conn.on_lost = None
+        self.seal()
+
+    def _prepare(self, method: str, head_ts: int) -> tuple[Forwarded, bytes]:
+        """The request's fields and target as they go upstream (recorded as the proxy
+        span's start)."""
         app = self.app
         scope = self.scope
-        trace_id, proxy_id = self.trace_id, self.proxy_id
-        forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
+        forwarded = app.forwarded(scope, head_ts, self.trace_id, self.proxy_id)
         target = app.target(scope)
         up = app.upstream
-        headers = forwarded.headers
-        start = (PROXY_START, _now(), target, headers, forwarded.kept, len(headers),
+        # Only the fields the proxy added are recorded (the client span has the rest):
+        # sliced here, the drain marshals a few fields instead of every header again.
+        added = forwarded.headers[forwarded.kept :]
+        start = (PROXY_START, _now(), target, added, 0, len(added),
                  forwarded.removed or None, up.host, up.port, up.origin)  # fmt: skip
         self.items.append(start)
+        return forwarded, target
+
+    async def _proxy(
+        self, method: str, forwarded: Forwarded, target: bytes, sent: _Sent | None
+    ) -> None:
+        trace_id, proxy_id = self.trace_id, self.proxy_id
         try:
-            await self._forward(method, target, forwarded)
+            await self._forward(method, target, forwarded, sent)
         except ClientGone:
             self._client_gone()
         except UpstreamError as exc:
@@ -783,24 +786,14 @@ class _Exchange(Recording):
         else:
             self._end()
 
-    async def _forward(self, method: str, target: bytes, forwarded: Forwarded) -> None:
-        client_conn = self.client_conn
+    def _request_head(
+        self, method: str, target: bytes, forwarded: Forwarded, body: bytes, more: bool
+    ) -> bytes:
+        """The request's head as it goes upstream, with the first part of its body."""
         headers = forwarded.headers
         content_length = forwarded.content_length
         chunked = forwarded.chunked
-        # The body, when there is one: forward it only then (a chunked empty body on a GET
-        # costs tens of milliseconds upstream).
-        body = b""
-        more = False
         has_body = chunked or (content_length is not None and content_length != b"0")
-        if has_body:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone("the client went away before sending its body")
-            body = message.get("body", b"")
-            more = message.get("more_body", False)
-            if body:
-                self._request_chunk(body, more)
         if not more:
             if has_body or content_length is not None:
                 headers.append((b"content-length", b"%d" % len(body)))
@@ -821,41 +814,57 @@ class _Exchange(Recording):
         )
         # Head and body in one write: one segment for a small request (no delayed-ACK
         # stall), and the whole request at hand if a stale connection forces a retry.
-        first = head + (b"%x\r\n%s\r\n" % (len(body), body) if more and chunked and body else body)
-        if client_conn is not None and client_conn.lost:
-            raise ClientGone("the client went away")
+        return head + (b"%x\r\n%s\r\n" % (len(body), body) if more and chunked and body else body)
+
+    async def _forward(
+        self, method: str, target: bytes, forwarded: Forwarded, sent: _Sent | None = None
+    ) -> None:
+        client_conn = self.client_conn
+        head_only = method == "HEAD"
+        chunked = forwarded.chunked
+        more = False
+        conn: UpstreamConnection | None = None
+        if sent is not None:
+            # Sent by the fast path (an idle connection, no body): go on from there.
+            first, conn, head = sent
+            if head is not None:
+                await self._relay(conn, head_only, forwarded.trailers, head)
+                return
+        else:
+            # The body, when there is one: forward it only then (a chunked empty body on
+            # a GET costs tens of milliseconds upstream).
+            content_length = forwarded.content_length
+            body = b""
+            if chunked or (content_length is not None and content_length != b"0"):
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone("the client went away before sending its body")
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                if body:
+                    self._request_chunk(body, more)
+            first = self._request_head(method, target, forwarded, body, more)
+            if client_conn is not None and client_conn.lost:
+                raise ClientGone("the client went away")
+            if more and chunked:
+                self.proxy_attr("proxy.request.chunked", True)
 
         pool = self.app.pool
-        head_only = method == "HEAD"
         retried = False
         items = self.items
-        if more and chunked:
-            self.proxy_attr("proxy.request.chunked", True)
         while True:
-            conn = pool.take_idle()
-            reused = conn is not None
             if conn is None:
-                connect_start = _now()
-                conn = await pool.connect()
-                connect_ns: int | None = _now() - connect_start
+                conn = pool.take_idle()
+                reused = conn is not None
+                if conn is None:
+                    connect_start = _now()
+                    conn = await pool.connect()
+                    connect_ns: int | None = _now() - connect_start
+                else:
+                    connect_ns = None
+                self._send(conn, reused, connect_ns, first, more, chunked, head_only)
             else:
-                connect_ns = None
-            self.conn = conn
-            conn.begin(head_only)
-            if client_conn is not None:
-                if client_conn.lost:
-                    pool.release(conn)
-                    raise ClientGone("the client went away")
-                client_conn.on_lost = self._on_client_lost
-            items.append(
-                (CONNECT, _now(), reused, conn.id, conn.exchanges, connect_ns, conn.local_port)
-            )
-            conn.write(first)
-            if more:
-                conn.sending = True
-                self.upload = asyncio.create_task(self._upload(conn, chunked))
-            else:
-                items.append((SENT, _now(), len(first)))
+                reused = True  # the fast path's (an idle one)
             try:
                 await conn.head()
             except UpstreamClosed:
@@ -864,10 +873,41 @@ class _Exchange(Recording):
                 if reused and not more and not retried and not conn.status:
                     retried = True
                     items.append((RETRY, _now()))
+                    conn = None
                     continue
                 raise
             break
         await self._relay(conn, head_only, forwarded.trailers)
+
+    def _send(
+        self,
+        conn: UpstreamConnection,
+        reused: bool,
+        connect_ns: int | None,
+        first: bytes,
+        more: bool,
+        chunked: bool,
+        head_only: bool,
+    ) -> None:
+        """Send the request's head (and what is at hand of its body) on ``conn``."""
+        self.conn = conn
+        conn.begin(head_only)
+        client_conn = self.client_conn
+        if client_conn is not None:
+            if client_conn.lost:
+                self.app.pool.release(conn)
+                raise ClientGone("the client went away")
+            client_conn.on_lost = self._on_client_lost
+        items = self.items
+        items.append(
+            (CONNECT, _now(), reused, conn.id, conn.exchanges, connect_ns, conn.local_port)
+        )
+        conn.write(first)
+        if more:
+            conn.sending = True
+            self.upload = asyncio.create_task(self._upload(conn, chunked))
+        else:
+            items.append((SENT, _now(), len(first)))
 
     def _on_client_lost(self) -> None:
         conn = self.conn
@@ -912,8 +952,10 @@ class _Exchange(Recording):
         finally:
             conn.sending = False
 
-    async def _relay(self, conn: UpstreamConnection, head_only: bool, te_trailers: bool) -> None:
-        """Send upstream's response to the client as it arrives."""
+    def _response_head(
+        self, conn: UpstreamConnection, te_trailers: bool
+    ) -> list[tuple[bytes, bytes]]:
+        """Upstream's response head as it goes to the client (recorded)."""
         self.status = status = conn.status
         headers, removed = _response_headers(conn.headers)
         if te_trailers and removed and b"trailer" in removed:
@@ -925,21 +967,49 @@ class _Exchange(Recording):
                 headers, f"proxy;dur={(conn.head_ts - self.start) / 1e6:.3f}"
             )
         self.response_headers = headers
-        items = self.items
-        items.append((RESPONSE_START, conn.head_ts, status, conn.version, removed or None))
-        send = self.send
+        self.items.append((RESPONSE_START, conn.head_ts, status, conn.version, removed or None))
+        return headers
+
+    def _try_whole(
+        self, conn: UpstreamConnection, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bool, bytes | None]:
+        """Write a response that is whole already in one go: (done, the body taken)."""
         client_conn = self.client_conn
-        response = self.response
         whole = None
         if client_conn is not None and conn.complete and not conn.trailers:
             # The whole response is here already (the common small case).
             whole = conn.take_whole()
-            if whole is not None and client_conn.write_whole(self.cycle, status, headers, whole):
+            if whole is not None and client_conn.write_whole(
+                self.cycle, self.status, headers, whole
+            ):
                 self.response_started = True
                 if whole:
-                    response.add(whole, _now())
+                    self.response.add(whole, _now())
                 self._release(conn)
+                return True, None
+        return False, whole
+
+    async def _relay(
+        self,
+        conn: UpstreamConnection,
+        head_only: bool,
+        te_trailers: bool,
+        head: _Head | None = None,
+    ) -> None:
+        """Send upstream's response to the client as it arrives (``head``: its head and
+        whole body, when the fast path already took them)."""
+        if head is None:
+            headers = self._response_head(conn, te_trailers)
+            done, whole = self._try_whole(conn, headers)
+            if done:
                 return
+        else:
+            headers, whole = head
+        status = self.status
+        items = self.items
+        send = self.send
+        client_conn = self.client_conn
+        response = self.response
         # Otherwise, when it is all here, head and body still leave in one write.
         writer = client_conn.writer if client_conn is not None and conn.complete else None
         if writer is not None:
@@ -1072,7 +1142,7 @@ class _Exchange(Recording):
         # Only the request needed these; the recording lives on until the next drain.
         self.scope = _NO_SCOPE
         self.receive = self.send = _gone
-        self.conn = self.client_conn = self.upload = self.cycle = None
+        self.conn = self.client_conn = self.upload = self.cycle = self._pending = None
         Recording.seal(self)
 
     # -- the drain's side ------------------------------------------------------------

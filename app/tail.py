@@ -20,6 +20,8 @@ the lines are the same (tests/test_tail.py checks that against the model).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import sys
 import threading
@@ -27,6 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime
+from operator import itemgetter
 from typing import Any, TextIO
 
 import click
@@ -40,7 +43,7 @@ from hopscope.tracing.proxyrecord import (
     RETRY,
     SENT,
 )
-from hopscope.tracing.records import hex_id, normalise_attrs, to_events
+from hopscope.tracing.records import normalise_attrs, to_events
 from hopscope.tracing.sinks import dropped_event
 
 __all__ = ["Tail", "format_line"]
@@ -73,6 +76,9 @@ _PROXY_CODES = frozenset(
     {PROXY_START, REQUEST_BODY, CONNECT, SENT, RETRY, RESPONSE_START, RESPONSE_BODY}
 )
 _UNKNOWN: Any = object()
+_HEX32 = "%032x"
+_END = itemgetter(0)
+_HEX16 = "%016x"
 
 
 def _ms(ns: int | None) -> str:
@@ -205,7 +211,9 @@ class _Trace:
     ) -> None:
         """A span start whose line attributes are ``kept`` (normalised), the emitting
         process's (``inherited``) filling in the ones it lacks."""
-        span = self.span(span_id)
+        span = self.spans.get(span_id)
+        if span is None:
+            span = self.spans[span_id] = _Span()
         span.parent_id = parent_id
         span.hop = hop
         span.name = name
@@ -214,10 +222,13 @@ class _Trace:
             for key, value in inherited.items():
                 kept.setdefault(key, value)
         if kept:
-            span.attrs = {**kept, **span.attrs}
+            attrs = span.attrs
+            span.attrs = {**kept, **attrs} if attrs else kept
 
     def ended(self, span_id: str, ts: int, kept: dict[str, Any]) -> None:
-        span = self.span(span_id)
+        span = self.spans.get(span_id)
+        if span is None:
+            span = self.spans[span_id] = _Span()
         span.end = ts
         if kept:
             span.attrs.update(kept)
@@ -327,7 +338,9 @@ class _Trace:
             status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
         parts.append(status_text)
         parts.append(_ms(None if start is None or end is None else end - start))
-        if len(hops) > 1:
+        if len(hops) == 2 and "client" in hops and "proxy" in hops:
+            items = [("client", hops["client"]), ("proxy", hops["proxy"])]  # (sorted: a proxy's)
+        elif len(hops) > 1:
             order = _HOP_RANK.get
             items = sorted(hops.items(), key=lambda item: (order(item[0], _LAST_HOP), item[0]))
         else:
@@ -410,6 +423,10 @@ class Tail:
         self._max_in_flight = max_in_flight
         self._done: OrderedDict[str, None] = OrderedDict()
         self._held: dict[str, _Trace] = {}
+        #: ``(end, n, trace_id, trace)`` of held traces, soonest due first (see
+        #: :meth:`_due_held`); entries whose trace moved on are skipped when popped.
+        self._due_heap: list[tuple[int, int, str, _Trace]] = []
+        self._pushes = itertools.count()
         self._remember = remember
         self._hold_ns = int(hold * 1e9)
         self._live = live
@@ -501,10 +518,13 @@ class Tail:
         return trace
 
     def _finish(self, touched: dict[str, _Trace], notes: list[str]) -> list[str]:
+        held, heap, pushes = self._held, self._due_heap, self._pushes
         for trace_id, trace in touched.items():
-            if trace.end is not None:
-                self._held[trace_id] = trace
-        lines = notes + self._due(self._held.values())
+            end = trace.end
+            if end is not None:
+                held[trace_id] = trace
+                heapq.heappush(heap, (end, next(pushes), trace_id, trace))
+        lines = notes + self._due_held()
         self._write(lines)
         return lines
 
@@ -527,6 +547,7 @@ class Tail:
             touched: dict[str, _Trace] = {}
             notes: list[str] = []
             failed = 0
+            inherited = _inherited(process)  # the same for the whole batch
             for record in records:
                 try:
                     if not (
@@ -534,7 +555,7 @@ class Tail:
                         and len(record) == 11
                         and record[0] == "r"
                         and record[6] == "proxy"
-                        and self._fold_proxy(record, process, touched)
+                        and self._fold_proxy(record, process, touched, inherited)
                     ):
                         self._fold(to_events(record, process), touched, notes)
                 except Exception:  # a record of the right kind but the wrong shape
@@ -546,7 +567,11 @@ class Tail:
             return failed
 
     def _fold_proxy(
-        self, record: tuple[Any, ...], process: dict[str, Any] | None, touched: dict[str, _Trace]
+        self,
+        record: tuple[Any, ...],
+        process: dict[str, Any] | None,
+        touched: dict[str, _Trace],
+        inherited: dict[str, Any] | None,
     ) -> bool:
         """Fold a proxy ``"r"`` record as its wire events would fold (the order of
         :func:`~hopscope.tracing.proxyrecord.expand_proxy`, the attributes a line reads);
@@ -586,22 +611,21 @@ class Tail:
                 return False
             elif item[1] > newest:
                 newest = item[1]
-        trace_id: str = hex_id(trace_num, 32)  # type: ignore[assignment]
+        trace_id = _HEX32 % trace_num  # (records.hex_id's, for ids checked above)
         if trace_id in self._done:
             return True
         trace = self._traces.get(trace_id)
         if trace is None:
             trace = self._new_trace(trace_id)
         trace._end = _UNKNOWN
-        client_id: str = hex_id(client_num, 16)  # type: ignore[assignment]
-        proxy_id: str = hex_id(request[11], 16)  # type: ignore[assignment]
+        client_id = _HEX16 % client_num
+        proxy_id = _HEX16 % request[11]
         method, path = request[0], request[3]
-        inherited = _inherited(process)
         name = f"{method} {path}"
         plain = type(method) is str and type(path) is str  # as normalising leaves them
         kept = {"http.request.method": method, "url.path": path}
         trace.started(
-            client_id, begin, hex_id(parent_num, 16), "client", name,
+            client_id, begin, _HEX16 % parent_num if parent_num else None, "client", name,
             kept if plain else normalise_attrs(kept), inherited,
         )  # fmt: skip
         ended = end_at >= 0 and end is not None
@@ -660,6 +684,30 @@ class Tail:
             attrs = _status(status)
         trace.ended(client_id, ts, attrs)
 
+    def _due_held(self) -> list[str]:
+        """Lines for the held traces whose hold has passed, as :meth:`_due` makes them.
+
+        Why a heap: live, a trace is held ``hold`` seconds (0.3) after its end, so at a
+        few thousand requests a second about a thousand are held; looking at each of
+        them at every batch and tick cost more than folding the requests themselves.
+        Each time a trace is folded and has an end, it is pushed with that end, so the
+        heap always has an entry with a held trace's current end.
+        """
+        now = max(self._newest, time.time_ns()) if self._live else self._newest
+        limit = now - self._hold_ns
+        heap, held, traces = self._due_heap, self._held, self._traces
+        candidates: list[_Trace] = []
+        while heap and heap[0][0] <= limit:
+            end, _, trace_id, trace = heapq.heappop(heap)
+            if held.get(trace_id) is not trace or trace.end != end:
+                continue  # printed, forgotten, or pushed again with its new end
+            if traces.get(trace_id) is not trace:
+                held.pop(trace_id, None)  # evicted from a full tail meanwhile
+                continue
+            candidates.append(trace)
+            del held[trace_id]  # (its line is made below; a stale duplicate is skipped)
+        return self._due(candidates)
+
     def _due(self, candidates: Iterable[_Trace], flush: bool = False) -> list[str]:
         """Lines for finished traces whose hold has passed (all finished ones on flush)."""
         now = max(self._newest, time.time_ns()) if self._live else self._newest
@@ -676,7 +724,8 @@ class Tail:
             if flush or end + self._hold_ns <= now:
                 ready.append((end, trace_id, trace))
         lines: list[str] = []
-        for _, trace_id, trace in sorted(ready, key=lambda item: item[0]):
+        ready.sort(key=_END)
+        for _, trace_id, trace in ready:
             try:
                 line = trace.line(self.color)
             except (TypeError, ValueError, OverflowError, OSError):  # untrusted values
@@ -697,7 +746,7 @@ class Tail:
     def tick(self) -> list[str]:
         """Print what became due with the passing of time (live tails call this)."""
         with self._lock:
-            lines = self._due(self._held.values())
+            lines = self._due_held()
             self._write(lines)
             return lines
 

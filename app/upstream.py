@@ -34,6 +34,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -109,6 +110,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        #: Called (once) instead of waking a waiter: see :meth:`notify`.
+        self._notify: Callable[[], None] | None = None
+        self._notified = False
         self._timer: asyncio.TimerHandle | None = None
         #: When the current wait times out (loop time); see :meth:`_wait`.
         self._deadline = 0.0
@@ -142,6 +146,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.error: BaseException | None = None
+        self._notify = None
+        self._notified = False
 
     def begin(self, head_only: bool) -> None:
         """Prepare for the next exchange (``head_only``: the request is a HEAD)."""
@@ -190,6 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
             reason = str(exc) or type(exc).__name__
             self._fail(UpstreamProtocolError(f"upstream sent an invalid HTTP response ({reason})"))
             self.close()
+        if self._notified:
+            self._deliver()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost says what it means
@@ -202,6 +210,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool._lost(self)
         if self.complete or self.error is not None:
             self._wake()
+            if self._notified:
+                self._deliver()
             return
         if self.status and not self._framed and not self._head_only and exc is None:
             # A response delimited by the end of the connection ends here, cleanly.
@@ -215,6 +225,8 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self._notified:
+            self._deliver()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -276,8 +288,31 @@ class UpstreamConnection(asyncio.Protocol):
     # -- waiting -----------------------------------------------------------------
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._notify is not None:
+            self._notified = True  # delivered once the parser is done (_deliver)
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (once, outside the parser's callbacks) when the response
+        moves on (its head or body arrived, it failed, it timed out), instead of waking a
+        coroutine; the read timeout runs from now, as for a wait.
+
+        Why: most responses arrive whole in one read; the proxy then answers from this
+        callback, with no task and no future for the request (see the proxy's
+        ``_Exchange.serve``)."""
+        self._notify = callback
+        loop = self._loop
+        self._deadline = loop.time() + self.pool.read_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._on_timeout)
+
+    def _deliver(self) -> None:
+        self._notified = False
+        callback, self._notify = self._notify, None
+        if callback is not None:
+            callback()
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None and not self.complete:
@@ -288,10 +323,12 @@ class UpstreamConnection(asyncio.Protocol):
         """Stop the exchange from outside (the client went away): wake and close."""
         self._fail(exc)
         self.close()
+        if self._notified:
+            self._deliver()
 
     def _on_timeout(self) -> None:
         self._timer = None
-        if self._waiter is None or self.closed:
+        if (self._waiter is None and self._notify is None) or self.closed:
             return  # nothing waits now: the next wait starts a timer again
         loop = self._loop
         if loop.time() < self._deadline:
@@ -304,6 +341,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._fail(ReadTimeout(f"upstream sent nothing for {timeout:g}s"))
         self.close()
+        if self._notified:
+            self._deliver()
 
     async def _wait(self) -> None:
         """Wait for the response's next step; the read timeout runs from now.

@@ -9,8 +9,8 @@ hopscope/tracing, hopscope/tui), side by side.
 Why: bench/proxy.py measures the proxy end to end with wrk, which on a shared 2-CPU
 machine moves by tens of percent from run to run.  Here everything runs in one process
 and one thread: a canned upstream (an asyncio protocol answering a fixed response), the
-proxy as ``proxy_server`` makes it (uvicorn, httptools, uvloop), and 16 keep-alive
-clients.  Variants:
+proxy as ``proxy_server`` makes it (its own listener under uvicorn's server, httptools,
+uvloop), and 16 keep-alive clients.  Variants:
 
 * ``clients``: the clients straight to the canned upstream (what the harness costs);
 * ``uvicorn``: the clients to a bare ASGI hello under uvicorn (a server's share);
@@ -19,7 +19,9 @@ clients.  Variants:
   the drain thread of a SocketSink does;
 * ``tail-records`` / ``tail-events``: the recording child's part, the marshalled batches
   of ``proxy`` decoded and folded into tail lines (written to /dev/null), straight from
-  the records or through wire events.
+  the records or through wire events.  The tail holds each line as the child's does
+  (``hold``, 0.3 s of the records' own clock): live, about a thousand requests are held
+  at any time, and what that costs is part of the child's work.
 
 The proxy's share is ``proxy - clients``; the child's is ``tail-records``.
 """
@@ -201,7 +203,7 @@ def tail_variant(variant: str, frames: list[bytes]) -> tuple[float, int]:
     def run(*_: Any) -> None:
         nonlocal requests
         with open(os.devnull, "w") as out:
-            tail = Tail(out, live=False, hold=0.0)
+            tail = Tail(out, live=False)  # the child's hold, on the records' clock
             for payload in frames:
                 _, info, dropped, records = marshal.loads(payload)
                 requests += len(records)

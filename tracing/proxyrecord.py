@@ -56,7 +56,9 @@ PROXY_END = (
 )  # fmt: skip
 
 #: Item codes (first field of a compact item; the second is always its timestamp).
-#: ``(PROXY_START, ts, target, headers, kept, added_end, removed, up_host, up_port, origin)``
+#: ``(PROXY_START, ts, target, headers, kept, added_end, removed, up_host, up_port, origin)``:
+#: ``headers[kept:added_end]`` are the fields the proxy added (hopscope's proxy now
+#: records only those: ``kept`` 0).
 PROXY_START = 10
 #: ``(REQUEST_BODY, ts, size, more)``: a client span event
 REQUEST_BODY = 11

@@ -1,0 +1,723 @@
+"""The proxy's listening side: an HTTP/1.1 server protocol that hands requests straight
+to a handler, without uvicorn's per-request machinery.
+
+Why: measured with ``bench/proxy_hotpath.py --callgrind``, uvicorn's server side cost
+more instructions per proxied request than the exchange itself (a scope with a state
+copy, a request cycle with its own :class:`asyncio.Event`, a keep-alive timer armed and
+cancelled for every response, message dicts checked header by header).  On a 2-CPU
+machine at 16 concurrent clients that CPU turns into queueing, and the proxy's added
+median latency went past its 1 ms budget.
+
+What stays uvicorn's: the server frame (sockets, lifespan, signals, graceful shutdown
+through ``server_state``), so :class:`HttpListener` takes the constructor uvicorn gives
+an ``http=`` protocol class.  What it does itself: keep-alive with one idle timer per
+connection (moved, not re-armed per response), pipelining (later requests wait, reading
+paused), request bodies (Content-Length or chunked) with flow control, ``Expect:
+100-continue``, HTTP/1.0, client disconnects, and a whole small response written in one
+go (:meth:`Request.write_whole`).  What it does not: an ``Upgrade`` request (WebSocket)
+goes to :attr:`HttpListener.fallback`, a uvicorn protocol, with the connection, as
+uvicorn itself switches to its WebSocket protocol.
+
+:class:`CorkedWrites` and :class:`ClientConnection` live here because both the listener
+and the uvicorn-based fallback path write through them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+
+__all__ = ["ClientConnection", "CorkedWrites", "HttpListener", "Request"]
+
+#: Request body bytes held before the client's socket stops being read (uvicorn's).
+HIGH_WATER = 65536
+
+_FIELD_JOIN = b": ".join
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
+_logger = logging.getLogger("uvicorn.error")
+
+_now = time.time_ns
+
+
+class CorkedWrites:
+    """The client transport as a response sees it, with writes that can be held and
+    joined.
+
+    Why: a response's head and its body are written separately, two system calls and
+    two segments.  When the upstream's whole response is already here, the proxy holds
+    both writes and makes them one; on this kind of machine a loopback write costs more
+    than all the proxy's Python work for a small request.
+    """
+
+    __slots__ = ("_held", "_transport", "trailers")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+        #: A trailer section for the chunked body's end (see :meth:`write`).
+        self.trailers: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        trailers = self.trailers
+        if trailers is not None and data.endswith(b"0\r\n\r\n"):
+            # HTTP/1.1 servers' ASGI has no ``http.response.trailers``: set just before
+            # the body's last message, they go into the last chunk written.
+            self.trailers = None
+            data = data[:-2] + trailers + b"\r\n"
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self._transport.write(data)
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self.release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _whole_response(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    head_only: bool,
+    keep_alive: bool,
+    default_headers: list[tuple[bytes, bytes]],
+) -> bytes | None:
+    """A whole response's bytes, framed as a server's ``send`` would frame them; None
+    when it is not the plain kind written in one go (the ordinary path then says what
+    is wrong, or frames it)."""
+    if not 200 <= status < 600 or status == 204 or status == 304:
+        return None
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None:
+                return None
+            length = value
+    if length is not None and not head_only:
+        try:
+            if int(length) != len(body):
+                return None
+        except ValueError:
+            return None
+    content = [STATUS_LINE[status]]
+    if default_headers:
+        content.append(b"\r\n".join(map(_FIELD_JOIN, default_headers)))
+        content.append(b"\r\n")
+    if headers:
+        content.append(b"\r\n".join(map(_FIELD_JOIN, headers)))
+        content.append(b"\r\n")
+    if not keep_alive:
+        content.append(b"connection: close\r\n")
+    if head_only:
+        content.append(b"\r\n")
+    elif length is None:
+        content.append(b"transfer-encoding: chunked\r\n\r\n")
+        if body:
+            content.append(b"%x\r\n" % len(body))
+            content.append(body)
+            content.append(b"\r\n")
+        content.append(b"0\r\n\r\n")
+    else:
+        content.append(b"\r\n")
+        content.append(body)
+    return b"".join(content)
+
+
+class ClientConnection:
+    """What the proxy knows about one client connection, shared by its requests."""
+
+    __slots__ = ("accepted", "lost", "on_lost", "requests", "transport", "writer")
+
+    def __init__(self, transport: Any) -> None:
+        self.accepted = _now()
+        self.requests = 0
+        self.transport = transport
+        self.writer = CorkedWrites(transport)
+        self.lost = False
+        #: Called once when the client goes away (the exchange in progress abandons
+        #: its upstream request instead of waiting for a response nobody will read).
+        self.on_lost: Callable[[], None] | None = None
+
+    def write_whole(
+        self, cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> bool:
+        """Write a whole response (its head and body) in one go and complete the
+        request's ``cycle``; False, with nothing done, when the response is not the
+        plain kind this handles.
+
+        ``cycle`` is a :class:`Request` of the listener, or (on the uvicorn-based path)
+        uvicorn's ``RequestResponseCycle``, whose attributes this leans on as of uvicorn
+        0.54.  Why: for a small response that is already here (most of them), two
+        ``send`` calls (message dicts, a validating pass over each header, two writes
+        joined) cost several percent of the proxy's work per request.  The fields come
+        from upstream through httptools (which rejects invalid ones), lowercased, with
+        the hop-by-hop ones (Connection, Transfer-Encoding) already removed.
+        """
+        if cycle is None:
+            return False
+        if type(cycle) is Request:
+            return cycle.write_whole(status, headers, body)
+        if (
+            cycle.response_started
+            or cycle.disconnected
+            or cycle.default_headers
+            or cycle.flow.write_paused
+        ):
+            return False
+        keep_alive = cycle.keep_alive
+        data = _whole_response(
+            status, headers, body, cycle.scope["method"] == "HEAD", keep_alive, []
+        )
+        if data is None:
+            return False
+        self.transport.write(data)
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not keep_alive:
+            self.transport.close()
+        cycle.on_response()
+        return True
+
+
+class Request:
+    """One request on a listener connection: its scope, and the ASGI-shaped ``receive``
+    and ``send`` its handler uses for bodies (a whole small response skips ``send``:
+    :meth:`write_whole`)."""
+
+    __slots__ = (
+        "_waiter",
+        "absolute",
+        "begin",
+        "body",
+        "chunked",
+        "disconnected",
+        "expected",
+        "head_only",
+        "head_ts",
+        "keep_alive",
+        "listener",
+        "more_body",
+        "response_complete",
+        "response_started",
+        "scope",
+        "waiting_for_100_continue",
+    )
+
+    def __init__(
+        self,
+        listener: HttpListener,
+        scope: dict[str, Any],
+        keep_alive: bool,
+        expect_continue: bool,
+        begin: int,
+        head_ts: int,
+        absolute: bool,
+    ) -> None:
+        self.listener = listener
+        self.scope = scope
+        #: When its first byte and its whole head arrived; whether its target was in
+        #: absolute form (``GET http://elsewhere/``, reduced to a path in the scope).
+        self.begin = begin
+        self.head_ts = head_ts
+        self.absolute = absolute
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_continue
+        self.head_only = scope["method"] == "HEAD"
+        self.body = b""
+        self.more_body = True
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.chunked = False
+        self.expected = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the request body ---------------------------------------------------------
+    async def receive(self) -> dict[str, Any]:
+        listener = self.listener
+        transport = listener.transport
+        if self.waiting_for_100_continue and not transport.is_closing():
+            transport.write(_CONTINUE)
+            self.waiting_for_100_continue = False
+        if (
+            not self.body
+            and self.more_body
+            and not self.disconnected
+            and not self.response_complete
+        ):
+            listener.resume_reading()
+            waiter = self._waiter = listener.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        if self.disconnected or self.response_complete:
+            return _DISCONNECT
+        body, self.body = self.body, b""
+        listener.resume_reading()
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    # -- the response ---------------------------------------------------------------
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        listener = self.listener
+        if listener.write_paused and not self.disconnected:
+            await listener.drain()
+        if self.disconnected:
+            return
+        writer = listener.conn.writer
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(f"expected http.response.start, got {message['type']!r}")
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            status = message["status"]
+            headers = message.get("headers") or []
+            default = listener.server_state.default_headers
+            if default:
+                headers = default + list(headers)
+            content = [STATUS_LINE[status]]
+            chunked: bool | None = None
+            close = False
+            for name, value in headers:
+                name = name.lower()
+                if name == b"content-length" and chunked is None:
+                    self.expected = int(value)
+                    chunked = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected = 0
+                    chunked = True
+                elif name == b"connection":
+                    if b"close" in [t.strip().lower() for t in value.split(b",")]:
+                        self.keep_alive = False
+                        close = True
+                content.append(_FIELD_JOIN((name, value)))
+                content.append(b"\r\n")
+            if not self.keep_alive and not close:
+                content.append(b"connection: close\r\n")
+            if chunked is None and not self.head_only and status != 204 and status != 304:
+                chunked = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            self.chunked = bool(chunked)
+            content.append(b"\r\n")
+            writer.write(b"".join(content))
+            return
+        if self.response_complete:
+            raise RuntimeError(f"unexpected {message['type']!r} after the response completed")
+        if message["type"] != "http.response.body":
+            raise RuntimeError(f"expected http.response.body, got {message['type']!r}")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.head_only:
+            self.expected = 0
+        elif self.chunked:
+            if body:
+                data = b"%x\r\n%s\r\n" % (len(body), body)
+                writer.write(data + b"0\r\n\r\n" if not more else data)
+            elif not more:
+                writer.write(b"0\r\n\r\n")
+        else:
+            if len(body) > self.expected:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected -= len(body)
+            if body:
+                writer.write(body)
+        if not more:
+            if self.expected != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self._complete()
+
+    def write_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """The whole response in one write (see :meth:`ClientConnection.write_whole`)."""
+        listener = self.listener
+        if self.response_started or self.disconnected or listener.write_paused:
+            return False
+        data = _whole_response(
+            status, headers, body, self.head_only, self.keep_alive,
+            listener.server_state.default_headers,
+        )  # fmt: skip
+        if data is None:
+            return False
+        listener.transport.write(data)
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self._complete()
+        return True
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        self.wake()
+        listener = self.listener
+        if not self.keep_alive:
+            listener.conn.writer.close()  # what it holds goes first
+        listener.response_done(self)
+
+
+class HttpListener(asyncio.Protocol):
+    """An HTTP/1.1 server connection calling :meth:`handle` per request (see the module
+    docstring).  uvicorn creates it as its ``http=`` protocol class."""
+
+    #: The uvicorn protocol an Upgrade request's connection is handed to.
+    fallback: type[asyncio.Protocol] | None = None
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        try:
+            # Answer the first of pipelined requests even when the client closes.
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # pragma: no cover - httptools < 0.6.3
+            pass
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.transport: Any = None
+        self.conn: ClientConnection = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        #: The request being answered, and those parsed behind it (pipelined).
+        self.running: Request | None = None
+        self.pipeline: deque[Request] = deque()
+        #: The request being parsed (its body goes to it).
+        self.parsing: Request | None = None
+        self.read_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        #: loop time the connection went idle (0.0: busy); see :meth:`_on_idle`.
+        self._idle_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgrade: bytes | None = None
+        # Per-request parse state.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._begin = 0
+        self._expect = False
+
+    def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
+        """Answer ``request``: a coroutine to run as a task, or None when the handler
+        answers it from callbacks (calling :meth:`spawn` if it needs a task after all)."""
+        raise NotImplementedError
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        if self.fallback is not None and not self.accepts(self.config.app):
+            self._hand_over(transport, b"")
+            return
+        self.server_state.connections.add(self)
+        self.transport = transport
+        self.conn = ClientConnection(transport)
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
+
+    def accepts(self, app: Any) -> bool:
+        """Whether this listener serves ``app`` itself (else every connection goes to
+        :attr:`fallback`)."""
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        self._idle_at = 0.0
+        if self._upgrade is not None:
+            self._upgrade += data
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is not None:
+                self._upgrade += data[exc.args[0] :]
+                if self.running is None:
+                    self._hand_over(self.transport, self._upgrade)
+            # else: a CONNECT, refused (its connection closes after the answer)
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            self._bad_request()
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        conn = self.conn
+        if conn is None:
+            return
+        for request in (self.running, *self.pipeline):
+            if request is not None and not request.response_complete:
+                request.disconnected = True
+                request.wake()
+        if not conn.lost:
+            conn.lost = True
+            callback, conn.on_lost = conn.on_lost, None
+            if callback is not None:
+                callback()
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if exc is None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def drain(self) -> None:
+        while self.write_paused and not self.transport.is_closing():
+            waiter = self._drain = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._drain = None
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and not self.pipeline and self._upgrade is None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # -- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._begin = _now()
+        self._url = b""
+        self._headers = []
+        self._expect = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = parser.get_method().decode("ascii")
+        url = self._url
+        if parser.should_upgrade() and method != "CONNECT" and self.fallback is not None:
+            self._upgrade_head(method, url, parser.get_http_version())
+            return
+        head_ts = _now()
+        version = parser.get_http_version()
+        if url[:1] == b"/" and url.find(b"#") < 0:  # (find: "in" costs a raised TypeError)
+            raw_path, _, query = url.partition(b"?")
+        else:
+            parsed = httptools.parse_url(url)
+            raw_path, query = parsed.path or b"", parsed.query or b""
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        scope = {
+            "type": "http",
+            "http_version": version,
+            "method": method,
+            "scheme": self.scheme,
+            "path": path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": "",
+            "headers": self._headers,
+            "client": self.client,
+            "server": self.server,
+        }
+        conn = self.conn
+        conn.requests += 1
+        keep_alive = version != "1.0" and parser.should_keep_alive() and method != "CONNECT"
+        absolute = url[:1] != b"/" and url != b"*"
+        request = Request(self, scope, keep_alive, self._expect, self._begin, head_ts, absolute)
+        self.parsing = request
+        if self.running is None:
+            self._start(request)
+        else:
+            self.pause_reading()
+            self.pipeline.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        if request is None or self._upgrade is not None or request.response_complete:
+            return
+        request.body += body
+        if len(request.body) > HIGH_WATER:
+            self.pause_reading()
+        request.wake()
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        if request is None or self._upgrade is not None:
+            return
+        self.parsing = None
+        if request.response_complete:
+            return
+        request.more_body = False
+        request.wake()
+
+    # -- requests ------------------------------------------------------------------
+    def _start(self, request: Request) -> None:
+        self.running = request
+        try:
+            coroutine = self.handle(request)
+        except Exception as exc:  # a bug: this connection cannot go on
+            _logger.error("Exception in the proxy", exc_info=exc)
+            self.transport.close()
+            return
+        if coroutine is not None:
+            self.spawn(request, coroutine)
+
+    def spawn(self, request: Request, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` (answering ``request``) as a task uvicorn's shutdown waits
+        for; a request it leaves unanswered gets a 500 or its connection closed."""
+        task = self.loop.create_task(coroutine)
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(lambda task: self._task_done(task, request))
+
+    def _task_done(self, task: asyncio.Task[None], request: Request) -> None:
+        self.server_state.tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            _logger.error("Exception in the proxy", exc_info=exc)
+        if request.response_complete or request.disconnected:
+            return
+        if exc is None and not task.cancelled():
+            _logger.error("The proxy returned without completing its response.")
+        if request.response_started or self.transport.is_closing():
+            self.transport.close()
+            return
+        request.keep_alive = False
+        body = b"Internal Server Error"
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        headers.append((b"content-length", b"%d" % len(body)))
+        if not request.write_whole(500, headers, body):
+            self.transport.close()
+
+    def response_done(self, request: Request) -> None:
+        """``request``'s response is complete: the next pipelined request, or idle."""
+        self.server_state.total_requests += 1
+        if self.running is request:
+            self.running = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            if not self.pipeline:
+                self.resume_reading()
+            return
+        if self._upgrade is not None:
+            self._hand_over(transport, self._upgrade)
+            return
+        self.resume_reading()
+        loop = self.loop
+        self._idle_at = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_at(self._idle_at + self.timeout_keep_alive, self._on_idle)
+
+    def _on_idle(self) -> None:
+        """The keep-alive timer: one per connection, moved rather than re-armed per
+        response (arming and cancelling one per request was measurable)."""
+        self._timer = None
+        idle_at = self._idle_at
+        if not idle_at or self.running is not None or self.transport.is_closing():
+            return  # busy: the next response arms it again
+        deadline = idle_at + self.timeout_keep_alive
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_idle)
+        else:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: close an idle connection, else after the
+        response in progress."""
+        if self.running is None:
+            self.transport.close()
+        else:
+            self.running.keep_alive = False
+            for request in self.pipeline:
+                request.keep_alive = False
+
+    def _bad_request(self) -> None:
+        message = b"Invalid HTTP request received."
+        _logger.warning(message.decode())
+        default = self.server_state.default_headers
+        content = [STATUS_LINE[400]]
+        content.extend(_FIELD_JOIN(pair) + b"\r\n" for pair in default)
+        content.append(b"content-type: text/plain; charset=utf-8\r\n")
+        content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message))
+        content.append(message)
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+    # -- handing an Upgrade over -------------------------------------------------------
+    def _upgrade_head(self, method: str, url: bytes, version: str) -> None:
+        """Keep an Upgrade request's head (as uvicorn rebuilds one for its WebSocket
+        protocol) for the fallback protocol, and stop reading until it takes over."""
+        lines = [b"%s %s HTTP/%s\r\n" % (method.encode("ascii"), url, version.encode("ascii"))]
+        lines.extend(_FIELD_JOIN(pair) + b"\r\n" for pair in self._headers)
+        lines.append(b"\r\n")
+        self._upgrade = b"".join(lines)
+        self.pause_reading()
+
+    def _hand_over(self, transport: Any, data: bytes) -> None:
+        fallback = self.fallback
+        assert fallback is not None
+        self.server_state.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        protocol = fallback(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.read_paused:
+            transport.resume_reading()
+        if data:
+            protocol.data_received(data)
