@@ -14,7 +14,6 @@ import contextlib
 import errno
 import gc
 import ipaddress
-import json
 import os
 import socket
 import struct
@@ -26,7 +25,7 @@ from typing import Any
 
 from hopscope.tracing.records import event_count, to_events
 from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame, dropped_event, parse_address
-from hopscope.tracing.tracefile import header_line
+from hopscope.tracing.tracefile import TraceFileWriter
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -51,8 +50,6 @@ MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 
 _LENGTH = struct.Struct("!I")
-#: ``json.dumps(e, separators=(",", ":"), default=repr)`` without a new encoder per event.
-_ENCODE = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 
 class CollectorError(Exception):
@@ -69,30 +66,25 @@ def _is_loopback(host: str) -> bool:
 
 
 class EventWriter:
-    """Writes events as a trace file, in the same format a FileSink writes (mode 0600)."""
+    """Writes events as a trace file, in the same format a FileSink writes (mode 0600),
+    summaries included (:class:`~hopscope.tracing.tracefile.TraceFileWriter`)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._writer = TraceFileWriter.create(self.path)
         except OSError as exc:
             raise CollectorError(f"cannot write {self.path}: {exc.strerror}") from None
-        os.fchmod(fd, 0o600)
-        self._file = os.fdopen(fd, "w", encoding="utf-8")
-        self._file.write(header_line())
-        self._file.flush()
 
     def write(self, events: list[Event]) -> None:
-        if not events:
-            return
-        encode = _ENCODE
-        self._file.write("".join(encode(e) + "\n" for e in events))
-        # Flushed per batch so that ``hopscope tail FILE`` on a live file sees whole lines.
-        self._file.flush()
+        # Written per batch (no buffer) so that ``hopscope tail FILE`` on a live file sees
+        # whole lines.
+        if events:
+            self._writer.write(events)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
-            self._file.close()
+            self._writer.close()
 
 
 class Collector:

@@ -2,18 +2,22 @@
 
 Run: ``python bench/view_open.py [--requests 100000] [--repeat 1] [--keep FILE]``.
 
-A trace file in the real format (a header line, then one wire event per line, as the
-collector's ``-o`` and the UI's save write it) is generated in a temporary directory,
-untimed: each request is the one ``bench/tui_ingest.py`` streams, a queue span, the
-server hop, the app span with its headers, a user span, body and response events, about
-10 events, so 100,000 requests are about a million lines (220 MB).  Then, timed:
+A trace file in the real format is generated in a temporary directory, untimed, the
+way the real writers make it (``FileSink``, the collector's ``-o`` and the UI's save all
+write through ``tracefile.TraceFileWriter``): a header line, one wire event per line, and
+a summary line per finished request.  Each request is the one ``bench/tui_ingest.py``
+streams, a queue span, the server hop, the app span with its headers, a user span, body
+and response events, about 10 events, so 100,000 requests are about a million lines.
+An *old-format* copy of it (version 1.0, no summary lines: what hopscope wrote before
+summaries) is timed too, in the same run.  Then, timed, for each file:
 
-- ``load``: ``hopscope.tracing.load(path)``, the file into assembled traces;
+- ``load``: ``hopscope.tracing.load(path)``, the file into assembled traces (summary
+  lines are skipped: the same work for both files);
 - ``view``: what ``hopscope view --max-requests N FILE`` does (``open_file`` and the
   app), driven headless with Textual's ``run_test`` at 120x35: the time to the *first
   screen* (the request list drawn with a screenful of requests, while the rest still
   loads in the background), and the time until the UI's store holds every request and
-  the request list has drawn the screen after that (*all loaded*).
+  the request list has drawn the screen after that (*all loaded*: the goal).
 
 Both report wall and CPU time: on a shared machine the wall time mostly measures the
 neighbours, so compare CPU times across runs, and say the load average (``uptime``).
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hopscope.tracing import load
 from hopscope.tracing.records import to_events
-from hopscope.tracing.tracefile import header_line
+from hopscope.tracing.tracefile import SUMMARY_PREFIX, TraceFileWriter
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import open_file
 from tui_ingest import INFO, request_records
@@ -48,21 +52,36 @@ BASE_NS = 1_735_732_800_000_000_000
 
 
 def write_file(path: str, requests: int, rate: int = 2000) -> int:
-    """A trace file of ``requests`` requests ``1/rate`` s apart; returns its event count."""
+    """A trace file of ``requests`` requests ``1/rate`` s apart, written as ``FileSink``
+    writes one (batches of 64 requests); returns its event count."""
     rng = random.Random(7)
-    dumps = json.JSONEncoder(separators=(",", ":"), default=repr).encode
     count = 0
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(header_line())
+    writer = TraceFileWriter.create(path)
+    try:
+        batch: list[dict[str, Any]] = []
         for n in range(requests):
-            lines = [
-                dumps(event)
-                for record in request_records(n, BASE_NS + n * 1_000_000_000 // rate, rng)
-                for event in to_events(record, INFO)
-            ]
-            count += len(lines)
-            handle.write("\n".join(lines) + "\n")
+            for record in request_records(n, BASE_NS + n * 1_000_000_000 // rate, rng):
+                batch += to_events(record, INFO)
+            if n % 64 == 63:
+                count += len(batch)
+                writer.write(batch)
+                batch = []
+        count += len(batch)
+        writer.write(batch)
+    finally:
+        writer.close()
     return count
+
+
+def old_format_copy(path: str, old: str) -> None:
+    """``path`` as hopscope wrote it before summaries: version 1.0, events only."""
+    with open(path, "rb") as source, open(old, "wb") as target:
+        header = json.loads(source.readline())
+        header["version"] = "1.0"
+        target.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
+        for line in source:
+            if not line.startswith(SUMMARY_PREFIX):
+                target.write(line)
 
 
 def time_load(path: str) -> dict[str, Any]:
@@ -147,39 +166,46 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="hopscope-view-") as tmp:
         path = args.keep or os.path.join(tmp, "trace.jsonl")
+        old = os.path.join(tmp, "old.jsonl")
         began = time.perf_counter()
         if args.keep and os.path.exists(path):
-            events = sum(1 for _ in open(path, "rb")) - 1
+            events = sum(1 for line in open(path, "rb") if not line.startswith(SUMMARY_PREFIX))
+            events -= 1
         else:
             events = write_file(path, args.requests)
-        size = os.path.getsize(path)
+        old_format_copy(path, old)
+        size, old_size = os.path.getsize(path), os.path.getsize(old)
         if not args.json:
             print(
-                f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB"
-                f" (made in {time.perf_counter() - began:.0f} s, untimed); goal {GOAL_S:g} s"
+                f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB with"
+                f" summaries, {old_size / 1e6:.0f} MB without (made in"
+                f" {time.perf_counter() - began:.0f} s, untimed); goal {GOAL_S:g} s all loaded"
             )
-        loads = [] if args.skip_load else [time_load(path) for _ in range(args.repeat)]
-        views = [asyncio.run(time_view(path, args.requests)) for _ in range(args.repeat)]
-    result = {
-        "requests": args.requests,
-        "events": events,
-        "bytes": size,
-        "load": min(loads, key=lambda r: r["cpu_s"]) if loads else None,
-        "view": min(views, key=lambda r: r["cpu_s"]),
-    }
+        result: dict[str, Any] = {"requests": args.requests, "events": events}
+        for name, file in (("summarised", path), ("old_format", old)):
+            loads = [] if args.skip_load else [time_load(file) for _ in range(args.repeat)]
+            views = [asyncio.run(time_view(file, args.requests)) for _ in range(args.repeat)]
+            result[name] = {
+                "bytes": os.path.getsize(file),
+                "load": min(loads, key=lambda r: r["cpu_s"]) if loads else None,
+                "view": min(views, key=lambda r: r["cpu_s"]),
+            }
     if args.json:
         print(json.dumps(result))
         return
-    best_load, best_view = result["load"], result["view"]
-    if best_load:
-        print(f"load(): {best_load['wall_s']} s wall, {best_load['cpu_s']} s CPU")
-    flag = "" if best_view["first_screen_s"] <= GOAL_S else "  OVER GOAL"
-    print(
-        f"view: first screen after {best_view['first_screen_s']} s wall"
-        f" ({best_view['first_screen_cpu_s']} s CPU){flag}; all {best_view['requests_held']:,}"
-        f" requests held after {best_view['loaded_s']} s, drawn after {best_view['drawn_s']} s"
-        f" wall ({best_view['cpu_s']} s CPU)"
-    )
+    for name in ("summarised", "old_format"):
+        best_load, best_view = result[name]["load"], result[name]["view"]
+        print(f"{name}:")
+        if best_load:
+            print(f"  load(): {best_load['wall_s']} s wall, {best_load['cpu_s']} s CPU")
+        flag = "" if best_view["loaded_s"] <= GOAL_S else "  OVER GOAL"
+        print(
+            f"  view: first screen after {best_view['first_screen_s']} s wall"
+            f" ({best_view['first_screen_cpu_s']} s CPU); all"
+            f" {best_view['requests_held']:,} requests held after {best_view['loaded_s']} s"
+            f" wall{flag}, drawn after {best_view['drawn_s']} s wall ({best_view['cpu_s']} s"
+            " CPU)"
+        )
 
 
 if __name__ == "__main__":

@@ -111,6 +111,25 @@ class Trace:
         start, end = info.start, info.end
         return None if start is None or end is None else end - start
 
+    def outline(self) -> list[Span]:
+        """The spans as far as a request list's row needs them (hop, name, start, end
+        and a few attributes, ``tracefile.OUTLINE_KEYS``): a trace read from a file's
+        summary has them without reading its events
+        (:class:`~hopscope.tracing.tracefile.SummarisedTrace`)."""
+        return list(self.spans.values())
+
+    def latest_ts(self) -> int:
+        """The newest timestamp of any span start, end or event (0 for none)."""
+        newest = 0
+        for span in self.spans.values():
+            for ts in (span.start, span.end):
+                if ts is not None and ts > newest:
+                    newest = ts
+            for point in span.events:
+                if point.ts > newest:
+                    newest = point.ts
+        return newest
+
     def children(self, span: Span) -> list[Span]:
         return sorted(
             (s for s in self.spans.values() if s.parent_id == span.span_id),
@@ -162,6 +181,9 @@ def _outer_first(span: Span) -> tuple[int, int]:
 
 #: The key :attr:`TraceInfo.hops` files queue spans under (no hop name equals it).
 QUEUE = ("queue",)
+
+#: How a summary line writes :data:`QUEUE` (JSON has no tuples).
+_QUEUE_KEY = list(QUEUE)
 
 #: Lowercase header names, shared between traces rather than one new string per header.
 _LOWER: dict[str, str] = {}
@@ -236,6 +258,58 @@ class TraceInfo:
         if hop not in hops:
             return False, None
         return True, hops[hops.index(hop) + 1]
+
+    def summary(self) -> list[Any]:
+        """The fields as a JSON-ready list: what a trace file's summary line carries, so a
+        viewer makes a row without folding the trace's events (:meth:`from_summary`)."""
+        hops = [_QUEUE_KEY if key is QUEUE else key for key in self.hops]
+        odd = None if self.odd_headers is None else [list(pair) for pair in self.odd_headers]
+        return [
+            self.start,
+            self.end,
+            self.root_id,
+            self.method,
+            self.path,
+            self.status,
+            self.route,
+            self.host,
+            self.error,
+            self.failed,
+            self.header_text,
+            odd,
+            list(self.bodies),
+            hops,
+        ]
+
+    @classmethod
+    def from_summary(cls, fields: list[Any]) -> TraceInfo:
+        """The info :meth:`summary` describes (raises ValueError/TypeError when ``fields``
+        is not one: a trace file is user input)."""
+        (start, end, root_id, method, path, status, route, host, error, failed, text, odd,
+         bodies, hops) = fields  # fmt: skip
+        if not (
+            (start is None or type(start) is int)
+            and (end is None or type(end) is int)
+            and (root_id is None or type(root_id) is str)
+            and (host is None or type(host) is str)
+            and type(error) is bool
+            and type(failed) is bool
+            and type(text) is str
+            and type(bodies) is list
+            and type(hops) is list
+        ):
+            raise ValueError("not a trace summary")
+        info = cls.__new__(cls)
+        info.start, info.end, info.root_id = start, end, root_id
+        info.method, info.path, info.status, info.route = method, path, status, route
+        info.host, info.error, info.failed = host, error, failed
+        info.header_text = text
+        info.odd_headers = None if odd is None else tuple((n, v) for n, v in odd)
+        info.bodies = tuple(bodies)
+        if _QUEUE_KEY in hops:  # the only list among keys (str) and lengths (int, None)
+            hops[hops.index(_QUEUE_KEY)] = QUEUE
+        info.hops = tuple(hops)
+        return info
 
     def __init__(self, trace: Trace) -> None:
         spans = trace.spans

@@ -19,8 +19,6 @@ live viewer sees it within an interval, as it did when every event was its own r
 from __future__ import annotations
 
 import atexit
-import fcntl
-import json
 import marshal
 import os
 import select
@@ -41,7 +39,7 @@ from .records import (
     request_start,
     to_events,
 )
-from .tracefile import header_line
+from .tracefile import TraceFileWriter
 
 __all__ = [
     "FileSink",
@@ -598,45 +596,37 @@ class FileSink(_BatchingSink):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, append: bool = False, **kwargs: Any
+        self,
+        path: str | os.PathLike[str],
+        *,
+        append: bool = False,
+        summaries: bool = False,
+        **kwargs: Any,
     ) -> None:
         self.path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
-        fd = os.open(self.path, flags, 0o600)
-        os.fchmod(fd, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.fstat(fd).st_size == 0:
-                os.write(fd, header_line().encode())
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        self._fd = fd
+        # No summary lines by default: summing up each trace runs a fold of its events
+        # in the app's process, which costs about as much again as writing them.
+        self._writer = TraceFileWriter.create(self.path, append=append, summaries=summaries)
         super().__init__(**kwargs)
+
+    def _forked(self) -> None:
+        # The parent sums up the traces it was writing; the child starts with none.
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.forget()
 
     def _write(self, batch: list[Record], dropped: int) -> None:
         info = process_info(os.getpid())
-        lines = []
-        if dropped:
-            lines.append(_json(dropped_event(dropped, info)))
+        events = [dropped_event(dropped, info)] if dropped else []
         for record in batch:
-            for event in to_events(record, info):
-                lines.append(_json(event))
-        data = ("\n".join(lines) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+            events += to_events(record, info)
+        self._writer.write(events)
 
     def _closed_hook(self) -> None:
         try:
-            os.close(self._fd)
+            self._writer.close()
         except OSError:
             pass
-
-
-#: ``json.dumps(event, separators=(",", ":"), default=repr)``, without making a new
-#: encoder for every event.
-_json = json.JSONEncoder(separators=(",", ":"), default=repr).encode
 
 
 def dropped_event(count: int, info: dict[str, Any]) -> dict[str, Any]:

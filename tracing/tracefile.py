@@ -1,36 +1,44 @@
 """Trace files: versioned JSON Lines, read back tolerantly.
 
-Line 1 is a header ``{"format": "hopscope", "version": "1.0", ...}``; every other line
-is one wire event.  The major version gates reading: a file from a newer major version
-is refused with a one-line error, older ones go through :data:`UPGRADES`.
+Line 1 is a header ``{"format": "hopscope", "version": "1.1", ...}``; every other line
+is one wire event, or (since 1.1) a *summary* of a finished trace, which a viewer reads
+instead of folding that trace's events (:class:`TraceFileWriter`, :class:`SummaryScan`).
+The major version gates reading: a file from a newer major version is refused with a
+one-line error, older ones go through :data:`UPGRADES`; lines of a kind this reader does
+not know (a newer minor version's) are skipped.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import operator
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
-from .model import Trace, TraceBuilder
+from .model import Span, Trace, TraceBuilder, TraceInfo
 
 __all__ = [
     "FORMAT_VERSION",
     "LoadReport",
+    "SummarisedTrace",
+    "SummaryScan",
     "TraceFileError",
+    "TraceFileWriter",
     "header_line",
     "load",
     "read_chunks",
     "read_events",
 ]
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 FORMAT_NAME = "hopscope"
 
 #: One converter per major version step: ``UPGRADES[n]`` turns an event of major
@@ -55,6 +63,8 @@ class LoadReport:
     truncated_last_line: bool = False
     bytes_read: int = 0
     """How far into the file reading got (whole chunks): progress for a big file."""
+    skipped: int = 0
+    """Lines of a kind this reader does not know (summaries, a newer minor version's)."""
 
 
 def header_line() -> str:
@@ -65,6 +75,12 @@ def header_line() -> str:
         "pid": os.getpid(),
     }
     return json.dumps(header, separators=(",", ":")) + "\n"
+
+
+#: The kinds of line a reader folds into traces; others (``summary``, kinds a later minor
+#: version adds) are skipped without complaint.
+EVENT_KINDS = frozenset({"span_start", "span_end", "event", "dropped"})
+SUMMARY = "summary"
 
 
 def _major(version: Any, name: str = "") -> int:
@@ -93,6 +109,41 @@ def read_chunks(
     is not a trace file), and ``report`` is up to date after each list.
     """
     report = report if report is not None else LoadReport()
+    handle, header = _open(path)
+    try:
+        current = _major(FORMAT_VERSION)
+        upgrades = [UPGRADES[step] for step in range(_major(header.get("version")), current)]
+        number = 2  # of the first line of the chunk
+        while True:
+            lines = handle.readlines(_CHUNK_BYTES)
+            if not lines:
+                break
+            report.bytes_read = handle.tell()
+            events = _decode(lines, number, report)
+            try:
+                known = set(map(_KIND, events)) <= EVENT_KINDS
+            except TypeError:  # a kind that is a list or an object
+                known = False
+            if not known:
+                kept = [e for e in events if type(e["kind"]) is not str or e["kind"] in EVENT_KINDS]
+                report.skipped += len(events) - len(kept)
+                events = kept
+            for upgrade in upgrades:
+                events = [upgrade(event) for event in events]
+            report.events += len(events)
+            number += len(lines)
+            if events:
+                yield events
+    finally:
+        handle.close()
+
+
+_KIND = operator.itemgetter("kind")
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """The file opened after its header line, and the header; a :class:`TraceFileError`
+    for a file this hopscope cannot read at all."""
     name = os.fspath(path)
     try:
         handle = open(name, "rb")
@@ -118,22 +169,10 @@ def read_chunks(
                 f"{name} uses trace format {header.get('version')}, which this hopscope "
                 f"({FORMAT_VERSION}) cannot convert"
             )
-        upgrades = [UPGRADES[step] for step in range(major, current)]
-        number = 2  # of the first line of the chunk
-        while True:
-            lines = handle.readlines(_CHUNK_BYTES)
-            if not lines:
-                break
-            report.bytes_read = handle.tell()
-            events = _decode(lines, number, report)
-            for upgrade in upgrades:
-                events = [upgrade(event) for event in events]
-            report.events += len(events)
-            number += len(lines)
-            if events:
-                yield events
-    finally:
+    except BaseException:
         handle.close()
+        raise
+    return handle, header
 
 
 #: How much of the file is decoded at a time (whole lines; about 4,000 events).
@@ -211,3 +250,545 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
             raise TraceFileError(message)
         warnings.warn(message, TraceFileWarning, stacklevel=2)
     return list(builder.traces.values())
+
+
+# -- writing -------------------------------------------------------------------------
+
+#: ``json.dumps(event, separators=(",", ":"), default=repr)`` without a new encoder per
+#: line.  ASCII only (``ensure_ascii``), so a line's length in characters is its length
+#: in bytes: the writer counts offsets without encoding line by line.
+_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+
+#: How a summary line starts, exactly: :class:`SummaryScan` finds them by it.
+SUMMARY_PREFIX = b'{"kind":"summary",'
+
+
+class _Lines:
+    """Where a trace's event lines are in the file."""
+
+    __slots__ = ("count", "newest", "runs")
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+        """``[offset, length, offset, length, ...]``: byte ranges of whole lines."""
+        self.count = 0
+        self.newest = 0
+
+    def add(self, offset: int, length: int, ts: Any) -> None:
+        runs = self.runs
+        if runs and runs[-2] + runs[-1] == offset:
+            runs[-1] += length
+        else:
+            runs += (offset, length)
+        self.count += 1
+        if type(ts) is int and ts > self.newest:
+            self.newest = ts
+
+
+class TraceFileWriter:
+    """Appends wire events to a trace file, and a summary line for each finished trace.
+
+    The one writer of trace files (``FileSink``, the collector's ``-o``, the UI's save),
+    so the files they write carry summaries (``FileSink``'s only when asked): a viewer
+    reads one summary line per request instead of folding some ten events, which is what
+    opens 100,000 requests in seconds.
+
+    A trace is summed up ``grace`` seconds after the write that ended its last running
+    span (later events from other processes, such as an app's behind a proxy's client
+    span, usually come within that), at the first write after that, or at :meth:`close`.
+    The summary is :meth:`TraceInfo.summary` of the trace folded from the same events,
+    so it cannot disagree with a reader that folds them, plus the byte ranges of the
+    trace's lines.  An event for a trace already summed up reopens it, and a newer
+    summary follows: the last one wins.  What the writer holds is bounded: at most
+    ``max_open`` unfinished traces (the oldest is summed up as it is, beyond that) and
+    the ``keep`` last summed-up ones (a late event for an older one starts afresh, and
+    the reader, finding lines no summary covers, folds the file instead).
+
+    ``summaries=False`` writes the events alone (readers then fold them): for a writer
+    inside an app (``FileSink``), where folding every trace would cost the app's process
+    about as much CPU again as writing its lines.
+
+    Used from one thread at a time.  Forked processes may share the file: each batch is
+    written under a POSIX lock, so the offsets a process counts are where its lines are.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        grace: float = 0.5,
+        max_open: int = 10_000,
+        keep: int = 1_000,
+        clock: Callable[[], float] = time.monotonic,
+        summaries: bool = True,
+    ) -> None:
+        self._fd = fd
+        self.summaries = summaries
+        self.grace = grace
+        self.max_open = max_open
+        self.keep = keep
+        self._clock = clock
+        self._builder = TraceBuilder()
+        self._lines: dict[str, _Lines] = {}
+        self._due: OrderedDict[str, float] = OrderedDict()
+        self._done: OrderedDict[str, tuple[Trace, _Lines]] = OrderedDict()
+        self.closed = False
+
+    @classmethod
+    def create(
+        cls, path: str | os.PathLike[str], *, append: bool = False, **options: Any
+    ) -> TraceFileWriter:
+        """A writer of a new trace file at ``path`` (mode 0600 even if it existed, as
+        bodies and headers can carry secrets); ``append=True`` keeps what the file holds
+        and writes the header only into an empty one.  Raises OSError."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        fd = os.open(path, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    _write_all(fd, header_line().encode())
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, **options)
+
+    @property
+    def open_traces(self) -> int:
+        """Traces not summed up yet."""
+        return len(self._lines)
+
+    def forget(self) -> None:
+        """Drop every trace held (a forked child: its parent sums them up)."""
+        self._builder = TraceBuilder()
+        self._lines.clear()
+        self._due.clear()
+        self._done.clear()
+
+    def write(self, events: Iterable[dict[str, Any]]) -> None:
+        """Append ``events``, then the summaries that are due.  Raises OSError."""
+        events = list(events)
+        if events:
+            lines = [_encode(event) for event in events]
+            offset = self._append("\n".join(lines) + "\n")
+            if self.summaries:
+                self._fold(events, lines, offset)
+        if self.summaries:
+            self._sum_up(self._clock())
+
+    def close(self) -> None:
+        """Sum up every trace still open and close the file."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._sum_up(None)
+        finally:
+            os.close(self._fd)
+
+    def _append(self, text: str) -> int:
+        """Write ``text`` at the end of the file; returns the offset it starts at."""
+        data = text.encode()
+        fd = self._fd
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            _write_all(fd, data)
+            return os.lseek(fd, 0, os.SEEK_CUR) - len(data)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def _fold(self, events: list[dict[str, Any]], lines: list[str], offset: int) -> None:
+        builder = self._builder
+        held = self._lines
+        done = self._done
+        touched: dict[str, Trace] = {}
+        for event, line in zip(events, lines, strict=True):
+            length = len(line) + 1
+            trace_id = event.get("trace_id")
+            if type(trace_id) is str and event.get("kind") != "dropped":
+                if trace_id not in held:
+                    if trace_id in done:  # a late event: reopen the trace
+                        builder.traces[trace_id], held[trace_id] = done.pop(trace_id)
+                    else:
+                        held[trace_id] = _Lines()
+                try:
+                    trace = builder.add(event)
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    trace = None  # no summary will cover it: readers then fold the file
+                if trace is not None:
+                    held[trace_id].add(offset, length, event.get("ts"))
+                    touched[trace_id] = trace
+                elif trace_id not in builder.traces:
+                    del held[trace_id]
+            offset += length
+        now = self._clock()
+        due = self._due
+        for trace_id, trace in touched.items():
+            spans = trace.spans.values()
+            if spans and all(span.end is not None for span in spans):
+                due[trace_id] = now + self.grace
+                due.move_to_end(trace_id)
+            else:
+                due.pop(trace_id, None)
+
+    def _sum_up(self, now: float | None) -> None:
+        """Write the summaries due at ``now`` (None: every trace held)."""
+        due = self._due
+        if now is None:
+            ready = list(self._lines)
+        else:
+            ready = []
+            for trace_id, at in due.items():
+                if at > now:
+                    break
+                ready.append(trace_id)
+            extra = len(self._lines) - len(ready) - self.max_open
+            if extra > 0:
+                ready += [t for t in self._builder.traces if t not in due][:extra]
+        if not ready:
+            return
+        traces = self._builder.traces
+        held = self._lines
+        done = self._done
+        out = []
+        for trace_id in ready:
+            due.pop(trace_id, None)
+            trace = traces.pop(trace_id)
+            lines = held.pop(trace_id)
+            summary = {
+                "kind": SUMMARY,
+                "trace_id": trace_id,
+                "ts": lines.newest,
+                "lines": lines.count,
+                "at": lines.runs,
+                "info": trace.info.summary(),
+                "outline": _encode([_outlined(span) for span in trace.spans.values()]),
+            }
+            out.append(_encode(summary))
+            done[trace_id] = (trace, lines)
+        while len(done) > self.keep:
+            done.popitem(last=False)
+        self._append("\n".join(out) + "\n")
+
+
+#: The attributes a summary's outline keeps of each span: what a request list's row shows
+#: besides :class:`~hopscope.tracing.model.TraceInfo` (its bar, a websocket, the query
+#: string, the response size).
+OUTLINE_KEYS = ("span.kind", "network.protocol.name", "url.query", "http.response.body.size")
+
+
+def _outlined(span: Span) -> list[Any]:
+    attrs = span.attrs
+    kept = {key: attrs[key] for key in OUTLINE_KEYS if key in attrs}
+    return [span.hop, span.name, kept or None, span.start, span.end]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+# -- reading summaries ----------------------------------------------------------------
+
+#: The slot :class:`Trace` keeps its spans in (:class:`SummarisedTrace` fills it late).
+_SPANS: Any = Trace.__dict__["spans"]
+
+
+class _LineSource:
+    """Reads a trace's lines back from the file, for the traces a scan made."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # lives as long as its traces
+
+    def __del__(self) -> None:
+        # Closed with the last of its traces, without a warning about an open file.
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self._file.fileno(), length, offset)
+        except (OSError, OverflowError, ValueError):
+            return b""
+
+    def events(self, trace_id: str, runs: list[int]) -> list[dict[str, Any]]:
+        """The trace's events (the lines that are not, or no longer, are left out)."""
+        out: list[dict[str, Any]] = []
+        fd = self._file.fileno()
+        for index in range(0, len(runs) - 1, 2):
+            try:
+                data = os.pread(fd, runs[index + 1], runs[index])
+            except (OSError, OverflowError, TypeError, ValueError):
+                continue
+            for line in data.splitlines():
+                try:
+                    event = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if type(event) is dict and event.get("trace_id") == trace_id:
+                    out.append(event)
+        return out
+
+
+class SummarisedTrace(Trace):
+    """A trace made from its summary line: what lists and filters read (:attr:`info`)
+    is there at once; its spans are read from the file and folded the first time
+    anything asks for them (a detail view, an export)."""
+
+    __slots__ = ("_loaded", "_outline", "_runs", "_source", "newest")
+
+    _loaded: bool
+    _outline: Any
+    _runs: list[int]
+    _source: _LineSource
+    newest: int
+
+    @classmethod
+    def make(
+        cls,
+        trace_id: str,
+        info: TraceInfo,
+        source: _LineSource,
+        runs: list[int],
+        newest: int,
+        outline: Any = None,
+    ) -> SummarisedTrace:
+        trace = cls.__new__(cls)  # its spans slot stays empty until they are read
+        trace.trace_id = trace_id
+        trace.dropped = 0
+        trace._info = info
+        trace._loaded = False
+        trace._source = source
+        trace._runs = runs
+        trace.newest = newest
+        trace._outline = outline
+        return trace
+
+    def outline(self) -> list[Span]:
+        """From the summary's ``outline`` (JSON text, decoded when first drawn: each
+        span's hop, name, :data:`OUTLINE_KEYS` attributes, start and end), without
+        reading the trace's events; once they were read, from its spans."""
+        outline = self._outline
+        if self._loaded or outline is None:
+            return super().outline()
+        if type(outline) is list:
+            return outline
+        spans = []
+        try:
+            if type(outline) is tuple:  # where the JSON string is in the file
+                outline = json.loads(self._source.read(*outline))
+            for hop, name, attrs, start, end in json.loads(outline):
+                if type(hop) is not str or type(name) is not str:
+                    raise ValueError("not an outline")
+                spans.append(
+                    Span(
+                        self.trace_id,
+                        "",
+                        hop=hop,
+                        name=name,
+                        start=start if type(start) is int else None,
+                        end=end if type(end) is int else None,
+                        attrs=attrs if type(attrs) is dict else {},
+                    )
+                )
+        except (TypeError, ValueError, RecursionError):
+            self._outline = None
+            return super().outline()
+        self._outline = spans
+        return spans
+
+    @property
+    def spans(self) -> dict[str, Any]:
+        if not self._loaded:
+            self._load()
+        return _SPANS.__get__(self)  # type: ignore[no-any-return]
+
+    @spans.setter
+    def spans(self, value: dict[str, Any]) -> None:
+        _SPANS.__set__(self, value)
+        self._loaded = True
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the spans were read from the file yet."""
+        return self._loaded
+
+    def latest_ts(self) -> int:
+        return self.newest
+
+    def _load(self) -> None:
+        self._loaded = True
+        builder = TraceBuilder()
+        for event in self._source.events(self.trace_id, self._runs):
+            try:
+                builder.add(event)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                continue
+        trace = builder.traces.get(self.trace_id)
+        _SPANS.__set__(self, {} if trace is None else trace.spans)
+
+
+class SummaryScan:
+    """Reads a trace file's summary lines only, into :class:`SummarisedTrace` objects.
+
+    It skips every other line unread, so a file is scanned in a small part of the time
+    folding its events takes.  Whether that sufficed is known at the end
+    (:attr:`complete`): only if every event line is covered by its trace's last
+    summary.  A file cut off before its summaries, or with events no summary covers
+    (a writer that crashed, lines from another writer, a late event after the writer
+    forgot the trace), must be folded the ordinary way (:func:`read_chunks`).
+
+    The header is checked when the scan is made (a :class:`TraceFileError`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], report: LoadReport | None = None) -> None:
+        self.path = os.fspath(path)
+        self.report = report if report is not None else LoadReport()
+        handle, header = _open(self.path)
+        handle.close()
+        version = str(header.get("version"))
+        self.may_have_summaries = version != "1.0" and _major(version) == _major(FORMAT_VERSION)
+        """False for files written before summaries existed: no use scanning them."""
+        self.complete = False
+        self.summaries = 0
+        self.covered: dict[str, int] = {}
+        """Lines each trace's last summary covers."""
+
+    def chunks(self) -> Iterator[tuple[list[tuple[SummarisedTrace, bool]], list[dict[str, Any]]]]:
+        """``(traces, dropped)`` a part of the file at a time: each trace with whether it
+        replaces one made earlier (a newer summary), and the ``dropped`` events.
+
+        Only the summary lines are decoded; they are found by how they start.  Whether
+        every line is accounted for is a sum of bytes: the header, the summary lines,
+        the byte ranges of each trace's last summary and the ``dropped`` lines must
+        make the bytes read (lines no summary covers, or a cut-off last line, do not).
+        (Read, not mapped: a file truncated meanwhile must not crash the viewer.)
+        """
+        report = self.report
+        source = _LineSource(self.path)
+        covered = self.covered
+        ranges: dict[str, int] = {}  # bytes of each trace's last summary's ranges
+        summaries = total = 0
+        make = SummarisedTrace.make
+        from_summary = TraceInfo.from_summary
+        needle = b"\n" + SUMMARY_PREFIX
+        with open(self.path, "rb") as handle:
+            header = handle.readline()
+            accounted = total = len(header)
+            rest = b""
+            while True:
+                block = handle.read(_SCAN_BYTES)
+                if not block:
+                    break
+                total += len(block)
+                # A newline in front, so that a summary line first in the block is found.
+                base = total - len(block) - len(rest) - 1  # where data[0] is in the file
+                data = b"\n" + rest + block
+                stop = data.rfind(b"\n")
+                rest = data[stop + 1 :]
+                report.bytes_read = total - len(rest)
+                found: list[bytes] = []
+                outlines: list[tuple[int, int] | None] = []
+                find = data.find
+                at = find(needle, 0, stop)
+                while at >= 0:
+                    end = find(b"\n", at + 1)
+                    line = data[at + 1 : end]
+                    # The outline (last, a JSON string) is left in the file until a row
+                    # is drawn: only where it is is kept (see SummarisedTrace.outline).
+                    cut = line.rfind(_OUTLINE_KEY)
+                    if cut > 0 and line.endswith(b'"}'):
+                        start = cut + len(_OUTLINE_KEY)
+                        outlines.append((base + at + 1 + start, len(line) - 1 - start))
+                        line = line[:cut] + b"}"
+                    else:
+                        outlines.append(None)
+                    found.append(line)
+                    accounted += end - at
+                    at = find(needle, end, stop)
+                if not found:
+                    continue
+                summaries += len(found)
+                try:
+                    decoded = json.loads(b"[" + b",".join(found) + b"]")
+                except (ValueError, RecursionError):
+                    decoded = [_loads(line) for line in found]
+                traces: list[tuple[SummarisedTrace, bool]] = []
+                for summary, outline in zip(decoded, outlines, strict=True):
+                    try:
+                        trace_id = summary["trace_id"]
+                        count = summary["lines"]
+                        runs = summary["at"]
+                        if type(trace_id) is not str or type(count) is not int:
+                            raise ValueError
+                        info = from_summary(summary["info"])
+                        trace = make(
+                            trace_id,
+                            info,
+                            source,
+                            runs,
+                            int(summary["ts"]),
+                            summary.get("outline", outline),
+                        )
+                        length = sum(runs[1::2])
+                    except (KeyError, TypeError, ValueError):
+                        report.malformed_lines.append(-1)
+                        continue
+                    again = trace_id in covered
+                    covered[trace_id] = count
+                    ranges[trace_id] = length
+                    traces.append((trace, again))
+                if traces:
+                    yield traces, []
+        self.summaries = summaries
+        accounted += sum(ranges.values())
+        report.events = sum(covered.values())
+        if summaries and accounted < total and not rest:
+            # Perhaps ``dropped`` lines (no trace's): found the same way, only now.
+            dropped, size = _dropped_lines(self.path, total)
+            accounted += size
+            report.events += len(dropped)
+            if dropped:
+                yield [], dropped
+        self.complete = summaries > 0 and accounted == total and not rest
+
+
+def _dropped_lines(path: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """The ``dropped`` events in the first ``limit`` bytes of ``path``, and their bytes."""
+    with open(path, "rb") as handle:
+        data = b"\n" + handle.read(limit)
+    events: list[dict[str, Any]] = []
+    size = 0
+    needle = b"\n" + _DROPPED_PREFIX
+    at = data.find(needle)
+    while at >= 0:
+        end = data.find(b"\n", at + 1)
+        if end < 0:
+            break
+        event = _loads(data[at + 1 : end])
+        if isinstance(event, dict):
+            events.append(event)
+            size += end - at
+        at = data.find(needle, end)
+    return events, size
+
+
+#: How much of the file a summary scan covers at a time.
+_SCAN_BYTES = 1 << 23
+
+_DROPPED_PREFIX = b'{"kind":"dropped",'
+_OUTLINE_KEY = b',"outline":'
+
+
+def _loads(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None

@@ -30,7 +30,7 @@ from textual.strip import Strip
 
 from . import formatting
 from .commands import bindings
-from .exchange import attr
+from .exchange import _outer_first
 from .messages import RequestSelected
 from .store import Change, RequestStore, Row
 from .waterfall import axis, bar, hop_stretches
@@ -95,6 +95,13 @@ def _fit(text: str, width: int) -> str:
     return set_cell_size(text, max(width - 1, 0)) + "…" if width else ""
 
 
+def _row_attr(trace: Trace, key: str) -> object:
+    """``exchange.attr`` from the trace's outline: a row drawn from a file's summary
+    does not read the trace's events (the outline carries the attributes rows show)."""
+    found = [span for span in trace.outline() if key in span.attrs]
+    return min(found, key=_outer_first).attrs[key] if found else None
+
+
 def row_axis(rows: list[Row], now: int) -> tuple[int, int]:
     """The time span the given rows cover: earliest start to latest end (or now)."""
     t0: int | None = None
@@ -106,7 +113,7 @@ def row_axis(rows: list[Row], now: int) -> tuple[int, int]:
             continue
         end = trace.end
         if end is None:
-            ends = [s.end for s in list(trace.spans.values()) if s.end is not None]
+            ends = [s.end for s in trace.outline() if s.end is not None]
             end = max([now, *ends])
         if t0 is None or start < t0:
             t0 = start
@@ -431,10 +438,10 @@ class RequestList(ScrollView, can_focus=True):
         columns = Columns.fit(width)
         dim = style + self._styles[2]
         method = trace.method or "?"
-        if attr(trace, "network.protocol.name") == "websocket":
+        if _row_attr(trace, "network.protocol.name") == "websocket":
             method = "WS"
         path = trace.path or ""
-        query = attr(trace, "url.query")
+        query = _row_attr(trace, "url.query")
         status = trace.status
         running = not trace.finished
         if status is not None:
@@ -444,7 +451,7 @@ class RequestList(ScrollView, can_focus=True):
         took = trace.duration_ns
         if took is None and trace.start is not None:
             took = self._now - trace.start
-        size_attr = attr(trace, "http.response.body.size")
+        size_attr = _row_attr(trace, "http.response.body.size")
         body_size = size_attr if isinstance(size_attr, int) else None
         segments = []
         if columns.time:

@@ -7,13 +7,12 @@ bodies can carry secrets.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from hopscope.tracing.tracefile import header_line
+from hopscope.tracing.tracefile import TraceFileWriter
 
 from .prompt import PromptScreen
 
@@ -25,23 +24,26 @@ def default_name() -> str:
 
 
 def write_trace_file(path: str, events: Iterable[dict[str, Any]]) -> int:
-    """Write a loadable trace file; returns the number of events written.
+    """Write a loadable trace file (summaries included); returns the number of events
+    written.
 
     Raises OSError with the file name in its message.
     """
     path = os.path.expanduser(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    writer = TraceFileWriter.create(path)
     count = 0
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as handle:
-            handle.write(header_line())
-            for event in events:
-                handle.write(json.dumps(event, separators=(",", ":"), default=repr))
-                handle.write("\n")
-                count += 1
+        batch: list[dict[str, Any]] = []
+        for event in events:
+            batch.append(event)
+            if len(batch) >= 5_000:
+                writer.write(batch)
+                count += len(batch)
+                batch = []
+        writer.write(batch)
+        count += len(batch)
     finally:
-        os.close(fd)
+        writer.close()
     return count
 
 

@@ -25,7 +25,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from hopscope.tracing.har import HarError, har_to_events
 from hopscope.tracing.model import TraceBuilder
-from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_chunks, read_events
+from hopscope.tracing.tracefile import (
+    LoadReport,
+    SummaryScan,
+    TraceFileError,
+    read_chunks,
+    read_events,
+)
 
 from .store import TRACE
 
@@ -237,11 +243,12 @@ class FileSource:
         self.batch_size = batch_size
         self.gate = gate
         self.report = LoadReport()
-        self._chunks: Iterator[list[Event]] = read_chunks(self.path, self.report)
-        try:
-            self._first: list[Event] | None = next(self._chunks)
-        except StopIteration:
-            self._first = None
+        self._scan: SummaryScan | None = SummaryScan(self.path, self.report)
+        self._chunks: Iterator[list[Event]] | None = None
+        self._first: list[Event] | None = None
+        if not self._scan.may_have_summaries:
+            self._scan = None
+            self._fold_from_start()
         try:
             self.size = os.path.getsize(self.path)
         except OSError:
@@ -252,6 +259,15 @@ class FileSource:
         self._thread: threading.Thread | None = None
         self.done = threading.Event()
         """Set once the whole file was delivered (or reading stopped)."""
+
+    def _fold_from_start(self) -> None:
+        """Read the file the way that works for any file: every event, folded."""
+        self.report = LoadReport()
+        self._chunks = read_chunks(self.path, self.report)
+        try:
+            self._first = next(self._chunks)
+        except StopIteration:
+            self._first = None
 
     def progress(self) -> float:
         """How much of the file was read, 0.0 to 1.0 (1.0 once done)."""
@@ -281,6 +297,18 @@ class FileSource:
         collecting = gc.isenabled()
         gc.disable()
         try:
+            if self._scan is not None:
+                if self._run_summaries(self._scan, deliver):
+                    self._finish(deliver)
+                    return
+                if self._stop.is_set():
+                    return
+                # Some events are in no summary: fold the file after all, from scratch.
+                if self.requests:
+                    deliver([RESET])
+                    self.requests = 0
+                self._fold_from_start()
+            assert self._chunks is not None
             chunks = self._chunks if self._first is None else chain([self._first], self._chunks)
             builder = TraceBuilder()
             add = builder.add
@@ -315,17 +343,7 @@ class FileSource:
                             return
             _hand_over(builder, handed, plain, deliver)
             self.requests = len(handed)
-            report = self.report
-            problems = []
-            if report.malformed_lines:
-                problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
-            if report.truncated_last_line:
-                problems.append("the last line was cut off")
-            if problems:
-                message = f"{self.describe()}: " + "; ".join(problems)
-                deliver([notice(f"{message}; kept {report.events:,} events", "warning")])
-            else:
-                deliver([notice(f"{self.describe()}: read {report.events:,} events")])
+            self._finish(deliver)
         except (TraceFileError, OSError) as exc:
             deliver([notice(f"{self.describe()}: {exc}", "error")])
         finally:
@@ -337,6 +355,46 @@ class FileSource:
                 gc.freeze()
                 gc.enable()
             self.done.set()
+
+    def _run_summaries(self, scan: SummaryScan, deliver: Deliver) -> bool:
+        """Deliver a row per summary line, without folding events; False when the file
+        turned out to need folding (events no summary covers), or reading stopped."""
+        batch: list[Event] = []
+        later: list[Event] = []
+        batches = 0
+        for traces, dropped in scan.chunks():
+            later += dropped
+            for trace, again in traces:
+                if again:
+                    batch.append({"kind": TRACE, "trace": trace, "replace": True})
+                else:
+                    self.requests += 1
+                    batch.append({"kind": TRACE, "trace": trace})
+            if len(batch) >= self.batch_size or (batch and not batches):
+                deliver(batch)
+                batch = []
+                batches += 1
+                if self.gate is not None:
+                    self.gate(batches)
+            if self._stop.is_set():
+                return False
+        if not scan.complete:
+            return False
+        deliver(batch + later)
+        return True
+
+    def _finish(self, deliver: Deliver) -> None:
+        report = self.report
+        problems = []
+        if report.malformed_lines:
+            problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
+        if report.truncated_last_line:
+            problems.append("the last line was cut off")
+        if problems:
+            message = f"{self.describe()}: " + "; ".join(problems)
+            deliver([notice(f"{message}; kept {report.events:,} events", "warning")])
+        else:
+            deliver([notice(f"{self.describe()}: read {report.events:,} events")])
 
 
 _FOLDED = ("span_start", "span_end", "event")

@@ -35,7 +35,8 @@ RATE_WINDOW = 60
 
 #: The kind of a pseudo-event carrying a trace a source assembled itself, in its own
 #: thread: ``{"kind": "trace", "trace": Trace}``.  The source must not touch it after
-#: handing it over; later events for it come as ordinary events.
+#: handing it over; later events for it come as ordinary events, or as a trace that
+#: replaces it: ``{"kind": "trace", "trace": Trace, "replace": True}``.
 TRACE = "trace"
 
 #: New requests between two :func:`gc.freeze` calls (see ``RequestStore.freeze_gc``).
@@ -182,7 +183,7 @@ class RequestStore:
                     continue
                 if kind == TRACE:
                     trace = event["trace"]
-                    latest = max(latest, self._adopt(trace))
+                    latest = max(latest, self._adopt(trace, event.get("replace", False)))
                     touched[trace.trace_id] = trace
                     continue
                 is_new = event.get("trace_id") not in traces
@@ -230,21 +231,27 @@ class RequestStore:
             gc.freeze()
         return change
 
-    def _adopt(self, trace: Trace) -> int:
+    def _adopt(self, trace: Trace, replace: bool = False) -> int:
         """Take a trace a source already assembled (see :data:`TRACE`); returns its newest
-        timestamp."""
-        newest = 0
-        for span in trace.spans.values():
-            for ts in (span.start, span.end):
-                if ts is not None and ts > newest:
-                    newest = ts
-            for point in span.events:
-                if point.ts > newest:
-                    newest = point.ts
+        timestamp.  With ``replace`` it takes the place of the one held by that id (a
+        newer summary of it), keeping its row."""
+        newest = trace.latest_ts()
         builder = self.builder
         traces = builder.traces
-        if trace.trace_id in traces:  # not from FileSource; fold it into the one held
-            for wire in trace_events(trace):
+        if trace.trace_id in traces:
+            if replace:
+                traces[trace.trace_id] = trace
+                row = self.rows.get(trace.trace_id)
+                if row is not None:
+                    if row.counted:
+                        key = status_class(row.trace) or "err"
+                        self.counts[key] -= 1
+                        if self.counts[key] <= 0:
+                            del self.counts[key]
+                        row.counted = False
+                    row.trace = trace
+                return newest
+            for wire in trace_events(trace):  # not from FileSource; fold it into the one held
                 builder.add(wire)
             return newest
         traces[trace.trace_id] = trace

@@ -78,7 +78,7 @@ def hop_stretches(trace: Trace, now: int) -> list[Stretch]:
     spans are detail for the timeline and are left out.
     """
     intervals: list[tuple[int, int, int, str]] = []
-    for span in list(trace.spans.values()):
+    for span in trace.outline():
         if span.start is None:
             continue
         kind = span_kind(span)
