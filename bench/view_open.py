@@ -21,16 +21,25 @@ summaries) is timed too, in the same run.  Then, timed, for each file:
 
 Both report wall and CPU time: on a shared machine the wall time mostly measures the
 neighbours, so compare CPU times across runs, and say the load average (``uptime``).
+``--skip-old`` times only the file with summaries.
+
+``--callgrind`` instead counts the instructions per request (valgrind, so the load does
+not matter) of what opening the file costs besides drawing: the summary scan
+(``tracefile.SummaryScan``, in the source's thread) and filing its rows into the UI's
+store (``RequestStore.ingest``, in the UI thread), each counted alone.  Use 10,000
+requests: valgrind runs some 50 times slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hopscope.tracing import load
 from hopscope.tracing.records import to_events
-from hopscope.tracing.tracefile import SUMMARY_PREFIX, TraceFileWriter
+from hopscope.tracing.tracefile import SUMMARY_PREFIX, SummaryScan, TraceFileWriter
 from hopscope.tui.app import HopscopeApp
+from hopscope.tui.request_list import RequestList
 from hopscope.tui.source import open_file
+from hopscope.tui.store import TRACE, RequestStore
 from tui_ingest import INFO, request_records
 
 GOAL_S = 3.0
@@ -108,39 +119,46 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
     drawn_at: list[float] = []
     first_at: list[float] = []
     first_cpu: list[float] = []
-    async with app.run_test(size=(120, 35)):
-        store, inbox, request_list = app.store, app.inbox, app.request_list
-        original_ingest, original_render = store.ingest, request_list.render_lines
+    store, inbox = app.store, app.inbox
+    original_ingest = store.ingest
+    original_render = RequestList.render_lines
 
-        def all_in() -> bool:
-            return len(store.rows) >= requests and inbox.pending == 0
+    def all_in() -> bool:
+        return len(store.rows) >= requests and inbox.pending == 0
 
-        def timed_ingest(*args: Any) -> Any:
-            change = original_ingest(*args)
-            if not loaded_at and all_in():
-                loaded_at.append(time.perf_counter())
-            return change
+    def timed_ingest(*args: Any) -> Any:
+        change = original_ingest(*args)
+        if not loaded_at and all_in():
+            loaded_at.append(time.perf_counter())
+        return change
 
-        def timed_render(crop: Any) -> Any:
-            strips = original_render(crop)
-            if not first_at and len(store) >= min(requests, request_list.size.height):
-                first_at.append(time.perf_counter())
-                first_cpu.append(time.process_time() - cpu)
-            if loaded_at and not drawn_at:
-                drawn_at.append(time.perf_counter())
-            return strips
+    def timed_render(widget: RequestList, crop: Any) -> Any:
+        strips = original_render(widget, crop)
+        if not first_at and len(store) >= min(requests, widget.size.height):
+            first_at.append(time.perf_counter())
+            first_cpu.append(time.process_time() - cpu)
+        if loaded_at and not drawn_at:
+            drawn_at.append(time.perf_counter())
+        return strips
 
-        store.ingest = timed_ingest  # type: ignore[method-assign]
-        request_list.render_lines = timed_render  # type: ignore[method-assign]
-        deadline = time.perf_counter() + 600
-        refreshed = False
-        while not drawn_at and time.perf_counter() < deadline:
-            if loaded_at and not refreshed:
-                request_list.refresh()  # in case the last ingest drew before it was done
-                refreshed = True
-            await asyncio.sleep(0.005)
-        cpu_used = time.process_time() - cpu
-        held = len(store.rows)
+    # Hooked before the app runs: a small file is all in before the first screen, and
+    # hooks set up after that never fired (the run waited for the timeout).
+    store.ingest = timed_ingest  # type: ignore[method-assign]
+    RequestList.render_lines = timed_render  # type: ignore[assignment,method-assign]
+    try:
+        async with app.run_test(size=(120, 35)):
+            request_list = app.request_list
+            deadline = time.perf_counter() + 600
+            refreshed = False
+            while not drawn_at and time.perf_counter() < deadline:
+                if loaded_at and not refreshed:
+                    request_list.refresh()  # in case the last ingest drew before it was done
+                    refreshed = True
+                await asyncio.sleep(0.005)
+            cpu_used = time.process_time() - cpu
+            held = len(store.rows)
+    finally:
+        RequestList.render_lines = original_render  # type: ignore[method-assign]
     if not drawn_at:
         raise SystemExit(f"the view did not hold {requests:,} requests within 600 s ({held:,})")
     return {
@@ -153,7 +171,74 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
     }
 
 
+def scan_file(path: str) -> list[list[dict[str, Any]]]:
+    """The batches of rows ``FileSource`` hands the UI (without the inbox or a thread)."""
+    batches = []
+    for traces, dropped in SummaryScan(path).chunks():
+        batch = [
+            {"kind": TRACE, "trace": trace, "replace": True}
+            if again
+            else {"kind": TRACE, "trace": trace}
+            for trace, again in traces
+        ]
+        batches.append(batch + dropped)
+    return batches
+
+
+def counted_child(path: str, part: str) -> None:
+    """Runs under valgrind: only what ``functools.reduce`` calls is counted."""
+    batches = scan_file(path) if part == "ingest" else []
+    gc.collect()
+    gc.freeze()
+    gc.disable()  # as FileSource does while it reads
+
+    def step(_: Any, __: Any) -> Any:
+        if part == "scan":
+            return scan_file(path)
+        store = RequestStore(10_000_000, freeze_gc=False)
+        for batch in batches:
+            store.ingest(batch)
+        return store
+
+    functools.reduce(step, [1], None)
+
+
+def count_instructions(path: str, part: str) -> int:
+    out = f"{path}.callgrind.{part}"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--collect-atstart=no",
+        "--toggle-collect=functools_reduce",
+        "--cache-sim=no",
+        "--branch-sim=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        part,
+        path,
+    ]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"valgrind failed: {proc.stderr.strip()[-500:]}")
+    with open(out) as handle:
+        for line in handle:
+            if line.startswith(("summary:", "totals:")):
+                os.unlink(out)
+                return int(line.split()[1])
+    raise SystemExit(f"no totals in {out}")
+
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        counted_child(sys.argv[3], sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=1, help="times each measurement")
@@ -162,6 +247,10 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--skip-load", action="store_true", help="time only the view")
+    parser.add_argument("--skip-old", action="store_true", help="time only the file with summaries")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="count instructions per request instead"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="hopscope-view-") as tmp:
@@ -173,8 +262,16 @@ def main() -> None:
             events -= 1
         else:
             events = write_file(path, args.requests)
-        old_format_copy(path, old)
-        size, old_size = os.path.getsize(path), os.path.getsize(old)
+        if args.callgrind:
+            print(f"{args.requests:,} requests; {_load()}; instructions per request:")
+            for part in ("scan", "ingest"):
+                count = count_instructions(path, part)
+                print(f"  {part}: {count / args.requests:,.0f}")
+            return
+        if not args.skip_old:
+            old_format_copy(path, old)
+        size = os.path.getsize(path)
+        old_size = 0 if args.skip_old else os.path.getsize(old)
         if not args.json:
             print(
                 f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB with"
@@ -182,7 +279,8 @@ def main() -> None:
                 f" {time.perf_counter() - began:.0f} s, untimed); goal {GOAL_S:g} s all loaded"
             )
         result: dict[str, Any] = {"requests": args.requests, "events": events}
-        for name, file in (("summarised", path), ("old_format", old)):
+        files = [("summarised", path)] + ([] if args.skip_old else [("old_format", old)])
+        for name, file in files:
             loads = [] if args.skip_load else [time_load(file) for _ in range(args.repeat)]
             views = [asyncio.run(time_view(file, args.requests)) for _ in range(args.repeat)]
             result[name] = {
@@ -194,6 +292,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     for name in ("summarised", "old_format"):
+        if name not in result:
+            continue
         best_load, best_view = result[name]["load"], result[name]["view"]
         print(f"{name}:")
         if best_load:

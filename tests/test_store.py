@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hopscope.tracing import load
 from hopscope.tracing.filters import parse
+from hopscope.tracing.model import Trace, TraceBuilder
 from hopscope.tracing.tracefile import TraceFileWarning, header_line
 from hopscope.tui import store as store_module
 from hopscope.tui.source import FileSource
@@ -174,3 +175,78 @@ def test_a_file_source_hands_over_traces_that_equal_what_load_reads(
     assert store.dropped == 4 and store.rejected == 1
     assert store.latest_ts == max(e["ts"] for e in events if isinstance(e["ts"], int))
     assert sum(store.rate_series()) == 12
+
+
+def assembled(n: int, status: int | None = 200) -> Trace:
+    builder = TraceBuilder()
+    for event in request(n, status=status):
+        builder.add(event)
+    return builder.traces[f"{n + 1:032x}"]
+
+
+def store_state(store: RequestStore) -> dict[str, Any]:
+    # Arrival numbers themselves may differ (a trace evicted within its batch may never
+    # get one): their order is what must hold.
+    seqs = [row.seq for row in store.rows.values()]
+    assert seqs == sorted(set(seqs))
+    assert store._view_seqs == [row.seq for row in store.view]
+    assert all(store.rows[row.trace.trace_id] is row for row in store.view)
+    return {
+        "rows": [(trace_id, row.trace, row.counted) for trace_id, row in store.rows.items()],
+        "builder": list(store.builder.traces),
+        "view": [row.trace.trace_id for row in store.view],
+        "counts": dict(store.counts),
+        "inflight": sorted(store.inflight),
+        "total": store.total,
+        "latest_ts": store.latest_ts,
+        "rates": store.rate_series(),
+    }
+
+
+def test_a_batch_of_new_traces_files_as_their_events_would() -> None:
+    # A file's rows come as batches of whole traces (the store's fast path): bounded by
+    # the ring, counted, filtered and in arrival order just as the same requests folded
+    # from their events, also when a batch replaces one of them or continues one.
+    fast, folded = RequestStore(5, freeze_gc=False), RequestStore(5, freeze_gc=False)
+    for store in (fast, folded):
+        store.set_filter(parse("status:2xx").test, "status:2xx")
+    statuses = [200, 500, None, 200, 404, 201, None, None, 200, 200]
+
+    def trace_event(n: int, status: int | None = -1, **flags: Any) -> Event:
+        trace = assembled(n, statuses[n] if status == -1 else status)
+        return {"kind": "trace", "trace": trace, **flags}
+
+    first = [trace_event(n) for n in range(8)]
+    first.append(trace_event(6, 200, replace=True))  # a newer summary, in the same batch
+    first += request(7, status=500)[1:]  # an event for one of them
+    first.append(trace_event(8))  # a new one after that
+    fast.ingest(first)
+    for n in range(8):
+        folded.ingest(request(n, status=statuses[n])[:1])
+        if statuses[n] is not None:
+            folded.ingest(request(n, status=statuses[n])[1:])
+    folded.ingest(request(6, status=200)[1:])
+    folded.ingest(request(7, status=500)[1:])
+    folded.ingest(request(8))
+    assert store_state(fast) == store_state(folded)
+    assert len(fast.rows) == 5 and fast.builder.evicted == 4
+    second = [trace_event(9), trace_event(8, replace=True)]
+    fast.ingest(second)
+    folded.ingest(request(9))
+    assert store_state(fast) == store_state(folded)
+    assert [row.trace.trace_id for row in fast.view] == [f"{n + 1:032x}" for n in (5, 6, 8, 9)]
+    assert fast.counts == {"2xx": 6, "4xx": 1, "5xx": 2}
+
+
+def test_a_reset_within_a_batch_forgets_the_new_traces_before_it() -> None:
+    store = RequestStore(freeze_gc=False)
+    store.ingest([{"kind": "trace", "trace": assembled(n)} for n in range(3)])
+    batch: list[Event] = [{"kind": "trace", "trace": assembled(n)} for n in range(3, 6)]
+    batch += [{"kind": "reset"}, {"kind": "trace", "trace": assembled(6, 500)}]
+    change = store.ingest(batch)
+    assert change.reset
+    assert list(store.rows) == [f"{7:032x}"] and [row.trace.trace_id for row in store.view] == [
+        f"{7:032x}"
+    ]
+    assert store.total == 1 and store.counts == {"5xx": 1}
+    assert sum(store.rate_series()) == 1

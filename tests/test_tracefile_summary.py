@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from hopscope.app.collector import EventWriter
-from hopscope.tracing import load
+from hopscope.tracing import load, tracefile
 from hopscope.tracing.model import QUEUE, TraceInfo
 from hopscope.tracing.sinks import FileSink
 from hopscope.tracing.tracefile import (
@@ -232,9 +232,86 @@ def test_summaries_equal_the_info_of_the_assembled_traces(tmp_path: Path, seed: 
     for trace_id, trace in assembled.items():
         lazy = summarised[trace_id]
         assert info_fields(lazy.info) == info_fields(TraceInfo(trace)), trace_id
+        again = TraceInfo.from_summary(TraceInfo(trace).summary())
+        assert info_fields(again) == info_fields(lazy.info)
         assert not lazy.loaded
         assert lazy.spans == trace.spans  # read back from its lines on demand
         assert lazy.loaded and lazy.latest_ts() == trace.latest_ts()
+
+
+@pytest.mark.parametrize("block", [64, 700, 4096])
+def test_the_scan_reads_alike_whatever_its_block_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    # Blocks smaller than a line (read again, twice as big), summary lines first in a
+    # block or cut by its end: the same traces, and the file still found complete.
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 40, 5)
+    expected_scan, expected = scan(path)
+    monkeypatch.setattr(tracefile, "_SCAN_BYTES", block)
+    summary_scan, found = scan(path)
+    assert summary_scan.complete and expected_scan.complete
+    assert summary_scan.summaries == expected_scan.summaries > 40
+    assert found.keys() == expected.keys()
+    for trace_id, trace in expected.items():
+        assert info_fields(found[trace_id].info) == info_fields(trace.info)
+        assert found[trace_id].outline() == trace.outline()
+        assert found[trace_id].latest_ts() == trace.latest_ts()
+
+
+def test_summary_lines_written_otherwise_are_read_the_slow_way(tmp_path: Path) -> None:
+    # The fast path decodes only the array after '{"kind":"summary","trace":'; a line
+    # with its keys in another order (a tool rewrote the file) is decoded whole.
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 20, 6)
+    _, expected = scan(path)
+    outlines = {trace_id: trace.outline() for trace_id, trace in expected.items()}
+    lines = path.read_bytes().splitlines(keepends=True)
+    rewritten = []
+    for n, line in enumerate(lines):
+        if line.startswith(SUMMARY_PREFIX) and n % 2:
+            summary = json.loads(line)
+            reordered = {
+                "kind": "summary",
+                "outline": summary["outline"],
+                "trace": summary["trace"],
+            }
+            line = json.dumps(reordered, separators=(",", ":")).encode() + b"\n"
+        rewritten.append(line)
+    assert len(b"".join(rewritten)) == len(b"".join(lines))  # the same bytes, reordered
+    path.write_bytes(b"".join(rewritten))
+    summary_scan, found = scan(path)
+    assert summary_scan.complete and not summary_scan.report.malformed_lines
+    assert found.keys() == expected.keys()
+    for trace_id, trace in expected.items():
+        assert info_fields(found[trace_id].info) == info_fields(trace.info)
+        assert found[trace_id].outline() == outlines[trace_id]
+        assert not found[trace_id].loaded
+        assert found[trace_id].spans == trace.spans
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda row: row[:-1],  # a field short
+        lambda row: [*row[:4], str(row[4]), *row[5:]],  # a start that is not a number
+        lambda row: [*row[:3], "80,100", *row[4:]],  # byte ranges that are not a list
+    ],
+)
+def test_a_malformed_summary_is_skipped_and_the_file_folded(
+    tmp_path: Path, change: Callable[[list[Any]], list[Any]]
+) -> None:
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 10, 7)
+    lines = path.read_bytes().splitlines(keepends=True)
+    at = max(n for n, line in enumerate(lines) if line.startswith(SUMMARY_PREFIX))
+    summary = json.loads(lines[at])
+    summary["trace"] = change(summary["trace"])
+    lines[at] = json.dumps(summary, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    summary_scan, _ = scan(path)
+    assert summary_scan.report.malformed_lines == [-1]
+    assert not summary_scan.complete  # that trace's lines are covered by no summary now
 
 
 def test_the_generated_traces_cover_the_odd_cases(tmp_path: Path) -> None:
@@ -262,7 +339,7 @@ def test_a_late_event_makes_a_newer_summary_that_wins(tmp_path: Path) -> None:
     clock.now = 1.0
     writer.write([])
     first = summary_lines(path)
-    assert len(first) == 1 and first[0]["info"][9] is False
+    assert len(first) == 1 and first[0]["trace"][13] is False  # failed
     trace_id = early[0]["trace_id"]
     span_id = next(e["span_id"] for e in early if e["kind"] == "span_start")
     exception = {
@@ -277,7 +354,7 @@ def test_a_late_event_makes_a_newer_summary_that_wins(tmp_path: Path) -> None:
     clock.now = 2.0
     writer.close()
     second = summary_lines(path)
-    assert len(second) == 2 and second[1]["lines"] == first[0]["lines"] + 1
+    assert len(second) == 2 and second[1]["trace"][2] == first[0]["trace"][2] + 1  # lines
     summary_scan, traces = scan(path)
     assert summary_scan.complete
     assert traces[trace_id].info.error and traces[trace_id].latest_ts() == T0 + 10**9

@@ -4,7 +4,9 @@ says how far loading got, and what the UI holds at the end is what ``load`` read
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from hopscope.tracing import load
-from hopscope.tracing.tracefile import LoadReport, header_line, read_chunks, read_events
+from hopscope.tracing.tracefile import (
+    LoadReport,
+    SummaryScan,
+    header_line,
+    read_chunks,
+    read_events,
+)
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import FileSource
 from rich.console import Console
@@ -160,3 +168,21 @@ def test_chunks_hold_the_same_events_as_read_events(tmp_path: Path) -> None:
     assert report.events == REQUESTS * 3
     assert report.bytes_read == path.stat().st_size
     assert report.malformed_lines == [REQUESTS * 3 + 2]
+
+
+def test_the_open_benchmark_finishes_for_a_small_file(tmp_path: Path) -> None:
+    # A file small enough to be all in before the first screen: bench/view_open.py used
+    # to hook the store and the list only once the app ran, missed both, and waited for
+    # its 600 s timeout; the viewer itself had every request (held == requests).
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        view_open = importlib.import_module("view_open")
+    finally:
+        sys.path.remove(str(bench))
+    path = tmp_path / "small.jsonl"
+    view_open.write_file(str(path), 30)
+    assert SummaryScan(path).may_have_summaries
+    result = asyncio.run(asyncio.wait_for(view_open.time_view(str(path), 30), WAIT))
+    assert result["requests_held"] == 30
+    assert result["first_screen_s"] <= result["drawn_s"]

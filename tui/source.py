@@ -362,17 +362,21 @@ class FileSource:
         batch: list[Event] = []
         later: list[Event] = []
         batches = 0
+        append = batch.append
         for traces, dropped in scan.chunks():
             later += dropped
+            new = 0
             for trace, again in traces:
                 if again:
-                    batch.append({"kind": TRACE, "trace": trace, "replace": True})
+                    append({"kind": TRACE, "trace": trace, "replace": True})
                 else:
-                    self.requests += 1
-                    batch.append({"kind": TRACE, "trace": trace})
+                    new += 1
+                    append({"kind": TRACE, "trace": trace})
+            self.requests += new
             if len(batch) >= self.batch_size or (batch and not batches):
                 deliver(batch)
                 batch = []
+                append = batch.append
                 batches += 1
                 if self.gate is not None:
                     self.gate(batches)

@@ -73,6 +73,18 @@ class Change:
     """Everything held before was forgotten (a playback seeked back)."""
 
 
+#: :func:`status_class` of the statuses that have one, looked up.
+_STATUS_CLASS = {status: f"{status // 100}xx" for status in range(100, 600)}
+
+
+def _status_key(trace: Trace) -> str:
+    """What a finished request counts under: :func:`status_class`, looked up."""
+    status = trace.info.status
+    return (_STATUS_CLASS.get(status) if type(status) is int else None) or (
+        status_class(trace) or "err"
+    )
+
+
 def status_class(trace: Trace) -> str | None:
     """``"2xx"``..``"5xx"``, ``"err"`` for a failed request with no status, None if running."""
     status = trace.status
@@ -164,6 +176,7 @@ class RequestStore:
         change = change if change is not None else Change()
         builder = self.builder
         touched: dict[str, Trace] = {}
+        fresh: list[Trace] = []
         traces = builder.traces
         latest = self.latest_ts
         rejected = change.rejected
@@ -177,12 +190,21 @@ class RequestStore:
                 if kind == "reset":
                     self._reset()
                     builder, traces, touched = self.builder, self.builder.traces, {}
+                    fresh = []
                     latest, rejected = 0, change.rejected
                     change.reset = change.view_changed = True
                     change.touched.clear()
                     continue
                 if kind == TRACE:
                     trace = event["trace"]
+                    trace_id = trace.trace_id
+                    if not touched and trace_id not in traces:
+                        # A new trace with nothing folded before it in this batch (a
+                        # file's rows, thousands a batch): its row is made in one pass
+                        # over all of them (_file), before those of the traces touched.
+                        traces[trace_id] = trace
+                        fresh.append(trace)
+                        continue
                     latest = max(latest, self._adopt(trace, event.get("replace", False)))
                     touched[trace.trace_id] = trace
                     continue
@@ -201,11 +223,15 @@ class RequestStore:
                 # can evict a trace before the batch ends.
                 self._count_new(ts)
             touched[trace.trace_id] = trace
+        if fresh:
+            latest = max(latest, self._file(fresh))
         self.latest_ts = latest
         self.rejected += change.rejected - rejected
         if builder.evicted != self._evicted_seen:
             self._evicted_seen = builder.evicted
             self._drop_evicted(change)
+        if fresh:
+            self._file_rows(fresh, change)
         for trace_id, trace in touched.items():
             if builder.traces.get(trace_id) is not trace:
                 continue  # came and went within this batch
@@ -260,6 +286,75 @@ class RequestStore:
             builder.evicted += 1
         self._count_new(trace.info.start or newest)
         return newest
+
+    def _file(self, fresh: list[Trace]) -> int:
+        """Count new traces a source assembled (``ingest`` put them in the builder
+        already) and keep the ring bounded; returns their newest timestamp.  What
+        :meth:`_adopt` does for one, for a whole batch of a file's rows at once."""
+        latest = 0
+        rate = self._rate
+        top = self._rate_top
+        for trace in fresh:
+            newest = trace.latest_ts()
+            if newest > latest:
+                latest = newest
+            second = (trace.info.start or newest) // 1_000_000_000
+            rate[second] += 1
+            if second > top:
+                top = second
+        self.total += len(fresh)
+        if top > self._rate_top:
+            self._rate_top = top
+            if len(rate) > RATE_WINDOW * 2:
+                floor = top - RATE_WINDOW
+                for old in [s for s in rate if s <= floor]:
+                    del rate[old]
+        builder = self.builder
+        traces = builder.traces
+        if builder.max_traces is not None:
+            while len(traces) > builder.max_traces:
+                traces.popitem(last=False)  # their rows go in _drop_evicted
+                builder.evicted += 1
+        return latest
+
+    def _file_rows(self, fresh: list[Trace], change: Change) -> None:
+        """Make the rows of the traces :meth:`_file` took (those still held), as the end
+        of :meth:`ingest` does for a touched trace, without its per-trace bookkeeping:
+        a big file opens at a few microseconds per request here."""
+        traces = self.builder.traces
+        rows = self.rows
+        view, seqs = self.view, self._view_seqs
+        counts, inflight = self.counts, self.inflight
+        predicate = self.filter
+        seq = self._seq
+        appended = 0
+        for trace in fresh:
+            trace_id = trace.trace_id
+            current = traces.get(trace_id)  # another may have replaced it in the batch
+            if current is None:
+                # Evicted by the rest of its batch (a file bigger than the ring): no
+                # row, but a finished request all the same.
+                if trace.info.end is not None:
+                    counts[_status_key(trace)] += 1
+                continue
+            if trace_id in rows:
+                continue
+            seq += 1
+            row = rows[trace_id] = Row(seq, current)
+            if predicate is None or self._matches(current):
+                seqs.append(seq)  # the newest arrival number: the view's end
+                view.append(row)
+                appended += 1
+            if current.info.end is not None:
+                row.counted = True
+                counts[_status_key(current)] += 1
+            else:
+                inflight.add(trace_id)
+        self._seq = seq
+        if appended:
+            change.appended += appended
+            change.view_changed = True
+        change.touched.update([trace.trace_id for trace in fresh])
 
     def _new_row(self, trace: Trace) -> Row:
         self._seq += 1
