@@ -200,6 +200,22 @@ class Recording(Sink):
             emit(record)
 
     # -- the taker's side -----------------------------------------------------------
+    def _whole(self, end_at: int, items: list[Any]) -> Record:
+        """The ``"r"`` record of a request over before its first take."""
+        return (
+            "r",
+            self.start,
+            self.trace_id,
+            self.span_id,
+            self.parent_id,
+            self.thread_id,
+            self.interface,
+            self.request_fields(),
+            end_at,
+            self.end_fields() if end_at >= 0 else None,
+            items,
+        )
+
     def take(self, out: list[Record]) -> bool:
         """Append the records of what is new since the last take; True once all is sent."""
         if self._state < 0 and self.done:
@@ -211,21 +227,7 @@ class Recording(Sink):
                 end_at = self.end_at
                 if end_at > size:
                     end_at = -1
-                out.append(
-                    (
-                        "r",
-                        self.start,
-                        self.trace_id,
-                        self.span_id,
-                        self.parent_id,
-                        self.thread_id,
-                        self.interface,
-                        self.request_fields(),
-                        end_at,
-                        self.end_fields() if end_at >= 0 else None,
-                        items,
-                    )
-                )
+                out.append(self._whole(end_at, items))
                 self._state = 1
                 return True
         self._state, finished = self._collect(self._state, out)
@@ -264,21 +266,7 @@ class Recording(Sink):
             end_at = -1  # ended after the items were read: next time
         if state < 0:
             if done:
-                out.append(
-                    (
-                        "r",
-                        self.start,
-                        self.trace_id,
-                        self.span_id,
-                        self.parent_id,
-                        self.thread_id,
-                        self.interface,
-                        self.request_fields(),
-                        end_at,
-                        self.end_fields() if end_at >= 0 else None,
-                        items,
-                    )
-                )
+                out.append(self._whole(end_at, items))
                 return 1, True
             out.append(
                 request_start(
