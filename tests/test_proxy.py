@@ -237,6 +237,12 @@ class Proxy:
         self.port = running.port
         self.app = app
         self.sink = sink
+        self.running = running
+
+    @property
+    def connections(self) -> int:
+        """Client connections open at the proxy."""
+        return self.running.connections
 
     def stats(self) -> dict[str, int]:
         return self.app.stats()
@@ -256,7 +262,9 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def proxy_to(upstream_url: str, **options: Any) -> Iterator[Proxy]:
+def proxy_to(upstream_url: str, keep_alive: float = 5.0, **options: Any) -> Iterator[Proxy]:
+    """The proxy app served as ``hopscope proxy`` serves it (``keep_alive``: the idle
+    timeout of client connections, uvicorn's default); ``options`` go to the app."""
     sink = MemorySink()
     app = ProxyApp(upstream_url, sink, **options)
     with serve(
@@ -267,6 +275,7 @@ def proxy_to(upstream_url: str, **options: Any) -> Iterator[Proxy]:
         server_header=False,
         date_header=False,
         proxy_headers=False,
+        timeout_keep_alive=keep_alive,
     ) as running:
         yield Proxy(running, app, sink)
 

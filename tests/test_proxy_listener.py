@@ -10,7 +10,6 @@ request on the same connection).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import socket
@@ -20,8 +19,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from hopscope.app.proxy import ProxyApp, ProxyHttpProtocol
-from hopscope.tracing import MemorySink
 from hopscope.tracing.model import Span
 from test_proxy import (
     HOST,
@@ -31,7 +28,6 @@ from test_proxy import (
     gate,
     proxy_error,
     proxy_to,
-    serve,
     upstream_server,
     wait_until,
 )
@@ -45,26 +41,9 @@ def upstream() -> Iterator[Running]:
         yield running
 
 
-@contextlib.contextmanager
-def listening(upstream: Running, keep_alive: float = 5.0) -> Iterator[tuple[Running, MemorySink]]:
-    sink = MemorySink()
-    app = ProxyApp(upstream.url, sink)
-    with serve(
-        app,
-        http=ProxyHttpProtocol,
-        ws="websockets-sansio",
-        lifespan="on",
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-        timeout_keep_alive=keep_alive,
-    ) as running:
-        yield running, sink
-
-
 @pytest.fixture(scope="module")
-def proxy(upstream: Running) -> Iterator[Running]:
-    with listening(upstream) as (running, _):
+def proxy(upstream: Running) -> Iterator[Proxy]:
+    with proxy_to(upstream.url) as running:
         yield running
 
 
@@ -126,7 +105,7 @@ def body_of(response: bytes) -> bytes:
     return out
 
 
-def connect(running: Running) -> socket.socket:
+def connect(running: Running | Proxy) -> socket.socket:
     return connect_to(running.port)
 
 
@@ -134,7 +113,7 @@ def connect_to(port: int) -> socket.socket:
     return socket.create_connection((HOST, port), timeout=10)
 
 
-def test_pipelined_requests_with_bodies_are_answered_in_order(proxy: Running) -> None:
+def test_pipelined_requests_with_bodies_are_answered_in_order(proxy: Proxy) -> None:
     first = os.urandom(100_000)
     chunks = [os.urandom(5000), os.urandom(70_000), b"end"]
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
@@ -158,7 +137,7 @@ def test_pipelined_requests_with_bodies_are_answered_in_order(proxy: Running) ->
     assert body_of(again) == b"Hello, world!"
 
 
-def test_expect_100_continue_is_answered_before_the_body(proxy: Running) -> None:
+def test_expect_100_continue_is_answered_before_the_body(proxy: Proxy) -> None:
     body = b"x" * 1000
     with connect(proxy) as sock:
         sock.sendall(
@@ -194,7 +173,7 @@ class _Prefixed:
         return self.sock.recv(size)
 
 
-def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Running) -> None:
+def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Proxy) -> None:
     with connect(proxy) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         out = b""
@@ -205,7 +184,7 @@ def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Running) -> N
     assert out.endswith(b"Hello, world!")
 
 
-def test_malformed_request_is_a_400_and_closed(proxy: Running) -> None:
+def test_malformed_request_is_a_400_and_closed(proxy: Proxy) -> None:
     with connect(proxy) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
         out = b""
@@ -216,7 +195,7 @@ def test_malformed_request_is_a_400_and_closed(proxy: Running) -> None:
 
 
 def test_idle_keep_alive_connection_is_closed(upstream: Running) -> None:
-    with listening(upstream, keep_alive=0.5) as (running, _), connect(running) as sock:
+    with proxy_to(upstream.url, keep_alive=0.5) as running, connect(running) as sock:
         for _ in range(3):
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             (response,) = read_responses(sock, 1)
@@ -227,7 +206,7 @@ def test_idle_keep_alive_connection_is_closed(upstream: Running) -> None:
 
 
 def test_websocket_upgrade_after_a_plain_request_on_one_connection(
-    proxy: Running,
+    proxy: Proxy,
 ) -> None:
     key = base64.b64encode(os.urandom(16))
     upgrade = (
