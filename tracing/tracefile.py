@@ -678,6 +678,7 @@ class SummaryScan:
         prefix, needle = SUMMARY_PREFIX, b"\n" + SUMMARY_PREFIX
         start_bytes = _SUMMARY_START.encode()
         skip = len(start_bytes)
+        outline_key, after_key = _OUTLINE_KEY, len(_OUTLINE_KEY)
         with open(self.path, "rb", buffering=0) as handle:
             header = handle.readline()
             accounted = position = len(header)
@@ -706,27 +707,29 @@ class SummaryScan:
                         continue
                 pieces: list[bytearray] = []
                 outlines: list[tuple[int, int] | None] = []
-                bounds: list[int] = []  # [begin, end, begin, end, ...] of the lines
+                begins: list[int] = []  # where the lines start
+                add_piece, add_outline, add_begin = pieces.append, outlines.append, begins.append
                 written = True  # every line starts as the writers start them
                 find, rfind, startswith = block.find, block.rfind, block.startswith
                 while True:
                     begin = at + 1
                     end = find(b"\n", begin)
                     accounted += end - at
-                    bounds += (begin, end)
+                    add_begin(begin)
                     if not startswith(start_bytes, begin):
                         written = False
                     # Only the array of the summary's fields is decoded; the outline
                     # (last, a JSON string) is left in the file until its row is drawn:
                     # only where it is is kept (see SummarisedTrace.outline).
-                    cut = rfind(_OUTLINE_KEY, begin, end)
-                    if cut > begin and block.endswith(b'"}', begin, end):
-                        where = cut + len(_OUTLINE_KEY)
-                        outlines.append((base + where, end - 1 - where))
+                    cut = rfind(outline_key, begin, end)
+                    # (block[end - 2 : end] == b'"}', without a call: the key fits before it)
+                    if cut > begin and block[end - 1] == 0x7D and block[end - 2] == 0x22:
+                        where = cut + after_key
+                        add_outline((base + where, end - 1 - where))
                     else:
                         cut = end - 1
-                        outlines.append(None)
-                    pieces.append(block[begin + skip : cut])
+                        add_outline(None)
+                    add_piece(block[begin + skip : cut])
                     if end < stop and startswith(prefix, end + 1):
                         at = end  # summaries come in runs: the next line is one
                     else:
@@ -742,8 +745,7 @@ class SummaryScan:
                         raise ValueError("not one array a line")
                 except (ValueError, RecursionError):
                     decoded = [
-                        _summary_fields(block[bounds[i] : bounds[i + 1]])
-                        for i in range(0, len(bounds), 2)
+                        _summary_fields(block[begin : block.find(b"\n", begin)]) for begin in begins
                     ]
                 traces: list[tuple[SummarisedTrace, bool]] = []
                 for row, outline in zip(decoded, outlines, strict=True):
@@ -779,7 +781,7 @@ class SummaryScan:
                         info.route, info.host, info.error, info.failed = route, host, error, failed
                         info.header_text = text
                         info.odd_headers = None if odd is None else tuple((n, v) for n, v in odd)
-                        info.bodies = tuple(bodies)
+                        info.bodies = tuple(bodies) if bodies else ()
                         if _QUEUE_KEY in hops:
                             hops[hops.index(_QUEUE_KEY)] = QUEUE
                         info.hops = tuple(hops)
