@@ -389,16 +389,21 @@ class FileSource:
 
     def _finish(self, deliver: Deliver) -> None:
         report = self.report
-        problems = []
-        if report.malformed_lines:
-            problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
-        if report.truncated_last_line:
-            problems.append("the last line was cut off")
-        if problems:
-            message = f"{self.describe()}: " + "; ".join(problems)
-            deliver([notice(f"{message}; kept {report.events:,} events", "warning")])
-        else:
-            deliver([notice(f"{self.describe()}: read {report.events:,} events")])
+        warning = _load_warning(self.describe(), report, report.events)
+        deliver([warning or notice(f"{self.describe()}: read {report.events:,} events")])
+
+
+def _load_warning(name: str, report: LoadReport, events: int) -> Event | None:
+    """The warning a file read with losses gets (malformed lines, a cut-off last line)."""
+    problems = []
+    if report.malformed_lines:
+        problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
+    if report.truncated_last_line:
+        problems.append("the last line was cut off")
+    if not problems:
+        return None
+    message = f"{name}: " + "; ".join(problems)
+    return notice(f"{message}; kept {events:,} events", "warning")
 
 
 _FOLDED = ("span_start", "span_end", "event")
@@ -492,14 +497,9 @@ class PlaybackSource:
                 raise
             events = har
         source = cls(events, os.path.basename(path) or path, speed=speed)
-        problems = []
-        if report.malformed_lines:
-            problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
-        if report.truncated_last_line:
-            problems.append("the last line was cut off")
-        if problems:
-            message = f"{source.describe()}: " + "; ".join(problems)
-            source.notices.append(notice(f"{message}; kept {len(events):,} events", "warning"))
+        warning = _load_warning(source.describe(), report, len(events))
+        if warning is not None:
+            source.notices.append(warning)
         return source
 
     # -- what the UI reads -----------------------------------------------------------
