@@ -124,6 +124,15 @@ def _status(status: Any) -> dict[str, Any]:
     return normalise_attrs({"http.response.status_code": status or None})
 
 
+def _end_attrs(extra: dict[str, Any] | None, status: Any) -> dict[str, Any]:
+    """A proxy record's span end attributes: the kept ``extra`` ones and the status."""
+    if not extra:
+        return _status(status)
+    attrs = _kept(extra)
+    attrs["http.response.status_code"] = status or None
+    return normalise_attrs(attrs)
+
+
 def _inherited(process: dict[str, Any] | None) -> dict[str, Any] | None:
     """The line attributes a process's info gives every span start it sends (none, from
     hopscope's own recorders)."""
@@ -668,21 +677,10 @@ class Tail:
             extra = end[15]
             if up_conn is None:
                 attrs: dict[str, Any] = normalise_attrs(_kept(extra)) if extra else {}
-            elif extra:
-                attrs = _kept(extra)
-                attrs["http.response.status_code"] = up_status or None
-                attrs = normalise_attrs(attrs)
             else:
-                attrs = _status(up_status)
+                attrs = _end_attrs(extra, up_status)
             trace.ended(proxy_id, ts, attrs)
-        extra = end[14]
-        if extra:
-            attrs = _kept(extra)
-            attrs["http.response.status_code"] = status or None
-            attrs = normalise_attrs(attrs)
-        else:
-            attrs = _status(status)
-        trace.ended(client_id, ts, attrs)
+        trace.ended(client_id, ts, _end_attrs(end[14], status))
 
     def _due_held(self) -> list[str]:
         """Lines for the held traces whose hold has passed, as :meth:`_due` makes them.
