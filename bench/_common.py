@@ -205,3 +205,27 @@ WSGI_ENVIRON: dict[str, Any] = {
     "wsgi.multiprocess": False,
     "wsgi.run_once": False,
 }
+
+
+def callgrind_total(argv: list[str], out: str, env: dict[str, str], name: str = "") -> int:
+    """Instructions the Python command ``argv`` runs inside :func:`functools.reduce`
+    under callgrind (the benches call their measured loop through it, so start-up and
+    tear-down are not counted), from the totals of ``out``."""
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--collect-atstart=no",
+        "--toggle-collect=functools_reduce",
+        "--cache-sim=no",
+        "--branch-sim=no",
+        f"--callgrind-out-file={out}",
+        *argv,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"valgrind failed{name}: {proc.stderr.strip()[-500:]}")
+    with open(out) as handle:
+        for line in handle:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise SystemExit(f"no totals in {out}")

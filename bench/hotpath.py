@@ -30,7 +30,6 @@ import gc
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import ASGI_SCOPE, WSGI_ENVIRON, flask_hello, starlette_hello
+from _common import ASGI_SCOPE, WSGI_ENVIRON, callgrind_total, flask_hello, starlette_hello
 from hopscope.tracing.records import process_info
 from hopscope.tracing.sinks import Recording, Sink, encode_frame
 
@@ -226,38 +225,17 @@ def child(variant: str, n: int, take: bool) -> None:
 
 def count_instructions(variant: str, n: int, take: bool, workdir: str) -> int:
     out = os.path.join(workdir, f"callgrind.{variant}")
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--collect-atstart=no",
-        "--toggle-collect=functools_reduce",
-        "--cache-sim=no",
-        "--branch-sim=no",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        variant,
-        "-n",
-        str(n),
-    ]
+    argv = [sys.executable, os.path.abspath(__file__), "--child", variant, "-n", str(n)]
     if take:
-        command.append("--take")
+        argv.append("--take")
     if ENCODE:
-        command.append("--encode")
+        argv.append("--encode")
     if FRESH:
-        command.append("--fresh")
+        argv.append("--fresh")
     # A fixed hash seed: with a random one, how many probes each dict lookup takes
     # changes from run to run, and so does the count (by a thousand or so per request).
     env = {**os.environ, "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"valgrind failed for {variant}: {proc.stderr.strip()[-500:]}")
-    with open(out) as f:
-        for line in f:
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise SystemExit(f"no totals in {out}")
+    return callgrind_total(argv, out, env, f" for {variant}")
 
 
 def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:

@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import callgrind_total
 from hopscope.tracing import load
 from hopscope.tracing.records import to_events
 from hopscope.tracing.tracefile import SUMMARY_PREFIX, SummaryScan, TraceFileWriter
@@ -205,30 +205,10 @@ def counted_child(path: str, part: str) -> None:
 
 def count_instructions(path: str, part: str) -> int:
     out = f"{path}.callgrind.{part}"
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--collect-atstart=no",
-        "--toggle-collect=functools_reduce",
-        "--cache-sim=no",
-        "--branch-sim=no",
-        f"--callgrind-out-file={out}",
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        part,
-        path,
-    ]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"valgrind failed: {proc.stderr.strip()[-500:]}")
-    with open(out) as handle:
-        for line in handle:
-            if line.startswith(("summary:", "totals:")):
-                os.unlink(out)
-                return int(line.split()[1])
-    raise SystemExit(f"no totals in {out}")
+    argv = [sys.executable, os.path.abspath(__file__), "--child", part, path]
+    count = callgrind_total(argv, out, {**os.environ, "PYTHONHASHSEED": "0"})
+    os.unlink(out)
+    return count
 
 
 def _load() -> str:
