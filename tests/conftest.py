@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,3 +64,11 @@ def free_port() -> Callable[[], int]:
     """``free_port()``: a port nothing listens on right now (for "collector absent");
     session-wide, so module fixtures can ask for ports too."""
     return _free_port
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to ~100 bytes: pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -7,10 +7,8 @@ import http
 import io
 import marshal
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 import warnings
@@ -207,14 +205,6 @@ class Collector:
         self.thread.join(timeout=5)
         self.listener.close()
         assert not self.errors, self.errors
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths are limited to ~100 bytes: pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _listener(family: str, where: Path) -> tuple[socket.socket, str]:

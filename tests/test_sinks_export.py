@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from hopscope.tracing import wrap
 from hopscope.tracing.records import Record, expand
 from hopscope.tracing.sinks import WIRE_MAGIC, SocketSink, decode_frame
@@ -127,14 +124,6 @@ class Collector:
             reader.join(timeout=5)
         self.listener.close()
         assert not self.errors, self.errors
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths are limited to ~100 bytes: pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _unix_collector(where: Path) -> tuple[Collector, str]:
