@@ -171,14 +171,12 @@ async def time_view(path: str, requests: int) -> dict[str, Any]:
     }
 
 
-def scan_file(path: str) -> list[list[dict[str, Any]]]:
+def scan_file(path: str) -> list[list[Any]]:
     """The batches of rows ``FileSource`` hands the UI (without the inbox or a thread)."""
     batches = []
     for traces, dropped in SummaryScan(path).chunks():
         batch = [
-            {"kind": TRACE, "trace": trace, "replace": True}
-            if again
-            else {"kind": TRACE, "trace": trace}
+            {"kind": TRACE, "trace": trace, "replace": True} if again else trace
             for trace, again in traces
         ]
         batches.append(batch + dropped)

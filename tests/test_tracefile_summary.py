@@ -1,4 +1,4 @@
-"""Summary lines (format 1.1): what the writers append per finished trace, and how
+"""Summary lines (format 1.1, 1.2): what the writers append per finished trace, and how
 ``hopscope view`` opens a file from them without folding its events.
 
 The summary must say exactly what folding the trace's events says (``TraceInfo``), late
@@ -274,6 +274,7 @@ def test_summary_lines_written_otherwise_are_read_the_slow_way(tmp_path: Path) -
             reordered = {
                 "kind": "summary",
                 "outline": summary["outline"],
+                "detail": summary["detail"],
                 "trace": summary["trace"],
             }
             line = json.dumps(reordered, separators=(",", ":")).encode() + b"\n"
@@ -664,3 +665,194 @@ def test_the_outline_draws_rows_without_reading_events(tmp_path: Path) -> None:
             for s in assembled[trace_id].spans.values()
         ]
         assert outline == expected
+
+
+# -- 1.2: what only filters read stays undecoded until they do ---------------------------------
+
+
+def as_format_1_1(path: Path) -> None:
+    """Rewrite a file as a 1.1 writer wrote it: ``detail`` back inside the ``trace``
+    array, and every byte range moved to where its lines are now (a summary comes after
+    the lines it covers, so those moved already)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    header["version"] = "1.1"
+    out = [json.dumps(header, separators=(",", ":")).encode() + b"\n"]
+    moved: dict[int, int] = {}  # where each line started, to where it starts now
+    old, new = len(lines[0]), len(out[0])
+    for line in lines[1:]:
+        moved[old] = new
+        old += len(line)
+        if line.startswith(SUMMARY_PREFIX):
+            summary = json.loads(line)
+            fields = summary["trace"]
+            runs = fields[3]
+            for i in range(0, len(runs), 2):
+                start, end = runs[i], runs[i] + runs[i + 1]
+                runs[i], runs[i + 1] = moved[start], moved[end] - moved[start]
+            fields = [*fields, *summary["detail"]]
+            text = json.dumps(fields, separators=(",", ":"))
+            outline = json.dumps(summary["outline"])
+            line = f'{{"kind":"summary","trace":{text},"outline":{outline}}}\n'.encode()
+        out.append(line)
+        new += len(line)
+    path.write_bytes(b"".join(out))
+
+
+def test_a_1_1_file_still_opens_from_its_summaries(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 60, 8)
+    expected = {trace.trace_id: trace for trace in load(path, strict=True)}
+    _, before = scan(path)
+    outlines = {trace_id: trace.outline() for trace_id, trace in before.items()}
+    as_format_1_1(path)
+    data = path.read_bytes()
+    assert b'"version":"1.1"' in data and b'"detail"' not in data
+    assert {trace.trace_id: trace for trace in load(path, strict=True)} == expected
+    summary_scan, found = scan(path)
+    assert summary_scan.complete and not summary_scan.report.malformed_lines
+    assert found.keys() == expected.keys()
+    for trace_id, trace in expected.items():
+        info = found[trace_id].info
+        assert type(info) is TraceInfo  # decoded at once, as before
+        assert info_fields(info) == info_fields(TraceInfo(trace))
+        assert found[trace_id].outline() == outlines[trace_id]  # from the summary
+        assert not found[trace_id].loaded
+        assert found[trace_id].spans == trace.spans
+
+
+def undecoded(info: TraceInfo) -> bool:
+    return getattr(info, "_detail", None) is not None
+
+
+def test_header_text_and_bodies_are_decoded_when_first_read(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 80, 9)
+    assert all("detail" in line for line in summary_lines(path))
+    folded = {trace.trace_id: TraceInfo(trace) for trace in load(path, strict=True)}
+    _, found = scan(path)
+    infos = {trace_id: trace.info for trace_id, trace in found.items()}
+    assert all(undecoded(info) for info in infos.values())
+    # One by one, as any reader reads them...
+    some = list(infos)[:40]
+    for trace_id in some:
+        info = infos[trace_id]
+        assert info.headers == folded[trace_id].headers
+        assert not undecoded(info)
+    # ...or all the others at once, before a filter reads them.
+    tracefile.decode_details(infos.values())
+    assert not any(undecoded(info) for info in infos.values())
+    for trace_id, info in infos.items():
+        assert info_fields(info) == info_fields(folded[trace_id]), trace_id
+    assert any(info.odd_headers for info in infos.values())
+    assert any(info.bodies for info in infos.values())
+
+
+def test_a_malformed_detail_reads_as_no_headers_nor_bodies(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 10, 3)
+    data = path.read_bytes()
+    at = data.index(b',"detail":[') + len(b',"detail":[')
+    path.write_bytes(data[:at] + b"7" + data[at + 1 :])  # the header text is not a string
+    summary_scan, found = scan(path)
+    assert summary_scan.complete
+    infos = [trace.info for trace in found.values()]
+    tracefile.decode_details(infos)
+    bad = [info for info in infos if info.header_text == "\n" and not info.bodies]
+    assert len(bad) >= 1 and all(info.odd_headers is None for info in bad)
+    assert not any(undecoded(info) for info in infos)
+
+
+FILTERS = (
+    "header:x-n=7",
+    "header:host=api1*",
+    "header:x-odd",
+    'body:"n"',
+    "status:5xx or header:x-nul",
+)
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_filters_over_undecoded_rows_match_as_over_folded_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # A filter set after the file opened decodes every row at once (set_filter); one set
+    # before decodes each batch as it is filed.  Either way: what folding says.
+    from hopscope.tracing.filters import parse
+    from hopscope.tui import source as source_module
+
+    monkeypatch.setattr(source_module, "DETAILS_AFTER", 60.0)  # not in the background
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 150, 10)
+    folded = load(path, strict=True)
+    for text in FILTERS:
+        source = FileSource(path)
+        batches: list[list[Event]] = []
+        source.start(batches.append)
+        assert source.done.wait(WAIT)
+        predicate = parse(text).test
+        expected = [trace.trace_id for trace in folded if predicate(trace)]
+        assert 0 < len(expected) < len(folded), text
+        store = RequestStore(100_000)
+        if when == "before":
+            store.set_filter(predicate, text)
+        for batch in batches:
+            store.ingest(batch)
+        if when == "after":
+            assert any(undecoded(row.trace.info) for row in store.rows.values())
+            store.set_filter(predicate, text)
+            assert not any(undecoded(row.trace.info) for row in store.rows.values())
+        assert [row.trace.trace_id for row in store.view] == expected, text
+        source.stop()
+
+
+def test_the_source_decodes_the_details_once_all_rows_are_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hopscope.tui import source as source_module
+
+    monkeypatch.setattr(source_module, "DETAILS_AFTER", 0.0)
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 50, 11)
+    source = FileSource(path)
+    batches: list[list[Event]] = []
+    source.start(batches.append)
+    assert source.done.wait(WAIT)
+    assert source._thread is not None
+    source._thread.join(WAIT)
+    traces = [event for batch in batches for event in batch if isinstance(event, SummarisedTrace)]
+    assert len(traces) == 50  # handed over bare (see RequestStore.ingest)
+    assert not any(undecoded(trace.info) for trace in traces)
+
+
+def test_the_view_decodes_the_details_once_every_row_is_filed(tmp_path: Path) -> None:
+    # Not before: decoding them meanwhile took the GIL from the UI filing the rows.
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 60, 12)
+
+    async def main() -> None:
+        source = FileSource(path)
+        app = HopscopeApp(source, max_requests=1_000)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: len(app.store.rows) == 60, "every request")
+            deadline = time.monotonic() + WAIT
+            while any(undecoded(row.trace.info) for row in app.store.rows.values()):
+                assert time.monotonic() < deadline, "the details were never decoded"
+                await pilot.pause(0.05)
+            assert app.inbox.pending == 0 and source.done.is_set()
+
+    asyncio.run(main())
+
+
+def test_lines_a_later_writer_appended_to_a_1_1_file_are_read_too(tmp_path: Path) -> None:
+    # A 1.1 file's header says 1.1 whatever a 1.2 writer appends to it (append=True).
+    path = tmp_path / "t.jsonl"
+    write_generated(path, 30, 13)
+    expected = {trace.trace_id: TraceInfo(trace) for trace in load(path, strict=True)}
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"version":"1.2"', b'"version":"1.1"', 1))
+    summary_scan, found = scan(path)
+    assert summary_scan.complete and not summary_scan.report.malformed_lines
+    assert found.keys() == expected.keys()
+    for trace_id, info in expected.items():
+        assert info_fields(found[trace_id].info) == info_fields(info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -186,3 +187,45 @@ def test_the_open_benchmark_finishes_for_a_small_file(tmp_path: Path) -> None:
     result = asyncio.run(asyncio.wait_for(view_open.time_view(str(path), 30), WAIT))
     assert result["requests_held"] == 30
     assert result["first_screen_s"] <= result["drawn_s"]
+
+
+def test_the_loading_label_lays_the_screen_out_only_when_its_width_changes() -> None:
+    # A whole-screen layout per tick while a big file loads ("loading 42%", then 43%...)
+    # was a tenth of the CPU opening 100,000 requests took.
+    from hopscope.tui.source import QueueSource
+
+    async def main() -> None:
+        app = HopscopeApp(QueueSource("live"), max_requests=10)
+        async with app.run_test(size=SIZE) as pilot:
+            line = app.header._source_line
+            original = line.update
+            layouts: list[bool] = []
+
+            def update(content: Any = "", *, layout: bool = True) -> None:
+                layouts.append(layout)
+                original(content, layout=layout)
+
+            line.update = update  # type: ignore[method-assign]
+            for label in ("big.jsonl · loading 9%", "big.jsonl · loading 10%"):
+                app.header.show_source(label)
+            for percent in (11, 12, 99):
+                app.header.show_source(f"big.jsonl · loading {percent}%")
+            app.header.show_source("big.jsonl · 3,000 requests")
+            await pilot.pause()
+            assert layouts == [True, True, False, False, False, True]
+            assert header_source(app) == "big.jsonl · 3,000 requests"
+
+    asyncio.run(main())
+
+
+def test_opening_a_file_does_not_import_what_only_other_features_need() -> None:
+    # httpx (resending) and the HAR reader cost every `hopscope view` some 80 ms to
+    # import; they are imported when used.
+    code = (
+        "import sys, hopscope.tui.app, hopscope.tui.source\n"
+        "print(sorted(m for m in ('httpx', 'hopscope.tracing.har') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,6 +1,6 @@
 """Trace files: versioned JSON Lines, read back tolerantly.
 
-Line 1 is a header ``{"format": "hopscope", "version": "1.1", ...}``; every other line
+Line 1 is a header ``{"format": "hopscope", "version": "1.2", ...}``; every other line
 is one wire event, or (since 1.1) a *summary* of a finished trace, which a viewer reads
 instead of folding that trace's events (:class:`TraceFileWriter`, :class:`SummaryScan`).
 The major version gates reading: a file from a newer major version is refused with a
@@ -32,13 +32,14 @@ __all__ = [
     "SummaryScan",
     "TraceFileError",
     "TraceFileWriter",
+    "decode_details",
     "header_line",
     "load",
     "read_chunks",
     "read_events",
 ]
 
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 FORMAT_NAME = "hopscope"
 
 #: One converter per major version step: ``UPGRADES[n]`` turns an event of major
@@ -461,9 +462,15 @@ class TraceFileWriter:
             due.pop(trace_id, None)
             trace = traces.pop(trace_id)
             lines = held.pop(trace_id)
-            row = [trace_id, lines.newest, lines.count, lines.runs, *trace.info.summary()]
+            fields = trace.info.summary()
+            # (1.2) The header text, odd headers, bodies and hops go apart, in ``detail``:
+            # only filters read them, so a viewer keeps them undecoded until one does.
+            row = [trace_id, lines.newest, lines.count, lines.runs, *fields[:10]]
+            detail = _encode(fields[10:])
             outline = _encode([_outlined(span) for span in trace.spans.values()])
-            out.append(f'{_SUMMARY_START}{_encode(row)},"outline":{_encode(outline)}}}')
+            out.append(
+                f'{_SUMMARY_START}{_encode(row)},"detail":{detail},"outline":{_encode(outline)}}}'
+            )
             done[trace_id] = (trace, lines)
         while len(done) > self.keep:
             done.popitem(last=False)
@@ -652,6 +659,9 @@ class SummaryScan:
         version = str(header.get("version"))
         self.may_have_summaries = version != "1.0" and _major(version) == _major(FORMAT_VERSION)
         """False for files written before summaries existed: no use scanning them."""
+        self._details = version != "1.1"
+        """Whether summary lines may have a ``detail`` (1.2 on): one search a line less
+        in a 1.1 file (whose lines, if a later writer appended some, are read anyway)."""
         self.complete = False
         self.summaries = 0
         self.covered: dict[str, int] = {}
@@ -679,6 +689,9 @@ class SummaryScan:
         start_bytes = _SUMMARY_START.encode()
         skip = len(start_bytes)
         outline_key, after_key = _OUTLINE_KEY, len(_OUTLINE_KEY)
+        detail_key, after_detail = _DETAIL_KEY, len(_DETAIL_KEY)
+        with_detail = self._details
+        lazy_info = _LazyInfo
         with open(self.path, "rb", buffering=0) as handle:
             header = handle.readline()
             accounted = position = len(header)
@@ -707,35 +720,52 @@ class SummaryScan:
                         continue
                 pieces: list[bytearray] = []
                 outlines: list[tuple[int, int] | None] = []
+                details: list[bytearray | None] = []
                 begins: list[int] = []  # where the lines start
                 add_piece, add_outline, add_begin = pieces.append, outlines.append, begins.append
-                written = True  # every line starts as the writers start them
+                add_detail = details.append
                 find, rfind, startswith = block.find, block.rfind, block.startswith
+                # Every line starts as the writers start them?
+                written = startswith(start_bytes, at + 1)
                 while True:
                     begin = at + 1
                     end = find(b"\n", begin)
                     accounted += end - at
                     add_begin(begin)
-                    if not startswith(start_bytes, begin):
-                        written = False
-                    # Only the array of the summary's fields is decoded; the outline
+                    # Only the array of the summary's fields is decoded.  The outline
                     # (last, a JSON string) is left in the file until its row is drawn:
-                    # only where it is is kept (see SummarisedTrace.outline).
-                    cut = rfind(outline_key, begin, end)
+                    # only where it is is kept (see SummarisedTrace.outline).  Since 1.2
+                    # the header text, odd headers, bodies and hops (``detail``) stay
+                    # JSON text until a filter reads them (see _LazyInfo).  Found
+                    # forward: neither key can occur before its place (no object in the
+                    # array, quotes escaped in strings); a backward search walked the
+                    # outline.
+                    split = find(detail_key, begin + skip, end) if with_detail else -1
+                    if split >= 0:
+                        cut = find(outline_key, split, end)
+                        add_piece(block[begin + skip : split])
+                        if cut < 0:
+                            cut = end - 1
+                    else:  # 1.1: no detail
+                        cut = rfind(outline_key, begin, end)
+                        if cut <= begin:
+                            cut = end - 1
+                        add_piece(block[begin + skip : cut])
                     # (block[end - 2 : end] == b'"}', without a call: the key fits before it)
-                    if cut > begin and block[end - 1] == 0x7D and block[end - 2] == 0x22:
+                    if cut < end - 1 and block[end - 1] == 0x7D and block[end - 2] == 0x22:
                         where = cut + after_key
                         add_outline((base + where, end - 1 - where))
                     else:
-                        cut = end - 1
                         add_outline(None)
-                    add_piece(block[begin + skip : cut])
-                    if end < stop and startswith(prefix, end + 1):
+                    add_detail(None if split < 0 else block[split + after_detail : cut])
+                    if end < stop and startswith(start_bytes, end + 1):
                         at = end  # summaries come in runs: the next line is one
                     else:
                         at = find(needle, end, stop)
                         if at < 0:
                             break
+                        if not startswith(start_bytes, at + 1):
+                            written = False  # (checked here, not per line: see above)
                 summaries += len(pieces)
                 try:
                     if not written:
@@ -748,12 +778,42 @@ class SummaryScan:
                         _summary_fields(block[begin : block.find(b"\n", begin)]) for begin in begins
                     ]
                 traces: list[tuple[SummarisedTrace, bool]] = []
-                for row, outline in zip(decoded, outlines, strict=True):
+                for row, outline, detail in zip(decoded, outlines, details, strict=True):
                     try:
                         if type(row) is tuple:  # read the slow way, with its own outline
                             row, outline = row
                             if type(outline) is not str:
                                 outline = None
+                            detail = None  # in the row (see _summary_fields)
+                        if detail is not None:  # 1.2, as the writers write it
+                            (trace_id, newest, count, runs, start, end, root_id, method,
+                             path, status, route, host, error, failed) = row  # fmt: skip
+                            if not (
+                                type(trace_id) is str
+                                and type(newest) is int
+                                and type(count) is int
+                                and type(runs) is list
+                                and (start is None or type(start) is int)
+                                and (end is None or type(end) is int)
+                                and (root_id is None or type(root_id) is str)
+                                and (host is None or type(host) is str)
+                                and type(error) is bool
+                                and type(failed) is bool
+                            ):
+                                raise ValueError("not a trace summary")
+                            lazy = new_info(lazy_info)
+                            lazy.start, lazy.end, lazy.root_id = start, end, root_id
+                            lazy.method, lazy.path, lazy.status = method, path, status
+                            lazy.route, lazy.host, lazy.error = route, host, error
+                            lazy.failed, lazy._detail = failed, detail
+                            trace = new_trace(summarised)
+                            trace.trace_id, trace.dropped, trace._info = trace_id, 0, lazy
+                            trace._loaded, trace._source, trace._runs = False, source, runs
+                            trace.newest, trace._outline = newest, outline
+                            traces.append((trace, trace_id in covered))
+                            covered[trace_id] = count
+                            ranges[trace_id] = runs
+                            continue
                         (trace_id, newest, count, runs, start, end, root_id, method, path,
                          status, route, host, error, failed, text, odd, bodies,
                          hops) = row  # fmt: skip
@@ -817,11 +877,123 @@ class SummaryScan:
 
 
 def _summary_fields(line: bytes | bytearray) -> tuple[Any, Any] | None:
-    """A summary line's fields and outline, read the slow way (keys in any order)."""
+    """A summary line's fields (as 1.1 has them: ``detail`` put back in the array) and
+    outline, read the slow way (keys in any order)."""
     summary = _loads(line)
     if type(summary) is not dict:
         return None
-    return summary.get("trace"), summary.get("outline")
+    fields = summary.get("trace")
+    if "detail" in summary:
+        detail = summary["detail"]
+        if type(fields) is not list or type(detail) is not list:
+            return None
+        fields = [*fields, *detail]
+    return fields, summary.get("outline")
+
+
+#: The summary fields a 1.2 line keeps apart, in ``detail``.
+_DETAIL_FIELDS = frozenset({"header_text", "odd_headers", "bodies", "hops"})
+_TEXT: Any = TraceInfo.__dict__["header_text"]
+_ODD: Any = TraceInfo.__dict__["odd_headers"]
+_BODIES: Any = TraceInfo.__dict__["bodies"]
+_HOPS: Any = TraceInfo.__dict__["hops"]
+
+
+class _LazyInfo(TraceInfo):
+    """A summary whose header text, odd headers, bodies and hops are still the JSON text
+    of a 1.2 summary line's ``detail``.
+
+    Only filters read those (a request list does not), and decoding them for 100,000
+    rows was a fifth of opening a file; :func:`decode_details` decodes many at once (one
+    ``json.loads``), and any single read of one of them decodes its own.  Their slots
+    stay unset until then, so reading them costs nothing extra afterwards.  A ``detail``
+    that is not what the writers write reads as no headers, bodies nor hops.
+    """
+
+    __slots__ = ("_detail",)
+
+    _detail: bytes | bytearray | None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for an unset slot: a detail field not decoded yet.
+        if name not in _DETAIL_FIELDS:
+            raise AttributeError(name)
+        raw = self._detail
+        _fill(self, _loads(raw) if raw is not None else None)
+        return getattr(self, name)
+
+
+def _fill(info: _LazyInfo, detail: Any) -> None:
+    """Set the detail fields of ``info`` from its decoded ``detail``."""
+    try:
+        text, odd, bodies, hops = detail
+        if type(text) is not str or type(bodies) is not list or type(hops) is not list:
+            raise ValueError("not a summary's detail")
+        if odd is not None:
+            odd = tuple((n, v) for n, v in odd)
+        if _QUEUE_KEY in hops:  # as TraceInfo.from_summary
+            hops[hops.index(_QUEUE_KEY)] = QUEUE
+    except (TypeError, ValueError):
+        text, odd, bodies, hops = "\n", None, [], []
+    # Unset slots are what tells a reader to decode: set each once, final values only
+    # (another thread may read them meanwhile, or decode the same detail too).
+    _ODD.__set__(info, odd)
+    _BODIES.__set__(info, tuple(bodies) if bodies else ())
+    _HOPS.__set__(info, tuple(hops))
+    _TEXT.__set__(info, text)
+    info._detail = None
+
+
+def decode_details(infos: Iterable[TraceInfo]) -> None:
+    """Decode the detail of every summary in ``infos`` still holding it undecoded, a few
+    thousand in one ``json.loads``: before a filter reads all of them (see
+    :class:`_LazyInfo`)."""
+    lazy = [info for info in infos if type(info) is _LazyInfo and info._detail is not None]
+    for at in range(0, len(lazy), _DECODE_AT_ONCE):
+        _decode_some(lazy[at : at + _DECODE_AT_ONCE])
+
+
+#: Details decoded in one ``json.loads``: one text of all 100,000 took longer to make.
+_DECODE_AT_ONCE = 4_096
+
+
+def _decode_some(lazy: list[_LazyInfo]) -> None:
+    raws = [info._detail for info in lazy]
+    try:
+        if None in raws:
+            raise ValueError("decoded meanwhile")
+        decoded = json.loads(b"[" + b",".join(raws) + b"]")  # type: ignore[arg-type]
+        if type(decoded) is not list or len(decoded) != len(lazy):
+            raise ValueError("not one detail a row")
+    except (ValueError, RecursionError):
+        decoded = [None if raw is None else _loads(raw) for raw in raws]
+    set_odd, set_bodies, set_hops, set_text = (
+        _ODD.__set__,
+        _BODIES.__set__,
+        _HOPS.__set__,
+        _TEXT.__set__,
+    )
+    queue_key = _QUEUE_KEY
+    # _fill, inline (a call per row less), for details as the writers write them.
+    for info, detail in zip(lazy, decoded, strict=True):
+        if info._detail is None:
+            continue
+        try:
+            text, odd, bodies, hops = detail
+            if type(text) is not str or type(bodies) is not list or type(hops) is not list:
+                raise ValueError("not a summary's detail")
+            if odd is not None:
+                odd = tuple((n, v) for n, v in odd)
+            if queue_key in hops:
+                hops[hops.index(queue_key)] = QUEUE
+        except (TypeError, ValueError):
+            _fill(info, None)
+            continue
+        set_odd(info, odd)
+        set_bodies(info, tuple(bodies) if bodies else ())
+        set_hops(info, tuple(hops))
+        set_text(info, text)
+        info._detail = None
 
 
 def _dropped_lines(path: str, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -849,6 +1021,7 @@ _SCAN_BYTES = 1 << 23
 
 _DROPPED_PREFIX = b'{"kind":"dropped",'
 _OUTLINE_KEY = b',"outline":'
+_DETAIL_KEY = b',"detail":'
 
 
 def _loads(line: bytes | bytearray) -> Any:

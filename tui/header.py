@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
@@ -67,9 +68,12 @@ class HeaderBar(Horizontal):
     def show_source(self, source: str) -> None:
         """Change what the left end says (a playback's position moves)."""
         if source != self._source:
+            # Laid out again only when its width changes: a whole-screen layout per
+            # tick while a big file loads ("loading 42%") was a tenth of opening it.
+            resized = cell_len(source) != cell_len(self._source)
             self._source = source
             paused = bool(self._last[0]) if self._last is not None else False
-            self._source_line.update(self._source_text(paused))
+            self._source_line.update(self._source_text(paused), layout=resized)
 
     def _source_text(self, paused: bool) -> Text:
         text = Text(self._source, style="bold")

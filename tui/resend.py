@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-import httpx
 from hopscope.tracing.model import Trace
 from hopscope.tracing.replay import CapturedRequest, Comparison, compare, replay_headers
 
@@ -107,6 +106,10 @@ def send(
         # these too); a body typed in the edit screen is the user's own.
         result.error = f"not sent: its body was truncated at capture ({edit_keys} to edit the body)"
         return result
+    # Imported here: only resending needs httpx, and importing it cost the start of
+    # every ``hopscope view`` some 70 ms.
+    import httpx
+
     start = 0
     try:
         with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:

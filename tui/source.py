@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from typing import Any, Protocol, runtime_checkable
 
-from hopscope.tracing.har import HarError, har_to_events
 from hopscope.tracing.model import TraceBuilder
 from hopscope.tracing.tracefile import (
     LoadReport,
+    SummarisedTrace,
     SummaryScan,
     TraceFileError,
+    decode_details,
     read_chunks,
     read_events,
 )
@@ -220,7 +221,10 @@ class FileSource:
     delivered in batches (see :func:`_hand_over`).
 
     The UI shows each batch as it comes, so the first screen of a big file is there
-    long before the last line is read; :meth:`progress` says how far reading got.
+    long before the last line is read; :meth:`progress` says how far reading got.  A
+    file with summaries is delivered as its rows, each a
+    :class:`~hopscope.tracing.tracefile.SummarisedTrace` handed over bare (see
+    :meth:`RequestStore.ingest <hopscope.tui.store.RequestStore.ingest>`).
 
     The header is checked when the source is made, so a file that cannot be read at all
     fails with a one-line :class:`~hopscope.tracing.TraceFileError` before any UI starts.
@@ -255,6 +259,8 @@ class FileSource:
             self.size = 0
         self.requests = 0
         """Traces handed over so far."""
+        self._rows: list[list[tuple[SummarisedTrace, bool]]] = []
+        """The rows made from summaries, a part of the file each."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.done = threading.Event()
@@ -291,6 +297,37 @@ class FileSource:
             thread.join(2.0)
 
     def _run(self, deliver: Deliver) -> None:
+        if self._read(deliver):
+            self._decode_details(deliver)
+
+    def _decode_details(self, deliver: Deliver) -> None:
+        """Decode what the rows of a summarised file left undecoded (the header text,
+        bodies and hops only filters read, see
+        :func:`~hopscope.tracing.tracefile.decode_details`) once the UI filed them all, a
+        part at a time: so the first filter typed after the file opened does not wait
+        for all of it, and the file opens no later for it (one GIL)."""
+        inbox = getattr(deliver, "__self__", None)
+        while isinstance(inbox, Inbox) and inbox.pending:
+            if self._stop.wait(0.05):
+                return
+        if self._stop.wait(DETAILS_AFTER):
+            return
+        collecting = gc.isenabled()
+        gc.disable()  # (what it makes lives on, as the rows do: see _read)
+        try:
+            for traces in self._rows:
+                decode_details([trace.info for trace, _ in traces])
+                if self._stop.is_set():
+                    return
+                time.sleep(0)  # let the UI thread in between
+            self._rows = []
+        finally:
+            if collecting:
+                gc.freeze()
+                gc.enable()
+
+    def _read(self, deliver: Deliver) -> bool:
+        """Deliver the file; True when that was from its summaries."""
         # While the file is read, a million new objects that all live on would make the
         # garbage collector walk them again and again (as in tracing.load); the store
         # freezes what it holds every few thousand requests meanwhile.
@@ -300,10 +337,11 @@ class FileSource:
             if self._scan is not None:
                 if self._run_summaries(self._scan, deliver):
                     self._finish(deliver)
-                    return
+                    return True
                 if self._stop.is_set():
-                    return
+                    return False
                 # Some events are in no summary: fold the file after all, from scratch.
+                self._rows = []
                 if self.requests:
                     deliver([RESET])
                     self.requests = 0
@@ -340,7 +378,7 @@ class FileSource:
                         if self.gate is not None:
                             self.gate(batches)
                         if self._stop.is_set():
-                            return
+                            return False
             _hand_over(builder, handed, plain, deliver)
             self.requests = len(handed)
             self._finish(deliver)
@@ -355,15 +393,17 @@ class FileSource:
                 gc.freeze()
                 gc.enable()
             self.done.set()
+        return False
 
     def _run_summaries(self, scan: SummaryScan, deliver: Deliver) -> bool:
         """Deliver a row per summary line, without folding events; False when the file
         turned out to need folding (events no summary covers), or reading stopped."""
-        batch: list[Event] = []
+        batch: list[Any] = []  # events, and rows bare (see RequestStore.ingest)
         later: list[Event] = []
         batches = 0
         append = batch.append
         for traces, dropped in scan.chunks():
+            self._rows.append(traces)
             later += dropped
             new = 0
             for trace, again in traces:
@@ -371,7 +411,7 @@ class FileSource:
                     append({"kind": TRACE, "trace": trace, "replace": True})
                 else:
                     new += 1
-                    append({"kind": TRACE, "trace": trace})
+                    append(trace)  # short for {"kind": TRACE, "trace": trace}
             self.requests += new
             if len(batch) >= self.batch_size or (batch and not batches):
                 deliver(batch)
@@ -407,6 +447,10 @@ def _load_warning(name: str, report: LoadReport, events: int) -> Event | None:
 
 
 _FOLDED = ("span_start", "span_end", "event")
+
+#: Seconds after a summarised file was delivered before its rows' details are decoded
+#: (:meth:`FileSource._decode_details`): the UI files the last rows first.
+DETAILS_AFTER = 0.25
 
 
 def _hand_over(
@@ -663,6 +707,8 @@ def har_events(path: str) -> list[Event] | None:
         return None
     if not isinstance(document, dict) or "log" not in document:
         return None
+    from hopscope.tracing.har import HarError, har_to_events  # only HAR files need it
+
     try:
         return har_to_events(document, path)
     except HarError as exc:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hopscope.tracing.model import Trace, TraceBuilder, TraceInfo
-from hopscope.tracing.tracefile import SummarisedTrace
+from hopscope.tracing.tracefile import SummarisedTrace, decode_details
 
 __all__ = ["TRACE", "Change", "RequestStore", "Row", "status_class", "trace_events"]
 
@@ -136,6 +136,9 @@ class RequestStore:
         self._rate: Counter[int] = Counter()
         self._rate_top = 0
         self._evicted_seen = 0
+        self._undecoded = False
+        """Rows of a file were filed without a filter: some summaries may hold undecoded
+        details (see :func:`~hopscope.tracing.tracefile.decode_details`)."""
 
     # -- reading -------------------------------------------------------------------
 
@@ -173,8 +176,12 @@ class RequestStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def ingest(self, events: Iterable[Event], change: Change | None = None) -> Change:
-        """Fold wire events in; ``change`` accumulates across calls within one UI tick."""
+    def ingest(self, events: Iterable[Any], change: Change | None = None) -> Change:
+        """Fold wire events in; ``change`` accumulates across calls within one UI tick.
+
+        Besides events (dicts), ``events`` may hold a file's rows bare: a
+        :class:`~hopscope.tracing.tracefile.SummarisedTrace` is short for ``{"kind":
+        TRACE, "trace": it}`` (a hundred thousand dicts less to make and read)."""
         change = change if change is not None else Change()
         builder = self.builder
         touched: dict[str, Trace] = {}
@@ -182,8 +189,19 @@ class RequestStore:
         traces = builder.traces
         latest = self.latest_ts
         rejected = change.rejected
+        events = events if type(events) is list else list(events)
+        change.events += len(events)
+        summarised = SummarisedTrace
         for event in events:
-            change.events += 1
+            if type(event) is summarised:  # a file's row: nearly all of a big file
+                trace_id = event.trace_id
+                if not touched and trace_id not in traces:
+                    traces[trace_id] = event  # see TRACE below
+                    fresh.append(event)
+                else:
+                    latest = max(latest, self._adopt(event))
+                    touched[trace_id] = event
+                continue
             try:
                 kind = event.get("kind")
                 if kind == TRACE:  # first: a file's rows are nearly all of these
@@ -337,8 +355,14 @@ class RequestStore:
         view, seqs = self.view, self._view_seqs
         predicate = self.filter
         matches = self._matches
+        if predicate is not None:
+            decode_details([trace.info for trace in fresh])  # see set_filter
+        else:
+            self._undecoded = True
         new_row = Row.__new__
-        finished: list[str] = []  # the status classes counted, for one Counter.update
+        classes = _STATUS_CLASS
+        statuses: list[int] = []  # of finished requests, for one Counter (few distinct)
+        finished: list[str] = []  # the status classes of the others
         running: list[str] = []
         seq = self._seq
         appended = 0
@@ -365,11 +389,19 @@ class RequestStore:
             info = current._info or current.info  # see _file
             if info.end is not None:
                 row.counted = True
-                finished.append(_status_key(info, current))
+                status = info.status
+                if type(status) is int and status in classes:
+                    statuses.append(status)
+                else:
+                    finished.append(_status_key(info, current))
             else:
                 row.counted = False
                 running.append(trace_id)
         self._seq = seq
+        if statuses:
+            counts = self.counts
+            for status, count in Counter(statuses).items():
+                counts[classes[status]] += count
         if finished:
             self.counts.update(finished)
         if running:
@@ -462,6 +494,11 @@ class RequestStore:
         if predicate is None:
             self.view = list(self.rows.values())
         else:
+            if self._undecoded:
+                # A file's rows keep what only filters read undecoded: all of it at once
+                # now, rather than row by row as the filter reads it.
+                decode_details([row.trace.info for row in self.rows.values()])
+                self._undecoded = False
             self.view = [row for row in self.rows.values() if self._matches(row.trace)]
         self._view_seqs = [row.seq for row in self.view]
 
