@@ -1236,3 +1236,69 @@ def test_a_message_without_a_type_goes_to_the_server_unrecorded() -> None:
     s = app_span(the_trace(sink))
     assert s.attrs["http.response.status_code"] == 204
     assert events(s, "response.start") == [{"status": 204}]
+
+
+# -- a request taken while it runs -------------------------------------------------------
+
+
+class _TakingSink(Sink):
+    """Takes its recordings whenever :meth:`take_now` is called, as a drain would."""
+
+    def __init__(self) -> None:
+        self.recordings: list[Any] = []
+        self.records: list[Record] = []
+
+    def start_live(self, recording: Any) -> bool:
+        self.recordings.append(recording)
+        return True
+
+    def emit(self, record: Record) -> None:
+        self.records.append(record)
+
+    def take_now(self) -> None:
+        self.recordings = [r for r in self.recordings if not r.take(self.records)]
+
+
+@pytest.mark.parametrize("log_first", [False, True])
+@pytest.mark.parametrize("takes", [(), (0,), (1,), (2,), (0, 1, 2, 3)])
+def test_a_response_start_taken_at_any_point_is_sent_once_and_in_order(
+    takes: tuple[int, ...], log_first: bool
+) -> None:
+    """The response start is kept out of empty items (the end fields hold it): drains
+    before, during and after the response send it once, before what followed it."""
+    sink = _TakingSink()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if 0 in takes:
+            sink.take_now()
+        if log_first:
+            log.warning("before the response")
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"a", b"b")]})
+        if 1 in takes:
+            sink.take_now()
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        if 2 in takes:
+            sink.take_now()
+        await send({"type": "http.response.body", "body": b"y"})
+        if 3 in takes:
+            sink.take_now()
+
+    run(ASGIMiddleware(app, sink=sink))
+    sink.take_now()
+    assert not sink.recordings
+    info = process_info(os.getpid())
+    wire = [event for record in sink.records for event in to_events(record, info)]
+    names = [e.get("name") for e in wire if e["kind"] == "event"]
+    expected = ["response.start", "response.body"]
+    if log_first:
+        expected.insert(0, "log")
+    assert names == expected
+    (start,) = [e for e in wire if e.get("name") == "response.start"]
+    assert start["attrs"] == {"status": 201, "headers": [["a", "b"]]}
+    assert wire[0]["kind"] == "span_start"
+    assert [e["kind"] for e in wire if e["kind"] != "event"] == ["span_start", "span_end"]
+    (end,) = [e for e in wire if e["kind"] == "span_end"]
+    assert end["attrs"]["http.response.status_code"] == 201
+    assert end["attrs"]["http.response.body.size"] == 2
+    timestamps = [e["ts"] for e in wire if e["kind"] == "event"]
+    assert timestamps == sorted(timestamps)

@@ -31,7 +31,10 @@ from .records import (
     RESPONSE_BODY,
     RESPONSE_START,
     _getrandbits,
+    item_records,
     new_span_id,
+    request_end,
+    request_start,
 )
 from .sinks import Recording, Sink, default_sink
 from .traceparent import parse_traceparent
@@ -130,6 +133,7 @@ class ASGIMiddleware:
         recording.response_chunks = None
         recording.done = recording.trailers = recording.complete = False
         recording.end_ts = recording.response_count = recording.response_size = 0
+        recording.response_ts = 0
         context_sink = recording if sink.start_live(recording) else recording.go_eager()
         token = current.set(_context(SpanContext, (context_sink, trace_id, span_id)))
         try:
@@ -155,8 +159,8 @@ class ASGIMiddleware:
         recording.done = True
         items = recording.items
         items.append(None)
-        if type(items) is not list:
-            items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
+        if context_sink is not recording:  # eager items (see Recording.seal)
+            items._recording = None  # type: ignore[attr-defined]
         return result
 
     def _sink(self) -> Sink:
@@ -316,6 +320,7 @@ class _HTTPRecording(Recording):
         "response_headers",
         "response_last",
         "response_size",
+        "response_ts",
         "route",
         "scope",
         "status",
@@ -334,6 +339,9 @@ class _HTTPRecording(Recording):
     response_headers: Any
     response_last: int
     response_size: int
+    #: When the response started, if nothing was in ``items`` then (see _send): its
+    #: ``response.start`` event is then not an item but made from the end fields.
+    response_ts: int
     route: str | None
     scope: Scope
     status: int | None
@@ -427,6 +435,34 @@ class _HTTPRecording(Recording):
         if type(items) is not list:
             self.push()
 
+    def take(self, out: list[Any]) -> bool:
+        # Recording.take's common case (a request over before its first take: nearly
+        # every one) with _whole, request_fields and end_fields inline: three Python
+        # calls less per request in the drain.
+        if self._state < 0 and self.done:
+            items = self.items
+            end_at = self.end_at
+            # Sealed (a seal at the end: the end was published before it) and ended.
+            if items and items[-1] is None and end_at >= 0:
+                if self.request_body is None:
+                    size = self.response_size
+                    end = (
+                        self.end_ts, self.status, self.response_headers, self.route, 0, None,
+                        False, size, self.response_chunks, size > self.limit, self.end_extra,
+                        self.response_ts,
+                    )  # fmt: skip
+                else:
+                    end = self.end_fields()
+                record = (
+                    "r", self.start, self.trace_id, self.span_id, self.parent_id,
+                    self.thread_id, "asgi", self.request, end_at, end, items,
+                )  # fmt: skip
+                out.append(record)
+                self._state = 1
+                return True
+        self._state, finished = self._collect(self._state, out)
+        return finished
+
     def end_fields(self) -> tuple[Any, ...]:
         # Made when the sink asks, from fields that are final once the span ended: a
         # tuple made at the end would be one more object alive until the next drain.
@@ -436,12 +472,60 @@ class _HTTPRecording(Recording):
             return (
                 self.end_ts, self.status, self.response_headers, self.route, 0, None, False,
                 size, self.response_chunks, size > self.limit, self.end_extra,
+                self.response_ts,
             )  # fmt: skip
         return (
             self.end_ts, self.status, self.response_headers, self.route, request.size,
             request.chunks, request.size > request.limit, size, self.response_chunks,
-            size > self.limit, self.end_extra,
+            size > self.limit, self.end_extra, self.response_ts,
         )  # fmt: skip
+
+    def _collect(self, state: int, out: list[Any]) -> tuple[int, bool]:
+        # Recording._collect, plus the response start kept out of the items: a request
+        # seen running sends it as a record of its own, before the items that followed
+        # it (all of them: there were none when it was kept out).  ``state`` is
+        # ``4 * items sent + 2 * start sent + end sent``.
+        done = self.done
+        items = self.items
+        size = len(items)
+        if done:
+            if size and items[size - 1] is None:
+                size -= 1
+            else:
+                try:
+                    size = items.index(None)
+                except ValueError:
+                    done = False  # sealing under way: the seal is not in yet
+        end_at = self.end_at
+        if end_at > size:
+            end_at = -1  # ended after the items were read: next time
+        # Read after the items: an item that follows the start is then never sent
+        # before it (_send writes response_ts before it appends anything more).
+        response_ts = self.response_ts
+        trace_id, span_id = self.trace_id, self.span_id
+        if state < 0:
+            if done and end_at >= 0:
+                out.append(self._whole(end_at, items))
+                return 1, True
+            out.append(
+                request_start(
+                    "asgi", self.start, trace_id, span_id, self.parent_id, self.thread_id,
+                    self.request,
+                )
+            )  # fmt: skip
+            state = 0
+        cursor, start_sent, end_sent = state >> 2, state >> 1 & 1, state & 1
+        if response_ts and not start_sent:
+            attrs = {"status": self.status, "headers": self.response_headers}
+            out.append(("p", response_ts, trace_id, span_id, "response.start", attrs))
+            start_sent = 1
+        if end_at >= 0 and not end_sent:
+            if cursor < end_at:
+                cursor = item_records(items, cursor, end_at, trace_id, span_id, out)
+            out.append(request_end("asgi", trace_id, span_id, self.end_fields()))
+            end_sent = 1
+        cursor = item_records(items, cursor, size, trace_id, span_id, out)
+        return cursor << 2 | start_sent << 1 | end_sent, done
 
     def failed(self, exc: BaseException) -> None:
         attrs: dict[str, Any]
@@ -528,7 +612,15 @@ async def _send(channels: _Channels, message: Message) -> None:
         headers = recording.response_headers = message.get("headers")
         if "trailers" in message and message["trailers"]:  # noqa: RUF019 (see above)
             recording.trailers = True
-        recording.items.append((RESPONSE_START, _now(), status, headers))
+        ts = _now()
+        items = recording.items
+        if items:
+            items.append((RESPONSE_START, ts, status, headers))
+        else:
+            # Nothing happened before it (most responses): its time is enough, the
+            # end fields have the rest (records.expand makes the event first), and no
+            # tuple is made here nor marshalled later.  Written last: see _collect.
+            recording.response_ts = ts
         return
     # The app's part ends when it hands the last message over: the server's own
     # span (which writes it) then closes after the app span, not before.  Only
@@ -566,14 +658,39 @@ async def _send(channels: _Channels, message: Message) -> None:
                 recording.response_last = ts
                 if more and count <= FIRST_CHUNKS:
                     recording.items.append((RESPONSE_BODY, ts, len(body), True))
-            elif count == 1:
-                recording.response_first = recording.response_last = handed
+            # (A first chunk that is the last needs no time: only a summary of more than
+            # FIRST_CHUNKS chunks reads response_first and response_last.)
         if not more and not recording.trailers:
             # _complete(None, handed), inlined for the last body of most responses.
             recording.complete = True
             recording.end_ts = handed
             if recording.handling is None:
-                recording._end(None)
+                items = recording.items
+                if (
+                    recording.end_at < 0
+                    and recording.response_count <= FIRST_CHUNKS
+                    and recording.response_size <= recording.limit
+                    and recording.request_body is None
+                    and type(items) is list
+                ):
+                    # _end(None) for a response of a few kept chunks and no request
+                    # body (most of them), inline: nothing to cut, no summary to add.
+                    recording.end_extra = None
+                    scope = recording.scope
+                    route = scope.get("route")
+                    if route is not None:
+                        try:
+                            path = route.path
+                        except AttributeError:
+                            path = None
+                        root_path = recording.request[8]
+                        if type(path) is str and scope.get("root_path", "") == root_path:
+                            recording.route = path
+                        else:
+                            recording.route = _route(scope, root_path)
+                    recording.end_at = len(items)  # publishes the end: written last
+                else:
+                    recording._end(None)
     elif kind == "http.response.trailers":
         attrs = {"http.response.trailers": message.get("headers")}
         recording._event(_now(), "response.trailers", attrs)

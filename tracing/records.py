@@ -320,7 +320,12 @@ ASGI_REQUEST = (
 ASGI_END = (
     "ts", "status", "response_headers", "route", "request_size", "request_body",
     "request_truncated", "response_size", "response_body", "response_truncated", "extra",
+    "response_ts",
 )  # fmt: skip
+#: ``response_ts`` (when true) is the time of a response start that is not among the
+#: items: the middleware keeps it out when nothing came before it (most responses), and
+#: its ``response.start`` event, made of ``status`` and ``response_headers``, is then the
+#: span's first.  An ``end`` of 11 fields (no ``response_ts``) is read too.
 #: ``request`` is ``(fields, headers)``: these environ values, and the environ's
 #: ``(key, value)`` pairs that may be headers (``HTTP_*``, ``CONTENT_*``), in order; or
 #: ``(fields, keys, values)``, those pairs as two tuples (what the middleware makes: no
@@ -345,7 +350,7 @@ def _asgi_start(request: Any) -> tuple[str, dict[str, Any]]:
 
 def _asgi_end(end: Any) -> tuple[int, dict[str, Any]]:
     (ts, status, headers, route, req_size, req_body, req_cut, resp_size, resp_body, resp_cut,
-     extra) = end  # fmt: skip
+     extra) = end[:11] if len(end) == 12 else end  # fmt: skip
     attrs: dict[str, Any] = {"http.response.status_code": status or None}
     if headers is not None:
         attrs["http.response.headers"] = headers
@@ -536,10 +541,10 @@ def _asgi_quick_start(request: Any) -> tuple[str, dict[str, Any]] | None:
 
 
 def _asgi_quick_end(end: Any) -> tuple[int, dict[str, Any]] | None:
-    if len(end) != len(ASGI_END):
+    if len(end) != 12 and len(end) != 11:
         return None
     (ts, status, headers, route, req_size, req_body, req_cut, resp_size, resp_body, resp_cut,
-     extra) = end  # fmt: skip
+     extra) = end[:11]  # fmt: skip
     if extra or type(route) not in _AS_IS or type(status) not in _AS_IS:
         return None
     if not _SCALARS.issuperset(map(type, (req_size, resp_size))):
@@ -723,6 +728,9 @@ def expand(record: Record) -> list[Record]:
     out = [request_start(interface, ts, trace_id, span_id, parent_id, tid, request)]
     size = len(items)
     if 0 <= end_at <= size:
+        first = _first_item(interface, end)
+        if first is not None:
+            item_records(first, 0, 1, trace_id, span_id, out)
         stop = item_records(items, 0, end_at, trace_id, span_id, out)
         out.append(request_end(interface, trace_id, span_id, end))
         if stop == end_at:
@@ -730,6 +738,13 @@ def expand(record: Record) -> list[Record]:
     else:
         item_records(items, 0, size, trace_id, span_id, out)
     return out
+
+
+def _first_item(interface: str, end: Any) -> list[Any] | None:
+    """The response start an ASGI ``end`` holds (see :data:`ASGI_END`), as an item."""
+    if interface == "asgi" and type(end) is tuple and len(end) > 11 and end[11]:
+        return [(RESPONSE_START, end[11], end[1], end[2])]
+    return None
 
 
 def _request_events(record: Record, process: dict[str, Any] | None) -> list[Event]:
@@ -751,6 +766,9 @@ def _request_events(record: Record, process: dict[str, Any] | None) -> list[Even
     ids = (first["trace_id"], first["span_id"])
     size = len(items)
     if 0 <= end_at <= size:
+        lead = _first_item(interface, end)
+        if lead is not None:
+            _item_events(lead, 0, 1, ids, process, events)
         stop = _item_events(items, 0, end_at, ids, process, events)
         ended = quick_end(end)
         if ended is None:
@@ -835,6 +853,8 @@ def event_count(record: Record) -> int:
         return sum(2 if each[0] == "c" else 1 for each in expand(record))
     items, end_at = record[10], record[8]
     count = 2 if 0 <= end_at <= len(items) else 1
+    if count == 2 and _first_item(record[6], record[9]) is not None:
+        count += 1
     for item in items:
         if item is None:
             break

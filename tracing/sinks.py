@@ -305,6 +305,11 @@ class _EagerItems(list[Any]):
         if self._recording is not None:
             self._recording.push()
 
+    def __bool__(self) -> bool:
+        # True even when empty: a middleware that keeps an event out of empty items
+        # (the ASGI response start) appends it here, where appending sends it at once.
+        return True
+
 
 class MemorySink(Sink):
     """Keeps records in process, for tests and embedding.
@@ -396,6 +401,8 @@ class _BatchingSink(Sink):
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: The thread started and the sink is not closed (one test on the hot path).
+        self._running = False
         self._pid = os.getpid()
         _live_sinks.add(self)
 
@@ -445,6 +452,7 @@ class _BatchingSink(Sink):
                 )
                 self._thread = thread
                 thread.start()
+                self._running = not self._closed
 
     def _after_fork(self) -> None:
         self._queue.clear()
@@ -454,6 +462,7 @@ class _BatchingSink(Sink):
         self._drain_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread = None
+        self._running = False
         self._unreported = 0
         self._pid = os.getpid()
         self._forked()
@@ -557,6 +566,7 @@ class _BatchingSink(Sink):
         if self._closed:
             return
         self._closed = True
+        self._running = False
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -700,6 +710,10 @@ class SocketSink(_BatchingSink):
         """Queue ``recording`` (or, from :meth:`emit`, a record), sending what waits first
         when enough does; False when it cannot be queued."""
         queue = self._queue
+        if len(queue) < self._flush_at and self._running:
+            # Nearly every request: nothing to send yet, the thread runs, not closed.
+            queue.append(recording)
+            return True
         waiting = len(queue)
         if waiting >= self._flush_at and self._sock is not None:
             self._send_here()
