@@ -44,6 +44,8 @@ HIGH_WATER = 65536
 _FIELD_JOIN = b": ".join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
+#: Request fields the parser callbacks note (llhttp reads both Connection fields).
+_NOTED = frozenset({b"expect", b"connection", b"proxy-connection"})
 _logger = logging.getLogger("uvicorn.error")
 
 _now = time.time_ns
@@ -102,10 +104,12 @@ def _whole_response(
     head_only: bool,
     keep_alive: bool,
     default_headers: list[tuple[bytes, bytes]],
+    block: bytes | None = None,
 ) -> bytes | None:
     """A whole response's bytes, framed as a server's ``send`` would frame them; None
     when it is not the plain kind written in one go (the ordinary path then says what
-    is wrong, or frames it)."""
+    is wrong, or frames it).  ``block``: ``headers`` already joined as ``name: value``
+    lines (the proxy records that block too)."""
     if not 200 <= status < 600 or status == 204 or status == 304:
         return None
     length = None
@@ -125,7 +129,7 @@ def _whole_response(
         content.append(b"\r\n".join(map(_FIELD_JOIN, default_headers)))
         content.append(b"\r\n")
     if headers:
-        content.append(b"\r\n".join(map(_FIELD_JOIN, headers)))
+        content.append(b"\r\n".join(map(_FIELD_JOIN, headers)) if block is None else block)
         content.append(b"\r\n")
     if not keep_alive:
         content.append(b"connection: close\r\n")
@@ -160,11 +164,17 @@ class ClientConnection:
         self.on_lost: Callable[[], None] | None = None
 
     def write_whole(
-        self, cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        cycle: Any,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        block: bytes | None = None,
     ) -> bool:
         """Write a whole response (its head and body) in one go and complete the
         request's ``cycle``; False, with nothing done, when the response is not the
-        plain kind this handles.
+        plain kind this handles.  ``block``: ``headers`` joined already (see
+        :func:`_whole_response`).
 
         ``cycle`` is a :class:`Request` of the listener, or (on the uvicorn-based path)
         uvicorn's ``RequestResponseCycle``, whose attributes this leans on as of uvicorn
@@ -177,7 +187,7 @@ class ClientConnection:
         if cycle is None:
             return False
         if type(cycle) is Request:
-            return cycle.write_whole(status, headers, body)
+            return cycle.write_whole(status, headers, body, block)
         if (
             cycle.response_started
             or cycle.disconnected
@@ -187,7 +197,7 @@ class ClientConnection:
             return False
         keep_alive = cycle.keep_alive
         data = _whole_response(
-            status, headers, body, cycle.scope["method"] == "HEAD", keep_alive, []
+            status, headers, body, cycle.scope["method"] == "HEAD", keep_alive, [], block
         )
         if data is None:
             return False
@@ -354,14 +364,20 @@ class Request:
                 raise RuntimeError("Response content shorter than Content-Length")
             self._complete()
 
-    def write_whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    def write_whole(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        block: bytes | None = None,
+    ) -> bool:
         """The whole response in one write (see :meth:`ClientConnection.write_whole`)."""
         listener = self.listener
         if self.response_started or self.disconnected or listener.write_paused:
             return False
         data = _whole_response(
             status, headers, body, self.head_only, self.keep_alive,
-            listener.server_state.default_headers,
+            listener.server_state.default_headers, block,
         )  # fmt: skip
         if data is None:
             return False
@@ -429,6 +445,7 @@ class HttpListener(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._begin = 0
         self._expect = False
+        self._connection = False
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer ``request``: a coroutine to run as a task, or None when the handler
@@ -528,14 +545,18 @@ class HttpListener(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._expect = False
+        self._connection = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
-            self._expect = True
+        if name in _NOTED:
+            if name != b"expect":
+                self._connection = True
+            elif value.lower() == b"100-continue":
+                self._expect = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -546,7 +567,13 @@ class HttpListener(asyncio.Protocol):
             self._upgrade_head(method, url, parser.get_http_version())
             return
         head_ts = _now()
-        version = parser.get_http_version()
+        alive = parser.should_keep_alive()
+        if alive and not self._connection:
+            # llhttp keeps a request alive without a Connection field only for HTTP/1.1:
+            # get_http_version formats a string, ten times the cost of this test.
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         if url[:1] == b"/" and url.find(b"#") < 0:  # (find: "in" costs a raised TypeError)
             raw_path, _, query = url.partition(b"?")
         else:
@@ -570,7 +597,7 @@ class HttpListener(asyncio.Protocol):
         }
         conn = self.conn
         conn.requests += 1
-        keep_alive = version != "1.0" and parser.should_keep_alive() and method != "CONNECT"
+        keep_alive = alive and version != "1.0" and method != "CONNECT"
         absolute = url[:1] != b"/" and url != b"*"
         request = Request(self, scope, keep_alive, self._expect, self._begin, head_ts, absolute)
         self.parsing = request

@@ -67,11 +67,12 @@ from hopscope.tracing.proxyrecord import (
     client_start,
     end_records,
     head_record,
+    header_fields,
     item_record,
 )
 from hopscope.tracing.records import BODY_LIMIT, Record, new_span_id, new_trace_id
 from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
-from hopscope.tracing.traceparent import format_traceparent, parse_traceparent
+from hopscope.tracing.traceparent import parse_traceparent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .collector import tune_gc
@@ -141,6 +142,33 @@ _SPECIAL = _HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"content-length", b"e
 _FIELD_JOIN = b": ".join
 #: Connection tokens that name no header.
 _PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _added_template(xff: bool, host: bool, trailers: bool) -> bytes:
+    """The fields the proxy adds upstream, as a format (see :class:`Forwarded`): Host,
+    X-Forwarded-For (when there is a client address or one came), X-Forwarded-Proto,
+    X-Forwarded-Host (when the client sent a Host), X-Request-Start, traceparent
+    (format_traceparent's value), and TE when the client takes trailers (TE is
+    hop-by-hop: the client's own does not go through)."""
+    lines = [b"host: %s"]
+    if xff:
+        lines.append(b"x-forwarded-for: %s")
+    lines.append(b"x-forwarded-proto: %s")
+    if host:
+        lines.append(b"x-forwarded-host: %s")
+    lines.append(b"x-request-start: t=%d")
+    lines.append(b"traceparent: 00-%032x-%016x-01")
+    if trailers:
+        lines.append(b"te: trailers")
+    return b"\r\n".join(lines)
+
+
+_ADDED = {
+    (xff, host, trailers): _added_template(xff, host, trailers)
+    for xff in (False, True)
+    for host in (False, True)
+    for trailers in (False, True)
+}
 
 
 class ProxyError(Exception):
@@ -279,11 +307,9 @@ class ProxyHttpProtocol(HttpListener):
         return isinstance(app, ProxyApp)
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
-        scope = request.scope
         arrival = (request.begin, request.head_ts, request.absolute, self.conn, request)
-        scope["hopscope.arrival"] = arrival
-        exchange = _Exchange(self.config.app, scope, request.receive, request.send)
-        return exchange.serve(self.spawn)  # type: ignore[no-any-return]
+        exchange = _Exchange(self.config.app, request.scope, request.receive, request.send)
+        return exchange.serve(self.spawn, arrival)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------
@@ -303,10 +329,14 @@ def _error_body(status: int, reason: str) -> bytes:
 class Forwarded(NamedTuple):
     """A request's fields on their way upstream.
 
-    ``headers[kept:]`` are the ones the proxy added (Host, X-Forwarded-*, X-Request-Start,
-    traceparent); ``removed`` names the hop-by-hop ones it dropped.  The proxy span
-    records only these differences: the client span already has the request's fields,
-    and each header list costs the collector more than any other attribute.
+    ``headers`` are the client's that go on (``kept`` of them), ``added`` the ones the
+    proxy adds (Host, X-Forwarded-*, X-Request-Start, traceparent) as they go upstream,
+    ``name: value`` lines joined by CRLF; ``removed`` names the hop-by-hop ones it
+    dropped.  The proxy span records only these differences: the client span already
+    has the request's fields, and each header list costs the collector more than any
+    other attribute.  Why a block of lines: it goes into the request's head and into the
+    recording as it is (one object to marshal instead of a tuple and two bytes per
+    field), and one format makes it (joining pairs cost several times more).
     """
 
     headers: list[tuple[bytes, bytes]]
@@ -316,6 +346,11 @@ class Forwarded(NamedTuple):
     chunked: bool
     #: The client announced ``TE: trailers``: upstream's trailers are forwarded to it.
     trailers: bool = False
+    added: bytes = b""
+
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """Every field that goes upstream, as pairs (the WebSocket path's)."""
+        return self.headers + header_fields(self.added)
 
 
 class ProxyApp:
@@ -440,23 +475,26 @@ class ProxyApp:
             removed.extend(name for name, _ in out if name in listed)
             out = [pair for pair in out if pair[0] not in listed]
         kept = len(out)
-        out.append((b"host", self._host_header))
         client = scope.get("client")
         if client:
             address = client[0].encode("latin-1")
-            out.append((b"x-forwarded-for", xff + b", " + address if xff else address))
-        elif xff:
-            out.append((b"x-forwarded-for", xff))
-        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
-        if original_host is not None:
-            out.append((b"x-forwarded-host", original_host))
-        out.append((b"x-request-start", b"t=%d" % (request_start // 1000)))
-        out.append((b"traceparent", format_traceparent(trace_id, span_id).encode("ascii")))
-        if trailers:
-            # The client takes trailers, and so does this proxy: say so upstream (TE is
-            # hop-by-hop, so the client's own does not go through).
-            out.append((b"te", b"trailers"))
-        return Forwarded(out, kept, removed, content_length, chunked, trailers)
+            xff = xff + b", " + address if xff else address
+        elif not xff:
+            xff = None  # (an empty one is not passed on)
+        proto = scope.get("scheme", "http").encode("latin-1")
+        start = request_start // 1000
+        template = _ADDED[xff is not None, original_host is not None, trailers]
+        if xff is None:
+            if original_host is None:
+                values: tuple[Any, ...] = (self._host_header, proto, start, trace_id, span_id)
+            else:
+                values = (self._host_header, proto, original_host, start, trace_id, span_id)
+        elif original_host is None:
+            values = (self._host_header, xff, proto, start, trace_id, span_id)
+        else:
+            values = (self._host_header, xff, proto, original_host, start, trace_id, span_id)
+        added = template % values
+        return Forwarded(out, kept, removed, content_length, chunked, trailers, added)
 
     def target(self, scope: Scope) -> bytes:
         raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -498,7 +536,13 @@ def _response_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
     """Upstream's response fields minus hop-by-hop ones (uvicorn re-frames the body), and
-    the names of those removed."""
+    the names of those removed (``headers`` itself when there are none, the usual case:
+    Connection and Transfer-Encoding, which name the others, are hop-by-hop)."""
+    for name, _ in headers:
+        if name in _HOP_BY_HOP:
+            break
+    else:
+        return headers, []
     listed: set[bytes] | None = None
     chunked = False
     for name, value in headers:
@@ -573,6 +617,7 @@ class _Exchange(Recording):
         "up_conn",
         "up_status",
         "upload",
+        "whole_body",
     )
 
     def __init__(self, app: ProxyApp, scope: Scope, receive: Receive, send: Send) -> None:
@@ -582,10 +627,13 @@ class _Exchange(Recording):
         self.send = send
         self.sink = app.sink
         self.request_body: BodyCapture | None = None
-        self.response = BodyCapture(app.body_limit)
+        #: The response body's capture, made at its first chunk; a response written
+        #: whole keeps its body in ``whole_body`` instead (most do: no capture made).
+        self.response: BodyCapture | None = None
+        self.whole_body = b""
         self.conn: UpstreamConnection | None = None
         self.client_conn: ClientConnection | None = None
-        self.cycle: RequestResponseCycle | None = None
+        self.cycle: RequestResponseCycle | Request | None = None
         self.upload: asyncio.Task[None] | None = None
         self.response_started = False
         self.status = 0
@@ -623,7 +671,11 @@ class _Exchange(Recording):
         head_ts, absolute = self._begin()
         await self._answer(head_ts, absolute)
 
-    def serve(self, spawn: Callable[[Any, Coroutine[Any, Any, None]], None]) -> Any:
+    def serve(
+        self,
+        spawn: Callable[[Any, Coroutine[Any, Any, None]], None],
+        arrival: tuple[Any, ...] | None = None,
+    ) -> Any:
         """Answer the request without a task when it can be: None when the exchange
         goes on from upstream's callbacks, else the coroutine to run as a task.
 
@@ -633,9 +685,10 @@ class _Exchange(Recording):
         future and no coroutine frames per request, which were a sizeable part of the
         proxy's work.  Anything else (a body, a new connection, a response still
         coming, an error) goes on as a coroutine from where the fast path stopped,
-        ``spawn(cycle, coroutine)`` running it.
+        ``spawn(cycle, coroutine)`` running it.  ``arrival``: as in the scope (see
+        :class:`UvicornProxyProtocol`), from the proxy's own listener.
         """
-        head_ts, absolute = self._begin()
+        head_ts, absolute = self._begin(arrival)
         method = self.scope["method"]
         if absolute or method == "CONNECT":
             return self._answer(head_ts, absolute)
@@ -695,14 +748,15 @@ class _Exchange(Recording):
         sent = (first, conn, head)
         spawn(self.cycle, self._answer(0, False, (forwarded, target), sent))
 
-    def _begin(self) -> tuple[int, bool]:
+    def _begin(self, arrival: tuple[Any, ...] | None = None) -> tuple[int, bool]:
         """Start the recording: (when the head arrived, whether the target was in
         absolute form)."""
         scope = self.scope
         app = self.app
-        # Taken out: it holds the request's cycle, which holds the scope (a reference
-        # cycle left for the garbage collector, measurably, if it stayed).
-        arrival = scope.pop("hopscope.arrival", None)
+        if arrival is None:
+            # Taken out: it holds the request's cycle, which holds the scope (a
+            # reference cycle left for the garbage collector, measurably, if it stayed).
+            arrival = scope.pop("hopscope.arrival", None)
         if arrival is not None:
             begin, head_ts, absolute, client_conn, self.cycle = arrival
             self.client_conn = client_conn
@@ -754,10 +808,9 @@ class _Exchange(Recording):
         forwarded = app.forwarded(scope, head_ts, self.trace_id, self.proxy_id)
         target = app.target(scope)
         up = app.upstream
-        # Only the fields the proxy added are recorded (the client span has the rest):
-        # sliced here, the drain marshals a few fields instead of every header again.
-        added = forwarded.headers[forwarded.kept :]
-        start = (PROXY_START, _now(), target, added, 0, len(added),
+        # Only the fields the proxy added are recorded (the client span has the rest),
+        # as the bytes that went upstream: one object for the drain to marshal.
+        start = (PROXY_START, _now(), target, forwarded.added, 0, 0,
                  forwarded.removed or None, up.host, up.port, up.origin)  # fmt: skip
         self.items.append(start)
         return forwarded, target
@@ -790,28 +843,25 @@ class _Exchange(Recording):
         self, method: str, target: bytes, forwarded: Forwarded, body: bytes, more: bool
     ) -> bytes:
         """The request's head as it goes upstream, with the first part of its body."""
-        headers = forwarded.headers
+        kept = forwarded.kept
         content_length = forwarded.content_length
         chunked = forwarded.chunked
         has_body = chunked or (content_length is not None and content_length != b"0")
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        if kept:
+            parts.append(b"\r\n".join(map(_FIELD_JOIN, forwarded.headers)))
+            parts.append(b"\r\n")
+        parts.append(forwarded.added)  # (never empty: Host at least)
         if not more:
             if has_body or content_length is not None:
-                headers.append((b"content-length", b"%d" % len(body)))
+                parts.append(b"\r\ncontent-length: %d" % len(body))
         elif chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
+            parts.append(b"\r\ntransfer-encoding: chunked")
         else:
             assert content_length is not None
-            headers.append((b"content-length", content_length))
-        head = b"".join(
-            (
-                method.encode("ascii"),
-                b" ",
-                target,
-                b" HTTP/1.1\r\n",
-                b"\r\n".join(map(_FIELD_JOIN, headers)),
-                b"\r\n\r\n",
-            )
-        )
+            parts.append(b"\r\ncontent-length: " + content_length)
+        parts.append(b"\r\n\r\n")
+        head = b"".join(parts)
         # Head and body in one write: one segment for a small request (no delayed-ACK
         # stall), and the whole request at hand if a stale connection forces a retry.
         return head + (b"%x\r\n%s\r\n" % (len(body), body) if more and chunked and body else body)
@@ -977,14 +1027,22 @@ class _Exchange(Recording):
         client_conn = self.client_conn
         whole = None
         if client_conn is not None and conn.complete and not conn.trailers:
-            # The whole response is here already (the common small case).
+            # The whole response is here already (the common small case).  Its fields
+            # are joined once, for the client and for the recording (one object to
+            # marshal instead of a tuple and two bytes per field).
             whole = conn.take_whole()
-            if whole is not None and client_conn.write_whole(
-                self.cycle, self.status, headers, whole
+            if whole is None:
+                return False, None
+            block = b"\r\n".join(map(_FIELD_JOIN, headers))
+            cycle = self.cycle
+            if (
+                cycle.write_whole(self.status, headers, whole, block)
+                if type(cycle) is Request  # (the listener's: one call less)
+                else client_conn.write_whole(cycle, self.status, headers, whole, block)
             ):
+                self.response_headers = block
                 self.response_started = True
-                if whole:
-                    self.response.add(whole, _now())
+                self.whole_body = whole
                 self._release(conn)
                 return True, None
         return False, whole
@@ -1009,7 +1067,7 @@ class _Exchange(Recording):
         items = self.items
         send = self.send
         client_conn = self.client_conn
-        response = self.response
+        response = self._capture()
         # Otherwise, when it is all here, head and body still leave in one write.
         writer = client_conn.writer if client_conn is not None and conn.complete else None
         if writer is not None:
@@ -1042,6 +1100,12 @@ class _Exchange(Recording):
             if client_conn is not None:
                 client_conn.writer.trailers = None  # not written (the response was cut)
         self._release(conn)
+
+    def _capture(self) -> BodyCapture:
+        response = self.response
+        if response is None:
+            response = self.response = BodyCapture(self.app.body_limit)
+        return response
 
     def _release(self, conn: UpstreamConnection) -> None:
         upload = self.upload
@@ -1125,7 +1189,7 @@ class _Exchange(Recording):
         self.response_headers = headers
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         await self.send({"type": "http.response.body", "body": body})
-        self.response.add(body, _now())
+        self._capture().add(body, _now())
 
     def _end(self, proxy: bool = True) -> None:
         if self.end_at >= 0:
@@ -1148,8 +1212,23 @@ class _Exchange(Recording):
     # -- the drain's side ------------------------------------------------------------
     def end_fields(self) -> tuple[Any, ...]:
         request, response = self.request_body, self.response
-        size = response.size
-        resp_summary = response.summary() if response.count > FIRST_CHUNKS else None
+        if response is None:
+            # A response written whole (or none): BodyCapture's fields for one chunk.
+            whole = self.whole_body
+            size = len(whole)
+            limit = self.app.body_limit
+            resp: tuple[Any, ...] = (
+                size,
+                [whole if size <= limit else whole[:limit]] if size and limit > 0 else [],
+                size > limit,
+                None,
+            )
+        else:
+            size = response.size
+            resp = (
+                size, response.kept(), size > response.limit,
+                response.summary() if response.count > FIRST_CHUNKS else None,
+            )  # fmt: skip
         if request is None:
             req: tuple[Any, ...] = (0, None, False, None)
         else:
@@ -1161,8 +1240,7 @@ class _Exchange(Recording):
             )
         return (
             self.end_ts, self.status, self.response_headers, self.proxy_ended, self.up_status,
-            self.up_conn, *req, size, response.kept(), size > response.limit, resp_summary,
-            self.client_extra, self.proxy_extra,
+            self.up_conn, *req, *resp, self.client_extra, self.proxy_extra,
         )  # fmt: skip
 
     def _record(self, items: list[Any], end_at: int) -> Record:

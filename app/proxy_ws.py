@@ -99,7 +99,7 @@ class _WebSocketRelay:
             message = await self.receive()
             if message["type"] != "websocket.connect":
                 return
-            headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).headers
+            headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).fields()
             target = app.target(scope).decode("latin-1")
             scheme = "wss" if app.upstream.tls else "ws"
             url = f"{scheme}://{app.upstream.host_header}{target}"

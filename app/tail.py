@@ -160,21 +160,74 @@ class _Span:
 
 class _Trace:
     """A request's spans, folded from wire events the way ``TraceBuilder.add`` folds
-    them (so the same events give the same line)."""
+    them (so the same events give the same line).
 
-    __slots__ = ("_end", "_root", "spans", "trace_id")
+    A plain proxied request (see :meth:`Tail._fold_proxy`) is kept as :attr:`quick`, the
+    few fields of its record a line reads, instead of two spans: why, the spans and
+    their attribute dicts, made and walked for every request, were most of the
+    recording child's work.  Anything else folded into the trace, or a look at
+    :attr:`spans`, makes the spans first (:meth:`_materialize`).
+    """
+
+    __slots__ = ("_end", "_root", "_spans", "quick", "trace_id")
 
     def __init__(self, trace_id: str) -> None:
         self.trace_id = trace_id
-        self.spans: dict[Any, _Span] = {}
+        self._spans: dict[Any, _Span] = {}
         self._end: Any = _UNKNOWN
         self._root: _Span | None = None
+        #: ``(begin, client_num, parent_num, method, path, status, proxy_start,
+        #: proxy_num, upstream_status, end)`` of a plain proxied request (its ids as
+        #: the record's numbers: made hex only if the spans are made), or None.
+        self.quick: tuple[Any, ...] | None = None
+
+    @property
+    def spans(self) -> dict[Any, _Span]:
+        if self.quick is not None:
+            self._materialize()
+        return self._spans
+
+    def _materialize(self) -> None:
+        """The spans :attr:`quick` stands for, as :meth:`Tail._fold_proxy` folds them."""
+        quick = self.quick
+        assert quick is not None
+        self.quick = None
+        self._end = _UNKNOWN
+        begin, client_num, parent_num, method, path, status, proxy_ts, proxy_num = quick[:8]
+        up_status, end = quick[8:]
+        client_id = _HEX16 % client_num
+        proxy_id = _HEX16 % proxy_num
+        parent_id = _HEX16 % parent_num if parent_num else None
+        name = f"{method} {path}"
+        kept = {"http.request.method": method, "url.path": path}
+        self.started(client_id, begin, parent_id, "client", name, kept, None)
+        kept = {"http.request.method": method}
+        self.started(proxy_id, proxy_ts, client_id, "proxy", name, kept, None)
+        self.ended(proxy_id, end, _status(up_status))
+        self.ended(client_id, end, _status(status))
+
+    def _quick_line(self, quick: tuple[Any, ...], color: bool) -> str:
+        """:meth:`line` of the two spans :attr:`quick` stands for (a client span, the
+        root, and its proxy span, both ended, no error, no route)."""
+        begin, method, path, status, proxy_ts, end = (
+            quick[0], quick[3], quick[4], quick[5], quick[6], quick[9],
+        )  # fmt: skip
+        status_text = str(status)
+        if color:
+            status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
+        total = (end - begin) / 1e6
+        return (
+            f"{_clock(begin)} {method or '-'} {path} {status_text} {total:.1f}ms "
+            f"client={total:.1f}ms proxy={(end - proxy_ts) / 1e6:.1f}ms"
+        )
 
     def fold(self, kind: str, span_id: str, ts: int, attrs: dict[str, Any], event: Event) -> None:
+        if self.quick is not None:
+            self._materialize()
         self._end = _UNKNOWN
-        span = self.spans.get(span_id)
+        span = self._spans.get(span_id)
         if span is None:
-            span = self.spans[span_id] = _Span()
+            span = self._spans[span_id] = _Span()
         if kind == "span_start":
             span.parent_id = event.get("parent_id")
             span.hop = event.get("hop", span.hop)
@@ -203,9 +256,11 @@ class _Trace:
     # -- folding without events (Tail._fold_proxy): what fold does for each kind --------
     def span(self, span_id: str) -> _Span:
         """The span an event names (made, with the defaults, when it is not known yet)."""
-        span = self.spans.get(span_id)
+        if self.quick is not None:
+            self._materialize()
+        span = self._spans.get(span_id)
         if span is None:
-            span = self.spans[span_id] = _Span()
+            span = self._spans[span_id] = _Span()
         return span
 
     def started(
@@ -220,9 +275,11 @@ class _Trace:
     ) -> None:
         """A span start whose line attributes are ``kept`` (normalised), the emitting
         process's (``inherited``) filling in the ones it lacks."""
-        span = self.spans.get(span_id)
+        if self.quick is not None:
+            self._materialize()
+        span = self._spans.get(span_id)
         if span is None:
-            span = self.spans[span_id] = _Span()
+            span = self._spans[span_id] = _Span()
         span.parent_id = parent_id
         span.hop = hop
         span.name = name
@@ -235,17 +292,19 @@ class _Trace:
             span.attrs = {**kept, **attrs} if attrs else kept
 
     def ended(self, span_id: str, ts: int, kept: dict[str, Any]) -> None:
-        span = self.spans.get(span_id)
+        if self.quick is not None:
+            self._materialize()
+        span = self._spans.get(span_id)
         if span is None:
-            span = self.spans[span_id] = _Span()
+            span = self._spans[span_id] = _Span()
         span.end = ts
         if kept:
             span.attrs.update(kept)
 
     def root(self) -> _Span | None:
         """The outermost span whose parent is not in the trace (never a queue span):
-        ``TraceInfo.root_id``'s rule."""
-        spans = self.spans
+        ``TraceInfo.root_id``'s rule (not asked of a :attr:`quick` trace)."""
+        spans = self._spans
         root = None
         root_at = (99, 0)
         for span in spans.values():
@@ -271,7 +330,10 @@ class _Trace:
 
     def line(self, color: bool = False) -> str:
         """``HH:MM:SS.mmm METHOD /path [route] STATUS TOTAL hop=ms ...``."""
-        spans = self.spans
+        quick = self.quick
+        if quick is not None:
+            return self._quick_line(quick, color)
+        spans = self._spans
         root = self._root if self._end is not _UNKNOWN else self.root()
         # The values of the outermost hop that has them, earliest first (TraceInfo's).
         no = (99, 0)
@@ -365,7 +427,7 @@ class _Trace:
 
     def _top_level(self, span: _Span) -> bool:
         """True when no ancestor of ``span`` in this trace belongs to the same hop."""
-        spans = self.spans
+        spans = self._spans
         parent_id = span.parent_id
         if parent_id is None or parent_id not in spans:
             return True
@@ -381,7 +443,7 @@ class _Trace:
     def exception_types(self) -> list[str]:
         """Short names of the exceptions raised in the trace, first seen first."""
         names: dict[str, None] = {}
-        for span in sorted(self.spans.values(), key=lambda s: s.start or 0):
+        for span in sorted(self._spans.values(), key=lambda s: s.start or 0):
             for raised in span.raised or ():
                 names[str(raised).rpartition(".")[2]] = None
             if span.attrs.get("exception.type"):
@@ -608,6 +670,7 @@ class Tail:
         # Checked (and whole records in it made into events) before anything is kept.
         whole: dict[int, list[Event]] = {}
         newest = max(begin, request[8])
+        proxy_ts = starts = 0
         for index, item in enumerate(items):
             if item is None:
                 break
@@ -618,20 +681,56 @@ class Tail:
                 whole[index] = to_events(item, process)
             elif code not in _PROXY_CODES:
                 return False
-            elif item[1] > newest:
-                newest = item[1]
+            else:
+                if code == PROXY_START:
+                    proxy_ts = item[1]
+                    starts += 1
+                if item[1] > newest:
+                    newest = item[1]
         trace_id = _HEX32 % trace_num  # (records.hex_id's, for ids checked above)
         if trace_id in self._done:
             return True
         trace = self._traces.get(trace_id)
+        proxy_num = request[11]
+        method, path = request[0], request[3]
+        plain = type(method) is str and type(path) is str  # as normalising leaves them
+        if (
+            trace is None
+            and plain
+            and starts == 1
+            and not whole
+            and inherited is None
+            and end_at >= 0
+            and end is not None
+            and end[3]  # proxy_ended
+            and end[5] is not None  # an upstream connection was reached
+            and end[14] is None  # no client_extra (an error, a disconnect)
+            and end[15] is None  # nor proxy_extra
+            and type(end[1]) is int
+            and end[1] > 0
+            and proxy_ts >= begin
+            and parent_num != client_num
+            and parent_num != proxy_num
+            and client_num != proxy_num
+        ):
+            # The common request: two spans, both ended, nothing else (see _Trace).
+            trace = self._new_trace(trace_id)
+            end_ts = end[0]
+            trace.quick = (begin, client_num, parent_num, method, path, end[1], proxy_ts,
+                           proxy_num, end[4], end_ts)  # fmt: skip
+            trace._end = end_ts
+            touched[trace_id] = trace
+            if end_ts > newest:
+                newest = end_ts
+            if newest > self._newest:
+                self._newest = newest
+            return True
         if trace is None:
             trace = self._new_trace(trace_id)
         trace._end = _UNKNOWN
         client_id = _HEX16 % client_num
-        proxy_id = _HEX16 % request[11]
-        method, path = request[0], request[3]
+        proxy_id = _HEX16 % proxy_num
         name = f"{method} {path}"
-        plain = type(method) is str and type(path) is str  # as normalising leaves them
         kept = {"http.request.method": method, "url.path": path}
         trace.started(
             client_id, begin, _HEX16 % parent_num if parent_num else None, "client", name,

@@ -58,6 +58,9 @@ HIGH_WATER = 256 * 1024
 
 _now = time.time_ns
 _ids = itertools.count(1)
+#: Response fields :meth:`UpstreamConnection.on_header` looks at (llhttp reads both
+#: Connection fields).
+_NOTED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"proxy-connection"})
 
 
 class UpstreamError(Exception):
@@ -140,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: Fields after a chunked body (httptools reports them as headers after the head).
         self.trailers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the end is known without EOF
+        self._connection = False  # a Connection (or Proxy-Connection) field came
         self._chunks.clear()
         self._buffered = 0
         self.received = 0
@@ -196,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
             reason = str(exc) or type(exc).__name__
             self._fail(UpstreamProtocolError(f"upstream sent an invalid HTTP response ({reason})"))
             self.close()
-        if self._notified:
+        if self._notified or (self._notify is not None and self.status):
             self._deliver()
 
     def eof_received(self) -> bool | None:
@@ -243,10 +247,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.status:
             self.trailers.append((name, value))
             return
-        if name == b"content-length" or (
-            name == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
-            self._framed = True
+        if name in _NOTED:
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                self._framed = True
+            elif name != b"transfer-encoding":
+                self._connection = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -256,16 +263,24 @@ class UpstreamConnection(asyncio.Protocol):
             # final one; its headers start afresh.
             self.headers = []
             self._framed = False
+            self._connection = False
             return
         self.status = status
-        self.version = self._parser.get_http_version()
+        parser = self._parser
+        if not self._connection and parser.should_keep_alive():
+            # llhttp keeps a response alive without a Connection field only for
+            # HTTP/1.1: get_http_version formats a string, ten times the cost of this.
+            self.version = "1.1"
+        else:
+            self.version = parser.get_http_version()
         self.head_ts = _now()
         if status in (204, 304):
             self._framed = True
         if self._head_only:
             self.complete = True
             self.keep_alive = self._parser.should_keep_alive()
-        self._wake()
+        if self._waiter is not None:  # (a notify callback: see _step)
+            self._step()
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -275,7 +290,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
-        self._wake()
+        if self._waiter is not None:  # (a notify callback: see _step)
+            self._step()
 
     def on_message_complete(self) -> None:
         if not self.status:
@@ -283,9 +299,18 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.complete:
             self.complete = True
             self.keep_alive = self._parser.should_keep_alive()
-        self._wake()
+        if self._waiter is not None:  # (a notify callback: see _step)
+            self._step()
 
     # -- waiting -----------------------------------------------------------------
+    def _step(self) -> None:
+        """The response moved on (from the parser's callbacks): wake a waiter.  A
+        :meth:`notify` callback needs nothing here: :meth:`data_received` calls it once
+        the head is in (what any step after it needs too), and it is called once."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:

@@ -144,6 +144,26 @@ def test_any_batching_and_order_gives_the_same_lines(recorded: list[Record], see
     assert by_records == by_events
 
 
+def test_plain_requests_folded_quickly_give_the_lines_of_their_spans(
+    recorded: list[Record],
+) -> None:
+    # Without the app's records (an upstream that records nothing), the plain requests
+    # stay in the tail as a few fields of their record, not spans (_Trace.quick).
+    proxy = [r for r in recorded if r[0] == "r" and r[6] == "proxy"]
+    by_events, by_records = _both_ways([proxy])
+    assert by_records == by_events
+    tail = Tail(Sink(), live=False, hold=1000.0)  # type: ignore[arg-type]
+    tail.feed_records(proxy, INFO)
+    quick = [t for t in tail._traces.values() if t.quick is not None]
+    assert len(quick) >= 3  # GET /, HEAD /, GET /nowhere (a 404 is no error of the proxy)
+    assert len(quick) < len(tail._traces)  # the refused, failed and abandoned are not
+    for trace in quick:
+        lines = (trace.line(), trace.line(color=True))
+        assert trace.spans and trace.quick is None  # looked at: made into spans
+        assert (trace.line(), trace.line(color=True)) == lines
+        assert re.search(r" (GET|HEAD|POST) /\S* \d{3} \S+ms client=\S+ms proxy=\S+ms$", lines[0])
+
+
 def test_bad_records_and_odd_process_info_judged_as_events_judge_them(
     recorded: list[Record],
 ) -> None:

@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hopscope.app.listener import Request
 from hopscope.app.proxy import ClientConnection
-from test_proxy import HOST, proxy_to, wait_until
+from hopscope.tracing.proxyrecord import RESPONSE_START
+from test_proxy import HOST, proxy_to, raw_request, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,6 +36,10 @@ ANSWERS = {
     b"/nobody": b"HTTP/1.1 204 No Content\r\nx-c: 3\r\n\r\n",
     b"/notfound": b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope",
     b"/odd-status": b"HTTP/1.1 299 Whatever\r\ncontent-length: 1\r\n\r\nx",
+    b"/empty": b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+    b"/v10": b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    b"/v10-alive": b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+    b"/v11-close": b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
 }
 
 
@@ -76,7 +82,7 @@ class KeepAliveUpstream:
                     data += chunk
                 head, _, data = data.partition(b"\r\n\r\n")
                 method, target = head.split(b" ", 2)[:2]
-                answer = ANSWERS[target]
+                answer = ANSWERS[target.partition(b"?")[0]]
                 if method == b"HEAD":
                     answer = answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
                 conn.sendall(answer)
@@ -144,18 +150,21 @@ def test_whole_responses_are_the_bytes_send_writes(
 ) -> None:
     request, until = CASES[case]
     used: list[bool] = []
-    write_whole = ClientConnection.write_whole
+    # The proxy writes through the listener's request (or, on uvicorn's path, through
+    # the connection): both are counted, then both are refused.
+    for kind in (ClientConnection, Request):
 
-    def counted(self: ClientConnection, *args: object) -> bool:
-        used.append(write_whole(self, *args))  # type: ignore[arg-type]
-        return used[-1]
+        def counted(self: object, *args: object, write_whole: object = kind.write_whole) -> bool:
+            used.append(write_whole(self, *args))  # type: ignore[operator]
+            return used[-1]
 
-    monkeypatch.setattr(ClientConnection, "write_whole", counted)
+        monkeypatch.setattr(kind, "write_whole", counted)
     with proxy_to(f"http://{HOST}:{upstream.port}") as proxy:
         whole = exchange(proxy.port, request, until)
         wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
         # Then through uvicorn's send, for the same request.
-        monkeypatch.setattr(ClientConnection, "write_whole", lambda *_: False)
+        for kind in (ClientConnection, Request):
+            monkeypatch.setattr(kind, "write_whole", lambda *_: False)
         sent = exchange(proxy.port, request, until)
     assert whole == sent
     assert whole.startswith(b"HTTP/1.1 ") and until in whole
@@ -170,3 +179,55 @@ def test_whole_responses_are_the_bytes_send_writes(
         assert b"content-length: 5" in head and rest.startswith(b"HTTP/1.1 200 ")
     if case == "hop-by-hop":
         assert b"x-hop" not in whole and b"keep-alive" not in whole.lower()
+
+
+def test_protocol_versions_recorded_as_the_messages_say(upstream: KeepAliveUpstream) -> None:
+    # Both sides skip asking the parser for the version when a message kept alive
+    # without a Connection field must be HTTP/1.1: every other kind asks.
+    paths = {b"/length": "1.1", b"/v10": "1.0", b"/v10-alive": "1.0", b"/v11-close": "1.1"}
+    sent = 0
+    with proxy_to(f"http://{HOST}:{upstream.port}") as proxy:
+        for version in ("1.0", "1.1"):
+            for connection in ("", "close", "keep-alive"):
+                for path in paths:
+                    field = f"Connection: {connection}\r\n" if connection else ""
+                    request = f"GET {path.decode()}?v={version}&c={connection} HTTP/{version}\r\n"
+                    answer = raw_request(proxy.port, f"{request}Host: x\r\n{field}\r\n".encode())
+                    assert answer.startswith(b"HTTP/1.1 200 ")
+                    alive = version == "1.1" and connection != "close"
+                    assert (b"connection: close\r\n" in answer) != alive
+                    sent += 1
+        wait_until(lambda: len(proxy.sink.records()) == sent)
+        wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
+        records = proxy.sink.records()
+    for record in records:
+        request, items = record[7], record[10]
+        query = dict(pair.split(b"=") for pair in request[4].split(b"&"))
+        assert request[2] == query[b"v"].decode()  # the client's version
+        (start,) = [item for item in items if item and item[0] == RESPONSE_START]
+        assert start[3] == paths[request[3].encode()]  # the upstream's
+
+
+@pytest.mark.parametrize("limit", [0, 3, 5, 1000])
+def test_a_body_written_whole_is_recorded_as_one_streamed(
+    upstream: KeepAliveUpstream, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    # A response written whole keeps its body without a BodyCapture: its recorded size,
+    # kept bytes (cut to the limit) and truncation must be those of the capture.
+    ends = []
+    with proxy_to(f"http://{HOST}:{upstream.port}", body_limit=limit) as proxy:
+        for refuse in (False, True):
+            if refuse:
+                for kind in (ClientConnection, Request):
+                    monkeypatch.setattr(kind, "write_whole", lambda *_: False)
+            for path in ("/length", "/empty"):
+                raw_request(proxy.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            count = 2 * (1 + refuse)
+            wait_until(lambda: len(proxy.sink.records()) == count)  # noqa: B023
+            wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
+        records = proxy.sink.records()
+    for record in records:
+        ends.append((record[7][3], record[9][10:14]))  # response size, body, cut, summary
+    assert ends[:2] == ends[2:]
+    assert ends[0] == ("/length", (5, [b"hello"[:limit]] if limit else [], limit < 5, None))
+    assert ends[1] == ("/empty", (0, [], False, None))

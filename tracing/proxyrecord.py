@@ -36,6 +36,7 @@ __all__ = [
     "end_records",
     "expand_proxy",
     "head_record",
+    "header_fields",
     "item_record",
 ]
 
@@ -47,7 +48,9 @@ PROXY_REQUEST = (
     "head_ts", "accepted_ts", "request_number", "proxy_id",
 )  # fmt: skip
 #: ``end`` fields.  ``proxy_ended``: the request went upstream (a refused one did not);
-#: ``upstream_conn``: the upstream connection's id, None when none was reached.
+#: ``upstream_conn``: the upstream connection's id, None when none was reached;
+#: ``response_headers``: a list of pairs, or bytes (``name: value`` lines joined by
+#: CRLF, as a response written whole went to the client).
 PROXY_END = (
     "ts", "status", "response_headers", "proxy_ended", "upstream_status", "upstream_conn",
     "request_size", "request_body", "request_truncated", "request_summary",
@@ -57,8 +60,10 @@ PROXY_END = (
 
 #: Item codes (first field of a compact item; the second is always its timestamp).
 #: ``(PROXY_START, ts, target, headers, kept, added_end, removed, up_host, up_port, origin)``:
-#: ``headers[kept:added_end]`` are the fields the proxy added (hopscope's proxy now
-#: records only those: ``kept`` 0).
+#: ``headers[kept:added_end]`` are the fields the proxy added; or ``headers`` is bytes,
+#: those fields as they went upstream (``name: value`` lines joined by CRLF, what
+#: hopscope's proxy records now: one object to marshal and load instead of a tuple and
+#: two bytes per field), and ``kept``/``added_end`` are unused.
 PROXY_START = 10
 #: ``(REQUEST_BODY, ts, size, more)``: a client span event
 REQUEST_BODY = 11
@@ -103,7 +108,9 @@ def item_record(item: Any, record: Record) -> Record:
             "url.full": origin + target.decode("latin-1"),
             "server.address": host,
             "server.port": port,
-            "proxy.request.headers.added": headers[kept:added_end],
+            "proxy.request.headers.added": header_fields(headers)
+            if type(headers) is bytes
+            else headers[kept:added_end],
         }
         if removed:
             attrs["proxy.request.headers.removed"] = removed
@@ -130,6 +137,14 @@ def item_record(item: Any, record: Record) -> Record:
         attrs = {"reason": "stale connection"}
         return ("p", ts, trace_id, proxy_id, "upstream.retry", attrs)
     raise ValueError(f"unknown proxy item code {code!r}")
+
+
+def header_fields(block: bytes) -> list[tuple[bytes, bytes]]:
+    """``(name, value)`` pairs of a block of ``name: value`` lines joined by CRLF (names
+    hold no colon, values no CR or LF: a parser checked them, or the proxy made them)."""
+    if not block:
+        return []
+    return [tuple(line.split(b": ", 1)) for line in block.split(b"\r\n")]  # type: ignore[misc]
 
 
 def _body_attrs(
@@ -160,7 +175,9 @@ def end_records(record: Record, out: list[Record]) -> None:
         out.append(("e", ts, trace_id, proxy_id, attrs))
     attrs = dict(client_extra) if client_extra else {}
     if headers is not None:
-        attrs["http.response.headers"] = headers
+        attrs["http.response.headers"] = (
+            header_fields(headers) if type(headers) is bytes else headers
+        )
     attrs["http.response.status_code"] = status or None
     _body_attrs(attrs, "request", req_size, req_body, req_cut)
     _body_attrs(attrs, "response", resp_size, resp_body, resp_cut)
