@@ -785,38 +785,14 @@ class SummaryScan:
                             if type(outline) is not str:
                                 outline = None
                             detail = None  # in the row (see _summary_fields)
-                        if detail is not None:  # 1.2, as the writers write it
-                            (trace_id, newest, count, runs, start, end, root_id, method,
-                             path, status, route, host, error, failed) = row  # fmt: skip
-                            if not (
-                                type(trace_id) is str
-                                and type(newest) is int
-                                and type(count) is int
-                                and type(runs) is list
-                                and (start is None or type(start) is int)
-                                and (end is None or type(end) is int)
-                                and (root_id is None or type(root_id) is str)
-                                and (host is None or type(host) is str)
-                                and type(error) is bool
-                                and type(failed) is bool
-                            ):
+                        if detail is None:  # 1.1 (or read the slow way): all in the row
+                            if len(row) != 18:
                                 raise ValueError("not a trace summary")
-                            lazy = new_info(lazy_info)
-                            lazy.start, lazy.end, lazy.root_id = start, end, root_id
-                            lazy.method, lazy.path, lazy.status = method, path, status
-                            lazy.route, lazy.host, lazy.error = route, host, error
-                            lazy.failed, lazy._detail = failed, detail
-                            trace = new_trace(summarised)
-                            trace.trace_id, trace.dropped, trace._info = trace_id, 0, lazy
-                            trace._loaded, trace._source, trace._runs = False, source, runs
-                            trace.newest, trace._outline = newest, outline
-                            traces.append((trace, trace_id in covered))
-                            covered[trace_id] = count
-                            ranges[trace_id] = runs
-                            continue
+                            fields = row[:14]
+                        else:
+                            fields = row
                         (trace_id, newest, count, runs, start, end, root_id, method, path,
-                         status, route, host, error, failed, text, odd, bodies,
-                         hops) = row  # fmt: skip
+                         status, route, host, error, failed) = fields  # fmt: skip
                         if not (
                             type(trace_id) is str
                             and type(newest) is int
@@ -828,23 +804,19 @@ class SummaryScan:
                             and (host is None or type(host) is str)
                             and type(error) is bool
                             and type(failed) is bool
-                            and type(text) is str
-                            and type(bodies) is list
-                            and type(hops) is list
                         ):
                             raise ValueError("not a trace summary")
-                        # TraceInfo.from_summary, inline: a function call and a list
-                        # per row less, for a hundred thousand rows.
-                        info = new_info(TraceInfo)
-                        info.start, info.end, info.root_id = start, end, root_id
-                        info.method, info.path, info.status = method, path, status
-                        info.route, info.host, info.error, info.failed = route, host, error, failed
-                        info.header_text = text
-                        info.odd_headers = None if odd is None else tuple((n, v) for n, v in odd)
-                        info.bodies = tuple(bodies) if bodies else ()
-                        if _QUEUE_KEY in hops:
-                            hops[hops.index(_QUEUE_KEY)] = QUEUE
-                        info.hops = tuple(hops)
+                        if detail is None:
+                            info = TraceInfo.from_summary(row[4:])
+                        else:
+                            # TraceInfo.from_summary, inline and without the fields only
+                            # filters read (see _LazyInfo): a call and a list per row
+                            # less, for a hundred thousand rows.
+                            info = new_info(lazy_info)
+                            info.start, info.end, info.root_id = start, end, root_id
+                            info.method, info.path, info.status = method, path, status
+                            info.route, info.host, info.error = route, host, error
+                            info.failed, info._detail = failed, detail
                         # SummarisedTrace.make, inline too.
                         trace = new_trace(summarised)
                         trace.trace_id, trace.dropped, trace._info = trace_id, 0, info
