@@ -633,6 +633,52 @@ def test_body_limit_zero_keeps_no_bytes_but_says_truncated() -> None:
     assert s.attrs["http.response.body.size"] == 3
 
 
+@pytest.mark.parametrize("limit", [0, 3, 5, 100])
+def test_a_single_body_past_the_limit_is_cut_when_it_is_sent(limit: int) -> None:
+    # The usual response (one body, no request body) ends the span on the short way in
+    # _send: it must cut the body there too, so a big body is not kept until the drain.
+    sink = MemorySink()
+    body = b"0123456789"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    server = FakeServer([])
+    run(ASGIMiddleware(app, sink=sink, body_limit=limit), server=server)
+    assert server.sent[1]["body"] is body  # the app's message went through untouched
+    (record,) = sink.records()
+    kept = record[9][8]  # the end's response body: what the recording holds
+    assert (kept or b"") == body[:limit]
+    s = app_span(the_trace(sink))
+    assert s.attrs["http.response.body.size"] == len(body)
+    assert s.body("response") == body[:limit]
+    assert s.attrs["http.response.body.truncated"] is (len(body) > limit)
+    assert s.attrs["http.response.status_code"] == 200
+
+
+def test_receive_and_send_after_the_app_returned_still_reach_the_server() -> None:
+    # A task the app left behind may still call them: they pass on to the server as they
+    # would unwrapped (the server decides what that means).  And the recording, which
+    # lives until the sink's next drain, does not hold the server's channels.
+    sink = MemorySink()
+    kept: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        kept[:] = [receive, send]
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = FakeServer([])
+    run(ASGIMiddleware(app, sink=sink), server=server)
+    receive, send = kept
+    recording = receive.__self__[0]
+    referents = gc.get_referents(recording)
+    assert not any(r is server.receive or r is server.send for r in referents)
+    asyncio.run(send({"type": "http.response.body", "body": b"late"}))
+    assert [m.get("body") for m in server.sent[1:]] == [b"ok", b"late"]
+
+
 # -- context, trace ids, concurrency ----------------------------------------------------
 
 

@@ -94,16 +94,21 @@ class ASGIMiddleware:
         recording = _HTTPRecording()
         recording.start = _now()
         sink = recording.sink = self.sink or self._sink()
-        # _ids(scope) and _request_fields(scope), inlined.
-        server = scope.get("hopscope")
-        if server is not None:
+        # _request_fields(scope) and _ids(scope), inlined; the headers searched for a
+        # traceparent are the request fields' (one lookup in the scope less).
+        try:
+            request = recording.request = _REQUEST_FIELDS(scope)
+        except KeyError:
+            request = recording.request = _request_fields(scope)
+        # (``in`` then a subscript only when it is there: no method call on most requests.)
+        if "hopscope" in scope and (server := scope["hopscope"]) is not None:
             trace_id = recording.trace_id = server["trace_id"]
             recording.parent_id = server["parent_id"]
         else:
             # The first traceparent, as _ids looks for it.  A plain loop: ``in map(...)``
             # asked in C cost more (the map and a call per header: 2k instructions
             # against 1.2k for three headers, counted by callgrind).
-            for name, value in scope.get("headers") or ():
+            for name, value in request[7] or ():
                 if name == b"traceparent":
                     parsed = parse_traceparent(value)
                     if parsed is None:
@@ -116,25 +121,28 @@ class ASGIMiddleware:
                 recording.parent_id = 0
         span_id = recording.span_id = _getrandbits(64) or 1  # new_span_id(), inlined
         recording.thread_id = _ident()
-        try:
-            recording.request = _REQUEST_FIELDS(scope)
-        except KeyError:
-            recording.request = _request_fields(scope)
         recording.items = []
-        recording.end_at = recording._state = -1
         recording.limit = self.body_limit
         recording.scope = scope
-        # One constant loaded per value, not per field.  status is None until the
-        # response starts; response_chunks holds the first kept chunk, then a list.
-        # (response_first and response_last are set by the first chunk, read only by a
-        # summary of more than FIRST_CHUNKS chunks: nothing to set before.)
-        recording.status = recording.response_headers = recording.handling = None
-        recording.end_extra = recording.route = recording.request_body = None
-        recording.response_chunks = None
-        recording.done = recording.trailers = recording.complete = False
-        recording.end_ts = recording.response_count = recording.response_size = 0
-        recording.response_ts = 0
-        context_sink = recording if sink.start_live(recording) else recording.go_eager()
+        # The fields' first values, unpacked from one constant: a load and a store per
+        # field, against three bytecodes each for chained assignments.  status is None
+        # until the response starts; response_chunks holds the first kept chunk, then a
+        # list.  (response_first and response_last are set by the first chunk, read
+        # only by a summary of more than FIRST_CHUNKS chunks: nothing to set before.)
+        (
+            recording.end_at, recording._state, recording.status, recording.response_headers,
+            recording.handling, recording.end_extra, recording.route, recording.request_body,
+            recording.response_chunks, recording.done, recording.trailers,
+            recording.complete, recording.end_ts, recording.response_count,
+            recording.response_size, recording.response_ts,
+        ) = (
+            -1, -1, None, None, None, None, None, None, None, False, False, False, 0, 0, 0, 0
+        )  # fmt: skip
+        if sink.start_live(recording):
+            context_sink: Sink = recording
+        else:
+            recording.end_at = -2  # its end pushes the records (see _not_plain)
+            context_sink = recording.go_eager()
         token = current.set(_context(SpanContext, (context_sink, trace_id, span_id)))
         try:
             # The server's channels are bound into what the app gets (see _receive).
@@ -497,8 +505,8 @@ class _HTTPRecording(Recording):
                 except ValueError:
                     done = False  # sealing under way: the seal is not in yet
         end_at = self.end_at
-        if end_at > size:
-            end_at = -1  # ended after the items were read: next time
+        if end_at > size or end_at < 0:
+            end_at = -1  # ended after the items were read (next time), or not yet
         # Read after the items: an item that follows the start is then never sent
         # before it (_send writes response_ts before it appends anything more).
         response_ts = self.response_ts
@@ -561,7 +569,10 @@ _Channels = tuple[_HTTPRecording, Receive, Send]
 # Bound to ``(recording, server's receive, server's send)`` with MethodType: one tuple and
 # two method objects per request (two partials made six objects), and not on the
 # recording, which outlives the request until the next drain and would keep the server's
-# per-request objects alive (and walked by the collector of garbage) all that time.
+# per-request objects alive (and walked by the collector of garbage) all that time.  (Methods
+# of the recording holding the channels only while the app runs cost 850 instructions
+# less, but a task the app left behind could then no longer reach the server: a
+# behaviour change, so not done.)
 
 
 async def _receive(channels: _Channels) -> Message:
@@ -575,6 +586,7 @@ async def _receive(channels: _Channels) -> Message:
             request = recording.request_body
             if request is None:
                 request = recording.request_body = BodyCapture(recording.limit)
+                _not_plain(recording)
             request.add(body, ts)
             if request.count <= FIRST_CHUNKS:
                 more = bool(message.get("more_body"))
@@ -603,15 +615,22 @@ async def _send(channels: _Channels, message: Message) -> None:
             raise
         # An app (Starlette's ServerErrorMiddleware) may send an error page while it
         # handles an exception that it then re-raises: remember which, see _complete.
-        recording.handling = _exception()
+        handling = recording.handling = _exception()
         try:
             status = message["status"]
         except KeyError:
             status = 0
         recording.status = status
-        headers = recording.response_headers = message.get("headers")
+        try:
+            headers = message["headers"]
+        except KeyError:
+            headers = None
+        recording.response_headers = headers
         if "trailers" in message and message["trailers"]:  # noqa: RUF019 (see above)
             recording.trailers = True
+            _not_plain(recording)
+        elif handling is not None:
+            _not_plain(recording)
         ts = _now()
         items = recording.items
         if items:
@@ -637,6 +656,32 @@ async def _send(channels: _Channels, message: Message) -> None:
         except KeyError:
             body = b""
         more = "more_body" in message and message["more_body"]
+        if not more and recording.end_at == -1:
+            # The usual response: one body, nothing that needs more than its facts (see
+            # _not_plain), so the span ends here, inline: no counting of earlier chunks,
+            # nothing to cut but this body, no summary to add.
+            recording.complete = True
+            recording.end_ts = handed
+            if body:
+                recording.response_count = 1
+                size = recording.response_size = len(body)
+                limit = recording.limit
+                # A body past the limit is cut now: only its first bytes are kept.
+                recording.response_chunks = body if size <= limit else body[:limit]
+            scope = recording.scope
+            route = scope.get("route")
+            if route is not None:
+                try:
+                    path = route.path
+                except AttributeError:
+                    path = None
+                root_path = recording.request[8]
+                if type(path) is str and scope.get("root_path", "") == root_path:
+                    recording.route = path
+                else:
+                    recording.route = _route(scope, root_path)
+            recording.end_at = len(recording.items)  # publishes the end: written last
+            return
         if body:
             count = recording.response_count = recording.response_count + 1
             size = recording.response_size
@@ -649,8 +694,7 @@ async def _send(channels: _Channels, message: Message) -> None:
                 else:
                     recording.response_chunks = [kept, body]
             recording.response_size = size + len(body)
-            # The chunk's time serves its event and a long body's summary: a single
-            # final chunk (most responses) needs neither.
+            # The chunk's time serves its event and a long body's summary.
             if more or count > FIRST_CHUNKS:
                 ts = _now()
                 if count == 1:
@@ -658,39 +702,10 @@ async def _send(channels: _Channels, message: Message) -> None:
                 recording.response_last = ts
                 if more and count <= FIRST_CHUNKS:
                     recording.items.append((RESPONSE_BODY, ts, len(body), True))
-            # (A first chunk that is the last needs no time: only a summary of more than
-            # FIRST_CHUNKS chunks reads response_first and response_last.)
-        if not more and not recording.trailers:
-            # _complete(None, handed), inlined for the last body of most responses.
-            recording.complete = True
-            recording.end_ts = handed
-            if recording.handling is None:
-                items = recording.items
-                if (
-                    recording.end_at < 0
-                    and recording.response_count <= FIRST_CHUNKS
-                    and recording.response_size <= recording.limit
-                    and recording.request_body is None
-                    and type(items) is list
-                ):
-                    # _end(None) for a response of a few kept chunks and no request
-                    # body (most of them), inline: nothing to cut, no summary to add.
-                    recording.end_extra = None
-                    scope = recording.scope
-                    route = scope.get("route")
-                    if route is not None:
-                        try:
-                            path = route.path
-                        except AttributeError:
-                            path = None
-                        root_path = recording.request[8]
-                        if type(path) is str and scope.get("root_path", "") == root_path:
-                            recording.route = path
-                        else:
-                            recording.route = _route(scope, root_path)
-                    recording.end_at = len(items)  # publishes the end: written last
-                else:
-                    recording._end(None)
+        if more:
+            _not_plain(recording)  # the last body then goes the long way, through _end
+        elif not recording.trailers:
+            recording._complete(None, handed)
     elif kind == "http.response.trailers":
         attrs = {"http.response.trailers": message.get("headers")}
         recording._event(_now(), "response.trailers", attrs)
@@ -701,6 +716,18 @@ async def _send(channels: _Channels, message: Message) -> None:
     elif kind == "http.response.zerocopysend":
         if not message.get("more_body"):
             recording._complete({"http.response.zerocopysend": True}, handed)
+
+
+def _not_plain(recording: _HTTPRecording) -> None:
+    """The response's last body must end the span the long way (:meth:`_end`).
+
+    ``end_at`` is -1 while nothing but a response start happened (the usual request),
+    -2 once something did that the short way in ``_send`` does not handle: a request
+    body, earlier response bodies, trailers, an error page, a sink without a drain.
+    Readers only ever ask whether it is below 0 (not ended) or not.
+    """
+    if recording.end_at == -1:
+        recording.end_at = -2
 
 
 def _send_failed(recording: _HTTPRecording) -> None:
