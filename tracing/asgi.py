@@ -493,20 +493,7 @@ class _HTTPRecording(Recording):
         # seen running sends it as a record of its own, before the items that followed
         # it (all of them: there were none when it was kept out).  ``state`` is
         # ``4 * items sent + 2 * start sent + end sent``.
-        done = self.done
-        items = self.items
-        size = len(items)
-        if done:
-            if size and items[size - 1] is None:
-                size -= 1
-            else:
-                try:
-                    size = items.index(None)
-                except ValueError:
-                    done = False  # sealing under way: the seal is not in yet
-        end_at = self.end_at
-        if end_at > size or end_at < 0:
-            end_at = -1  # ended after the items were read (next time), or not yet
+        done, items, size, end_at = self._published()
         # Read after the items: an item that follows the start is then never sent
         # before it (_send writes response_ts before it appends anything more).
         response_ts = self.response_ts

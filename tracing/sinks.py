@@ -248,8 +248,10 @@ class Recording(Sink):
         self._collect(-1, out)
         return out
 
-    def _collect(self, state: int, out: list[Record]) -> tuple[int, bool]:
-        # Read in the order the request's thread publishes: done, then items, then end.
+    def _published(self) -> tuple[bool, list[Any], int, int]:
+        """``(done, items, size, end_at)`` as the request's thread published them, read
+        in the order it writes them (done, then items, then end): ``size`` counts the
+        items before the seal, ``end_at`` is -1 until the end is among them."""
         done = self.done
         items = self.items
         size = len(items)
@@ -262,8 +264,12 @@ class Recording(Sink):
                 except ValueError:
                     done = False  # sealing under way: the seal is not in yet
         end_at = self.end_at
-        if end_at > size:
-            end_at = -1  # ended after the items were read: next time
+        if end_at > size or end_at < 0:
+            end_at = -1  # ended after the items were read (next time), or not yet
+        return done, items, size, end_at
+
+    def _collect(self, state: int, out: list[Record]) -> tuple[int, bool]:
+        done, items, size, end_at = self._published()
         if state < 0:
             if done:
                 out.append(self._whole(end_at, items))
