@@ -24,6 +24,11 @@ HOST = "127.0.0.1"
 _children: list[subprocess.Popen[Any]] = []
 
 
+def load_average() -> str:
+    """The machine's load, printed with every figure: wall-clock figures move with it."""
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def spawn(
     argv: list[str], env: dict[str, str] | None = None, **kwargs: Any
 ) -> subprocess.Popen[Any]:

@@ -37,7 +37,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import ASGI_SCOPE, WSGI_ENVIRON, callgrind_total, flask_hello, starlette_hello
+from _common import (
+    ASGI_SCOPE,
+    WSGI_ENVIRON,
+    callgrind_total,
+    flask_hello,
+    load_average,
+    starlette_hello,
+)
 from hopscope.tracing.records import process_info
 from hopscope.tracing.sinks import Recording, Sink, encode_frame
 
@@ -194,7 +201,7 @@ def cpu_mode(n: int, rounds: int, take: bool) -> None:
             began = time.process_time()
             run(step, sink, n)
             times[variant].append((time.process_time() - began) / n * 1e6)
-    print(f"CPU us/request, best of {rounds} rounds of {n} ({_flags(take)}); {_load()}")
+    print(f"CPU us/request, best of {rounds} rounds of {n} ({_flags(take)}); {load_average()}")
     for framework in ("asgi", "wsgi"):
         bare, wrapped = min(times[f"{framework}-bare"]), min(times[f"{framework}-wrapped"])
         print(
@@ -251,7 +258,7 @@ def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
                 strict=True,
             )
         )
-    print(f"instructions/request over {n} requests ({_flags(take)}); {_load()}")
+    print(f"instructions/request over {n} requests ({_flags(take)}); {load_average()}")
     for framework in frameworks:
         bare = counts[f"{framework}-bare"] / n
         wrapped = counts[f"{framework}-wrapped"] / n
@@ -263,14 +270,6 @@ def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
 
 def _flags(take: bool) -> str:
     return f"take={take}, encode={ENCODE}, fresh={FRESH}"
-
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return "load " + " ".join(f.read().split()[:3])
-    except OSError:
-        return "load ?"
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any
 
-from _common import HOST, free_port, spawn, starlette_hello, stop, wait_ready
+from _common import HOST, free_port, load_average, spawn, starlette_hello, stop, wait_ready
 
 VARIANTS = ("bare", "wrapped")
 #: Seconds of idle server counted, to take the cost of its timers out of the window.
@@ -282,14 +282,6 @@ def groups(dump: str) -> dict[str, int]:
     return totals
 
 
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return "load " + " ".join(f.read().split()[:3])
-    except OSError:
-        return "load ?"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000, help="counted requests per server")
@@ -336,7 +328,8 @@ def main() -> int:
     bare, wrapped = counts["bare"], counts["wrapped"]
     print(
         f"uvicorn+httptools, Starlette hello world: instructions/request over {args.n} "
-        f"requests, -c{args.c}, sink interval {args.interval:g}s (all server threads); {_load()}"
+        f"requests, -c{args.c}, sink interval {args.interval:g}s (all server threads);"
+        f" {load_average()}"
     )
     print(
         f"  bare {bare:9.0f}  wrapped {wrapped:9.0f}  added {wrapped - bare:8.0f} "

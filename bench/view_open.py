@@ -54,7 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import callgrind_total
+from _common import callgrind_total, load_average
 from hopscope.tracing import load
 from hopscope.tracing.records import to_events
 from hopscope.tracing.tracefile import SUMMARY_PREFIX, SummaryScan, TraceFileWriter
@@ -216,10 +216,6 @@ def count_instructions(path: str, part: str) -> int:
     return count
 
 
-def _load() -> str:
-    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def from_start(path: str, requests: int) -> dict[str, Any]:
     """:func:`time_view` in a new interpreter, its times counted from before it started."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
@@ -278,7 +274,7 @@ def main() -> None:
         else:
             events = write_file(path, args.requests)
         if args.callgrind:
-            print(f"{args.requests:,} requests; {_load()}; instructions per request:")
+            print(f"{args.requests:,} requests; {load_average()}; instructions per request:")
             for part in ("scan", "ingest"):
                 count = count_instructions(path, part)
                 print(f"  {part}: {count / args.requests:,.0f}")
