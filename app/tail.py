@@ -215,10 +215,10 @@ class _Trace:
         status_text = str(status)
         if color:
             status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
-        total = (end - begin) / 1e6
+        total = f"{(end - begin) / 1e6:.1f}ms"  # (formatted once, printed twice)
         return (
-            f"{_clock(begin)} {method or '-'} {path} {status_text} {total:.1f}ms "
-            f"client={total:.1f}ms proxy={(end - proxy_ts) / 1e6:.1f}ms"
+            f"{_clock(begin)} {method or '-'} {path} {status_text} {total} "
+            f"client={total} proxy={(end - proxy_ts) / 1e6:.1f}ms"
         )
 
     def fold(self, kind: str, span_id: str, ts: int, attrs: dict[str, Any], event: Event) -> None:
@@ -687,7 +687,8 @@ class Tail:
                     starts += 1
                 if item[1] > newest:
                     newest = item[1]
-        trace_id = _HEX32 % trace_num  # (records.hex_id's, for ids checked above)
+        # records.hex_id's text, for the ids checked above (to_bytes: half the cost).
+        trace_id = trace_num.to_bytes(16).hex() if trace_num >> 128 == 0 else _HEX32 % trace_num
         if trace_id in self._done:
             return True
         trace = self._traces.get(trace_id)

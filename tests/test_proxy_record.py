@@ -82,6 +82,27 @@ def test_one_record_per_request(proxy: Proxy) -> None:
     assert client_span.attrs["http.response.status_code"] == 200
 
 
+def test_request_fields_recorded_as_a_block_read_back_as_sent(proxy: Proxy) -> None:
+    # The listener records the client's fields as one block of lines: the client span
+    # still has every field as it came, in order, duplicates and odd values kept.
+    sent = [
+        ("x-twice", "one"),
+        ("x-colons", "a: b: c"),
+        ("x-twice", "two"),
+        ("x-empty", ""),
+        ("x-spaced", "in  side"),
+    ]
+    with httpx.Client(timeout=10) as client:
+        assert client.get(proxy.url + "/headers", headers=sent).status_code == 200
+    finished(proxy, "/headers")
+    (record,) = [r for r in proxy.sink.records() if r[7][3] == "/headers"]
+    assert type(record[7][7]) is bytes
+    _, span = proxy.span("client", "/headers")
+    fields = [tuple(pair) for pair in span.attrs["http.request.headers"]]
+    assert [pair for pair in fields if pair[0].startswith("x-")] == sent
+    assert fields[0] == ("host", f"{HOST}:{proxy.port}")
+
+
 class Holding(Sink):
     """Keeps the recordings it is given, for the test to take from."""
 

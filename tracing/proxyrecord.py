@@ -43,6 +43,8 @@ __all__ = [
 Record = tuple[Any, ...]
 
 #: ``request`` fields: the ASGI scope's (as in ``records.ASGI_REQUEST``), then the proxy's.
+#: ``headers`` is a list of pairs, or bytes: the fields as ``name: value`` lines joined by
+#: CRLF (what the proxy's own listener records: one object instead of three per field).
 PROXY_REQUEST = (
     "method", "scheme", "http_version", "path", "query_string", "client", "server", "headers",
     "head_ts", "accepted_ts", "request_number", "proxy_id",
@@ -83,6 +85,8 @@ def client_start(record: Record) -> Record:
     """The client span's ``"s"`` record."""
     _, begin, trace_id, client_id, parent_id, tid, _, request, _, _, _ = record
     method, path, accepted, number = request[0], request[3], request[9], request[10]
+    if type(request[7]) is bytes:  # the headers as a block (see PROXY_REQUEST)
+        request = (*request[:7], header_fields(request[7]))
     attrs = request_attrs({}, request)
     if accepted is not None:
         attrs["connection.accepted_ts"] = accepted
