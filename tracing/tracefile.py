@@ -939,33 +939,9 @@ def _decode_some(lazy: list[_LazyInfo]) -> None:
             raise ValueError("not one detail a row")
     except (ValueError, RecursionError):
         decoded = [None if raw is None else _loads(raw) for raw in raws]
-    set_odd, set_bodies, set_hops, set_text = (
-        _ODD.__set__,
-        _BODIES.__set__,
-        _HOPS.__set__,
-        _TEXT.__set__,
-    )
-    queue_key = _QUEUE_KEY
-    # _fill, inline (a call per row less), for details as the writers write them.
     for info, detail in zip(lazy, decoded, strict=True):
-        if info._detail is None:
-            continue
-        try:
-            text, odd, bodies, hops = detail
-            if type(text) is not str or type(bodies) is not list or type(hops) is not list:
-                raise ValueError("not a summary's detail")
-            if odd is not None:
-                odd = tuple((n, v) for n, v in odd)
-            if queue_key in hops:
-                hops[hops.index(queue_key)] = QUEUE
-        except (TypeError, ValueError):
-            _fill(info, None)
-            continue
-        set_odd(info, odd)
-        set_bodies(info, tuple(bodies) if bodies else ())
-        set_hops(info, tuple(hops))
-        set_text(info, text)
-        info._detail = None
+        if info._detail is not None:  # (not decoded by a reader meanwhile)
+            _fill(info, detail)
 
 
 def _dropped_lines(path: str, limit: int) -> tuple[list[dict[str, Any]], int]:
