@@ -42,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from textual.pilot import Pilot
+from uitools import wait_for
 
 SIZE = (120, 35)
 WAIT = 30.0
@@ -122,14 +123,6 @@ def drive(session: Session, scenario: Scenario, quit_key: str = "q") -> None:
             assert not app.is_running, f"{quit_key} did not end the app"
 
     asyncio.run(main())
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
-    return result
 
 
 def traces(app: HopscopeApp) -> list[Trace]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import random
 import time
@@ -36,9 +35,7 @@ from hopscope.tui.app import HopscopeApp
 from hopscope.tui.save import write_trace_file
 from hopscope.tui.source import FileSource
 from hopscope.tui.store import RequestStore
-from rich.console import Console, RenderableType
-from textual.pilot import Pilot
-from textual.widgets import Static
+from uitools import static_text, wait_for
 
 Event = dict[str, Any]
 T0 = 1_735_732_800_000_000_000
@@ -537,23 +534,6 @@ def test_readers_of_events_skip_summary_lines(tmp_path: Path) -> None:
 
 
 # -- the UI ----------------------------------------------------------------------------------
-
-
-def text_of(renderable: RenderableType, width: int = 110) -> str:
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(renderable)
-    return console.export_text()
-
-
-def static_text(app: HopscopeApp, selector: str) -> str:
-    return text_of(app.query_one(selector, Static).content)  # type: ignore[arg-type]
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
 
 
 def one_request(n: int) -> list[Event]:

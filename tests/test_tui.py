@@ -9,7 +9,6 @@ The app ingests on a timer, so tests wait for conditions in bounded loops.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import stat
@@ -36,11 +35,11 @@ from hopscope.tui.save import SaveScreen
 from hopscope.tui.source import FileSource, Inbox, QueueSource
 from hopscope.tui.store import RequestStore, trace_events
 from hopscope.tui.waterfall import bar, hop_stretches
-from rich.console import Console, RenderableType
 from textual import events
 from textual.command import CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import Static
+from uitools import static_text, text_of, wait_for
 
 SIZE = (120, 35)
 WAIT = 10.0
@@ -146,23 +145,6 @@ def run(
             await scenario(app, pilot, source)
 
     asyncio.run(main())
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
-
-
-def text_of(renderable: RenderableType, width: int = 110) -> str:
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(renderable)
-    return console.export_text()
-
-
-def static_text(app: HopscopeApp, selector: str) -> str:
-    return text_of(app.query_one(selector, Static).content)  # type: ignore[arg-type]
 
 
 def list_lines(app: HopscopeApp) -> list[str]:

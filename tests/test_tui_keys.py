@@ -9,7 +9,6 @@ and draw the UI at small sizes.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,13 +27,12 @@ from hopscope.tui.replay_view import EditScreen, TargetScreen
 from hopscope.tui.request_list import Columns, RequestList
 from hopscope.tui.save import write_trace_file
 from hopscope.tui.source import PlaybackSource, QueueSource
-from rich.console import Console
 from textual.command import CommandList, CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 from textual.widgets._footer import FooterKey
+from uitools import text_of, wait_for
 
-WAIT = 10.0
 Event = dict[str, Any]
 SECOND = 1_000_000_000
 #: Keys that only move the list's cursor: a palette entry for them would do nothing
@@ -79,22 +77,9 @@ def run(app: HopscopeApp, scenario: Callable[[Pilot[None]], Awaitable[None]], si
     asyncio.run(main())
 
 
-async def wait_for(pilot: Pilot[None], condition: Callable[[], Any], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.02)
-
-
 def _prompt(hits: CommandList, index: int) -> str:
     prompt = hits.get_option_at_index(index).prompt
     return str(getattr(prompt, "plain", prompt))
-
-
-def text_of(renderable: Any, width: int = 110) -> str:
-    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
-    console.print(renderable)
-    return console.export_text()
 
 
 async def from_palette(app: HopscopeApp, pilot: Pilot[None], title: str) -> None:

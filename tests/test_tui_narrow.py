@@ -8,10 +8,7 @@ there are the ones a narrow terminal squeezes first.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from data.make_demo_trace import TARGET, cut
@@ -24,8 +21,8 @@ from hopscope.tui.source import QueueSource
 from hopscope.tui.timeline import Timeline
 from hopscope.tui.waterfall import span_kind
 from textual.pilot import Pilot
+from uitools import wait_for
 
-WAIT = 10.0
 #: What a bar or a tick on it may be drawn with.
 BAR_CELLS = set("█▉▊▋▌▍▎▏│▸·•✖✕")
 
@@ -34,13 +31,6 @@ BAR_CELLS = set("█▉▊▋▌▍▎▏│▸·•✖✕")
 def no_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], Any], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
 
 
 def label_of(span: Span) -> str:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
+from uitools import wait_for
 
 SIZE = (120, 35)
 WAIT = 10.0
@@ -69,14 +70,6 @@ def wait_until(condition: Callable[[], Any], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
-    return result
 
 
 class Collected:

@@ -40,10 +40,10 @@ from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import QueueSource
 from textual.pilot import Pilot
 from textual.widgets import Input
+from uitools import wait_for
 
 DATA = Path(__file__).parent / "data" / "demo-trace.jsonl"
 SIZE = (120, 35)
-WAIT = 10.0
 
 Event = dict[str, Any]
 Compare = Callable[..., bool]
@@ -69,13 +69,6 @@ def utc() -> Iterator[None]:
     else:
         os.environ["TZ"] = old
     time.tzset()
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
 
 
 def make_app() -> tuple[HopscopeApp, Callable[[Scenario], Before]]:

@@ -9,8 +9,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +23,8 @@ from hopscope.tracing.tracefile import (
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import FileSource
 from rich.console import Console
-from textual.pilot import Pilot
 from textual.widgets import Static
+from uitools import wait_for
 
 Event = dict[str, Any]
 T0 = 1_735_732_800_000_000_000
@@ -87,13 +85,6 @@ def list_lines(app: HopscopeApp) -> list[str]:
         request_list.render_line(y).text
         for y in range(request_list.scrollable_content_region.height)
     ]
-
-
-async def wait_for(pilot: Pilot[None], condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await pilot.pause(0.05)
 
 
 def test_the_first_rows_show_while_a_big_file_still_loads(tmp_path: Path) -> None:
