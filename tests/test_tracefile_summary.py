@@ -35,7 +35,7 @@ from hopscope.tui.app import HopscopeApp
 from hopscope.tui.save import write_trace_file
 from hopscope.tui.source import FileSource
 from hopscope.tui.store import RequestStore
-from uitools import static_text, wait_for
+from uitools import list_lines, static_text, wait_for
 
 Event = dict[str, Any]
 T0 = 1_735_732_800_000_000_000
@@ -621,14 +621,6 @@ def test_the_view_shows_a_summarised_request_in_full_and_filters_it_alike(
     old_results = asyncio.run(run(old))
     assert new_results == old_results
     assert all(new_results) and all(len(r) < 40 for r in new_results[1:])
-
-
-def list_lines(app: HopscopeApp) -> list[str]:
-    request_list = app.request_list
-    return [
-        request_list.render_line(y).text
-        for y in range(request_list.scrollable_content_region.height)
-    ]
 
 
 def test_the_outline_draws_rows_without_reading_events(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from textual import events
 from textual.command import CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import Static
-from uitools import static_text, text_of, wait_for
+from uitools import list_lines, static_text, text_of, wait_for
 
 SIZE = (120, 35)
 WAIT = 10.0
@@ -145,14 +145,6 @@ def run(
             await scenario(app, pilot, source)
 
     asyncio.run(main())
-
-
-def list_lines(app: HopscopeApp) -> list[str]:
-    request_list = app.request_list
-    return [
-        request_list.render_line(y).text
-        for y in range(request_list.scrollable_content_region.height)
-    ]
 
 
 # -- the store, alone ------------------------------------------------------------------------

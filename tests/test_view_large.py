@@ -24,7 +24,7 @@ from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import FileSource
 from rich.console import Console
 from textual.widgets import Static
-from uitools import wait_for
+from uitools import list_lines, wait_for
 
 Event = dict[str, Any]
 T0 = 1_735_732_800_000_000_000
@@ -77,14 +77,6 @@ def header_source(app: HopscopeApp) -> str:
     with console.capture() as capture:
         console.print(app.query_one("#header-source", Static).content)
     return capture.get().strip()
-
-
-def list_lines(app: HopscopeApp) -> list[str]:
-    request_list = app.request_list
-    return [
-        request_list.render_line(y).text
-        for y in range(request_list.scrollable_content_region.height)
-    ]
 
 
 def test_the_first_rows_show_while_a_big_file_still_loads(tmp_path: Path) -> None:

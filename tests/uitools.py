@@ -34,3 +34,12 @@ def text_of(renderable: Any, width: int = 110) -> str:
 
 def static_text(app: App[Any], selector: str) -> str:
     return text_of(app.query_one(selector, Static).content)
+
+
+def list_lines(app: Any) -> list[str]:
+    """The request list's rows on screen, as text (``app``: a HopscopeApp)."""
+    request_list = app.request_list
+    return [
+        request_list.render_line(y).text
+        for y in range(request_list.scrollable_content_region.height)
+    ]
