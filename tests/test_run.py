@@ -461,6 +461,33 @@ def test_gunicorn_with_uvicorn_workers(starlette_project: Path, runs: Callable[.
     _check_traces(run, pids, server=True)
 
 
+def test_gunicorn_asgi_worker(starlette_project: Path, runs: Callable[..., Run]) -> None:
+    # gunicorn's own ASGI worker (-k asgi) runs the request hooks, so its server span
+    # comes from them, around the ASGI app span.
+    port = _free_port()
+    run = runs(
+        starlette_project,
+        "--",
+        "gunicorn",
+        "-k",
+        "asgi",
+        "-w",
+        "2",
+        "-b",
+        f"127.0.0.1:{port}",
+        "app:app",
+    )
+    base = f"http://127.0.0.1:{port}"
+    run.wait_serving(base)
+    pids = _requests(base, workers=2)
+    assert len(set(pids.values())) == 2
+    traces = _check_traces(run, pids, server=True, software="gunicorn")
+    worker_classes = {
+        s.attrs.get("server.worker.class") for t in traces for s in t.by_hop("server")
+    }
+    assert worker_classes == {"ASGIWorker"}
+
+
 def test_gunicorn_conf_hooks_are_not_doubled(flask_project: Path, runs: Callable[..., Run]) -> None:
     port = _free_port()
     run = runs(

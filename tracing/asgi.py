@@ -21,7 +21,7 @@ from operator import itemgetter
 from types import MethodType
 from typing import Any
 
-from .context import SpanContext, current
+from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
 from .logs import install_log_capture
 from .records import (
@@ -59,6 +59,9 @@ WS_PREVIEW = 256
 
 _now = time.time_ns
 _ident = threading.get_ident
+# A server hook that opened the server span from outside the scope (gunicorn's ASGI
+# worker runs pre_request in the task that then calls the app) leaves its ids here.
+_server_parent = server_parent.get
 _exception = sys.exception
 
 
@@ -104,6 +107,9 @@ class ASGIMiddleware:
         if "hopscope" in scope and (server := scope["hopscope"]) is not None:
             trace_id = recording.trace_id = server["trace_id"]
             recording.parent_id = server["parent_id"]
+        elif (hooked := _server_parent()) is not None:
+            trace_id = recording.trace_id = hooked[0]
+            recording.parent_id = hooked[1]
         else:
             # The first traceparent, as _ids looks for it.  A plain loop: ``in map(...)``
             # asked in C cost more (the map and a call per header: 2k instructions
@@ -216,10 +222,14 @@ def _request_fields(scope: Scope) -> tuple[Any, ...]:
 
 def _ids(scope: Scope) -> tuple[int, int]:
     """(trace id, parent span id): the server hop's span when a hopscope server protocol
-    runs (``scope["hopscope"]``), else an incoming ``traceparent``, else a new trace."""
+    runs (``scope["hopscope"]``) or a server hook opened it (:data:`server_parent`), else
+    an incoming ``traceparent``, else a new trace."""
     server = scope.get("hopscope")
     if server is not None:
         return server["trace_id"], server["parent_id"]
+    hooked = _server_parent()
+    if hooked is not None:
+        return hooked
     for name, value in scope.get("headers") or ():
         if name == b"traceparent":
             parsed = parse_traceparent(value)

@@ -214,6 +214,25 @@ def _add_gunicorn_hooks(cfg: Any) -> None:
     cfg.set("post_request", post_request)
 
 
+def _runs_request_hooks(cfg: Any, app: Any) -> bool:
+    """Whether the worker that serves ``app`` calls ``pre_request``/``post_request``: every
+    WSGI worker, and gunicorn's own ASGI worker (``-k asgi``); uvicorn's workers do not
+    (hopscope's uvicorn protocol classes record the server hop there)."""
+    from .wrap import is_asgi
+
+    if not is_asgi(app):
+        return True
+    try:
+        from gunicorn.workers.gasgi import ASGIWorker  # gunicorn >= 24
+    except ImportError:
+        return False
+    try:
+        worker_class = cfg.worker_class
+    except Exception:  # an unloadable worker class: gunicorn says so itself
+        return False
+    return isinstance(worker_class, type) and issubclass(worker_class, ASGIWorker)
+
+
 def _patch_gunicorn(module: ModuleType) -> None:
     application_class = module.WSGIApplication
     load_wsgiapp = application_class.load_wsgiapp
@@ -227,9 +246,7 @@ def _patch_gunicorn(module: ModuleType) -> None:
             raise
         # gunicorn loads ASGI apps here too (for uvicorn's workers): wrap() tells them apart.
         app = _wrap(app, _describe(self.app_uri))
-        from .wrap import is_asgi
-
-        if not is_asgi(app):
+        if _runs_request_hooks(self.cfg, app):
             try:
                 _add_gunicorn_hooks(self.cfg)
             except Exception as exc:

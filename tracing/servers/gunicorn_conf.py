@@ -1,4 +1,4 @@
-"""gunicorn server hooks: the ``server`` hop for sync and gthread workers.
+"""gunicorn server hooks: the ``server`` hop for sync, gthread and gunicorn's ASGI workers.
 
 Use as ``gunicorn -c python:hopscope.tracing.servers.gunicorn_conf app:app``.  A ``-c``
 replaces ``./gunicorn.conf.py`` entirely, so this module first loads the user's config
@@ -7,8 +7,9 @@ settings, and calls the user's ``pre_request``/``post_request`` from its own.
 
 ``pre_request`` fires after the request head is parsed, before the environ is built;
 ``post_request`` after the response was written.  Both run on the worker thread that
-handles the request, which is how the app span finds its parent
-(:data:`hopscope.tracing.context.server_parent`).  uvicorn's workers call neither: under
+handles the request (in the ASGI worker: in the task that then calls the app), which is
+how the app span finds its parent (:data:`hopscope.tracing.context.server_parent`).
+uvicorn's workers call neither: under
 them, the uvicorn protocol classes record the server hop.
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from ..context import server_parent
@@ -25,13 +26,22 @@ __all__ = ["close_span", "open_span"]
 
 _now = time.time_ns
 
+#: The open span of a request whose class takes no new attributes: pre_request and
+#: post_request run in one task (ASGI worker) or on one thread, so one context holds it.
+_slotted: ContextVar[tuple[Any, tuple[int, int, Any]] | None] = ContextVar(
+    "hopscope_gunicorn_request", default=None
+)
+
 
 def open_span(worker: Any, req: Any) -> None:
     """Start the server span of ``req`` (and its queue span, given ``X-Request-Start``)."""
     begin = _now()
+    # gunicorn's ASGI worker keeps the header bytes and makes the str pairs only when
+    # something reads ``headers``: read the bytes there, so its own path stays as it is.
+    headers = getattr(req, "headers_bytes", None)
     opened = open_server_span(
         default_sink(),
-        req.headers,
+        req.headers if headers is None else headers,
         f"{req.method} {req.path}",
         begin,
         begin,
@@ -42,20 +52,30 @@ def open_span(worker: Any, req: Any) -> None:
             "url.path": req.path,
         },
     )
-    parent = (opened.trace_id, opened.span_id)
-    req._hopscope = (opened.trace_id, opened.span_id, server_parent.set(parent))
+    state = (opened.trace_id, opened.span_id, server_parent.set((opened.trace_id, opened.span_id)))
+    try:
+        req._hopscope = state
+    except AttributeError:  # a request class with __slots__ (gunicorn's ASGI worker)
+        _slotted.set((req, state))
 
 
 def close_span(req: Any, resp: Any) -> None:
     """End the server span :func:`open_span` started for ``req`` (if it did)."""
     state = getattr(req, "_hopscope", None)
-    if state is None:
-        return
-    req._hopscope = None
+    if state is not None:
+        req._hopscope = None
+    else:
+        held = _slotted.get()
+        if held is None or held[0] is not req:
+            return
+        _slotted.set(None)
+        state = held[1]
     trace_id, span_id, token = state
     try:
         server_parent.reset(token)
     except ValueError:  # set in another context: at least do not leak it to the next request
         server_parent.set(None)
+    # gunicorn's ASGI worker passes no response unless its access log is on.
     status = getattr(resp, "status_code", None)
-    default_sink().emit(("e", _now(), trace_id, span_id, {"http.response.status_code": status}))
+    attrs = {} if status is None else {"http.response.status_code": status}
+    default_sink().emit(("e", _now(), trace_id, span_id, attrs))
