@@ -185,7 +185,7 @@ def build_view_app(
 
     Raises :class:`~hopscope.tracing.TraceFileError` before any UI exists.
     """
-    source = PlaybackSource.open(path, speed=speed) if play else open_file(path)
+    source = PlaybackSource.open(path, speed=speed) if play else open_file(path, keep=max_requests)
     app = HopscopeApp(source, title="hopscope view", max_requests=max_requests)
     return Session(app, contextlib.ExitStack())
 

@@ -242,10 +242,12 @@ class FileSource:
         *,
         batch_size: int = 5_000,
         gate: Callable[[int], object] | None = None,
+        keep: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.batch_size = batch_size
         self.gate = gate
+        self.keep = keep
         self.report = LoadReport()
         self._scan: SummaryScan | None = SummaryScan(self.path, self.report)
         self._chunks: Iterator[list[Event]] | None = None
@@ -259,8 +261,11 @@ class FileSource:
             self.size = 0
         self.requests = 0
         """Traces handed over so far."""
-        self._rows: list[list[tuple[SummarisedTrace, bool]]] = []
-        """The rows made from summaries, a part of the file each."""
+        self._rows: deque[list[tuple[SummarisedTrace, bool]]] = deque()
+        """The rows made from summaries, a part of the file each: at most the parts
+        that hold the last ``keep`` rows (what the UI's ring can still show), so a file
+        bigger than the ring does not keep its evicted rows alive until they are decoded."""
+        self._kept = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.done = threading.Event()
@@ -320,7 +325,8 @@ class FileSource:
                 if self._stop.is_set():
                     return
                 time.sleep(0)  # let the UI thread in between
-            self._rows = []
+            self._rows.clear()
+            self._kept = 0
         finally:
             if collecting:
                 gc.freeze()
@@ -341,7 +347,8 @@ class FileSource:
                 if self._stop.is_set():
                     return False
                 # Some events are in no summary: fold the file after all, from scratch.
-                self._rows = []
+                self._rows.clear()
+                self._kept = 0
                 if self.requests:
                     deliver([RESET])
                     self.requests = 0
@@ -403,7 +410,7 @@ class FileSource:
         batches = 0
         append = batch.append
         for traces, dropped in scan.chunks():
-            self._rows.append(traces)
+            self._hold(traces)
             later += dropped
             new = 0
             for trace, again in traces:
@@ -426,6 +433,15 @@ class FileSource:
             return False
         deliver(batch + later)
         return True
+
+    def _hold(self, traces: list[tuple[SummarisedTrace, bool]]) -> None:
+        rows = self._rows
+        rows.append(traces)
+        self._kept += len(traces)
+        keep = self.keep
+        if keep is not None:
+            while len(rows) > 1 and self._kept - len(rows[0]) >= keep:
+                self._kept -= len(rows.popleft())
 
     def _finish(self, deliver: Deliver) -> None:
         report = self.report
@@ -671,14 +687,15 @@ def _clock(ns: int) -> str:
     return f"{minutes}:{seconds:02}"
 
 
-def open_file(path: str | os.PathLike[str]) -> FileSource | QueueSource:
-    """A source for a saved trace file, or for a HAR file (told apart by content).
+def open_file(path: str | os.PathLike[str], *, keep: int | None = None) -> FileSource | QueueSource:
+    """A source for a saved trace file, or for a HAR file (told apart by content);
+    ``keep`` is how many requests the UI holds (its ring), see :class:`FileSource`.
 
     Raises :class:`~hopscope.tracing.TraceFileError` with a one-line reason when the
     file is neither, so the caller can refuse before any UI starts.
     """
     try:
-        return FileSource(path)
+        return FileSource(path, keep=keep)
     except TraceFileError:
         events = har_events(os.fspath(path))
         if events is None:
