@@ -49,6 +49,18 @@ _NOTED = frozenset({b"expect", b"connection", b"proxy-connection"})
 _logger = logging.getLogger("uvicorn.error")
 
 _now = time.time_ns
+#: ``_new_object(cls)`` then ``obj.__init__(...)``: what ``cls(...)`` does, for classes
+#: made per request, without ``type.__call__``'s generic route into ``__init__`` (a
+#: separate run of the interpreter loop instead of an inlined call).
+_new_object = object.__new__
+#: The usual methods' names (a lookup costs less than a decode).
+_METHODS = {
+    name.encode(): name
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+}
+#: ``length`` of :func:`_whole_response` when the caller does not know it: the fields
+#: are searched for a Content-Length.
+SCAN: Any = object()
 
 
 class CorkedWrites:
@@ -105,25 +117,33 @@ def _whole_response(
     keep_alive: bool,
     default_headers: list[tuple[bytes, bytes]],
     block: bytes | None = None,
+    length: Any = SCAN,
 ) -> bytes | None:
     """A whole response's bytes, framed as a server's ``send`` would frame them; None
     when it is not the plain kind written in one go (the ordinary path then says what
     is wrong, or frames it).  ``block``: ``headers`` already joined as ``name: value``
-    lines (the proxy records that block too)."""
+    lines (the proxy records that block too).  ``length``: the one Content-Length of
+    ``headers`` (None: there is none) when the caller knows it matches ``body`` (the
+    proxy's upstream parser framed the body by it), so neither is searched nor
+    checked here."""
     if not 200 <= status < 600 or status == 204 or status == 304:
         return None
-    length = None
-    for name, value in headers:
-        if name == b"content-length":
-            if length is not None:
+    if length is SCAN:
+        length = None
+        for name, value in headers:
+            if name == b"content-length":
+                if length is not None:
+                    return None
+                length = value
+        if length is not None and not head_only:
+            try:
+                if int(length) != len(body):
+                    return None
+            except ValueError:
                 return None
-            length = value
-    if length is not None and not head_only:
-        try:
-            if int(length) != len(body):
-                return None
-        except ValueError:
-            return None
+    if keep_alive and block and length is not None and not head_only and not default_headers:
+        # The usual one (what the branches below make of it, in one call).
+        return b"".join((STATUS_LINE[status], block, b"\r\n\r\n", body))
     content = [STATUS_LINE[status]]
     if default_headers:
         content.append(b"\r\n".join(map(_FIELD_JOIN, default_headers)))
@@ -170,11 +190,11 @@ class ClientConnection:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         block: bytes | None = None,
+        length: Any = SCAN,
     ) -> bool:
         """Write a whole response (its head and body) in one go and complete the
         request's ``cycle``; False, with nothing done, when the response is not the
-        plain kind this handles.  ``block``: ``headers`` joined already (see
-        :func:`_whole_response`).
+        plain kind this handles.  ``block``, ``length``: see :func:`_whole_response`.
 
         ``cycle`` is a :class:`Request` of the listener, or (on the uvicorn-based path)
         uvicorn's ``RequestResponseCycle``, whose attributes this leans on as of uvicorn
@@ -187,7 +207,7 @@ class ClientConnection:
         if cycle is None:
             return False
         if type(cycle) is Request:
-            return cycle.write_whole(status, headers, body, block)
+            return cycle.write_whole(status, headers, body, block, length)
         if (
             cycle.response_started
             or cycle.disconnected
@@ -197,7 +217,7 @@ class ClientConnection:
             return False
         keep_alive = cycle.keep_alive
         data = _whole_response(
-            status, headers, body, cycle.scope["method"] == "HEAD", keep_alive, [], block
+            status, headers, body, cycle.scope["method"] == "HEAD", keep_alive, [], block, length
         )
         if data is None:
             return False
@@ -370,6 +390,7 @@ class Request:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         block: bytes | None = None,
+        length: Any = SCAN,
     ) -> bool:
         """The whole response in one write (see :meth:`ClientConnection.write_whole`)."""
         listener = self.listener
@@ -377,19 +398,26 @@ class Request:
             return False
         data = _whole_response(
             status, headers, body, self.head_only, self.keep_alive,
-            listener.server_state.default_headers, block,
+            listener.server_state.default_headers, block, length,
         )  # fmt: skip
         if data is None:
             return False
         listener.transport.write(data)
         self.response_started = True
         self.waiting_for_100_continue = False
-        self._complete()
+        # (_complete's body, without its call: this is most responses' end.)
+        self.response_complete = True
+        if self._waiter is not None:
+            self.wake()
+        if not self.keep_alive:
+            listener.conn.writer.close()  # what it holds goes first
+        listener.response_done(self)
         return True
 
     def _complete(self) -> None:
         self.response_complete = True
-        self.wake()
+        if self._waiter is not None:
+            self.wake()
         listener = self.listener
         if not self.keep_alive:
             listener.conn.writer.close()  # what it holds goes first
@@ -561,7 +589,8 @@ class HttpListener(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        method = parser.get_method().decode("ascii")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         url = self._url
         if parser.should_upgrade() and method != "CONNECT" and self.fallback is not None:
             self._upgrade_head(method, url, parser.get_http_version())
@@ -574,7 +603,8 @@ class HttpListener(asyncio.Protocol):
             version = "1.1"
         else:
             version = parser.get_http_version()
-        if url[:1] == b"/" and url.find(b"#") < 0:  # (find: "in" costs a raised TypeError)
+        origin_form = url[:1] == b"/"
+        if origin_form and url.find(b"#") < 0:  # (find: "in" costs a raised TypeError)
             raw_path, _, query = url.partition(b"?")
         else:
             parsed = httptools.parse_url(url)
@@ -598,8 +628,10 @@ class HttpListener(asyncio.Protocol):
         conn = self.conn
         conn.requests += 1
         keep_alive = alive and version != "1.0" and method != "CONNECT"
-        absolute = url[:1] != b"/" and url != b"*"
-        request = Request(self, scope, keep_alive, self._expect, self._begin, head_ts, absolute)
+        absolute = not origin_form and url != b"*"
+        # (Request(...) without the type call's generic route into __init__.)
+        request = _new_object(Request)
+        request.__init__(self, scope, keep_alive, self._expect, self._begin, head_ts, absolute)  # type: ignore[misc]
         self.parsing = request
         if self.running is None:
             self._start(request)
@@ -681,7 +713,8 @@ class HttpListener(asyncio.Protocol):
         if self._upgrade is not None:
             self._hand_over(transport, self._upgrade)
             return
-        self.resume_reading()
+        if self.read_paused:
+            self.resume_reading()
         loop = self.loop
         self._idle_at = loop.time()
         if self._timer is None:

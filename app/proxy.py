@@ -70,14 +70,15 @@ from hopscope.tracing.proxyrecord import (
     header_fields,
     item_record,
 )
-from hopscope.tracing.records import BODY_LIMIT, Record, new_span_id, new_trace_id
+from hopscope.tracing.records import BODY_LIMIT, Record, _getrandbits, new_trace_id
 from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
 from hopscope.tracing.traceparent import parse_traceparent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .collector import tune_gc
-from .listener import ClientConnection, CorkedWrites, HttpListener, Request
+from .listener import SCAN, ClientConnection, CorkedWrites, HttpListener, Request
 from .upstream import (
+    HOP_BY_HOP,
     ClientGone,
     UpstreamClosed,
     UpstreamConnection,
@@ -119,19 +120,7 @@ _now = time.time_ns
 _ident = threading.get_ident
 
 #: RFC 9110 7.6.1 hop-by-hop fields (plus the ones this proxy sets or re-frames itself).
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"trailer",
-    }
-)
+_HOP_BY_HOP = HOP_BY_HOP
 #: Request fields the proxy replaces with its own (or, for Expect, has already answered:
 #: uvicorn sent the 100 Continue when the body was first read).
 _REPLACED = frozenset(
@@ -308,8 +297,11 @@ class ProxyHttpProtocol(HttpListener):
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         arrival = (request.begin, request.head_ts, request.absolute, self.conn, request)
-        exchange = _Exchange(self.config.app, request.scope, request.receive, request.send)
-        return exchange.serve(self.spawn, arrival)  # type: ignore[no-any-return]
+        # The request's receive and send are bound only if the exchange needs them (see
+        # _Exchange._answer): most are answered whole without either.
+        exchange = _new_object(_Exchange)  # (see listener._new_object)
+        exchange.__init__(self.config.app, request.scope, _gone, _gone)  # type: ignore[misc]
+        return exchange.serve(self, arrival)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------
@@ -354,6 +346,26 @@ class Forwarded(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_new_object = object.__new__
+
+#: Strings the proxy encodes per request (client addresses, schemes, methods), encoded.
+_ENCODED: dict[str, bytes] = {}
+
+
+def _latin1(text: str) -> bytes:
+    """``text.encode("latin-1")``, remembered: the same few strings come again and
+    again, and a lookup costs a fraction of an encode (a bounded number are kept)."""
+    encoded = _ENCODED.get(text)
+    if encoded is None:
+        encoded = text.encode("latin-1")
+        if len(_ENCODED) >= 4096:
+            _ENCODED.clear()
+        _ENCODED[text] = encoded
+    return encoded
+
+
+#: ``_encoded(text) or _latin1(text)``: the lookup inline, the call only the first time.
+_encoded = _ENCODED.get
 
 
 class ProxyApp:
@@ -460,7 +472,8 @@ class ProxyApp:
                 continue
             if name == b"host":
                 original_host = pair[1]
-            elif name == b"x-forwarded-for":
+                continue  # (replaced, never removed: the rest is for the others)
+            if name == b"x-forwarded-for":
                 xff = pair[1] if xff is None else xff + b", " + pair[1]
             elif name == b"content-length":
                 content_length = pair[1]
@@ -480,11 +493,12 @@ class ProxyApp:
         kept = len(out)
         client = scope.get("client")
         if client:
-            address = client[0].encode("latin-1")
+            address = _encoded(client[0]) or _latin1(client[0])
             xff = xff + b", " + address if xff else address
         elif not xff:
             xff = None  # (an empty one is not passed on)
-        proto = scope.get("scheme", "http").encode("latin-1")
+        scheme = scope.get("scheme", "http")
+        proto = _encoded(scheme) or _latin1(scheme)
         start = request_start // 1000
         template = _ADDED[xff is not None, original_host is not None, trailers]
         if xff is None:
@@ -679,11 +693,7 @@ class _Exchange(Recording):
         head_ts, absolute = self._begin()
         await self._answer(head_ts, absolute)
 
-    def serve(
-        self,
-        spawn: Callable[[Any, Coroutine[Any, Any, None]], None],
-        arrival: tuple[Any, ...] | None = None,
-    ) -> Any:
+    def serve(self, listener: HttpListener, arrival: tuple[Any, ...] | None = None) -> Any:
         """Answer the request without a task when it can be: None when the exchange
         goes on from upstream's callbacks, else the coroutine to run as a task.
 
@@ -693,29 +703,32 @@ class _Exchange(Recording):
         future and no coroutine frames per request, which were a sizeable part of the
         proxy's work.  Anything else (a body, a new connection, a response still
         coming, an error) goes on as a coroutine from where the fast path stopped,
-        ``spawn(cycle, coroutine)`` running it.  ``arrival``: as in the scope (see
-        :class:`UvicornProxyProtocol`), from the proxy's own listener.
+        ``listener.spawn(cycle, coroutine)`` running it.  ``arrival``: as in the scope
+        (see :class:`UvicornProxyProtocol`), from the proxy's own listener.
         """
         head_ts, absolute = self._begin(arrival)
         method = self.scope["method"]
         if absolute or method == "CONNECT":
             return self._answer(head_ts, absolute)
         forwarded, target = prepared = self._prepare(method, head_ts)
-        content_length = forwarded.content_length
+        # (Forwarded's fields by index: a named field of a tuple subclass is a
+        # descriptor lookup on every read, here on every request.)
+        content_length = forwarded[3]
         client_conn = self.client_conn
+        pool = self.app._pool or self.app.pool
         if (
-            forwarded.chunked
+            forwarded[4]  # chunked
             or (content_length is not None and content_length != b"0")
             or client_conn is None
             or client_conn.lost
         ):
             return self._answer(head_ts, absolute, prepared)
-        conn = self.app.pool.take_idle()
+        conn = pool.take_idle()
         if conn is None:
             return self._answer(head_ts, absolute, prepared)
         first = self._request_head(method, target, forwarded, b"", False)
         self._send(conn, True, None, first, False, False, method == "HEAD")
-        self._pending = (forwarded, target, first, conn, spawn)
+        self._pending = (forwarded, target, first, conn, listener)
         conn.notify(self._upstream_moved)
         return None
 
@@ -724,7 +737,7 @@ class _Exchange(Recording):
         written and the exchange ends here; otherwise the coroutine takes over."""
         pending = self._pending
         assert pending is not None
-        forwarded, target, first, conn, spawn = pending
+        forwarded, target, first, conn, listener = pending
         self._pending = None
         head: _Head | None = None
         client_conn = self.client_conn
@@ -736,11 +749,14 @@ class _Exchange(Recording):
                 and client_conn is not None
                 and not client_conn.lost
             ):
-                headers = self._response_head(conn, forwarded.trailers)
+                headers = self._response_head(conn, forwarded[5])  # (trailers)
                 done, whole = self._try_whole(conn, headers)
                 if done:
                     self._end()
-                    self._close()
+                    # (_close's body, without its call.)
+                    if client_conn is not None and client_conn.on_lost is self:
+                        client_conn.on_lost = None
+                    self.seal()
                     return
                 head = (headers, whole)
         except BaseException as exc:
@@ -754,7 +770,7 @@ class _Exchange(Recording):
                 client_conn.transport.close()
             raise
         sent = (first, conn, head)
-        spawn(self.cycle, self._answer(0, False, (forwarded, target), sent))
+        listener.spawn(self.cycle, self._answer(0, False, (forwarded, target), sent))
 
     def _begin(self, arrival: tuple[Any, ...] | None = None) -> tuple[int, bool]:
         """Start the recording: (when the head arrived, whether the target was in
@@ -765,9 +781,9 @@ class _Exchange(Recording):
             # Taken out: it holds the request's cycle, which holds the scope (a
             # reference cycle left for the garbage collector, measurably, if it stayed).
             arrival = scope.pop("hopscope.arrival", None)
-        self.trace_id, self.parent_id = app.ids(scope)
-        self.span_id = new_span_id()
-        self.proxy_id = proxy_id = new_span_id()
+        # (new_span_id's body, without its call.)
+        self.span_id = _getrandbits(64) or 1
+        self.proxy_id = proxy_id = _getrandbits(64) or 1
         self.thread_id = _ident()
         if arrival is not None:
             begin, head_ts, absolute, client_conn, self.cycle = arrival
@@ -778,9 +794,17 @@ class _Exchange(Recording):
             # object to marshal, load and free instead of a list, and a tuple and two
             # bytes per field (see proxyrecord.PROXY_REQUEST).
             block = b"\r\n".join(map(_FIELD_JOIN, scope["headers"]))
+            if block.find(b"traceparent") < 0:
+                # No traceparent field (one search in C instead of a loop over the
+                # fields; a value that merely mentions one takes the loop).
+                self.trace_id = _getrandbits(128) or 1
+                self.parent_id = 0
+            else:
+                self.trace_id, self.parent_id = app.ids(scope)
             self.request = (*_SCOPE_HEAD(scope), block, head_ts, client_conn.accepted,
                             client_conn.requests, proxy_id)  # fmt: skip
         else:
+            self.trace_id, self.parent_id = app.ids(scope)
             begin = head_ts = _now()
             absolute = False
             self.request = (*_scope_fields(scope), head_ts, None, None, proxy_id)
@@ -797,6 +821,12 @@ class _Exchange(Recording):
         sent: _Sent | None = None,
     ) -> None:
         try:
+            cycle = self.cycle
+            if type(cycle) is Request:
+                # The listener's request: its receive and send are bound only now (see
+                # ProxyHttpProtocol.handle).
+                self.receive = cycle.receive
+                self.send = cycle.send
             method = self.scope["method"]
             if absolute or method == "CONNECT":
                 await self._refuse(absolute)
@@ -809,7 +839,7 @@ class _Exchange(Recording):
 
     def _close(self) -> None:
         client_conn = self.client_conn
-        if client_conn is not None and client_conn.on_lost == self._on_client_lost:
+        if client_conn is not None and client_conn.on_lost is self:
             # (A pipelined request behind this one may have started, and set its own.)
             client_conn.on_lost = None
         self.seal()
@@ -820,12 +850,19 @@ class _Exchange(Recording):
         app = self.app
         scope = self.scope
         forwarded = app.forwarded(scope, head_ts, self.trace_id, self.proxy_id)
-        target = app.target(scope)
+        # (ProxyApp.target's body, without its call.)
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string")
+        prefix = app._prefix
+        target = prefix + raw if prefix else raw
+        if query:
+            target = target + b"?" + query
         up = app.upstream
         # Only the fields the proxy added are recorded (the client span has the rest),
         # as the bytes that went upstream: one object for the drain to marshal.
-        start = (PROXY_START, _now(), target, forwarded.added, 0, 0,
-                 forwarded.removed or None, up.host, up.port, up.origin)  # fmt: skip
+        added, removed = forwarded[6], forwarded[2]  # (by index, as in serve)
+        start = (PROXY_START, _now(), target, added, 0, 0, removed or None,
+                 up.host, up.port, up.origin)  # fmt: skip
         self.items.append(start)
         return forwarded, target
 
@@ -857,15 +894,29 @@ class _Exchange(Recording):
         self, method: str, target: bytes, forwarded: Forwarded, body: bytes, more: bool
     ) -> bytes:
         """The request's head as it goes upstream, with the first part of its body."""
-        kept = forwarded.kept
-        content_length = forwarded.content_length
-        chunked = forwarded.chunked
-        has_body = chunked or (content_length is not None and content_length != b"0")
-        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        # (Forwarded's fields by index, as in serve.)
+        headers, kept, _, content_length, chunked, _, added = forwarded[:7]
+        name = _encoded(method) or _latin1(method)
         if kept:
-            parts.append(b"\r\n".join(map(_FIELD_JOIN, forwarded.headers)))
-            parts.append(b"\r\n")
-        parts.append(forwarded.added)  # (never empty: Host at least)
+            block = self.request[7]
+            fields = self.scope["headers"]
+            if type(block) is bytes and kept == len(fields) - 1 and fields[0][0] == b"host":
+                # Every field the client sent but its Host, which came first (as clients
+                # send it): the block recorded in _begin without its first line, instead
+                # of joining the fields a second time.
+                kept_block = block[len(fields[0][1]) + 8 :]
+            else:
+                kept_block = b"\r\n".join(map(_FIELD_JOIN, headers))
+            if not more and not chunked and content_length is None:
+                # No body (most requests): the head at once.
+                return b"".join(
+                    (name, b" ", target, b" HTTP/1.1\r\n", kept_block, b"\r\n", added, b"\r\n\r\n")
+                )
+            parts = [name, b" ", target, b" HTTP/1.1\r\n", kept_block, b"\r\n"]
+        else:
+            parts = [name, b" ", target, b" HTTP/1.1\r\n"]
+        has_body = chunked or (content_length is not None and content_length != b"0")
+        parts.append(added)  # (never empty: Host at least)
         if not more:
             if has_body or content_length is not None:
                 parts.append(b"\r\ncontent-length: %d" % len(body))
@@ -961,7 +1012,7 @@ class _Exchange(Recording):
             if client_conn.lost:
                 self.app.pool.release(conn)
                 raise ClientGone("the client went away")
-            client_conn.on_lost = self._on_client_lost
+            client_conn.on_lost = self  # (see __call__: no bound method per request)
         items = self.items
         items.append(
             (CONNECT, _now(), reused, conn.id, conn.exchanges, connect_ns, conn.local_port)
@@ -973,7 +1024,8 @@ class _Exchange(Recording):
         else:
             items.append((SENT, _now(), len(first)))
 
-    def _on_client_lost(self) -> None:
+    def __call__(self) -> None:
+        """The client went away (``ClientConnection.on_lost``)."""
         conn = self.conn
         if conn is not None:
             conn.abandon(ClientGone("the client went away"))
@@ -1021,7 +1073,10 @@ class _Exchange(Recording):
     ) -> list[tuple[bytes, bytes]]:
         """Upstream's response head as it goes to the client (recorded)."""
         self.status = status = conn.status
-        headers, removed = _response_headers(conn.headers)
+        if conn.unusual:
+            headers, removed = _response_headers(conn.headers)
+        else:  # (what _response_headers says then, without its pass over the fields)
+            headers, removed = conn.headers, []
         if te_trailers and removed and b"trailer" in removed:
             # Announced trailers may come: the client is told which, as upstream said.
             headers += [pair for pair in conn.headers if pair[0] == b"trailer"]
@@ -1048,11 +1103,14 @@ class _Exchange(Recording):
             if whole is None:
                 return False, None
             block = b"\r\n".join(map(_FIELD_JOIN, headers))
+            # Upstream's parser framed the body by its one Content-Length (if any): the
+            # writer need not search for it, nor check it.
+            length = SCAN if conn.unusual else conn.length
             cycle = self.cycle
             if (
-                cycle.write_whole(self.status, headers, whole, block)
+                cycle.write_whole(self.status, headers, whole, block, length)
                 if type(cycle) is Request  # (the listener's: one call less)
-                else client_conn.write_whole(cycle, self.status, headers, whole, block)
+                else client_conn.write_whole(cycle, self.status, headers, whole, block, length)
             ):
                 self.response_headers = block
                 self.response_started = True
@@ -1128,7 +1186,8 @@ class _Exchange(Recording):
             # state is unknown, so it is not reused.
             upload.cancel()
             conn.close()
-        self.app.pool.release(conn)
+        app = self.app
+        (app._pool or app.pool).release(conn)  # (the property's call only the first time)
 
     def _trailers(
         self,
@@ -1221,7 +1280,7 @@ class _Exchange(Recording):
         self.scope = _NO_SCOPE
         self.receive = self.send = _gone
         self.conn = self.client_conn = self.upload = self.cycle = self._pending = None
-        Recording.seal(self)
+        _recording_seal(self)
 
     # -- the drain's side ------------------------------------------------------------
     def end_fields(self) -> tuple[Any, ...]:
@@ -1232,11 +1291,12 @@ class _Exchange(Recording):
             whole = self.whole_body
             size = len(whole)
             limit = self.app.body_limit
+            # (_kept_whole's body, without its call.)
+            kept = [whole if size <= limit else whole[:limit]] if size and limit > 0 else []
             return (
                 self.end_ts, self.status, self.response_headers, self.proxy_ended,
                 self.up_status, self.up_conn, 0, None, False, None,
-                size, _kept_whole(whole, limit), size > limit, None,
-                self.client_extra, self.proxy_extra,
+                size, kept, size > limit, None, self.client_extra, self.proxy_extra,
             )  # fmt: skip
         if response is None:
             # A response written whole (or none): BodyCapture's fields for one chunk.
@@ -1265,6 +1325,12 @@ class _Exchange(Recording):
         )  # fmt: skip
 
     def _record(self, items: list[Any], end_at: int) -> Record:
+        return self._whole(end_at, items)
+
+    def _whole(self, end_at: int, items: list[Any]) -> Record:
+        # Recording.take's record of a request over before its first take (nearly
+        # every one): the same tuple, without request_fields' call and the class
+        # attribute read for the interface.
         return (
             "r", self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id,
             "proxy", self.request, end_at, self.end_fields() if end_at >= 0 else None, items,
@@ -1304,6 +1370,9 @@ class _Exchange(Recording):
             out.append(item_record(items[cursor], record))
             cursor += 1
         return cursor << 1 | end_sent, done
+
+
+_recording_seal = Recording.seal
 
 
 def _kept_whole(whole: bytes, limit: int) -> list[bytes]:

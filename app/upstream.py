@@ -41,6 +41,7 @@ import httptools
 
 __all__ = [
     "HIGH_WATER",
+    "HOP_BY_HOP",
     "ClientGone",
     "ConnectFailed",
     "ConnectTimeout",
@@ -58,9 +59,23 @@ HIGH_WATER = 256 * 1024
 
 _now = time.time_ns
 _ids = itertools.count(1)
+#: RFC 9110 7.6.1 hop-by-hop fields (plus the ones a proxy re-frames itself).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+    }
+)
 #: Response fields :meth:`UpstreamConnection.on_header` looks at (llhttp reads both
 #: Connection fields).
-_NOTED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"proxy-connection"})
+_NOTED = HOP_BY_HOP | {b"content-length"}
 
 
 class UpstreamError(Exception):
@@ -99,14 +114,53 @@ class ClientGone(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One upstream connection; it carries one exchange at a time (no pipelining)."""
+    """One upstream connection; it carries one exchange at a time (no pipelining).
+
+    Why slots: its fields are read and written dozens of times per exchange, and with
+    more than 30 of them an instance's attributes no longer share their keys (each
+    access a dictionary lookup instead of a fixed offset)."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_connection",
+        "_deadline",
+        "_drain_waiter",
+        "_framed",
+        "_head_only",
+        "_loop",
+        "_notified",
+        "_notify",
+        "_parser",
+        "_read_paused",
+        "_timer",
+        "_waiter",
+        "_write_paused",
+        "closed",
+        "complete",
+        "error",
+        "exchanges",
+        "head_ts",
+        "headers",
+        "id",
+        "keep_alive",
+        "length",
+        "local_port",
+        "pool",
+        "received",
+        "sending",
+        "status",
+        "trailers",
+        "transport",
+        "unusual",
+        "version",
+    )
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.exchanges = 0
         self.local_port: int | None = None
         self._loop = pool.loop
         self._read_paused = False
@@ -125,10 +179,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._parser = httptools.HttpResponseParser(self)
         self._chunks: deque[bytes] = deque()
-        self._new_exchange(False)
+        self.exchanges = -1
+        self.begin(False)  # the fields of an exchange (counted from the first request)
 
     # -- exchange state ----------------------------------------------------------
-    def _new_exchange(self, head_only: bool) -> None:
+    def begin(self, head_only: bool) -> None:
+        """Prepare for the next exchange (``head_only``: the request is a HEAD)."""
+        self.exchanges += 1
         if head_only or self._head_only:
             # A HEAD's response ends at its head, which httptools cannot be told: the
             # parser of the exchange before one, or after one, is not reused.  (Any other
@@ -140,6 +197,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.version = "1.1"
         self.head_ts = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The head has a hop-by-hop field (:data:`HOP_BY_HOP`) or a second
+        #: Content-Length: the proxy then goes through it field by field.  Without (the
+        #: usual case) it forwards ``headers`` as they are.
+        self.unusual = False
+        #: The Content-Length field's value (None: none came); the parser framed the
+        #: body by it.
+        self.length: bytes | None = None
         #: Fields after a chunked body (httptools reports them as headers after the head).
         self.trailers: list[tuple[bytes, bytes]] = []
         self._framed = False  # Content-Length or chunked: the end is known without EOF
@@ -152,11 +216,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.error: BaseException | None = None
         self._notify = None
         self._notified = False
-
-    def begin(self, head_only: bool) -> None:
-        """Prepare for the next exchange (``head_only``: the request is a HEAD)."""
-        self.exchanges += 1
-        self._new_exchange(head_only)
 
     @property
     def reusable(self) -> bool:
@@ -201,7 +260,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"upstream sent an invalid HTTP response ({reason})"))
             self.close()
         if self._notified or (self._notify is not None and self.status):
-            self._deliver()
+            # (_deliver's body, without its call: this is every fast-path response.)
+            self._notified = False
+            callback, self._notify = self._notify, None
+            if callback is not None:
+                callback()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost says what it means
@@ -248,12 +311,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.trailers.append((name, value))
             return
         if name in _NOTED:
-            if name == b"content-length" or (
-                name == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
+            if name == b"content-length":
                 self._framed = True
-            elif name != b"transfer-encoding":
-                self._connection = True
+                if self.length is not None:
+                    self.unusual = True
+                self.length = value
+            else:
+                self.unusual = True
+                if name == b"transfer-encoding":
+                    if value.lower().find(b"chunked") >= 0:
+                        self._framed = True
+                elif name == b"connection" or name == b"proxy-connection":
+                    self._connection = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -262,6 +331,8 @@ class UpstreamConnection(asyncio.Protocol):
             # An interim response (103 Early Hints, a stray 100 Continue): wait for the
             # final one; its headers start afresh.
             self.headers = []
+            self.unusual = False
+            self.length = None
             self._framed = False
             self._connection = False
             return
@@ -537,7 +608,18 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for the next exchange if it ended cleanly, else close it."""
-        if conn.reusable and len(self._idle) < self.max_idle:
+        # (``conn.reusable``, without the property's call.)
+        transport = conn.transport
+        if (
+            conn.complete
+            and conn.keep_alive
+            and conn.error is None
+            and not conn._chunks
+            and not conn.closed
+            and transport is not None
+            and not transport.is_closing()
+            and len(self._idle) < self.max_idle
+        ):
             self._idle.append(conn)
         else:
             conn.close()

@@ -242,7 +242,11 @@ def run_child(
             "valgrind", "-q", "--tool=callgrind", "--collect-atstart=no",
             "--toggle-collect=functools_reduce", f"--callgrind-out-file={out_file}", *argv,
         ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": tree} if tree else None
+    # One hash seed for every run: set and dict probes (header names, keys) then take
+    # the same paths each time, and counts of two trees differ only by the trees.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if tree:
+        env["PYTHONPATH"] = tree
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith(variant + " ")]
     if done.returncode != 0 or not lines:

@@ -323,3 +323,60 @@ def _ended(proxy: Proxy, query: str) -> Span | None:
             if span.hop == "client" and span.attrs.get("url.query") == query and span.finished:
                 return span
     return None
+
+
+@pytest.mark.parametrize(
+    ("fields", "kept"),
+    [
+        # Host first (as clients send it), a repeated field, a value with a colon.
+        (
+            [("Host", "a.example"), ("X-One", "1"), ("X-Two", "a: b"), ("X-One", "3")],
+            [["x-one", "1"], ["x-two", "a: b"], ["x-one", "3"]],
+        ),
+        ([("X-One", "1"), ("Host", "a.example"), ("X-Two", "2")], [["x-one", "1"], ["x-two", "2"]]),
+        ([("Host", "a.example")], []),
+        (
+            [("Host", "a.example"), ("Connection", "x-two"), ("X-Two", "2"), ("X-One", "1")],
+            [["x-one", "1"]],
+        ),
+        ([("Host", "a"), ("X-One", "1"), ("Host", "b"), ("X-Two", "2")], None),  # (a 400)
+    ],
+)
+def test_client_fields_go_upstream_in_order_without_host(
+    proxy: Proxy, fields: list[tuple[str, str]], kept: list[list[str]] | None
+) -> None:
+    head = "".join(f"{name}: {value}\r\n" for name, value in fields)
+    with connect(proxy) as sock:
+        sock.sendall(f"GET /headers HTTP/1.1\r\n{head}\r\n".encode())
+        (response,) = read_responses(sock, 1)
+    if kept is None:
+        # A repeated Host: refused by the parser, or passed on without either Host.
+        if response.startswith(b"HTTP/1.1 400"):
+            return
+        kept = [["x-one", "1"], ["x-two", "2"]]
+    assert response.startswith(b"HTTP/1.1 200")
+    seen = json.loads(body_of(response))
+    assert seen[: len(kept)] == kept
+    assert seen[len(kept)] == ["host", f"{HOST}:{proxy.app.upstream.port}"]
+    assert [name for name, _ in seen[len(kept) :]] == [
+        "host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-start",
+        "traceparent",
+    ]  # fmt: skip
+
+
+def test_a_traceparent_is_joined_and_a_mention_of_one_is_not(proxy: Proxy) -> None:
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    cases = [
+        (f"traceparent: 00-{trace_id}-{parent}-01\r\n", "/joined-trace", (trace_id, parent)),
+        (f"x-note: traceparent: 00-{trace_id}-{parent}-01\r\n", "/mentioned-trace", None),
+    ]
+    for field, path, expected in cases:
+        with connect(proxy) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n{field}\r\n".encode())
+            (response,) = read_responses(sock, 1)
+        assert response.startswith(b"HTTP/1.1 404")  # (upstream's answer, passed on)
+        seen = finished(proxy, path)
+        if expected is None:
+            assert seen.trace_id != trace_id and seen.parent_id is None
+        else:
+            assert (seen.trace_id, seen.parent_id) == expected
