@@ -21,7 +21,9 @@ summaries) is timed too, in the same run.  Then, timed, for each file:
 
 Both report wall and CPU time: on a shared machine the wall time mostly measures the
 neighbours, so compare CPU times across runs, and say the load average (``uptime``).
-``--skip-old`` times only the file with summaries.
+``--skip-old`` times only the file with summaries.  ``--filesink`` writes the file
+through ``FileSink(path)`` instead, with whatever defaults it has (whether it writes
+summary lines), and times only that file.
 
 ``--from-start`` also times what a user waits for from the command's start: the view
 run again in a fresh interpreter (started by this script, the clock started just before),
@@ -56,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import callgrind_total, load_average
 from hopscope.tracing import load
-from hopscope.tracing.records import to_events
+from hopscope.tracing.records import Record, to_events
+from hopscope.tracing.sinks import FileSink
 from hopscope.tracing.tracefile import SUMMARY_PREFIX, SummaryScan, TraceFileWriter
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.request_list import RequestList
@@ -67,6 +70,28 @@ from tui_ingest import INFO, request_records
 GOAL_S = 3.0
 #: 2025-01-01 12:00:00 UTC
 BASE_NS = 1_735_732_800_000_000_000
+
+
+def write_with_file_sink(path: str, requests: int, rate: int = 2000) -> int:
+    """The same requests written by ``FileSink(path)`` itself, with its defaults (its
+    drain's write, called here batch by batch: no queue to overflow); returns the event
+    count."""
+    rng = random.Random(7)
+    count = 0
+    sink = FileSink(path)
+    try:
+        batch: list[Record] = []
+        for n in range(requests):
+            records = request_records(n, BASE_NS + n * 1_000_000_000 // rate, rng)
+            count += sum(len(to_events(record)) for record in records)
+            batch += records
+            if n % 64 == 63:
+                sink._write(batch, 0)
+                batch = []
+        sink._write(batch, 0)
+    finally:
+        sink.close()
+    return count
 
 
 def write_file(path: str, requests: int, rate: int = 2000) -> int:
@@ -257,6 +282,11 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true", help="time only the view")
     parser.add_argument("--skip-old", action="store_true", help="time only the file with summaries")
     parser.add_argument(
+        "--filesink",
+        action="store_true",
+        help="write the file through FileSink(path), with its defaults (implies --skip-old)",
+    )
+    parser.add_argument(
         "--from-start", action="store_true", help="also time the view from a new interpreter"
     )
     parser.add_argument(
@@ -271,8 +301,11 @@ def main() -> None:
         if args.keep and os.path.exists(path):
             events = sum(1 for line in open(path, "rb") if not line.startswith(SUMMARY_PREFIX))
             events -= 1
+        elif args.filesink:
+            events = write_with_file_sink(path, args.requests)
         else:
             events = write_file(path, args.requests)
+        args.skip_old = args.skip_old or args.filesink
         if args.callgrind:
             print(f"{args.requests:,} requests; {load_average()}; instructions per request:")
             for part in ("scan", "ingest"):
@@ -285,17 +318,19 @@ def main() -> None:
         old_size = 0 if args.skip_old else os.path.getsize(old)
         if not args.json:
             print(
-                f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB with"
-                f" summaries, {old_size / 1e6:.0f} MB without (made in"
+                f"{args.requests:,} requests, {events:,} events, {size / 1e6:.0f} MB"
+                f" {'as FileSink(path) writes it' if args.filesink else 'with summaries'},"
+                f" {old_size / 1e6:.0f} MB without (made in"
                 f" {time.perf_counter() - began:.0f} s, untimed); goal {GOAL_S:g} s all loaded"
             )
         result: dict[str, Any] = {"requests": args.requests, "events": events}
-        files = [("summarised", path)] + ([] if args.skip_old else [("old_format", old)])
+        first = "filesink" if args.filesink else "summarised"
+        files = [(first, path)] + ([] if args.skip_old else [("old_format", old)])
         for name, file in files:
             loads = [] if args.skip_load else [time_load(file) for _ in range(args.repeat)]
             views = [asyncio.run(time_view(file, args.requests)) for _ in range(args.repeat)]
             starts = []
-            if args.from_start and name == "summarised":
+            if args.from_start and name == first:
                 starts = [from_start(file, args.requests) for _ in range(args.repeat)]
             result[name] = {
                 "bytes": os.path.getsize(file),
@@ -307,7 +342,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    for name in ("summarised", "old_format"):
+    for name in ("summarised", "filesink", "old_format"):
         if name not in result:
             continue
         best_load, best_view = result[name]["load"], result[name]["view"]

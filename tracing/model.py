@@ -312,7 +312,17 @@ class TraceInfo:
         return info
 
     def __init__(self, trace: Trace) -> None:
-        spans = trace.spans
+        self._sum_up(trace.spans)
+
+    @classmethod
+    def of_spans(cls, spans: dict[str, Span]) -> TraceInfo:
+        """The info of a trace made of ``spans`` (keyed by span id), without a
+        :class:`Trace` around them (a trace file's writer sums up a request this way)."""
+        info = cls.__new__(cls)
+        info._sum_up(spans)
+        return info
+
+    def _sum_up(self, spans: dict[str, Span]) -> None:
         order = _HOP_ORDER.get
         first = end = root_id = host = method = path = status = route = None
         # (rank, start) of the span each value came from: the outermost hop, earliest.

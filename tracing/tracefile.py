@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
-from .model import _QUEUE_KEY, QUEUE, Span, Trace, TraceBuilder, TraceInfo
+from .model import _QUEUE_KEY, QUEUE, Event, Span, Trace, TraceBuilder, TraceInfo
 
 __all__ = [
     "FORMAT_VERSION",
@@ -258,7 +258,37 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
 #: ``json.dumps(event, separators=(",", ":"), default=repr)`` without a new encoder per
 #: line.  ASCII only (``ensure_ascii``), so a line's length in characters is its length
 #: in bytes: the writer counts offsets without encoding line by line.
-_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+_slow_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """:data:`_slow_encode` through one C encoder made once: ``JSONEncoder.encode``
+    makes a new one per call, a third of the cost of encoding a wire event.  Without
+    the circular-reference check (its memo would be shared between threads): a cycle
+    ends in a RecursionError, and the slow encoder then says what it says of it."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return _slow_encode
+    try:
+        fast = make(None, repr, json.encoder.encode_basestring_ascii, None, ":", ",",
+                    False, False, True)  # fmt: skip
+        sample = {"a": [1, 2.5, "\u00e9\0", None, True, float("inf"), (3,)], "b": {}}
+        if "".join(fast(sample, 0)) != _slow_encode(sample):
+            return _slow_encode
+    except (TypeError, ValueError):  # another signature than 3.11-3.13's
+        return _slow_encode
+    join = "".join
+
+    def encode(value: Any) -> str:
+        try:
+            return join(fast(value, 0))
+        except RecursionError:
+            return _slow_encode(value)
+
+    return encode
+
+
+_encode = _make_encode()
 
 #: How a summary line starts, exactly: :class:`SummaryScan` finds them by it.
 SUMMARY_PREFIX = b'{"kind":"summary",'
@@ -278,39 +308,36 @@ class _Lines:
         self.count = 0
         self.newest = 0
 
-    def add(self, offset: int, length: int, ts: Any) -> None:
-        runs = self.runs
-        if runs and runs[-2] + runs[-1] == offset:
-            runs[-1] += length
-        else:
-            runs += (offset, length)
-        self.count += 1
-        if type(ts) is int and ts > self.newest:
-            self.newest = ts
+
+#: Stands for a span's point events other than ``exception`` in the traces a writer
+#: folds (see :meth:`TraceFileWriter._fold`).
+_OTHER = Event("", 0)
 
 
 class TraceFileWriter:
     """Appends wire events to a trace file, and a summary line for each finished trace.
 
     The one writer of trace files (``FileSink``, the collector's ``-o``, the UI's save),
-    so the files they write carry summaries (``FileSink``'s only when asked): a viewer
+    so the files they write carry summaries (``FileSink``'s unless told not to): a viewer
     reads one summary line per request instead of folding some ten events, which is what
     opens 100,000 requests in seconds.
 
     A trace is summed up ``grace`` seconds after the write that ended its last running
     span (later events from other processes, such as an app's behind a proxy's client
     span, usually come within that), at the first write after that, or at :meth:`close`.
-    The summary is :meth:`TraceInfo.summary` of the trace folded from the same events,
-    so it cannot disagree with a reader that folds them, plus the byte ranges of the
-    trace's lines.  An event for a trace already summed up reopens it, and a newer
+    The summary is :meth:`TraceInfo.summary` of the trace folded from the same events
+    (a request whole in one write: of the one span they make, the same thing without
+    the fold), so it cannot disagree with a reader that folds them, plus the byte
+    ranges of the trace's lines.  An event for a trace already summed up reopens it, and a newer
     summary follows: the last one wins.  What the writer holds is bounded: at most
     ``max_open`` unfinished traces (the oldest is summed up as it is, beyond that) and
     the ``keep`` last summed-up ones (a late event for an older one starts afresh, and
     the reader, finding lines no summary covers, folds the file instead).
 
     ``summaries=False`` writes the events alone (readers then fold them): for a writer
-    inside an app (``FileSink``), where folding every trace would cost the app's process
-    about as much CPU again as writing its lines.
+    inside an app (``FileSink(path, summaries=False)``) whose owner would rather not
+    spend what summing up every trace costs the app's process, some two thirds as much
+    CPU again as writing its lines.
 
     Used from one thread at a time.  Forked processes may share the file: each batch is
     written under a POSIX lock, so the offsets a process counts are where its lines are.
@@ -335,7 +362,9 @@ class TraceFileWriter:
         self._builder = TraceBuilder()
         self._lines: dict[str, _Lines] = {}
         self._due: OrderedDict[str, float] = OrderedDict()
-        self._done: OrderedDict[str, tuple[Trace, _Lines]] = OrderedDict()
+        self._done: OrderedDict[str, tuple[Trace | list[str], _Lines]] = OrderedDict()
+        self._quick: dict[str, tuple[str, list[str]]] = {}
+        """Traces held unfolded, as their summary line and lines (see :meth:`_fold`)."""
         self.closed = False
 
     @classmethod
@@ -371,6 +400,7 @@ class TraceFileWriter:
         self._lines.clear()
         self._due.clear()
         self._done.clear()
+        self._quick.clear()
 
     def write(self, events: Iterable[dict[str, Any]]) -> None:
         """Append ``events``, then the summaries that are due.  Raises OSError."""
@@ -405,42 +435,173 @@ class TraceFileWriter:
             fcntl.lockf(fd, fcntl.LOCK_UN)
 
     def _fold(self, events: list[dict[str, Any]], lines: list[str], offset: int) -> None:
+        """Fold ``events`` into the traces held, and note where their lines are.
+
+        Most traces an app's sink writes are one request, whole in one write: its span's
+        start, its point events and its end, in a row.  Such a run (for a trace not
+        held) is summed up at once from the one span it makes (:func:`_quick_info`), and
+        kept as that summary line and its own lines (strings: nothing for the garbage
+        collector to walk meanwhile), unfolded; an event for it that comes later folds
+        its lines first (:meth:`_unfold`).  Other events are folded as
+        :meth:`TraceBuilder.add` does, inline for the events the sinks make (exact
+        types), and any other event through the builder itself.  Point events other
+        than ``exception`` are not kept: a summary reads only whether a span has one of
+        those (:class:`TraceInfo`), and these traces are never shown.
+        """
         builder = self._builder
+        traces = builder.traces
         held = self._lines
         done = self._done
-        touched: dict[str, Trace] = {}
-        for event, line in zip(events, lines, strict=True):
-            length = len(line) + 1
+        quick = self._quick
+        touched: dict[str, Trace | None] = {}
+        new_span = Span
+        fast = builder.max_traces is None
+        size = len(events)
+        index = 0
+        while index < size:
+            event = events[index]
+            length = len(lines[index]) + 1
+            index += 1
             trace_id = event.get("trace_id")
-            if type(trace_id) is str and event.get("kind") != "dropped":
-                if trace_id not in held:
-                    if trace_id in done:  # a late event: reopen the trace
-                        builder.traces[trace_id], held[trace_id] = done.pop(trace_id)
+            if type(trace_id) is not str:
+                offset += length
+                continue
+            kind = event.get("kind")
+            if kind == "dropped":
+                offset += length
+                continue
+            span_id: Any = event.get("span_id")
+            ts: Any = event.get("ts")
+            attrs = event.get("attrs")
+            exact = (
+                fast
+                and type(span_id) is str
+                and type(ts) is int
+                and (type(attrs) is dict or attrs is None)
+            )
+            found = held.get(trace_id)
+            if found is None:
+                if kind == "span_start" and exact and trace_id not in done:
+                    stop = _whole_span(events, index - 1, trace_id, span_id)
+                    if stop > 0:
+                        found = held[trace_id] = _Lines()
+                        runs = found.runs
+                        runs += (offset, 0)
+                        newest = 0
+                        for at in range(index - 1, stop):
+                            runs[-1] += len(lines[at]) + 1
+                            stamp = events[at]["ts"]
+                            if stamp > newest:
+                                newest = stamp
+                        found.count = stop - index + 1
+                        found.newest = newest
+                        offset += runs[-1]
+                        quick[trace_id] = (
+                            _summary_line(trace_id, found, *_quick_info(events[index - 1 : stop])),
+                            lines[index - 1 : stop],
+                        )
+                        touched[trace_id] = None
+                        index = stop
+                        continue
+                if trace_id in done:  # a late event: reopen the trace
+                    folded, found = done.pop(trace_id)
+                    if isinstance(folded, Trace):
+                        traces[trace_id] = folded
                     else:
-                        held[trace_id] = _Lines()
+                        self._unfold(folded)
+                else:
+                    found = _Lines()
+                held[trace_id] = found
+            elif trace_id in quick:
+                self._unfold(quick.pop(trace_id)[1])
+            trace: Trace | None
+            if exact and (kind == "span_start" or kind == "span_end" or kind == "event"):
+                if attrs is None:
+                    attrs = {}
+                trace = traces.get(trace_id)
+                if trace is None:
+                    trace = traces[trace_id] = Trace(trace_id)
+                else:
+                    trace._info = None
+                spans = trace.spans
+                span = spans.get(span_id)
+                if kind == "span_start":
+                    if span is None:
+                        spans[span_id] = new_span(
+                            trace_id,
+                            span_id,
+                            event.get("parent_id"),
+                            event.get("hop", "app"),
+                            event.get("name", ""),
+                            ts,
+                            None,
+                            {**attrs},
+                        )
+                    else:
+                        span.parent_id = event.get("parent_id")
+                        span.hop = event.get("hop", span.hop)
+                        span.name = event.get("name", span.name)
+                        span.start = ts
+                        span.attrs = {**attrs, **span.attrs}
+                else:
+                    if span is None:
+                        span = spans[span_id] = new_span(trace_id, span_id)
+                    if kind == "span_end":
+                        span.end = ts
+                        if "name" in event:
+                            span.name = event["name"]
+                        span.attrs.update(attrs)
+                    elif event.get("name", "") == "exception":
+                        span.events.append(Event("exception", ts, attrs))
+                        span.attrs["error"] = True
+                    elif not span.events:
+                        span.events.append(_OTHER)
+            else:
                 try:
                     trace = builder.add(event)
                 except (AttributeError, KeyError, TypeError, ValueError):
                     trace = None  # no summary will cover it: readers then fold the file
-                if trace is not None:
-                    held[trace_id].add(offset, length, event.get("ts"))
-                    touched[trace_id] = trace
-                elif trace_id not in builder.traces:
-                    del held[trace_id]
+                if trace is None:
+                    if trace_id not in traces:
+                        del held[trace_id]
+                    offset += length
+                    continue
+            runs = found.runs
+            if runs and runs[-2] + runs[-1] == offset:
+                runs[-1] += length
+            else:
+                runs += (offset, length)
+            found.count += 1
+            if type(ts) is int and ts > found.newest:
+                found.newest = ts
+            touched[trace_id] = trace
             offset += length
         now = self._clock()
         due = self._due
         for trace_id, trace in touched.items():
-            spans = trace.spans.values()
-            if spans and all(span.end is not None for span in spans):
+            if trace is None:
+                if trace_id not in quick:  # (folded since, by a later event)
+                    trace = traces[trace_id]
+            if trace is None or all(span.end is not None for span in trace.spans.values()):
+                # (a trace always has a span: an event that makes none raises)
                 due[trace_id] = now + self.grace
                 due.move_to_end(trace_id)
             else:
                 due.pop(trace_id, None)
 
+    def _unfold(self, lines: list[str]) -> None:
+        """Fold a trace kept as its lines (see :meth:`_fold`) into the builder: decoded
+        again, as a reader does (strings: the garbage collector need not walk them while
+        the trace is kept)."""
+        builder = self._builder
+        for line in lines:
+            builder.add(json.loads(line))  # (checked when kept: cannot raise)
+
     def _sum_up(self, now: float | None) -> None:
         """Write the summaries due at ``now`` (None: every trace held)."""
         due = self._due
+        quick = self._quick
+        traces = self._builder.traces
         if now is None:
             ready = list(self._lines)
         else:
@@ -451,30 +612,82 @@ class TraceFileWriter:
                 ready.append(trace_id)
             extra = len(self._lines) - len(ready) - self.max_open
             if extra > 0:
-                ready += [t for t in self._builder.traces if t not in due][:extra]
+                ready += [t for t in traces if t not in due][:extra]
         if not ready:
             return
-        traces = self._builder.traces
         held = self._lines
         done = self._done
         out = []
         for trace_id in ready:
             due.pop(trace_id, None)
-            trace = traces.pop(trace_id)
             lines = held.pop(trace_id)
-            fields = trace.info.summary()
-            # (1.2) The header text, odd headers, bodies and hops go apart, in ``detail``:
-            # only filters read them, so a viewer keeps them undecoded until one does.
-            row = [trace_id, lines.newest, lines.count, lines.runs, *fields[:10]]
-            detail = _encode(fields[10:])
-            outline = _encode([_outlined(span) for span in trace.spans.values()])
-            out.append(
-                f'{_SUMMARY_START}{_encode(row)},"detail":{detail},"outline":{_encode(outline)}}}'
-            )
-            done[trace_id] = (trace, lines)
+            if trace_id in quick:
+                line, kept = quick.pop(trace_id)
+                out.append(line)
+                done[trace_id] = (kept, lines)
+            else:
+                trace = traces.pop(trace_id)
+                outline = [_outlined(span) for span in trace.spans.values()]
+                out.append(_summary_line(trace_id, lines, trace.info, outline))
+                done[trace_id] = (trace, lines)
         while len(done) > self.keep:
             done.popitem(last=False)
         self._append("\n".join(out) + "\n")
+
+
+def _summary_line(trace_id: str, lines: _Lines, info: TraceInfo, outline: list[Any]) -> str:
+    fields = info.summary()
+    # (1.2) The header text, odd headers, bodies and hops go apart, in ``detail``: only
+    # filters read them, so a viewer keeps them undecoded until one does.
+    row = [trace_id, lines.newest, lines.count, lines.runs, *fields[:10]]
+    # One encoding of the whole line (keys in this order: see _SUMMARY_START).
+    return _encode(
+        {"kind": SUMMARY, "trace": row, "detail": fields[10:], "outline": _encode(outline)}
+    )
+
+
+def _quick_info(events: list[dict[str, Any]]) -> tuple[TraceInfo, list[Any]]:
+    """The summary and outline of a trace made of one whole span's events (see
+    :func:`_whole_span`): what folding them makes, without the fold."""
+    first, last = events[0], events[-1]
+    span_id = first["span_id"]
+    span = Span(
+        first["trace_id"],
+        span_id,
+        first.get("parent_id"),
+        first.get("hop", "app"),
+        last["name"] if "name" in last else first.get("name", ""),
+        first["ts"],
+        last["ts"],
+        {**(first.get("attrs") or {}), **(last.get("attrs") or {})},
+    )
+    return TraceInfo.of_spans({span_id: span}), [_outlined(span)]
+
+
+def _whole_span(events: list[dict[str, Any]], first: int, trace_id: str, span_id: str) -> int:
+    """Where the run of events from ``events[first]`` (a span start) ends, when it is
+    one whole span (its start, point events other than ``exception``, its end, all as
+    the sinks make them) and the next event is another trace's; else 0."""
+    size = len(events)
+    at = first + 1
+    while at < size:
+        event = events[at]
+        if event.get("trace_id") != trace_id:
+            return 0
+        attrs = event.get("attrs")
+        if (
+            event.get("span_id") != span_id
+            or type(event.get("ts")) is not int
+            or not (type(attrs) is dict or attrs is None)
+        ):
+            return 0
+        kind = event.get("kind")
+        at += 1
+        if kind == "span_end":
+            return 0 if at < size and events[at].get("trace_id") == trace_id else at
+        if kind != "event" or event.get("name", "") == "exception":
+            return 0
+    return 0
 
 
 #: The attributes a summary's outline keeps of each span: what a request list's row shows
