@@ -423,20 +423,26 @@ def load_events(path: Path, events: list[Event]) -> dict[str, dict[str, Any]]:
     return {trace.trace_id: info_fields(TraceInfo(trace)) for trace in load(path)}
 
 
-def test_file_sink_writes_summaries_only_when_asked(tmp_path: Path) -> None:
+def test_file_sink_writes_summaries_unless_told_not_to(tmp_path: Path) -> None:
     plain = tmp_path / "plain.jsonl"
-    sink = FileSink(plain)
+    sink = FileSink(plain, summaries=False)
     sink.emit(("c", 1, 2, 7, 8, 0, "app", "GET /", 1, {"url.path": "/"}))
     sink.close()
     assert b'"summary"' not in plain.read_bytes()
     assert [len(t.spans) for t in load(plain, strict=True)] == [1]
+    summarised = tmp_path / "summarised.jsonl"
+    sink = FileSink(summarised)
+    sink.emit(("c", 1, 2, 7, 8, 0, "app", "GET /", 1, {"url.path": "/"}))
+    sink.close()
+    summary_scan, traces = scan(summarised)
+    assert summary_scan.complete and len(traces) == 1
 
 
 def test_file_sink_writes_summaries_for_real_requests(tmp_path: Path) -> None:
     from hopscope.tracing.records import new_span_id, new_trace_id
 
     path = tmp_path / "sink.jsonl"
-    sink = FileSink(path, summaries=True)
+    sink = FileSink(path)  # (summaries by default)
     for n in range(30):
         trace, span = new_trace_id(), new_span_id()
         start = time.time_ns()

@@ -604,12 +604,14 @@ class FileSink(_BatchingSink):
         path: str | os.PathLike[str],
         *,
         append: bool = False,
-        summaries: bool = False,
+        summaries: bool = True,
         **kwargs: Any,
     ) -> None:
         self.path = Path(path)
-        # No summary lines by default: summing up each trace runs a fold of its events
-        # in the app's process, which costs about as much again as writing them.
+        # Summary lines by default: a file is written to be looked at, and without them
+        # ``hopscope view`` folds every event (some 15 s of CPU for 100,000 requests
+        # against 1.5 s).  They cost the sink's thread some two thirds as much again as
+        # writing the lines (never the request's thread); ``summaries=False`` saves that.
         self._writer = TraceFileWriter.create(self.path, append=append, summaries=summaries)
         super().__init__(**kwargs)
 
