@@ -19,12 +19,17 @@ counts its work per request about 3.5k instructions short (Starlette hello world
 Under ``--callgrind`` each variant runs in its own ``valgrind --tool=callgrind`` process
 that counts only what runs inside the measured loop (``--toggle-collect`` on the C
 function driving it), so interpreter start-up, imports and warm-up are left out, with
-``PYTHONHASHSEED=0`` unless it is set (dict probe counts follow the hash seed).
+``PYTHONHASHSEED=0`` unless it is set (dict probe counts follow the hash seed).  Counts
+still move by 1-4k instructions per request with the process's memory layout (the length
+of the command line and the environment: ``--take`` moves even the bare variant's), so
+compare two versions of a middleware by runs with the same command and environment
+(``--keep DIR`` keeps the out files for ``callgrind_annotate``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import io
@@ -245,12 +250,23 @@ def count_instructions(variant: str, n: int, take: bool, workdir: str) -> int:
     return callgrind_total(argv, out, env, f" for {variant}")
 
 
-def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
+def callgrind_mode(
+    n: int, take: bool, only: str | None, jobs: int, keep: str | None = None
+) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: run without --callgrind for CPU time")
     frameworks = [only] if only else ["asgi", "wsgi"]
     variants = [f"{f}-{m}" for f in frameworks for m in ("bare", "wrapped")]
-    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(jobs) as pool:
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory())
+        else:
+            workdir = keep
+            try:
+                os.makedirs(workdir, exist_ok=True)
+            except OSError as exc:
+                raise SystemExit(f"hotpath: cannot use --keep {keep}: {exc}") from None
+        pool = stack.enter_context(ThreadPoolExecutor(jobs))
         counts = dict(
             zip(
                 variants,
@@ -258,6 +274,10 @@ def callgrind_mode(n: int, take: bool, only: str | None, jobs: int) -> None:
                 strict=True,
             )
         )
+    if keep is not None:
+        # Per function: callgrind_annotate DIR/callgrind.wsgi-wrapped (what differs from
+        # the bare variant is the middleware's; Python functions show as the eval loop).
+        print(f"callgrind out files kept in {keep}/callgrind.<variant>")
     print(f"instructions/request over {n} requests ({_flags(take)}); {load_average()}")
     for framework in frameworks:
         bare = counts[f"{framework}-bare"] / n
@@ -286,6 +306,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", choices=("asgi", "wsgi"), help="one framework only")
     parser.add_argument("--jobs", type=int, default=2, help="valgrind processes at once")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="--callgrind: keep the out files in DIR (to annotate)"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.n < 0 or args.rounds < 1 or args.jobs < 1:
@@ -297,7 +320,7 @@ def main() -> int:
     if args.child:
         child(args.child, args.n or 2000, args.take)
     elif args.callgrind:
-        callgrind_mode(args.n or 2000, args.take, args.only, args.jobs)
+        callgrind_mode(args.n or 2000, args.take, args.only, args.jobs, args.keep)
     else:
         cpu_mode(args.n or 20_000, args.rounds, args.take)
     return 0

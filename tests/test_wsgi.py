@@ -1283,3 +1283,65 @@ def test_requests_leave_no_reference_cycles_behind() -> None:
             gc.enable()
 
     assert garbage(WSGIMiddleware(app, sink=sink)) == garbage(app)
+
+
+def _echo_body(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body or b"-"]
+
+
+def test_environs_without_some_fields_or_headers_are_recorded() -> None:
+    # The fields and header values are picked by a plan made once per kind of environ
+    # (its keys): one without REMOTE_PORT (wsgiref's), with one header key or none,
+    # must still be recorded whole, with the fields it lacks left out.
+    sink = MemorySink()
+    app = WSGIMiddleware(_echo_body, sink=sink)
+    for headers in ({"HTTP_HOST": "h.example"}, {}, {"HTTP_HOST": "h", "HTTP_X_A": "1"}):
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/p",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.input": io.BytesIO(b""),
+            **headers,
+        }
+        setup_testing_defaults(environ)
+        environ.pop("REMOTE_PORT", None)
+        if "HTTP_HOST" not in headers:
+            del environ["HTTP_HOST"]  # (setup_testing_defaults adds one)
+        for _ in range(2):  # the plan's first use and a later one
+            sink.clear()
+            result = app(dict(environ), lambda status, pairs, exc_info=None: None)
+            assert b"".join(result) == b"-"
+            result.close()  # type: ignore[attr-defined]
+            s = app_span(only_trace(sink))
+            assert s.name == "GET /p"
+            assert s.attrs.get("client.port") is None
+            assert s.attrs["server.port"] == 80
+            want = [(k[5:].replace("_", "-").lower(), v) for k, v in headers.items()]
+            assert s.headers("request") == want
+
+
+def test_a_body_is_counted_whatever_kind_of_environ_came_before() -> None:
+    # A GET of HTTP/1 whose environ has no Content-Length or Transfer-Encoding key is
+    # known to have no body from its kind of environ alone; others are still looked at.
+    sink = MemorySink()
+    app = WSGIMiddleware(_echo_body, sink=sink)
+    base = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_PROTOCOL": "HTTP/1.1"}
+    cases = [
+        ({}, b"", 0),
+        ({"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "3"}, b"abc", 3),
+        ({"CONTENT_LENGTH": "2"}, b"de", 2),  # a GET with a body
+        ({"HTTP_TRANSFER_ENCODING": "chunked"}, b"fgh", 3),
+        ({"SERVER_PROTOCOL": "HTTP/2"}, b"ij", 2),
+        ({}, b"", 0),
+    ]
+    for extra, body, size in cases:
+        environ: dict[str, Any] = {**base, **extra, "wsgi.input": io.BytesIO(body)}
+        setup_testing_defaults(environ)
+        sink.clear()
+        result = app(environ, lambda status, pairs, exc_info=None: None)
+        assert b"".join(result) == (body or b"-")
+        result.close()  # type: ignore[attr-defined]
+        s = app_span(only_trace(sink))
+        assert s.attrs["http.request.body.size"] == size, extra
