@@ -70,7 +70,8 @@ from hopscope.tracing.proxyrecord import (
     header_fields,
     item_record,
 )
-from hopscope.tracing.records import BODY_LIMIT, Record, _getrandbits, new_trace_id
+from hopscope.tracing.records import BODY_LIMIT, Record, new_trace_id
+from hopscope.tracing.records import random_bits as _getrandbits
 from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
 from hopscope.tracing.traceparent import parse_traceparent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle

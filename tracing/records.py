@@ -72,6 +72,9 @@ _HEADER_KEYS = frozenset(
 
 _rand = random.Random()
 _getrandbits = _rand.getrandbits
+#: Random bits from the generator the ids come from (reseeded in forked children), for
+#: callers that draw ids inline (``hopscope proxy``): a call less than new_span_id().
+random_bits = _getrandbits
 
 
 def new_trace_id() -> int:
