@@ -26,7 +26,7 @@ import math
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from datetime import datetime
 from operator import itemgetter
@@ -76,9 +76,126 @@ _PROXY_CODES = frozenset(
     {PROXY_START, REQUEST_BODY, CONNECT, SENT, RETRY, RESPONSE_START, RESPONSE_BODY}
 )
 _UNKNOWN: Any = object()
+#: The item codes of a plain request's record, in their order.
+_USUAL_CODES = (PROXY_START, CONNECT, SENT, RESPONSE_START)
 _HEX32 = "%032x"
 _END = itemgetter(0)
 _HEX16 = "%016x"
+
+
+def _plain_proxy(record: Any) -> tuple[int, int, tuple[Any, ...]] | None:
+    """``(trace_num, newest, quick)`` of a plain proxied request's record, else None.
+
+    Plain: ended, one proxy span, only the proxy's own item codes, no error, distinct
+    ids: its line is :meth:`_Trace._quick_line` of ``quick`` (the fields
+    :attr:`_Trace.quick` keeps) unless more of the trace arrives; ``newest`` is the
+    latest time in the record.  Anything else, down to a field that cannot be read (an
+    exception), is left to :meth:`Tail._fold_proxy`, which judges it as the wire events
+    would.  Why apart from it, checked in as few steps as the plain case allows (the
+    usual four items without a loop): field by field in ``_fold_proxy``'s order, the
+    checks cost the recording child more than the rest of the request's line.
+    """
+    if type(record) is not tuple or len(record) != 11:
+        return None
+    kind, begin, trace_num, client_num, parent_num, _, interface, request, end_at, end, items = (
+        record
+    )
+    try:
+        if (
+            kind != "r"
+            or interface != "proxy"
+            or type(begin) is not int
+            or type(trace_num) is not int
+            or type(client_num) is not int
+            or type(parent_num) is not int
+            or type(end_at) is not int
+            or type(request) is not tuple
+            or type(end) is not tuple
+            or type(items) not in (list, tuple)
+            or len(request) != 12
+            or len(end) != 16
+        ):
+            return None
+        method, path, head_ts, proxy_num = request[0], request[3], request[8], request[11]
+        end_ts, status = end[0], end[1]
+        if (
+            type(method) is not str
+            or type(path) is not str
+            or type(head_ts) is not int
+            or type(proxy_num) is not int
+            or type(end_ts) is not int
+            or type(status) is not int
+            or trace_num <= 0
+            or client_num <= 0
+            or parent_num < 0
+            or proxy_num <= 0
+            or status <= 0
+            or end_at < 0
+            or not end[3]  # the request went upstream
+            or end[5] is None  # and reached an upstream connection
+            or end[14] is not None  # no client_extra (an error, a disconnect)
+            or end[15] is not None  # nor proxy_extra
+            or parent_num == client_num
+            or parent_num == proxy_num
+            or client_num == proxy_num
+        ):
+            return None
+        newest = end_ts if end_ts > begin else begin
+        if head_ts > newest:
+            newest = head_ts
+        if len(items) == 5 and items[4] is None:
+            start, connect, sent, response, _ = items
+            usual = (
+                type(start) is tuple
+                and type(connect) is tuple
+                and type(sent) is tuple
+                and type(response) is tuple
+                and (start[0], connect[0], sent[0], response[0]) == _USUAL_CODES
+            )
+        else:
+            usual = False
+        if usual:  # these four items, in this order: no loop
+            proxy_ts, connect_ts, sent_ts, response_ts = start[1], connect[1], sent[1], response[1]
+            if (
+                type(proxy_ts) is not int
+                or type(connect_ts) is not int
+                or type(sent_ts) is not int
+                or type(response_ts) is not int
+                or proxy_ts < begin
+            ):
+                return None
+            if (  # (the end is the latest, as a rule: max() only when it is not)
+                proxy_ts > newest or connect_ts > newest or sent_ts > newest or response_ts > newest
+            ):
+                newest = max(newest, proxy_ts, connect_ts, sent_ts, response_ts)
+            quick = (begin, client_num, parent_num, method, path, status, proxy_ts, proxy_num,
+                     end[4], end_ts)  # fmt: skip
+            return trace_num, newest, quick
+        proxy_ts = None
+        for item in items:
+            if item is None:
+                break
+            if type(item) is not tuple:
+                return None
+            code = item[0]
+            ts = item[1]
+            if type(ts) is not int:
+                return None
+            if code == PROXY_START:
+                if proxy_ts is not None:
+                    return None
+                proxy_ts = ts
+            elif code not in _PROXY_CODES:
+                return None
+            if ts > newest:
+                newest = ts
+        if proxy_ts is None or proxy_ts < begin:
+            return None
+    except Exception:  # a field that is not what it should be: _fold_proxy judges it
+        return None
+    quick = (begin, client_num, parent_num, method, path, status, proxy_ts, proxy_num,
+             end[4], end_ts)  # fmt: skip
+    return trace_num, newest, quick
 
 
 def _ms(ns: int | None) -> str:
@@ -88,15 +205,40 @@ def _ms(ns: int | None) -> str:
 #: The last second :func:`_clock` formatted, and its text: lines come in time order, so
 #: most of them are in the second of the line before.
 _second: tuple[int, str] = (0, "")
+#: ``(low, high, text)``: every time in ``[low, high)`` ns shows as ``text`` (the inner
+#: part of the millisecond :func:`_clock` formatted last, see there).
+_millisecond: tuple[int, int, str] = (0, 0, "")
+#: Times up to this many ns (the year 2096) are seconds as a float to 0.25 µs or better.
+_CLOCK_EXACT = 4 * 10**18
 
 
 def _clock(ns: int | None) -> str:
     """``datetime.fromtimestamp(ns / 1e9).strftime("%H:%M:%S.%f")[:-3]``, formatting each
     second once: the microseconds are rounded as ``fromtimestamp`` rounds them (half to
-    even, into the next second when they round up to it)."""
-    global _second
+    even, into the next second when they round up to it).
+
+    A time 1 µs or more inside its millisecond shows that millisecond however the float
+    rounds (to 0.25 µs or better below :data:`_CLOCK_EXACT`): its text is made from the
+    integer, and kept for the next times in the same part of that millisecond (a line's
+    time is often in the millisecond of the line before, at thousands of requests a
+    second).  Only times near a millisecond's edges take the float path."""
+    global _second, _millisecond
     if ns is None:
         return "--:--:--.---"
+    low, high, text = _millisecond
+    if low <= ns < high:
+        return text
+    if type(ns) is int and 0 < ns < _CLOCK_EXACT:
+        inner = ns % 1_000_000
+        if 1000 <= inner < 999_000:  # the float's rounding cannot move it: integers do
+            second = ns // 1_000_000_000
+            cached = _second
+            if cached[0] != second or not cached[1]:
+                cached = _second = (second, datetime.fromtimestamp(second).strftime("%H:%M:%S"))
+            text = f"{cached[1]}.{ns // 1_000_000 % 1000:03d}"
+            low = ns - inner
+            _millisecond = (low + 1000, low + 999_000, text)
+            return text
     frac, whole = math.modf(ns / 1e9)
     micros = round(frac * 1e6)
     if micros >= 1_000_000:
@@ -162,7 +304,7 @@ class _Trace:
     """A request's spans, folded from wire events the way ``TraceBuilder.add`` folds
     them (so the same events give the same line).
 
-    A plain proxied request (see :meth:`Tail._fold_proxy`) is kept as :attr:`quick`, the
+    A plain proxied request (see :func:`_plain_proxy`) is kept as :attr:`quick`, the
     few fields of its record a line reads, instead of two spans: why, the spans and
     their attribute dicts, made and walked for every request, were most of the
     recording child's work.  Anything else folded into the trace, or a look at
@@ -171,15 +313,15 @@ class _Trace:
 
     __slots__ = ("_end", "_root", "_spans", "quick", "trace_id")
 
-    def __init__(self, trace_id: str) -> None:
+    def __init__(self, trace_id: str, quick: tuple[Any, ...] | None = None) -> None:
         self.trace_id = trace_id
         self._spans: dict[Any, _Span] = {}
-        self._end: Any = _UNKNOWN
-        self._root: _Span | None = None
         #: ``(begin, client_num, parent_num, method, path, status, proxy_start,
         #: proxy_num, upstream_status, end)`` of a plain proxied request (its ids as
         #: the record's numbers: made hex only if the spans are made), or None.
-        self.quick: tuple[Any, ...] | None = None
+        self.quick = quick
+        self._end: Any = _UNKNOWN if quick is None else quick[9]
+        self._root: _Span | None = None
 
     @property
     def spans(self) -> dict[Any, _Span]:
@@ -209,15 +351,12 @@ class _Trace:
     def _quick_line(self, quick: tuple[Any, ...], color: bool) -> str:
         """:meth:`line` of the two spans :attr:`quick` stands for (a client span, the
         root, and its proxy span, both ended, no error, no route)."""
-        begin, method, path, status, proxy_ts, end = (
-            quick[0], quick[3], quick[4], quick[5], quick[6], quick[9],
-        )  # fmt: skip
-        status_text = str(status)
-        if color:
-            status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
+        begin, _, _, method, path, status, proxy_ts, _, _, end = quick
         total = f"{(end - begin) / 1e6:.1f}ms"  # (formatted once, printed twice)
+        if color:
+            status = click.style(str(status), fg=_STATUS_COLOURS.get(status // 100), bold=True)
         return (
-            f"{_clock(begin)} {method or '-'} {path} {status_text} {total} "
+            f"{_clock(begin)} {method or '-'} {path} {status} {total} "
             f"client={total} proxy={(end - proxy_ts) / 1e6:.1f}ms"
         )
 
@@ -492,7 +631,10 @@ class Tail:
         self.color = color
         self._traces: OrderedDict[str, _Trace] = OrderedDict()
         self._max_in_flight = max_in_flight
-        self._done: OrderedDict[str, None] = OrderedDict()
+        #: Printed trace ids (their stragglers are ignored), the oldest first in
+        #: ``_done_order`` (a set and a deque: cheaper than one OrderedDict).
+        self._done: set[str] = set()
+        self._done_order: deque[str] = deque()
         self._held: dict[str, _Trace] = {}
         #: ``(end, n, trace_id, trace)`` of held traces, soonest due first (see
         #: :meth:`_due_held`); entries whose trace moved on are skipped when popped.
@@ -580,9 +722,9 @@ class Tail:
                 newest = ts
         self._newest = newest
 
-    def _new_trace(self, trace_id: str) -> _Trace:
+    def _new_trace(self, trace_id: str, quick: tuple[Any, ...] | None = None) -> _Trace:
         traces = self._traces
-        trace = traces[trace_id] = _Trace(trace_id)
+        trace = traces[trace_id] = _Trace(trace_id, quick)
         if len(traces) > self._max_in_flight:
             traces.popitem(last=False)
             self.evicted += 1
@@ -591,7 +733,9 @@ class Tail:
     def _finish(self, touched: dict[str, _Trace], notes: list[str]) -> list[str]:
         held, heap, pushes = self._held, self._due_heap, self._pushes
         for trace_id, trace in touched.items():
-            end = trace.end
+            end = trace._end  # (the end property, without its call when it is known)
+            if end is _UNKNOWN:
+                end = trace.end
             if end is not None:
                 held[trace_id] = trace
                 heapq.heappush(heap, (end, next(pushes), trace_id, trace))
@@ -619,7 +763,28 @@ class Tail:
             notes: list[str] = []
             failed = 0
             inherited = _inherited(process)  # the same for the whole batch
+            traces, done = self._traces, self._done
             for record in records:
+                # A plain proxied request, new to the tail: a few fields kept (_Trace).
+                if inherited is None and (plain := _plain_proxy(record)) is not None:
+                    trace_num, latest, quick = plain
+                    # records.hex_id's text (to_bytes: half the cost of formatting).
+                    trace_id = (
+                        trace_num.to_bytes(16).hex()
+                        if trace_num >> 128 == 0
+                        else _HEX32 % trace_num
+                    )
+                    if trace_id in done:
+                        continue
+                    if trace_id not in traces:  # (as _new_trace does)
+                        trace = traces[trace_id] = _Trace(trace_id, quick)
+                        if len(traces) > self._max_in_flight:
+                            traces.popitem(last=False)
+                            self.evicted += 1
+                        touched[trace_id] = trace
+                        if latest > self._newest:
+                            self._newest = latest
+                        continue
                 try:
                     if not (
                         type(record) is tuple
@@ -670,7 +835,6 @@ class Tail:
         # Checked (and whole records in it made into events) before anything is kept.
         whole: dict[int, list[Event]] = {}
         newest = max(begin, request[8])
-        proxy_ts = starts = 0
         for index, item in enumerate(items):
             if item is None:
                 break
@@ -681,12 +845,8 @@ class Tail:
                 whole[index] = to_events(item, process)
             elif code not in _PROXY_CODES:
                 return False
-            else:
-                if code == PROXY_START:
-                    proxy_ts = item[1]
-                    starts += 1
-                if item[1] > newest:
-                    newest = item[1]
+            elif item[1] > newest:
+                newest = item[1]
         # records.hex_id's text, for the ids checked above (to_bytes: half the cost).
         trace_id = trace_num.to_bytes(16).hex() if trace_num >> 128 == 0 else _HEX32 % trace_num
         if trace_id in self._done:
@@ -695,37 +855,6 @@ class Tail:
         proxy_num = request[11]
         method, path = request[0], request[3]
         plain = type(method) is str and type(path) is str  # as normalising leaves them
-        if (
-            trace is None
-            and plain
-            and starts == 1
-            and not whole
-            and inherited is None
-            and end_at >= 0
-            and end is not None
-            and end[3]  # proxy_ended
-            and end[5] is not None  # an upstream connection was reached
-            and end[14] is None  # no client_extra (an error, a disconnect)
-            and end[15] is None  # nor proxy_extra
-            and type(end[1]) is int
-            and end[1] > 0
-            and proxy_ts >= begin
-            and parent_num != client_num
-            and parent_num != proxy_num
-            and client_num != proxy_num
-        ):
-            # The common request: two spans, both ended, nothing else (see _Trace).
-            trace = self._new_trace(trace_id)
-            end_ts = end[0]
-            trace.quick = (begin, client_num, parent_num, method, path, end[1], proxy_ts,
-                           proxy_num, end[4], end_ts)  # fmt: skip
-            trace._end = end_ts
-            touched[trace_id] = trace
-            if end_ts > newest:
-                newest = end_ts
-            if newest > self._newest:
-                self._newest = newest
-            return True
         if trace is None:
             trace = self._new_trace(trace_id)
         trace._end = _UNKNOWN
@@ -789,22 +918,27 @@ class Tail:
         few thousand requests a second about a thousand are held; looking at each of
         them at every batch and tick cost more than folding the requests themselves.
         Each time a trace is folded and has an end, it is pushed with that end, so the
-        heap always has an entry with a held trace's current end.
+        heap always has an entry with a held trace's current end.  They come off it in
+        the order :meth:`_due` sorts them to (by end), and due as it judges them.
         """
         now = max(self._newest, time.time_ns()) if self._live else self._newest
         limit = now - self._hold_ns
         heap, held, traces = self._due_heap, self._held, self._traces
-        candidates: list[_Trace] = []
+        ready: list[tuple[str, _Trace]] = []
         while heap and heap[0][0] <= limit:
             end, _, trace_id, trace = heapq.heappop(heap)
-            if held.get(trace_id) is not trace or trace.end != end:
+            if held.get(trace_id) is not trace:
                 continue  # printed, forgotten, or pushed again with its new end
-            if traces.get(trace_id) is not trace:
-                held.pop(trace_id, None)  # evicted from a full tail meanwhile
+            current = trace._end
+            if current is _UNKNOWN:
+                current = trace.end
+            if current != end:
                 continue
-            candidates.append(trace)
             del held[trace_id]  # (its line is made below; a stale duplicate is skipped)
-        return self._due(candidates)
+            if traces.get(trace_id) is not trace:
+                continue  # evicted from a full tail meanwhile
+            ready.append((trace_id, trace))
+        return self._lines(ready) if ready else []
 
     def _due(self, candidates: Iterable[_Trace], flush: bool = False) -> list[str]:
         """Lines for finished traces whose hold has passed (all finished ones on flush)."""
@@ -821,24 +955,40 @@ class Tail:
                 continue
             if flush or end + self._hold_ns <= now:
                 ready.append((end, trace_id, trace))
-        lines: list[str] = []
         ready.sort(key=_END)
-        for _, trace_id, trace in ready:
+        for _, trace_id, _ in ready:
+            self._held.pop(trace_id, None)
+        return self._lines([(trace_id, trace) for _, trace_id, trace in ready])
+
+    def _lines(self, ready: list[tuple[str, _Trace]]) -> list[str]:
+        """The lines of ``ready`` traces (no longer held), in order; each is forgotten."""
+        lines: list[str] = []
+        color = self.color
+        traces, done, order, remember = self._traces, self._done, self._done_order, self._remember
+        for trace_id, trace in ready:
+            quick = trace.quick
             try:
-                line = trace.line(self.color)
+                if quick is not None:
+                    line: str | None = trace._quick_line(quick, color)
+                else:
+                    line = trace.line(color)
             except (TypeError, ValueError, OverflowError, OSError):  # untrusted values
                 self.malformed += 1
                 line = None
-            self._forget(trace_id)
+            # (as _forget, the trace no longer held, and known: both callers checked)
+            del traces[trace_id]
+            done.add(trace_id)
+            order.append(trace_id)
+            if len(order) > remember:
+                done.discard(order.popleft())
             if line is not None:
                 lines.append(line)
-                self.printed += 1
+        self.printed += len(lines)
         return lines
 
     def _write(self, lines: list[str]) -> None:
-        for line in lines:
-            self.out.write(line + "\n")
         if lines:
+            self.out.write("\n".join(lines) + "\n")  # (one write for the batch)
             self.out.flush()
 
     def tick(self) -> list[str]:
@@ -866,9 +1016,10 @@ class Tail:
     def _forget(self, trace_id: str) -> None:
         self._held.pop(trace_id, None)
         self._traces.pop(trace_id, None)
-        self._done[trace_id] = None
-        if len(self._done) > self._remember:
-            self._done.popitem(last=False)
+        self._done.add(trace_id)
+        self._done_order.append(trace_id)
+        if len(self._done_order) > self._remember:
+            self._done.discard(self._done_order.popleft())
 
     def unfinished(self) -> int:
         """How many requests started but never ended (in what was seen)."""

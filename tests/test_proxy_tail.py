@@ -252,3 +252,160 @@ def test_command_without_a_file_prints_whole_lines(cli_proxy_no_file: dict[str, 
     echo = [line for line in out.splitlines() if " POST /echo 200 " in line]
     assert echo and all(f" {hop}=" in echo[0] for hop in ("client", "proxy", "server", "app"))
     assert any(" GET /nowhere 404 " in line for line in out.splitlines())
+
+
+def _variants(record: Record) -> list[Record]:
+    """A plain request's record, and records that differ from it in one field each: the
+    quick check (tail._plain_proxy) must take each of them as the general path does."""
+    head = record[:7]
+    request, end, items = record[7], record[9], list(record[10])
+    assert len(items) == 5 and items[4] is None  # the usual four items
+    start, connect, sent, response = items[:4]
+
+    def with_items(*new: Any) -> Record:
+        return (*record[:10], [*new, None])
+
+    def with_end(index: int, value: Any) -> Record:
+        return (*record[:9], (*end[:index], value, *end[index + 1 :]), record[10])
+
+    def with_request(index: int, value: Any) -> Record:
+        return (*head, (*request[:index], value, *request[index + 1 :]), *record[8:])
+
+    def with_field(index: int, value: Any) -> Record:
+        return (*record[:index], value, *record[index + 1 :])
+
+    late = end[0] + 10**9  # (a second: the lines held are due)
+    retry = (14, sent[1])
+    return [
+        record,
+        with_items(start, connect, retry, connect, sent, response),  # a stale connection
+        with_items(start, (11, start[1], 10, False), connect, sent, response),  # a body
+        with_items(connect, start, sent, response),  # another order
+        with_items(start, connect, sent, (16, response[1], 5), response),  # a chunk
+        with_items(start, connect, sent, (15, late, *response[2:])),  # after the end
+        with_items((10.0, *start[1:]), connect, sent, response),  # an equal code
+        with_items(start, connect, [*sent], response),  # an item not a tuple
+        with_items(start, connect, (13, float(sent[1]), 1), response),  # a float time
+        with_items(start, connect, (13, True, 1), response),
+        with_items(start, connect, retry, (13, float(sent[1]), 1), response),  # (not four)
+        with_items(start, connect, retry, (13, True, 1), response),
+        with_items(start, connect, (), response),  # an empty item
+        with_items(start, start, sent, response),  # two proxy spans
+        with_items(start, connect, sent, (99, response[1])),  # an unknown code
+        with_items(start, connect, sent, ("p", sent[1], record[2], request[11], "x", None)),
+        with_items((10, record[1] - 5 * 10**6, *start[2:]), connect, sent, response),  # too early
+        with_items((10, record[1] - 5 * 10**6, *start[2:]), connect, retry, sent, response),
+        (*record[:10], [start, connect, sent, response]),  # no closing None
+        (*record[:10], (start, connect, sent, response, None)),  # items as a tuple
+        (*record[:10], [start, None, sent, response, None]),  # closed early
+        with_field(2, True),
+        with_field(3, record[3] + 0.0),
+        with_field(4, record[3]),  # its own parent
+        with_field(4, request[11]),
+        with_field(4, -1),
+        with_field(8, -1),  # not ended
+        with_field(8, True),
+        with_field(1, str(record[1])),
+        with_request(0, b"GET"),
+        with_request(3, None),
+        with_request(8, float(request[8])),
+        with_request(8, late),  # the head's time the latest
+        with_request(11, record[3]),  # the proxy span is the client span
+        with_request(11, 0),
+        (*head, request[:11], *record[8:]),
+        with_end(0, float(end[0])),
+        with_end(1, 0),
+        with_end(1, True),
+        with_end(1, 599),
+        with_end(3, False),  # refused: never went upstream
+        with_end(5, None),  # no upstream connection reached
+        with_end(14, {"error": True, "exception.type": "OSError"}),
+        with_end(15, {"disconnected": True}),
+        with_end(4, None),
+        (*record[:9], None, record[10]),
+        (*record[:9], end[:15], record[10]),
+        list(record),
+    ]
+
+
+def _lines_both_ways(batches: list[list[Record]], info: dict[str, Any]) -> list[Any]:
+    """The lines (plain and coloured) and counters, fed as events and as records, without
+    looking at the spans (which would make a quick trace's spans before its line)."""
+    results = []
+    for color in (False, True):
+        by_events, by_records = (
+            Tail(Sink(), live=False, color=color),
+            Tail(Sink(), live=False, color=color),
+        )  # type: ignore[arg-type]
+        for batch in batches:
+            by_records.feed_records(batch, info)
+            events = []
+            dropped = 0
+            for record in batch:
+                try:
+                    events.extend(to_events(record, info))
+                except Exception:
+                    dropped += 1
+            if dropped:
+                events.insert(0, {"kind": "dropped", "ts": 0, "count": dropped, "attrs": info})
+            by_events.feed(events)
+        for tail in (by_events, by_records):
+            tail.close()
+            results.append((tail.out.lines, tail.printed, tail.malformed, tail.in_flight))  # type: ignore[attr-defined]
+    return results
+
+
+def test_quick_check_takes_each_odd_record_as_the_general_path(recorded: list[Record]) -> None:
+    from hopscope.app.tail import _plain_proxy
+
+    proxy = [r for r in recorded if r[0] == "r" and r[6] == "proxy"]
+    plain = next(r for r in proxy if _plain_proxy(r) is not None)
+    variants = _variants(plain)
+    assert sum(_plain_proxy(v) is not None for v in variants) >= 4  # some stay quick
+    for index, variant in enumerate(variants):
+        # Each on its own trace id, each alone and all in one batch.
+        variant = (*variant[:2], 10**20 + index, *variant[3:]) if len(variant) == 11 else variant
+        for info in (INFO, {}):
+            by_events, by_records = _both_ways([[variant]], info)
+            assert by_records == by_events, (index, variant)
+            plain_events, plain_records, color_events, color_records = _lines_both_ways(
+                [[variant]], info
+            )
+            assert (plain_records, color_records) == (plain_events, color_events), index
+    renamed = [
+        (*v[:2], 10**20 + i, *v[3:]) if type(v) is tuple and len(v) == 11 else v
+        for i, v in enumerate(variants)
+    ]
+    by_events, by_records = _both_ways([renamed])
+    assert by_records == by_events
+    assert len(by_records[2]) >= 20
+    plain_events, plain_records, color_events, color_records = _lines_both_ways([renamed], INFO)
+    assert (plain_records, color_records) == (plain_events, color_events)
+    assert any("\x1b[" in line for line in color_records[0])
+    assert not any("\x1b[" in line for line in plain_records[0])
+
+
+def test_plain_requests_in_the_hold_print_in_order_of_their_ends(recorded: list[Record]) -> None:
+    # Held lines come off the heap as they fall due, batch after batch, in end order.
+    proxy = [r for r in recorded if r[0] == "r" and r[6] == "proxy"]
+    plain = [r for r in proxy if r[8] >= 0 and r[9] is not None]
+    step = 10**7
+    batches = []
+    for n in range(40):
+        base = plain[n % len(plain)]
+        shift = n * step // 3 - base[1] + 1_800_000_000 * 10**9
+        items = [
+            None
+            if item is None
+            else (item[0], item[1] + shift, *item[2:])
+            if type(item[0]) is int
+            else item
+            for item in base[10]
+        ]
+        request = (*base[7][:8], base[7][8] + shift, *base[7][9:])
+        end = (base[9][0] + shift, *base[9][1:])
+        batches.append([(base[0], base[1] + shift, 10**21 + n, *base[3:7], request, base[8],
+                         end, items)])  # fmt: skip
+    by_events, by_records = _both_ways(batches)
+    assert by_records == by_events
+    assert sum(len(lines) for lines in by_records[0]) > 0  # some printed before the close

@@ -297,3 +297,27 @@ def test_clock_is_what_datetime_prints(ns: int) -> None:
 
     assert clock(ns) == _clock(ns)
     assert clock(ns + 1) == _clock(ns + 1)  # the next one, maybe in the same second
+
+
+@given(
+    st.one_of(st.sampled_from(_clock_cases()), st.integers(0, 4 * 10**18)),
+    st.lists(
+        st.one_of(
+            st.integers(-1_001_000, 1_001_000),
+            st.sampled_from([-1001, -1000, -999, -1, 1, 999, 1000, 1001, 998_999, 999_000]),
+        ),
+        max_size=12,
+    ),
+)
+def test_clock_of_times_near_the_one_before_is_what_datetime_prints(
+    ns: int, steps: list[int]
+) -> None:
+    # _clock reuses the text of the millisecond it formatted last, away from its edges.
+    from hopscope.app.tail import _clock as clock
+
+    for step in steps:
+        ns = max(ns + step, 0)
+        assert clock(ns) == _clock(ns), ns
+    edge = ns - ns % 1_000_000
+    for near in (edge, edge + 999, edge + 1000, edge + 998_999, edge + 999_000, edge + 999_999):
+        assert clock(near) == _clock(near), near
