@@ -439,14 +439,25 @@ def test_gunicorn_gthread(flask_project: Path, runs: Callable[..., Run]) -> None
     _check_traces(run, _requests(base), server=True, software="gunicorn")
 
 
-def test_gunicorn_with_uvicorn_workers(starlette_project: Path, runs: Callable[..., Run]) -> None:
+@pytest.mark.parametrize(
+    ("worker", "hooks"),
+    [
+        # The worker's uvicorn records the server hop: gunicorn's hooks never fire there.
+        ("uvicorn.workers.UvicornWorker", False),
+        # gunicorn's own ASGI worker runs the request hooks: the server span is theirs.
+        ("asgi", True),
+    ],
+)
+def test_gunicorn_with_asgi_workers(
+    starlette_project: Path, runs: Callable[..., Run], worker: str, hooks: bool
+) -> None:
     port = _free_port()
     run = runs(
         starlette_project,
         "--",
         "gunicorn",
         "-k",
-        "uvicorn.workers.UvicornWorker",
+        worker,
         "-w",
         "2",
         "-b",
@@ -457,35 +468,14 @@ def test_gunicorn_with_uvicorn_workers(starlette_project: Path, runs: Callable[.
     run.wait_serving(base)
     pids = _requests(base, workers=2)
     assert len(set(pids.values())) == 2
-    # The worker's uvicorn records the server hop: gunicorn's hooks never fire there.
-    _check_traces(run, pids, server=True)
-
-
-def test_gunicorn_asgi_worker(starlette_project: Path, runs: Callable[..., Run]) -> None:
-    # gunicorn's own ASGI worker (-k asgi) runs the request hooks, so its server span
-    # comes from them, around the ASGI app span.
-    port = _free_port()
-    run = runs(
-        starlette_project,
-        "--",
-        "gunicorn",
-        "-k",
-        "asgi",
-        "-w",
-        "2",
-        "-b",
-        f"127.0.0.1:{port}",
-        "app:app",
-    )
-    base = f"http://127.0.0.1:{port}"
-    run.wait_serving(base)
-    pids = _requests(base, workers=2)
-    assert len(set(pids.values())) == 2
-    traces = _check_traces(run, pids, server=True, software="gunicorn")
-    worker_classes = {
-        s.attrs.get("server.worker.class") for t in traces for s in t.by_hop("server")
+    traces = _check_traces(run, pids, server=True, software="gunicorn" if hooks else None)
+    hooked = {
+        s.attrs.get("server.worker.class")
+        for t in traces
+        for s in t.by_hop("server")
+        if s.attrs.get("span.kind") != "queue"
     }
-    assert worker_classes == {"ASGIWorker"}
+    assert hooked == ({"ASGIWorker"} if hooks else {None})
 
 
 def test_gunicorn_conf_hooks_are_not_doubled(flask_project: Path, runs: Callable[..., Run]) -> None:
