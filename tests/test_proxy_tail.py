@@ -54,6 +54,21 @@ def _state(tail: Tail) -> dict[str, Any]:
     }
 
 
+def _as_events(batch: list[Record], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a collector makes of a batch of records: their wire events, after a
+    ``dropped`` event counting the records it could not turn into events."""
+    events: list[dict[str, Any]] = []
+    dropped = 0
+    for record in batch:
+        try:
+            events.extend(to_events(record, info))
+        except Exception:
+            dropped += 1
+    if dropped:
+        events.insert(0, {"kind": "dropped", "ts": 0, "count": dropped, "attrs": dict(info)})
+    return events
+
+
 def _both_ways(
     batches: list[list[Record]], info: dict[str, Any] = INFO
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -67,17 +82,7 @@ def _both_ways(
                 tail.feed_records(batch, info)
                 per_batch.append(list(tail.out.lines))  # type: ignore[attr-defined]
             else:
-                events = []
-                dropped = 0
-                for record in batch:
-                    try:
-                        events.extend(to_events(record, info))
-                    except Exception:
-                        dropped += 1
-                if dropped:
-                    events.insert(0, {"kind": "dropped", "ts": 0, "count": dropped,
-                                      "attrs": dict(info)})  # fmt: skip
-                tail.feed(events)
+                tail.feed(_as_events(batch, info))
                 per_batch.append(list(tail.out.lines))  # type: ignore[attr-defined]
         state = _state(tail)
         tail.close()
@@ -339,16 +344,7 @@ def _lines_both_ways(batches: list[list[Record]], info: dict[str, Any]) -> list[
         )  # type: ignore[arg-type]
         for batch in batches:
             by_records.feed_records(batch, info)
-            events = []
-            dropped = 0
-            for record in batch:
-                try:
-                    events.extend(to_events(record, info))
-                except Exception:
-                    dropped += 1
-            if dropped:
-                events.insert(0, {"kind": "dropped", "ts": 0, "count": dropped, "attrs": info})
-            by_events.feed(events)
+            by_events.feed(_as_events(batch, info))
         for tail in (by_events, by_records):
             tail.close()
             results.append((tail.out.lines, tail.printed, tail.malformed, tail.in_flight))  # type: ignore[attr-defined]
