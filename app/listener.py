@@ -266,6 +266,8 @@ class Request:
         head_ts: int,
         absolute: bool,
     ) -> None:
+        # (HttpListener.on_headers_complete sets these fields inline, without this
+        # call: keep the two alike.)
         self.listener = listener
         self.scope = scope
         #: When its first byte and its whole head arrived; whether its target was in
@@ -396,21 +398,51 @@ class Request:
         listener = self.listener
         if self.response_started or self.disconnected or listener.write_paused:
             return False
-        data = _whole_response(
-            status, headers, body, self.head_only, self.keep_alive,
-            listener.server_state.default_headers, block, length,
-        )  # fmt: skip
-        if data is None:
-            return False
-        listener.transport.write(data)
+        keep_alive = self.keep_alive
+        default_headers = listener.server_state.default_headers
+        if (
+            keep_alive
+            and block
+            and length is not SCAN
+            and length is not None
+            and not self.head_only
+            and not default_headers
+            and 200 <= status < 600
+            and status != 204
+            and status != 304
+        ):
+            # (_whole_response's usual case, without its call: most responses.)
+            data: bytes | None = b"".join((STATUS_LINE[status], block, b"\r\n\r\n", body))
+        else:
+            data = _whole_response(
+                status, headers, body, self.head_only, keep_alive, default_headers, block, length
+            )
+            if data is None:
+                return False
+        transport = listener.transport
+        transport.write(data)
         self.response_started = True
         self.waiting_for_100_continue = False
         # (_complete's body, without its call: this is most responses' end.)
         self.response_complete = True
         if self._waiter is not None:
             self.wake()
-        if not self.keep_alive:
+        if not keep_alive:
             listener.conn.writer.close()  # what it holds goes first
+        elif (
+            listener.running is self
+            and not listener.pipeline
+            and listener._upgrade is None
+            and not listener.read_paused
+            and listener._timer is not None
+            and not transport.is_closing()
+        ):
+            # (response_done's usual case, without its call: a kept-alive connection
+            # with nothing behind this request, its keep-alive timer armed.)
+            listener.server_state.total_requests += 1
+            listener.running = None
+            listener._idle_at = listener.loop.time()
+            return True
         listener.response_done(self)
         return True
 
@@ -629,12 +661,37 @@ class HttpListener(asyncio.Protocol):
         conn.requests += 1
         keep_alive = alive and version != "1.0" and method != "CONNECT"
         absolute = not origin_form and url != b"*"
-        # (Request(...) without the type call's generic route into __init__.)
+        # (Request(...)'s fields set here, without its __init__ call: this is every
+        # request.  Request.__init__ says the same.)
         request = _new_object(Request)
-        request.__init__(self, scope, keep_alive, self._expect, self._begin, head_ts, absolute)  # type: ignore[misc]
+        request.listener = self
+        request.scope = scope
+        request.begin = self._begin
+        request.head_ts = head_ts
+        request.absolute = absolute
+        request.keep_alive = keep_alive
+        request.waiting_for_100_continue = self._expect
+        request.head_only = method == "HEAD"
+        request.body = b""
+        request.more_body = True
+        request.disconnected = False
+        request.response_started = False
+        request.response_complete = False
+        request.chunked = False
+        request.expected = 0
+        request._waiter = None
         self.parsing = request
         if self.running is None:
-            self._start(request)
+            # (_start's body, without its call.)
+            self.running = request
+            try:
+                coroutine = self.handle(request)
+            except Exception as exc:  # a bug: this connection cannot go on
+                _logger.error("Exception in the proxy", exc_info=exc)
+                self.transport.close()
+                return
+            if coroutine is not None:
+                self.spawn(request, coroutine)
         else:
             self.pause_reading()
             self.pipeline.append(request)
@@ -656,7 +713,8 @@ class HttpListener(asyncio.Protocol):
         if request.response_complete:
             return
         request.more_body = False
-        request.wake()
+        if request._waiter is not None:  # (wake's test, without its call when idle)
+            request.wake()
 
     # -- requests ------------------------------------------------------------------
     def _start(self, request: Request) -> None:

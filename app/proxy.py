@@ -161,6 +161,11 @@ _ADDED = {
 }
 
 
+#: The usual two (see ProxyApp.forwarded): a client address, no TE: trailers.
+_ADDED_XFF = _ADDED[True, False, False]
+_ADDED_XFF_HOST = _ADDED[True, True, False]
+
+
 class ProxyError(Exception):
     """The proxy cannot start (bad upstream, port in use); the message is one line."""
 
@@ -297,12 +302,9 @@ class ProxyHttpProtocol(HttpListener):
         return isinstance(app, ProxyApp)
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
-        arrival = (request.begin, request.head_ts, request.absolute, self.conn, request)
-        # The request's receive and send are bound only if the exchange needs them (see
-        # _Exchange._answer): most are answered whole without either.
+        # Made without __init__: serve sets its fields (one call less per request).
         exchange = _new_object(_Exchange)  # (see listener._new_object)
-        exchange.__init__(self.config.app, request.scope, _gone, _gone)  # type: ignore[misc]
-        return exchange.serve(self, arrival)  # type: ignore[no-any-return]
+        return exchange.serve(self, request)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------
@@ -694,9 +696,11 @@ class _Exchange(Recording):
         head_ts, absolute = self._begin()
         await self._answer(head_ts, absolute)
 
-    def serve(self, listener: HttpListener, arrival: tuple[Any, ...] | None = None) -> Any:
-        """Answer the request without a task when it can be: None when the exchange
-        goes on from upstream's callbacks, else the coroutine to run as a task.
+    def serve(self, listener: HttpListener, request: Request) -> Any:
+        """Answer the listener's ``request`` without a task when it can be: None when
+        the exchange goes on from upstream's callbacks, else the coroutine to run as a
+        task.  The exchange is a fresh one made without ``__init__``
+        (:meth:`ProxyHttpProtocol.handle`): its fields are set here.
 
         Why: most requests have no body, find an idle upstream connection, and get a
         response that arrives whole in one read.  Those are sent upstream here and
@@ -704,33 +708,150 @@ class _Exchange(Recording):
         future and no coroutine frames per request, which were a sizeable part of the
         proxy's work.  Anything else (a body, a new connection, a response still
         coming, an error) goes on as a coroutine from where the fast path stopped,
-        ``listener.spawn(cycle, coroutine)`` running it.  ``arrival``: as in the scope
-        (see :class:`UvicornProxyProtocol`), from the proxy's own listener.
+        ``listener.spawn(cycle, coroutine)`` running it.  What ``__init__``,
+        :meth:`_begin`, :meth:`ProxyApp.forwarded` (for the usual fields),
+        :meth:`_prepare`, :meth:`_request_head`, :meth:`_send` and
+        :meth:`UpstreamPool.take_idle` do for such a request is done inline, each call
+        a frame per request (tests/test_proxy_listener.py compares the two paths' bytes
+        and recordings).
         """
-        head_ts, absolute = self._begin(arrival)
-        method = self.scope["method"]
+        app: ProxyApp = listener.config.app
+        scope = request.scope
+        # (__init__'s fields.  The request's receive and send are bound only if the
+        # exchange needs them (see _answer): most are answered whole without either.)
+        self.app = app
+        self.scope = scope
+        self.receive = self.send = _gone
+        self.sink = sink = app.sink
+        self.request_body = None
+        self.response = None
+        self.whole_body = b""
+        self.conn = None
+        self.upload = None
+        self.response_started = False
+        self.status = 0
+        self.response_headers = None
+        self.client_extra = None
+        self.proxy_extra = None
+        self.proxy_ended = False
+        self.up_conn = None
+        self.up_status = 0
+        self.end_ts = 0
+        items: list[Any] = []
+        self.items = items
+        self.end_at = -1
+        self.done = False
+        self._state = -1
+        self._pending = None
+        # (_begin's, for a request of the listener: see there.)
+        self.span_id = _getrandbits(64) or 1
+        self.proxy_id = proxy_id = _getrandbits(64) or 1
+        self.thread_id = _ident()
+        self.client_conn = client_conn = listener.conn
+        self.cycle = request
+        head_ts = request.head_ts
+        fields = scope["headers"]
+        block = b"\r\n".join(map(_FIELD_JOIN, fields))
+        if block.find(b"traceparent") < 0:
+            trace_id = self.trace_id = _getrandbits(128) or 1
+            self.parent_id = 0
+        else:
+            trace_id, parent_id = app.ids(scope)
+            self.trace_id, self.parent_id = trace_id, parent_id
+        method = scope["method"]
+        client = scope["client"]
+        scheme = scope["scheme"]
+        # (PROXY_REQUEST's fields, as _begin makes them with _SCOPE_HEAD: read one by
+        # one they cost less than the getter's tuple unpacked into another.)
+        self.request = (method, scheme, scope["http_version"], scope["path"],
+                        scope["query_string"], client, scope["server"], block, head_ts,
+                        client_conn.accepted, client_conn.requests, proxy_id)  # fmt: skip
+        self.start = request.begin
+        if not sink.start_live(self):
+            self.go_eager()
+        absolute = request.absolute
         if absolute or method == "CONNECT":
             return self._answer(head_ts, absolute)
-        forwarded, target = prepared = self._prepare(method, head_ts)
+        # (ProxyApp.forwarded's, when the proxy replaces or drops none of the fields but
+        # Host (nearly every request): see there.)
+        out: list[tuple[bytes, bytes]] = []
+        original_host: bytes | None = None
+        for pair in fields:
+            name = pair[0]
+            if name not in _SPECIAL:
+                out.append(pair)
+            elif name == b"host":
+                original_host = pair[1]
+            else:
+                client = None  # (the general way, below)
+                break
+        if client:
+            address = _encoded(client[0]) or _latin1(client[0])
+            proto = _encoded(scheme) or _latin1(scheme)
+            host, start = app._host_header, head_ts // 1000
+            if original_host is None:
+                added = _ADDED_XFF % (host, address, proto, start, trace_id, proxy_id)
+            else:
+                values = (host, address, proto, original_host, start, trace_id, proxy_id)
+                added = _ADDED_XFF_HOST % values
+            forwarded = _new_tuple(Forwarded, (out, len(out), [], None, False, False, added))
+        else:
+            forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
+        # (_prepare's.)
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        query = scope.get("query_string")
+        prefix = app._prefix
+        target = prefix + raw if prefix else raw
+        if query:
+            target = target + b"?" + query
+        up = app.upstream
         # (Forwarded's fields by index: a named field of a tuple subclass is a
         # descriptor lookup on every read, here on every request.)
+        removed = forwarded[2]
+        added = forwarded[6]
+        items.append((PROXY_START, _now(), target, added, 0, 0, removed or None,
+                      up.host, up.port, up.origin))  # fmt: skip
         content_length = forwarded[3]
-        client_conn = self.client_conn
-        pool = self.app._pool or self.app.pool
         if (
             forwarded[4]  # chunked
             or (content_length is not None and content_length != b"0")
             or client_conn is None
             or client_conn.lost
         ):
-            return self._answer(head_ts, absolute, prepared)
-        conn = pool.take_idle()
-        if conn is None:
-            return self._answer(head_ts, absolute, prepared)
-        first = self._request_head(method, target, forwarded, b"", False)
-        self._send(conn, True, None, first, False, False, method == "HEAD")
+            return self._answer(head_ts, absolute, (forwarded, target))
+        # (UpstreamPool.take_idle's.)
+        idle = (app._pool or app.pool)._idle
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if not conn.closed and transport is not None and not transport.is_closing():
+                break
+        else:
+            return self._answer(head_ts, absolute, (forwarded, target))
+        # (_request_head's, for a request without a body.)
+        kept = forwarded[1]
+        if kept and content_length is None:
+            if kept == len(fields) - 1 and fields[0][0] == b"host":
+                # Every field but Host, which came first: the block without its line.
+                kept_block = block[len(fields[0][1]) + 8 :]
+            else:
+                kept_block = b"\r\n".join(map(_FIELD_JOIN, forwarded[0]))
+            name = _encoded(method) or _latin1(method)
+            first = b"".join(
+                (name, b" ", target, b" HTTP/1.1\r\n", kept_block, b"\r\n", added, b"\r\n\r\n")
+            )
+        else:
+            first = self._request_head(method, target, forwarded, b"", False)
+        # (_send's, on an idle connection without a body: conn.write's checks were
+        # take_idle's just now, and begin clears the error.)
+        self.conn = conn
+        # (Told to call _upstream_moved now: nothing arrives before this returns.)
+        conn.begin(method == "HEAD", self._upstream_moved)
+        client_conn.on_lost = self  # (see __call__: no bound method per request)
+        items.append((CONNECT, _now(), True, conn.id, conn.exchanges, None, conn.local_port))
+        transport.write(first)
+        items.append((SENT, _now(), len(first)))
         self._pending = (forwarded, target, first, conn, listener)
-        conn.notify(self._upstream_moved)
         return None
 
     def _upstream_moved(self) -> None:
@@ -750,14 +871,49 @@ class _Exchange(Recording):
                 and client_conn is not None
                 and not client_conn.lost
             ):
-                headers = self._response_head(conn, forwarded[5])  # (trailers)
-                done, whole = self._try_whole(conn, headers)
+                app = self.app
+                if conn.unusual or app.server_timing:
+                    headers = self._response_head(conn, forwarded[5])  # (trailers)
+                else:
+                    # (_response_head's, for the usual head: forwarded as it came.)
+                    self.status = status = conn.status
+                    self.response_headers = headers = conn.headers
+                    self.items.append((RESPONSE_START, conn.head_ts, status, conn.version, None))
+                # (_try_whole's, for the listener's request (serve's only kind): see there.)
+                cycle: Request = self.cycle  # type: ignore[assignment]
+                done = False
+                whole = conn.take_whole()
+                if whole is not None:
+                    block = b"\r\n".join(map(_FIELD_JOIN, headers))
+                    length = SCAN if conn.unusual else conn.length
+                    if cycle.write_whole(self.status, headers, whole, block, length):
+                        done = True
+                        self.response_headers = block
+                        self.response_started = True
+                        self.whole_body = whole
+                        # (_release's: no upload on this path.)
+                        (app._pool or app.pool).release(conn)
                 if done:
-                    self._end()
-                    # (_close's body, without its call.)
-                    if client_conn is not None and client_conn.on_lost is self:
+                    # (_end's, _close's and seal's bodies, without their calls.)
+                    if self.end_at < 0:
+                        self.end_ts = _now()
+                        self.proxy_ended = True
+                        self.up_conn = conn.id
+                        self.up_status = conn.status
+                        self.end_at = len(self.items)  # publishes the end: written last
+                    if client_conn.on_lost is self:
                         client_conn.on_lost = None
-                    self.seal()
+                    self.scope = _NO_SCOPE
+                    self.receive = self.send = _gone
+                    self.conn = self.client_conn = self.upload = self.cycle = None
+                    items = self.items
+                    if type(items) is list:
+                        # (Recording.seal's body for a sink that takes recordings: the
+                        # eager kind of items has more to do.)
+                        self.done = True
+                        items.append(None)
+                    else:
+                        _recording_seal(self)
                     return
                 head = (headers, whole)
         except BaseException as exc:

@@ -167,7 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        #: Called (once) instead of waking a waiter: see :meth:`notify`.
+        #: Called (once) instead of waking a waiter: see :meth:`begin`.
         self._notify: Callable[[], None] | None = None
         self._notified = False
         self._timer: asyncio.TimerHandle | None = None
@@ -183,8 +183,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.begin(False)  # the fields of an exchange (counted from the first request)
 
     # -- exchange state ----------------------------------------------------------
-    def begin(self, head_only: bool) -> None:
-        """Prepare for the next exchange (``head_only``: the request is a HEAD)."""
+    def begin(self, head_only: bool, notify: Callable[[], None] | None = None) -> None:
+        """Prepare for the next exchange (``head_only``: the request is a HEAD).
+
+        ``notify``: call it (once, outside the parser's callbacks) when the response
+        moves on (its head or body arrived, it failed, it timed out), instead of waking a
+        coroutine; the read timeout runs from now, as for a wait.  Why: most responses
+        arrive whole in one read; the proxy then answers from this callback, with no
+        task and no future for the request (see the proxy's ``_Exchange.serve``).  It
+        is told here, not in a call of its own: one call less per request."""
         self.exchanges += 1
         if head_only or self._head_only:
             # A HEAD's response ends at its head, which httptools cannot be told: the
@@ -214,8 +221,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.error: BaseException | None = None
-        self._notify = None
         self._notified = False
+        self._notify = notify
+        if notify is not None:
+            loop = self._loop
+            self._deadline = loop.time() + self.pool.read_timeout
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._on_timeout)
 
     @property
     def reusable(self) -> bool:
@@ -376,8 +388,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- waiting -----------------------------------------------------------------
     def _step(self) -> None:
         """The response moved on (from the parser's callbacks): wake a waiter.  A
-        :meth:`notify` callback needs nothing here: :meth:`data_received` calls it once
-        the head is in (what any step after it needs too), and it is called once."""
+        ``notify`` callback (see :meth:`begin`) needs nothing here: :meth:`data_received`
+        calls it once the head is in (what any step after it needs too), and once."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -389,20 +401,6 @@ class UpstreamConnection(asyncio.Protocol):
                 waiter.set_result(None)
         elif self._notify is not None:
             self._notified = True  # delivered once the parser is done (_deliver)
-
-    def notify(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (once, outside the parser's callbacks) when the response
-        moves on (its head or body arrived, it failed, it timed out), instead of waking a
-        coroutine; the read timeout runs from now, as for a wait.
-
-        Why: most responses arrive whole in one read; the proxy then answers from this
-        callback, with no task and no future for the request (see the proxy's
-        ``_Exchange.serve``)."""
-        self._notify = callback
-        loop = self._loop
-        self._deadline = loop.time() + self.pool.read_timeout
-        if self._timer is None:
-            self._timer = loop.call_at(self._deadline, self._on_timeout)
 
     def _deliver(self) -> None:
         self._notified = False

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -380,3 +382,81 @@ def test_a_traceparent_is_joined_and_a_mention_of_one_is_not(proxy: Proxy) -> No
             assert seen.trace_id != trace_id and seen.parent_id is None
         else:
             assert (seen.trace_id, seen.parent_id) == expected
+
+
+# -- the fast path (_Exchange.serve, _upstream_moved) against the coroutine path -------
+
+_TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_VOLATILE = re.compile(rb"t=\d+|00-[0-9a-f]{32}-[0-9a-f]{16}-01|date: [^\r\n]*")
+
+
+def _normal(value: Any) -> Any:
+    """``value`` without what differs between any two requests (times, ids, ports)."""
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items() if k not in _PER_REQUEST}
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    if isinstance(value, str):
+        return _VOLATILE.sub(b"*", value.encode()).decode()
+    return value
+
+
+_PER_REQUEST = {"connection.request_number", "connect_ns", "network.local.port", "reused",
+                "connection.exchange", "http.response.body"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "head_only"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: t\r\n\r\n", False),
+        # Hop-by-hop fields in the response; Host not first; an X-Forwarded-For.
+        (b"GET /headers?x=1 HTTP/1.1\r\nX-One: 1\r\nHost: a\r\n"
+         b"X-Forwarded-For: 10.0.0.1\r\n\r\n", False),
+        (b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", True),
+        (b"GET /headers HTTP/1.1\r\nX-One: 1\r\n\r\n", False),  # (no Host)
+        (b"GET / HTTP/1.1\r\nHost: a\r\ntraceparent: " + _TRACEPARENT
+         + b"\r\nContent-Length: 0\r\n\r\n", False),
+    ],
+)  # fmt: skip
+def test_fast_path_forwards_and_records_as_the_coroutine_path(
+    upstream: Running, request_bytes: bytes, head_only: bool
+) -> None:
+    """The first request opens the upstream connection (the coroutine path); the second
+    finds it idle and is answered from upstream's callback, with what __init__, _begin,
+    ProxyApp.forwarded, _prepare, _send, _response_head, _try_whole and _end do inlined
+    (and the listener's write_whole, its response_done): the same bytes both ways and the
+    same recording."""
+    with proxy_to(upstream.url) as proxy, connect(proxy) as sock:
+        responses = []
+        for _ in range(2):
+            sock.sendall(request_bytes)
+            (response,) = read_responses(sock, 1, heads=(0,) if head_only else ())
+            responses.append(_VOLATILE.sub(b"*", response))
+        assert responses[0].startswith(b"HTTP/1.1 ")
+        assert responses[0] == responses[1]
+
+        def both() -> list[Span] | None:
+            spans = [s for t in proxy.traces() for s in t.spans.values() if s.end is not None]
+            return spans if len(spans) == 4 else None
+
+        spans = sorted(wait_until(both), key=lambda s: (s.start or 0, s.hop != "client"))
+    clients = [s for s in spans if s.hop == "client"]
+    proxies = [s for s in spans if s.hop == "proxy"]
+    assert [
+        e.attrs["reused"] for p in proxies for e in p.events if e.name == "upstream.connect"
+    ] == [False, True]
+    for first, second in (clients, proxies):
+        assert _normal(first.attrs) == _normal(second.attrs)
+        assert [(e.name, _normal(e.attrs)) for e in first.events] == [
+            (e.name, _normal(e.attrs)) for e in second.events
+        ]
+        assert first.trace_id != second.trace_id or b"traceparent" in request_bytes
+    bodies = [c.attrs.get("http.response.body") for c in clients]
+    assert [_VOLATILE.sub(b"*", base64.b64decode(b or "")) for b in bodies] == [
+        responses[0].partition(b"\r\n\r\n")[2]
+    ] * 2
+    assert clients[0].attrs["connection.request_number"] == 1
+    assert clients[1].attrs["connection.request_number"] == 2
+    if b"traceparent" in request_bytes:
+        assert {c.trace_id for c in clients} == {"4bf92f3577b34da6a3ce929d0e0e4736"}
+        assert {c.parent_id for c in clients} == {"00f067aa0ba902b7"}
