@@ -1007,13 +1007,7 @@ class _Exchange(Recording):
         app = self.app
         scope = self.scope
         forwarded = app.forwarded(scope, head_ts, self.trace_id, self.proxy_id)
-        # (ProxyApp.target's body, without its call.)
-        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        query = scope.get("query_string")
-        prefix = app._prefix
-        target = prefix + raw if prefix else raw
-        if query:
-            target = target + b"?" + query
+        target = app.target(scope)  # (the plain path, in serve, has it inline)
         up = app.upstream
         # Only the fields the proxy added are recorded (the client span has the rest),
         # as the bytes that went upstream: one object for the drain to marshal.
