@@ -11,38 +11,10 @@ import pytest
 from hopscope.tracing import tracefile
 from hopscope.tracing.tracefile import SummarisedTrace, TraceFileWriter
 from hopscope.tui.source import FileSource
+from uitools import request_events
 
-T0 = 1_735_732_800_000_000_000
 REQUESTS = 1_200
 KEEP = 300
-
-
-def _events(n: int) -> list[dict[str, Any]]:
-    trace_id, span_id = f"{n + 1:032x}", f"{n + 1:016x}"
-    start = T0 + n * 1_000_000
-    return [
-        {
-            "kind": "span_start",
-            "ts": start,
-            "trace_id": trace_id,
-            "span_id": span_id,
-            "parent_id": None,
-            "hop": "app",
-            "name": f"GET /items/{n}",
-            "attrs": {
-                "http.request.method": "GET",
-                "url.path": f"/items/{n}",
-                "http.request.headers": [["x-n", str(n)]],
-            },
-        },
-        {
-            "kind": "span_end",
-            "ts": start + 500_000,
-            "trace_id": trace_id,
-            "span_id": span_id,
-            "attrs": {"http.response.status_code": 200},
-        },
-    ]
 
 
 def _decoded(trace: SummarisedTrace) -> bool:
@@ -52,7 +24,7 @@ def _decoded(trace: SummarisedTrace) -> bool:
 def _open(path: Path, keep: int | None) -> list[SummarisedTrace]:
     writer = TraceFileWriter.create(path, grace=0.0)
     for n in range(REQUESTS):
-        writer.write(_events(n))
+        writer.write(request_events(n))
     writer.close()
     rows: list[SummarisedTrace] = []
     lock = threading.Lock()
@@ -83,7 +55,7 @@ def test_rows_past_the_ring_are_let_go_before_the_decode(
     # Whole parts of the file that only held evicted rows were let go undecoded.
     assert not any(_decoded(trace) for trace in rows[: REQUESTS - 2 * KEEP])
     # A row read on its own still decodes its detail (a filter over it would).
-    assert "\nx-n\x000\n" in rows[0].info.header_text
+    assert "\nx-user\x000\n" in rows[0].info.header_text
 
 
 def test_without_a_ring_every_row_is_decoded(tmp_path: Path) -> None:

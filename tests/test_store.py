@@ -18,6 +18,7 @@ from hopscope.tracing.tracefile import TraceFileWarning, header_line
 from hopscope.tui import store as store_module
 from hopscope.tui.source import FileSource
 from hopscope.tui.store import RequestStore
+from uitools import request_events as request
 
 Event = dict[str, Any]
 T0 = 1_735_732_800_000_000_000
@@ -25,35 +26,6 @@ T0 = 1_735_732_800_000_000_000
 
 class Marker:
     """An attribute value that can tell, through a weak reference, when it was freed."""
-
-
-def request(n: int, *, status: int | None = 200, marker: object = None) -> list[Event]:
-    trace_id, span_id = f"{n + 1:032x}", f"{n + 1:016x}"
-    start = {
-        "kind": "span_start",
-        "ts": T0 + n * 1_000_000,
-        "trace_id": trace_id,
-        "span_id": span_id,
-        "parent_id": None,
-        "hop": "app",
-        "name": f"GET /items/{n}",
-        "attrs": {
-            "http.request.method": "GET",
-            "url.path": f"/items/{n}",
-            "http.request.headers": [["host", "example.com"], ["X-User", str(n % 7)]],
-            "marker": marker,
-        },
-    }
-    if status is None:
-        return [start]
-    end = {
-        "kind": "span_end",
-        "ts": T0 + n * 1_000_000 + 500_000,
-        "trace_id": trace_id,
-        "span_id": span_id,
-        "attrs": {"http.response.status_code": status},
-    }
-    return [start, end]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Small helpers the UI tests share: waiting on a Pilot-driven app, and the plain text of
-what a widget shows (so assertions read what a user would read, without styles)."""
+"""Small helpers the UI tests share: waiting on a Pilot-driven app, the plain text of what
+a widget shows (so assertions read what a user would read, without styles), and a
+request's wire events for the store and file tests."""
 
 from __future__ import annotations
 
@@ -43,3 +44,41 @@ def list_lines(app: Any) -> list[str]:
         request_list.render_line(y).text
         for y in range(request_list.scrollable_content_region.height)
     ]
+
+
+#: When :func:`request_events`' first request starts (epoch nanoseconds).
+REQUEST_T0 = 1_735_732_800_000_000_000
+
+
+def request_events(
+    n: int, *, status: int | None = 200, marker: object = None
+) -> list[dict[str, Any]]:
+    """Request ``n``'s wire events: an app span with a method, a path and two headers (one
+    varying with ``n``), ended with ``status`` (None: still running); ``marker`` rides
+    along as an attribute."""
+    trace_id, span_id = f"{n + 1:032x}", f"{n + 1:016x}"
+    start = {
+        "kind": "span_start",
+        "ts": REQUEST_T0 + n * 1_000_000,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "parent_id": None,
+        "hop": "app",
+        "name": f"GET /items/{n}",
+        "attrs": {
+            "http.request.method": "GET",
+            "url.path": f"/items/{n}",
+            "http.request.headers": [["host", "example.com"], ["X-User", str(n % 7)]],
+            "marker": marker,
+        },
+    }
+    if status is None:
+        return [start]
+    end = {
+        "kind": "span_end",
+        "ts": REQUEST_T0 + n * 1_000_000 + 500_000,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "attrs": {"http.response.status_code": status},
+    }
+    return [start, end]
