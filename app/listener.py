@@ -49,10 +49,6 @@ _NOTED = frozenset({b"expect", b"connection", b"proxy-connection"})
 _logger = logging.getLogger("uvicorn.error")
 
 _now = time.time_ns
-#: ``_new_object(cls)`` then ``obj.__init__(...)``: what ``cls(...)`` does, for classes
-#: made per request, without ``type.__call__``'s generic route into ``__init__`` (a
-#: separate run of the interpreter loop instead of an inlined call).
-_new_object = object.__new__
 #: The usual methods' names (a lookup costs less than a decode).
 _METHODS = {
     name.encode(): name
@@ -256,36 +252,26 @@ class Request:
         "waiting_for_100_continue",
     )
 
-    def __init__(
-        self,
-        listener: HttpListener,
-        scope: dict[str, Any],
-        keep_alive: bool,
-        expect_continue: bool,
-        begin: int,
-        head_ts: int,
-        absolute: bool,
-    ) -> None:
-        # (HttpListener.on_headers_complete sets these fields inline, without this
-        # call: keep the two alike.)
-        self.listener = listener
-        self.scope = scope
-        #: When its first byte and its whole head arrived; whether its target was in
-        #: absolute form (``GET http://elsewhere/``, reduced to a path in the scope).
-        self.begin = begin
-        self.head_ts = head_ts
-        self.absolute = absolute
-        self.keep_alive = keep_alive
-        self.waiting_for_100_continue = expect_continue
-        self.head_only = scope["method"] == "HEAD"
-        self.body = b""
-        self.more_body = True
-        self.disconnected = False
-        self.response_started = False
-        self.response_complete = False
-        self.chunked = False
-        self.expected = 0
-        self._waiter: asyncio.Future[None] | None = None
+    # Made by HttpListener.on_headers_complete, which sets every field (no __init__:
+    # a Python call less on every request).
+    listener: HttpListener
+    scope: dict[str, Any]
+    #: When its first byte and its whole head arrived; whether its target was in
+    #: absolute form (``GET http://elsewhere/``, reduced to a path in the scope).
+    begin: int
+    head_ts: int
+    absolute: bool
+    keep_alive: bool
+    waiting_for_100_continue: bool
+    head_only: bool
+    body: bytes
+    more_body: bool
+    disconnected: bool
+    response_started: bool
+    response_complete: bool
+    chunked: bool
+    expected: int
+    _waiter: asyncio.Future[None] | None
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -661,9 +647,8 @@ class HttpListener(asyncio.Protocol):
         conn.requests += 1
         keep_alive = alive and version != "1.0" and method != "CONNECT"
         absolute = not origin_form and url != b"*"
-        # (Request(...)'s fields set here, without its __init__ call: this is every
-        # request.  Request.__init__ says the same.)
-        request = _new_object(Request)
+        # (Every field of a Request is set here: it has no __init__.)
+        request = Request()
         request.listener = self
         request.scope = scope
         request.begin = self._begin
@@ -682,16 +667,7 @@ class HttpListener(asyncio.Protocol):
         request._waiter = None
         self.parsing = request
         if self.running is None:
-            # (_start's body, without its call.)
-            self.running = request
-            try:
-                coroutine = self.handle(request)
-            except Exception as exc:  # a bug: this connection cannot go on
-                _logger.error("Exception in the proxy", exc_info=exc)
-                self.transport.close()
-                return
-            if coroutine is not None:
-                self.spawn(request, coroutine)
+            self._start(request)
         else:
             self.pause_reading()
             self.pipeline.append(request)

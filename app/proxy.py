@@ -302,8 +302,9 @@ class ProxyHttpProtocol(HttpListener):
         return isinstance(app, ProxyApp)
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
-        # Made without __init__: serve sets its fields (one call less per request).
-        exchange = _new_object(_Exchange)  # (see listener._new_object)
+        # Made without its __init__ (the other paths' way in): serve sets its fields, and
+        # object.__new__ skips type.__call__'s generic route into __init__.
+        exchange = _new_object(_Exchange)
         return exchange.serve(self, request)  # type: ignore[no-any-return]
 
 
