@@ -19,7 +19,9 @@ Two measurements, in one run, on loopback only:
   so the difference between wrapped and bare is the middleware's own cost per request:
   into a MemorySink (the request's path only) and into a SocketSink to the collector
   (plus marshalling and sending, done in the same process: by a request now and then,
-  by the sink's thread when the app is idle).
+  by the sink's thread when the app is idle); and, for scale, into the floor any recorder
+  stands on (:class:`MinimalASGI`, :class:`MinimalWSGI`: three timestamps and a tuple a
+  request, nothing else recorded, nothing exported).
 
 Every process this script starts is stopped before it exits (also on Ctrl-C).
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import gc
 import io
@@ -119,6 +122,70 @@ def wrapped(app: Any, mode: str, sink: Any, interface: str) -> Any:
     from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware as OtelWSGI
 
     return OtelWSGI(app, tracer_provider=otel_provider())
+
+
+class MinimalASGI:
+    """The floor any recorder stands on (../shared/notes/overhead-floor.md): three
+    timestamps (call, response start, final body) through a wrapped ``send``, one tuple a
+    request into a bounded deque; no ids, headers, bodies, context or export."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.kept: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=100_000)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = time.time_ns()
+        marks = [0, 0, 0]
+
+        async def recording_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                marks[0] = time.time_ns()
+                marks[2] = message["status"]
+            elif not message.get("more_body"):
+                marks[1] = time.time_ns()
+            await send(message)
+
+        await self.app(scope, receive, recording_send)
+        self.kept.append((started, marks[0], marks[1], marks[2], scope.get("path")))
+
+
+class MinimalWSGI:
+    """The same floor for WSGI: the status through a wrapped ``start_response``, the end
+    when the server closes the body (a generator passing the chunks on, and ``close``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.kept: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=100_000)
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        started = time.time_ns()
+        marks = [0, ""]
+
+        def recording_start(status: str, headers: Any, exc_info: Any = None) -> Any:
+            marks[0] = time.time_ns()
+            marks[1] = status
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        result = self.app(environ, recording_start)
+        return _MinimalBody(result, self.kept, started, marks, environ.get("PATH_INFO"))
+
+
+class _MinimalBody:
+    def __init__(self, result: Any, kept: Any, started: int, marks: list[Any], path: Any) -> None:
+        self.result, self.kept, self.started, self.marks, self.path = (
+            result, kept, started, marks, path
+        )  # fmt: skip
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.result
+
+    def close(self) -> None:
+        close = getattr(self.result, "close", None)
+        if close is not None:
+            close()
+        self.kept.append((self.started, self.marks[0], time.time_ns(), self.marks[1], self.path))
 
 
 def _socket_sink(url: str) -> Any:
@@ -519,6 +586,12 @@ def in_process(framework: str, collector_url: str, n: int, rounds: int) -> InPro
         "bare": (make(), _nothing, per_round),
         "hopscope/memory": (hop_memory, memory.clear, per_round),
         "hopscope/socket": (hop_socket, _nothing, per_round),
+        # What a recorder that records next to nothing costs (the floor; see MinimalASGI).
+        "minimal": (
+            (MinimalASGI if framework == "asgi" else MinimalWSGI)(make()),
+            _nothing,
+            per_round,
+        ),
         # OpenTelemetry costs far more per request: fewer requests give the same precision.
         "otel": (wrapped(make(), "otel", None, framework), _nothing, max(200, per_round // 10)),
     }
