@@ -79,6 +79,24 @@ def pid():
     return {"pid": os.getpid(), "mark": tracing.MARK}
 """
 
+QUART_APP = """
+import os
+import time
+
+from quart import Quart, request
+
+import tracing
+
+app = Quart(__name__)
+
+
+@app.get("/pid")
+async def pid():
+    if "slow" in request.args:
+        time.sleep(0.4)
+    return {"pid": os.getpid(), "mark": tracing.MARK}
+"""
+
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -98,6 +116,11 @@ def starlette_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def flask_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _project(tmp_path_factory.mktemp("flask"), FLASK_APP)
+
+
+@pytest.fixture(scope="module")
+def quart_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _project(tmp_path_factory.mktemp("quart"), QUART_APP)
 
 
 def _free_port() -> int:
@@ -505,6 +528,24 @@ def test_hypercorn(starlette_project: Path, runs: Callable[..., Run]) -> None:
     # hypercorn serves from a process it spawns: the pid is that worker's.
     assert run.proc.pid not in pids.values()
     _check_traces(run, pids, server=False, software="hypercorn")
+
+
+def test_quart_under_hypercorn(quart_project: Path, runs: Callable[..., Run]) -> None:
+    # Quart's own server: hypercorn's wrap point wraps any ASGI app, Quart's too.
+    port = _free_port()
+    run = runs(quart_project, "--", "hypercorn", "app:app", "--bind", f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    run.wait_serving(base)
+    _check_traces(run, _requests(base), server=False, software="hypercorn")
+
+
+def test_quart_run(quart_project: Path, runs: Callable[..., Run]) -> None:
+    # ``quart run`` starts hypercorn from inside Quart (no hypercorn command line).
+    port = _free_port()
+    run = runs(quart_project, "--", "quart", "--app", "app", "run", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    run.wait_serving(base)
+    _check_traces(run, _requests(base), server=False, software="hypercorn")
 
 
 def test_flask_run(flask_project: Path, runs: Callable[..., Run]) -> None:
