@@ -11,10 +11,12 @@ Two forms, one supervisor:
 
 Either way the collector listens on a free loopback port and the child finds it through
 ``HOPSCOPE_SINK``.  Without the UI the collector runs in this process and a line is
-printed per finished request.  With the UI (:func:`build_run_target_app`,
-:func:`build_run_command_app`) the collector and the proxy run in helper processes
-(:mod:`hopscope.app.child`), the child's output is kept off the screen, and the
-supervisor below runs on a thread, asked to stop by the UI instead of a signal.
+printed per finished request, and the child keeps the terminal (stdin too: a
+``breakpoint()`` in the app reads it, as it would without hopscope).  With the UI
+(:func:`build_run_target_app`, :func:`build_run_command_app`) the collector and the
+proxy run in helper processes (:mod:`hopscope.app.child`), the child's output is kept
+off the screen, and the supervisor below runs on a thread, asked to stop by the UI
+instead of a signal.
 
 The child leads a process group of its own, and is stopped in stages:
 
@@ -50,8 +52,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
-
-from hopscope.tui.source import notice
 
 from .child import ChildError, spawn, wait_line
 from .collector import BackgroundCollector, CollectorError, wait_quiet
@@ -142,8 +142,9 @@ class _Live:
                 self._quiet = True
                 return 0
 
-    def stop(self) -> None:
-        """Wait (briefly) until no more batches arrive, then stop listening."""
+    def stop(self, summary: bool = True) -> None:
+        """Wait (briefly) until no more batches arrive, then stop listening; ``summary``
+        False when nothing ran (the error that stopped the start is the one line)."""
         frames = self.collector.collector
         wait_quiet(lambda: frames.frames, timeout=SETTLE_TIMEOUT)
         self.collector.stop()
@@ -153,7 +154,10 @@ class _Live:
                     self.tail.close()
         if self.sender is not None:
             self.sender.close()
-            _say(self.sender.summary())
+            if summary:
+                _say(self.sender.summary())
+        if not summary:
+            return
         dropped = frames.dropped
         note = f", {dropped} events dropped" if dropped else ""
         _say(f"stopped after {self.tail.printed} request(s){note}")
@@ -312,24 +316,29 @@ def _resolve(program: str) -> str:
     """``program`` on PATH, else next to this Python (a virtualenv that is not activated)."""
     if os.sep in program:
         return program
-    found = shutil.which(program)
-    if found is None:
+    found = shutil.which(program) if program else None
+    if found is None and program:  # (an empty name would find the folder itself)
         beside = os.path.join(os.path.dirname(sys.executable), program)
         if os.access(beside, os.X_OK):
             found = beside
     if found is None:
-        raise RunError(f"command not found: {program}", 127)
+        raise RunError(f"command not found: {program or repr(program)}", 127)
     return found
 
 
 def injected_env(sink_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The command's environment: the bootstrap folder first on PYTHONPATH, the rest kept
-    (spawned workers read the same PYTHONPATH), and the collector's address."""
+    (spawned workers read the same PYTHONPATH), and the collector's address.
+
+    Empty entries are kept too: Python reads one as the current directory (a
+    ``PYTHONPATH=$PYTHONPATH:src`` made while it was unset starts with one).
+    """
     env = dict(os.environ if base is None else base)
     bootstrap = str(BOOTSTRAP_DIR)
     if not (BOOTSTRAP_DIR / "sitecustomize.py").is_file():
         raise RunError(f"hopscope is installed without {bootstrap}/sitecustomize.py: reinstall it")
-    entries = [e for e in env.get("PYTHONPATH", "").split(os.pathsep) if e and e != bootstrap]
+    given = env.get("PYTHONPATH", "")
+    entries = [e for e in given.split(os.pathsep) if e != bootstrap] if given else []
     env["PYTHONPATH"] = os.pathsep.join([bootstrap, *entries])
     env["HOPSCOPE_SINK"] = sink_url
     return env
@@ -353,20 +362,21 @@ def run_command(
     exit status.  Raises :class:`RunError` when it cannot start."""
     command = _command(argv)
     live = _Live(output, out, otlp)
+    proc = None
     try:
         env = injected_env(live.url)
         if server_timing:
             env["HOPSCOPE_SERVER_TIMING"] = "1"
         shown = " ".join(argv)
         with _Signals() as signals:
-            proc = _spawn(command, env)
+            proc = _spawn(command, env, stdin=None)  # a breakpoint() reads the terminal
             _say(f"running {shown} (traces to {live.url}; Ctrl+C to stop)")
             status, stopped = _supervise(proc, signals)
         if status and not stopped:
             _say(f"{shown} exited with status {status}")
         return status
     finally:
-        live.stop()
+        live.stop(summary=proc is not None)
 
 
 # -- hopscope run TARGET -------------------------------------------------------------------
@@ -512,7 +522,7 @@ def run_target(
             _say(f"{plan.serving(line)} (Ctrl+C to stop)")
 
         with _Signals() as signals:
-            proc = plan.spawn()
+            proc = plan.spawn(stdin=None)  # a breakpoint() reads the terminal
             status, stopped = _supervise(proc, signals, plan.pipe.read, ready)
         if status and not stopped:
             _say(f"{target} exited with status {status}")
@@ -602,6 +612,8 @@ class _Background:
         self.result = status, stopped = _supervise(self.proc, self.signals)
         if not stopped:
             message = f"{self.shown} exited with status {status}: {self.output.last()}"
+            from hopscope.tui.source import notice
+
             self.source.push([notice(message, "error" if status else "warning")])
 
     def stop(self) -> tuple[int, bool]:
@@ -733,6 +745,8 @@ def build_run_target_app(
             status = 128 - status if status < 0 else status
             raise RunError(f"{target} exited with status {status}", status or 1)
         source.description = f"run {target} {plan.url}"
+        from hopscope.tui.source import notice  # (the UI's: not imported without it)
+
         source.push([notice(plan.serving(line))])
         urls = {"app": plan.app_url, "collector": feed.url}
         if plan.proxied:

@@ -12,6 +12,10 @@ between.  Once the server accepts connections, one line on ``--ready-fd`` says w
 (``asgi uvicorn``): the parent then prints the URL.  Started as
 ``python -P -m hopscope.app.serve``: only ``--app-dir`` is put on ``sys.path``, as uvicorn
 does, and nothing here imports a module the user could shadow (``tracing``, ``app``).
+
+Ctrl+C before the server runs (while hopscope or the app still imports) ends this process
+quietly with the status of an interrupt, as the servers do once they run: hence the
+imports of hopscope inside the functions, under :func:`main`'s ``except``.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from hopscope.tracing.wrap import is_asgi, wrap
-
 __all__ = ["ServeError", "load_target", "main"]
 
 #: gunicorn gthread threads: requests a WSGI app serves at once.
 WSGI_THREADS = 8
 #: Exit status when the app cannot be loaded (uvicorn's and gunicorn's use 1 and 3 alike).
 LOAD_FAILED = 1
+#: Exit status after Ctrl+C before the server ran (a shell's for SIGINT).
+INTERRUPTED = 130
 
 
 class ServeError(Exception):
@@ -64,6 +68,11 @@ def load_target(target: str, factory: bool = False) -> Any:
     if factory:
         if not callable(app):
             raise ServeError(f"{target} is not callable, so it cannot be an app factory")
+        if _needs_arguments(app):
+            raise ServeError(
+                f"{target} takes arguments, so it cannot be an app factory "
+                "(if it is the app, drop --factory)"
+            )
         app = app()
     if not callable(app):
         raise ServeError(f"{target} is not an ASGI or WSGI app (a {type(app).__name__})")
@@ -72,13 +81,35 @@ def load_target(target: str, factory: bool = False) -> Any:
     return app
 
 
+def _needs_arguments(app: Any) -> bool:
+    """Whether calling ``app`` with no arguments fails before it runs (the app itself
+    given with ``--factory``), told apart from a factory's own TypeError."""
+    try:
+        inspect.signature(app).bind()
+    except TypeError:
+        return True
+    except ValueError:  # no signature to read: let the call decide
+        return False
+    return False
+
+
 def _looks_like_factory(app: Any) -> bool:
+    from hopscope.tracing.wrap import is_asgi
+
     if not inspect.isfunction(app) or is_asgi(app):
         return False
     try:
         return not inspect.signature(app).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _traced(app: Any) -> Any:
+    """``app`` wrapped, unless the user's code wraps it already (maybe under middleware
+    of their own, or Flask's ``wsgi_app``): each request recorded once."""
+    from hopscope.tracing.wrap import is_traced, wrap
+
+    return app if is_traced(app) else wrap(app)
 
 
 def _ready_writer(fd: int | None) -> Callable[[str], None]:
@@ -112,7 +143,7 @@ def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> i
                 ready("asgi uvicorn")
 
     config = uvicorn.Config(
-        wrap(app), http=HttpToolsProtocol, log_level="warning", access_log=False
+        _traced(app), http=HttpToolsProtocol, log_level="warning", access_log=False
     )
     server = Server(config)
     try:
@@ -156,7 +187,7 @@ def serve_wsgi(app: Any, fd: int, ready: Callable[[str], None]) -> int:
         "post_request": post_request,
         "when_ready": when_ready,
     }
-    wrapped = wrap(app)
+    wrapped = _traced(app)
 
     class Application(BaseApplication):  # type: ignore[misc]
         """gunicorn with these settings only: no ``gunicorn.conf.py``, no command line."""
@@ -164,6 +195,10 @@ def serve_wsgi(app: Any, fd: int, ready: Callable[[str], None]) -> int:
         def load_config(self) -> None:
             for name, value in settings.items():
                 self.cfg.set(name, value)
+            if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25.1
+                # Its ~/.gunicorn/gunicorn.ctl would replace that of a gunicorn the user
+                # runs, and be removed at exit: this server is no one's to manage.
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             return wrapped
@@ -183,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     ready = _ready_writer(args.ready_fd)
     try:
+        from hopscope.tracing.wrap import is_asgi
+
         app = load_target(args.target, args.factory)
         if is_asgi(app):
             return serve_asgi(app, socket.socket(fileno=args.fd), ready)
@@ -190,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServeError as exc:
         print(f"hopscope: {exc}", file=sys.stderr)
         return LOAD_FAILED
+    except KeyboardInterrupt:
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

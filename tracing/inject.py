@@ -11,14 +11,16 @@ Two kinds of wrap points, as checked in the server-hooks notes:
 
 * The server's: where a server gets the app it will call (uvicorn ``Config.load``,
   gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``).  The app is
-  wrapped with :func:`hopscope.tracing.wrap`, and the server hop is added where the server
-  allows it: hopscope's uvicorn protocol classes, gunicorn's request hooks (chained to
-  the user's, never replacing them).
+  wrapped with :func:`hopscope.tracing.wrap`, unless the user's code wraps it already,
+  maybe under middleware of their own (:func:`hopscope.tracing.wrap.is_traced`), and the
+  server hop is added where the server allows it: hopscope's uvicorn protocol classes,
+  gunicorn's request hooks (chained to the user's, never replacing them).
 * The framework's, for servers without a hook (``flask run``, Django's ``runserver``,
   waitress, granian, daphne) and test clients that call the app directly:
-  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` and ``Starlette.__call__``
-  (FastAPI's ends in Starlette's).  They record only when no server wrap point fired in
-  the process and no hopscope span is current, so they never add a second app span.
+  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler``, ``Starlette.__call__``
+  (FastAPI's ends in Starlette's) and ``Quart.__call__``.  They record only when no
+  server wrap point fired in the process and no hopscope span is current, so they never
+  add a second app span.
   Patching the handler's call rather than ``get_wsgi_application`` is why: under
   gunicorn, a project that wraps Django's app in its own middleware (WhiteNoise) still
   gets one app span, not two.  Their callers get the app's own result back
@@ -50,6 +52,12 @@ def _say(message: str) -> None:
         pass
 
 
+def _stopped(exc: BaseException) -> bool:
+    """Whether loading the app ended because the process was asked to stop (Ctrl+C, or a
+    gunicorn worker told to quit exits 0), not because the app could not load."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and not exc.code)
+
+
 def _describe(app: Any) -> str:
     if isinstance(app, str):
         return repr(app)
@@ -67,9 +75,11 @@ def _wrap(app: Any, what: str, mode: str | None = None) -> Any:
     fails."""
     global _served
     try:
-        from .wrap import wrap
+        from .wrap import is_traced, wrap
 
-        if getattr(app, "__hopscope_wrapped__", False) or mode not in ("asgi", "wsgi"):
+        if is_traced(app):  # the user's own wrap() records its requests
+            wrapped = app
+        elif mode not in ("asgi", "wsgi"):
             wrapped = wrap(app)
         elif mode == "asgi":
             from .asgi import ASGIMiddleware
@@ -133,8 +143,8 @@ def _patch_uvicorn(module: ModuleType) -> None:
     load = config_class.load
     load_app = getattr(config_class, "load_app", None)  # uvicorn 0.54 imports the app early
 
-    def failed(config: Any) -> None:
-        if not config.__dict__.get("_hopscope_failed"):
+    def failed(config: Any, exc: BaseException) -> None:
+        if not _stopped(exc) and not config.__dict__.get("_hopscope_failed"):
             config.__dict__["_hopscope_failed"] = True
             _say(f"uvicorn could not load {_describe(config.app)}: nothing to trace")
 
@@ -144,8 +154,8 @@ def _patch_uvicorn(module: ModuleType) -> None:
         def patched_load_app(self: Any) -> Any:
             try:
                 return load_app(self)
-            except BaseException:
-                failed(self)
+            except BaseException as exc:
+                failed(self, exc)
                 raise
 
         config_class.load_app = patched_load_app
@@ -154,8 +164,8 @@ def _patch_uvicorn(module: ModuleType) -> None:
     def patched_load(self: Any) -> None:
         try:
             load(self)
-        except BaseException:
-            failed(self)
+        except BaseException as exc:
+            failed(self, exc)
             raise
         try:
             self.loaded_app = _inside_uvicorn(self.loaded_app)
@@ -233,27 +243,43 @@ def _runs_request_hooks(cfg: Any, app: Any) -> bool:
     return isinstance(worker_class, type) and issubclass(worker_class, ASGIWorker)
 
 
+def _hook_gunicorn(application: Any, app: Any) -> None:
+    if _runs_request_hooks(application.cfg, app):
+        try:
+            _add_gunicorn_hooks(application.cfg)
+        except Exception as exc:
+            _say(f"cannot add gunicorn hooks: {type(exc).__name__}: {exc}")
+
+
 def _patch_gunicorn(module: ModuleType) -> None:
     application_class = module.WSGIApplication
     load_wsgiapp = application_class.load_wsgiapp
+    reload = application_class.reload
 
     @functools.wraps(load_wsgiapp)
     def patched_load_wsgiapp(self: Any) -> Any:
         try:
             app = load_wsgiapp(self)
-        except BaseException:
-            _say(f"gunicorn could not load {_describe(self.app_uri)}: nothing to trace")
+        except BaseException as exc:
+            if not _stopped(exc):
+                _say(f"gunicorn could not load {_describe(self.app_uri)}: nothing to trace")
             raise
         # gunicorn loads ASGI apps here too (for uvicorn's workers): wrap() tells them apart.
         app = _wrap(app, _describe(self.app_uri))
-        if _runs_request_hooks(self.cfg, app):
-            try:
-                _add_gunicorn_hooks(self.cfg)
-            except Exception as exc:
-                _say(f"cannot add gunicorn hooks: {type(exc).__name__}: {exc}")
+        _hook_gunicorn(self, app)
         return app
 
+    @functools.wraps(reload)
+    def patched_reload(self: Any) -> None:
+        reload(self)
+        # A reload (SIGHUP) reads the config anew, without the hooks; an app the master
+        # loaded (--preload) is not loaded again, so they are added here.
+        app = getattr(self, "callable", None)
+        if app is not None:
+            _hook_gunicorn(self, app)
+
     application_class.load_wsgiapp = patched_load_wsgiapp
+    application_class.reload = patched_reload
 
 
 # -- hypercorn ---------------------------------------------------------------------------
@@ -272,8 +298,9 @@ def _patch_hypercorn(module: ModuleType) -> None:
     def patched_load_application(path: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return load_application(path, *args, **kwargs)
-        except BaseException:
-            _say(f"hypercorn could not load {_describe(path)}: nothing to trace")
+        except BaseException as exc:
+            if not _stopped(exc):
+                _say(f"hypercorn could not load {_describe(path)}: nothing to trace")
             raise
 
     # Looked up as module globals when called (load_application calls wrap_app).
@@ -380,11 +407,15 @@ def _patch_wsgi_call(cls: type) -> None:
             return call(self, environ, start_response)
         middleware = self.__dict__.get(_MIDDLEWARE)
         if middleware is None:
+            from .wrap import is_traced
             from .wsgi import WSGIMiddleware
 
             middleware = self.__dict__.setdefault(
-                _MIDDLEWARE, WSGIMiddleware(functools.partial(call, self))
+                _MIDDLEWARE,
+                is_traced(self) or WSGIMiddleware(functools.partial(call, self)),
             )
+        if middleware is True:  # traced inside (Flask's wsgi_app wrapped by the user)
+            return call(self, environ, start_response)
         return _app_result(middleware(environ, start_response))
 
     cls.__call__ = __call__  # type: ignore[method-assign]
@@ -404,10 +435,14 @@ def _patch_asgi_call(cls: type) -> None:
         middleware = self.__dict__.get(_MIDDLEWARE)
         if middleware is None:
             from .asgi import ASGIMiddleware
+            from .wrap import is_traced
 
             middleware = self.__dict__.setdefault(
-                _MIDDLEWARE, ASGIMiddleware(functools.partial(call, self))
+                _MIDDLEWARE,
+                is_traced(self) or ASGIMiddleware(functools.partial(call, self)),
             )
+        if middleware is True:
+            return await call(self, scope, receive, send)
         return await middleware(scope, receive, send)
 
     cls.__call__ = __call__  # type: ignore[method-assign]
@@ -430,6 +465,11 @@ def _patch_starlette(module: ModuleType) -> None:
     _patch_asgi_call(module.Starlette)
 
 
+def _patch_quart(module: ModuleType) -> None:
+    # Quart's test client calls the app as ASGI, through ``Quart.__call__``.
+    _patch_asgi_call(module.Quart)
+
+
 #: Module name -> the patch applied right after that module first runs.
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn,
@@ -439,6 +479,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
     "starlette.applications": _patch_starlette,
+    "quart.app": _patch_quart,
 }
 
 
