@@ -243,6 +243,25 @@ else:
     raise AssertionError("the app's exception did not reach the test")
 assert TestClient(fastapi_app).get("/fastapi/ada").json() == {"name": "ada"}
 
+import asyncio
+
+from quart import Quart
+
+quart_app = Quart(__name__)
+
+
+@quart_app.get("/quart/<name>")
+async def quart_item(name):
+    return {"quart": name}
+
+
+async def quart_client():
+    response = await quart_app.test_client().get("/quart/ada")
+    assert await response.get_json() == {"quart": "ada"}
+
+
+asyncio.run(quart_client())
+
 environ = RequestFactory()._base_environ(PATH_INFO="/django", REQUEST_METHOD="GET")
 response = get_wsgi_application()(environ, lambda status, headers: None)
 assert response.status_code == 200, response.status_code
@@ -253,9 +272,10 @@ print("ok")
 
 
 def test_test_clients_go_through_hopscope_when_injected(tmp_path: Path) -> None:
-    """Under ``hopscope run --``, Starlette's (and FastAPI's) ``TestClient`` call the
-    app directly, with no server to hook: ``Starlette.__call__`` records them, and the
-    app behaves as it does bare (same body, same exception)."""
+    """Under ``hopscope run --``, Starlette's (and FastAPI's) ``TestClient`` and Quart's
+    test client call the app directly, with no server to hook: ``Starlette.__call__`` and
+    ``Quart.__call__`` record them, and the app behaves as it does bare (same body, same
+    exception)."""
     trace = tmp_path / "trace.jsonl"
     script = tmp_path / "client_script.py"
     script.write_text(textwrap.dedent(SCRIPT))
@@ -278,6 +298,7 @@ def test_test_clients_go_through_hopscope_when_injected(tmp_path: Path) -> None:
         ("GET /boom", "asgi"),
         ("GET /django", "wsgi"),
         ("GET /fastapi/ada", "asgi"),
+        ("GET /quart/ada", "asgi"),
         ("GET /starlette", "asgi"),
     ]
     by_name = {s["name"]: ends[span_id] for span_id, s in starts.items()}

@@ -24,7 +24,7 @@ import sys
 
 #: Top-level packages whose first import installs hopscope's hooks: those of the modules
 #: in ``hopscope.tracing.inject.PATCHES`` (a test keeps the two in step).
-TRIGGERS = frozenset({"django", "flask", "gunicorn", "hypercorn", "starlette", "uvicorn"})
+TRIGGERS = frozenset({"django", "flask", "gunicorn", "hypercorn", "quart", "starlette", "uvicorn"})
 
 
 def _hopscope_install() -> None:
