@@ -3,9 +3,9 @@
 hopscope's middleware must not change what an app does.  The frameworks' own suites are
 the widest check of that there is: their test clients call the app the way hopscope's
 framework patches see it (``Flask.__call__``, Django's handlers, ``Starlette.__call__``,
-which FastAPI's ends in), uvicorn's run its real server through hopscope's wrap point and
-protocol classes, and they assert bytes, headers, streaming, exceptions and
-warnings-as-errors.  Each suite runs twice in the same virtualenv, once bare and once
+which FastAPI's ends in, ``Quart.__call__``), uvicorn's run its real server through
+hopscope's wrap point and protocol classes, and they assert bytes, headers, streaming,
+exceptions and warnings-as-errors.  Each suite runs twice in the same virtualenv, once bare and once
 under ``hopscope run --headless``, and every test whose outcome differs is listed: each
 one is a hopscope bug, or a test that asserts something no middleware can keep, listed
 with the reason in :data:`EXPECTED`.
@@ -14,6 +14,7 @@ Not part of the test run (it downloads sdists and builds virtualenvs; a few minu
 
     python bench/framework_suites.py                      # all suites
     python bench/framework_suites.py flask django --work /tmp/suites
+    python bench/framework_suites.py quart --source quart=DIR  # DIR: a clone of pallets/quart
 
 Versions are those installed in the Python running this script (the ones hopscope is
 developed against), else the pins below.  Each suite gets its own virtualenv under
@@ -53,6 +54,8 @@ class Suite:
     args: tuple[str, ...]
     django: bool = False
     extras: tuple[str, ...] = ()  # of ``dist``, e.g. starlette[full]
+    #: Where the tests are when the sdist has none (``--source NAME=DIR`` takes a checkout).
+    repository: str = ""
 
     def version(self) -> str:
         try:
@@ -147,6 +150,14 @@ SUITES: dict[str, Suite] = {
         # Its addopts ask for 8 workers; the server wrap point (Config.load) is what runs.
         args=("tests", "-n", "2"),
         extras=("standard",),
+    ),
+    "quart": Suite(
+        dist="quart",
+        pin="0.22.0",
+        requirements=("pytest", "pytest-asyncio", "hypothesis", "python-dotenv"),
+        # Its addopts need pytest-cov: only the rest of them.
+        args=("tests", "-o", "addopts=--strict-markers"),
+        repository="https://github.com/pallets/quart",
     ),
     "django": Suite(
         dist="django",
@@ -261,13 +272,26 @@ def run(
     return status, time.monotonic() - started
 
 
-def prepare(name: str, suite: Suite, work: Path, timeout: float) -> tuple[Path, Path]:
-    """Download and unpack the sdist, make the virtualenv: (source folder, python)."""
+def prepare(
+    name: str, suite: Suite, work: Path, timeout: float, checkout: Path | None = None
+) -> tuple[Path, Path]:
+    """Download and unpack the sdist (or take ``checkout``, a clone of the suite's
+    repository: the framework is then installed from it), make the virtualenv: (source
+    folder, python)."""
     version = suite.version()
     source = work / f"{name}-{version}"
     downloads = work / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    if not source.is_dir():
+    if checkout is not None:
+        source = checkout.resolve()
+        if not (source / "pyproject.toml").is_file() and not (source / "setup.py").is_file():
+            raise SetupError(f"{source} is not a checkout of {suite.repository or name}")
+    elif suite.repository:
+        raise SetupError(
+            f"its sdist has no tests: pass --source {name}=DIR, DIR a checkout of "
+            f"{suite.repository}"
+        )
+    elif not source.is_dir():
         sdists = sorted(downloads.glob(f"{name}-{version}.tar.gz"))
         if not sdists:
             status, _ = run(
@@ -297,7 +321,8 @@ def prepare(name: str, suite: Suite, work: Path, timeout: float) -> tuple[Path, 
     python = venv / "bin" / "python"
     stamp = venv / "hopscope-suite.json"
     extras = f"[{','.join(suite.extras)}]" if suite.extras else ""
-    wanted = [f"{suite.dist}{extras}=={version}", *suite.requirements]
+    framework = f"{suite.dist}{extras}=={version}" if checkout is None else str(source)
+    wanted = [framework, *suite.requirements]
     if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -321,6 +346,16 @@ def prepare(name: str, suite: Suite, work: Path, timeout: float) -> tuple[Path, 
             raise SetupError(f"cannot install {name}'s test requirements: see {name}-install.log")
         stamp.write_text(json.dumps(wanted))
     return source, python
+
+
+def installed_version(python: Path, dist: str) -> str:
+    """The version the suite ran against (a checkout's may not be the pin)."""
+    done = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() or "?"
 
 
 def junit_outcomes(path: Path) -> dict[str, str]:
@@ -439,7 +474,21 @@ def main() -> int:
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="seconds for each install and each run"
     )
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a checkout of a suite's repository, used instead of its sdist (quart's "
+        "sdist has no tests)",
+    )
     options = parser.parse_args()
+    checkouts: dict[str, Path] = {}
+    for given in options.source:
+        name, equals, folder = given.partition("=")
+        if not equals or name not in SUITES:
+            parser.error(f"--source takes NAME=DIR with NAME among {', '.join(SUITES)}")
+        checkouts[name] = Path(folder)
     unknown = [name for name in options.suites if name not in SUITES]
     if unknown:
         parser.error(f"unknown suite {unknown[0]!r}: choose among {', '.join(SUITES)}")
@@ -448,10 +497,15 @@ def main() -> int:
     rows: list[tuple[str, ...]] = []
     differences: list[str] = []
     broken = False
-    for name in options.suites or list(SUITES):
+    chosen = options.suites or [
+        name for name, suite in SUITES.items() if not suite.repository or name in checkouts
+    ]
+    for name in [name for name in SUITES if name not in chosen and not options.suites]:
+        print(f"{name}: skipped (its sdist has no tests: --source {name}=DIR to run it)")
+    for name in chosen:
         suite = SUITES[name]
         try:
-            source, python = prepare(name, suite, work, options.timeout)
+            source, python = prepare(name, suite, work, options.timeout, checkouts.get(name))
         except (SetupError, subprocess.CalledProcessError) as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             broken = True
@@ -477,7 +531,7 @@ def main() -> int:
             )
         rows.append(
             (
-                f"{name} {suite.version()}",
+                f"{name} {installed_version(python, suite.dist)}",
                 str(len(bare.outcomes | hop.outcomes)),
                 counts(bare.outcomes),
                 counts(hop.outcomes),
