@@ -13,8 +13,10 @@ through ``server_state``), so :class:`HttpListener` takes the constructor uvicor
 an ``http=`` protocol class.  What it does itself: keep-alive with one idle timer per
 connection (moved, not re-armed per response), pipelining (later requests wait, reading
 paused), request bodies (Content-Length or chunked) with flow control, ``Expect:
-100-continue``, HTTP/1.0, client disconnects, and a whole small response written in one
-go (:meth:`Request.write_whole`).  What it does not: an ``Upgrade`` request (WebSocket)
+100-continue``, HTTP/1.0 (no chunked coding to it), client disconnects, a limit on a
+request head's size (:data:`MAX_HEAD`), a malformed request answered after the
+pipelined ones before it, and a whole small response written in one go
+(:meth:`Request.write_whole`).  What it does not: an ``Upgrade`` request (WebSocket)
 goes to :attr:`HttpListener.fallback`, a uvicorn protocol, with the connection, as
 uvicorn itself switches to its WebSocket protocol.
 
@@ -40,6 +42,13 @@ __all__ = ["ClientConnection", "CorkedWrites", "HttpListener", "Request"]
 
 #: Request body bytes held before the client's socket stops being read (uvicorn's).
 HIGH_WATER = 65536
+#: The longest request head taken (its target and fields); a longer one is answered 414
+#: or 431 and its connection closed.  Why: httptools sets no limit, so one client could
+#: grow a head without end, and the proxy would pass a megabyte of fields upstream
+#: (nginx takes 32 KiB by default; a development proxy can be more generous).
+MAX_HEAD = 65536
+#: Seconds a refused connection is still read (and what comes dropped): see _Linger.
+LINGER = 2.0
 
 _FIELD_JOIN = b": ".join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -54,9 +63,45 @@ _METHODS = {
     name.encode(): name
     for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 }
+#: :attr:`Request.expected` of a body that ends with the connection (to an HTTP/1.0
+#: client, which knows no chunked coding): more than any body sent.
+_UNTIL_CLOSE = 1 << 62
 #: ``length`` of :func:`_whole_response` when the caller does not know it: the fields
 #: are searched for a Content-Length.
 SCAN: Any = object()
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop httptools at a head it refuses
+    (:attr:`HttpListener._error` says why)."""
+
+
+def _too_long(url: bytes) -> tuple[int, bytes]:
+    if len(url) > MAX_HEAD:
+        return 414, b"Request target too long."
+    return 431, b"Request header fields too large."
+
+
+class _Linger(asyncio.Protocol):
+    """What a refused connection's protocol becomes once its answer is written and its
+    write side shut: what the client still sends is read and dropped until it stops
+    or :data:`LINGER` seconds pass.  Why (nginx's lingering close): closing with unread
+    bytes resets the connection, and a reset can destroy the answer before the client
+    reads it (a client still sending an oversized head or a body)."""
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.timer = listener.loop.call_later(LINGER, listener.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # (the transport closes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.listener.connection_lost(exc)
 
 
 class CorkedWrites:
@@ -114,6 +159,7 @@ def _whole_response(
     default_headers: list[tuple[bytes, bytes]],
     block: bytes | None = None,
     length: Any = SCAN,
+    until_close: bool = False,
 ) -> bytes | None:
     """A whole response's bytes, framed as a server's ``send`` would frame them; None
     when it is not the plain kind written in one go (the ordinary path then says what
@@ -121,7 +167,8 @@ def _whole_response(
     lines (the proxy records that block too).  ``length``: the one Content-Length of
     ``headers`` (None: there is none) when the caller knows it matches ``body`` (the
     proxy's upstream parser framed the body by it), so neither is searched nor
-    checked here."""
+    checked here.  ``until_close``: a body without a length is framed by the connection's
+    end, not chunked (for an HTTP/1.0 client, as :meth:`Request.send` frames it)."""
     if not 200 <= status < 600 or status == 204 or status == 304:
         return None
     if length is SCAN:
@@ -149,8 +196,10 @@ def _whole_response(
         content.append(b"\r\n")
     if not keep_alive:
         content.append(b"connection: close\r\n")
-    if head_only:
+    if head_only or (length is None and until_close):
         content.append(b"\r\n")
+        if not head_only:
+            content.append(body)
     elif length is None:
         content.append(b"transfer-encoding: chunked\r\n\r\n")
         if body:
@@ -340,9 +389,19 @@ class Request:
                 content.append(b"\r\n")
             if not self.keep_alive and not close:
                 content.append(b"connection: close\r\n")
-            if chunked is None and not self.head_only and status != 204 and status != 304:
-                chunked = True
-                content.append(b"transfer-encoding: chunked\r\n")
+            if status == 204 or status == 304:
+                # No body, whatever a Content-Length says (a 304's is the length the
+                # full response would have, RFC 9110 8.6): framed as a HEAD's answer.
+                self.head_only = True
+            if chunked is None and not self.head_only:
+                if self.scope["http_version"] == "1.0":
+                    # No chunked coding for HTTP/1.0 (RFC 9112 6.1): the connection's
+                    # end frames the body (such a client's is never kept alive here).
+                    self.keep_alive = False
+                    self.expected = _UNTIL_CLOSE
+                else:
+                    chunked = True
+                    content.append(b"transfer-encoding: chunked\r\n")
             self.chunked = bool(chunked)
             content.append(b"\r\n")
             writer.write(b"".join(content))
@@ -368,7 +427,7 @@ class Request:
             if body:
                 writer.write(body)
         if not more:
-            if self.expected != 0:
+            if self.expected != 0 and self.expected < _UNTIL_CLOSE >> 1:
                 raise RuntimeError("Response content shorter than Content-Length")
             self._complete()
 
@@ -401,8 +460,9 @@ class Request:
             data: bytes | None = b"".join((STATUS_LINE[status], block, b"\r\n\r\n", body))
         else:
             data = _whole_response(
-                status, headers, body, self.head_only, keep_alive, default_headers, block, length
-            )
+                status, headers, body, self.head_only, keep_alive, default_headers, block, length,
+                not keep_alive and self.scope["http_version"] == "1.0",
+            )  # fmt: skip
             if data is None:
                 return False
         transport = listener.transport
@@ -448,6 +508,8 @@ class HttpListener(asyncio.Protocol):
 
     #: The uvicorn protocol an Upgrade request's connection is handed to.
     fallback: type[asyncio.Protocol] | None = None
+    #: Seconds a request head may take to arrive, from its first byte (nginx's default).
+    head_timeout = 60.0
 
     def __init__(
         self,
@@ -492,6 +554,13 @@ class HttpListener(asyncio.Protocol):
         self._begin = 0
         self._expect = False
         self._connection = False
+        #: Measuring this head (see :meth:`_received_counted`), and its bytes so far.
+        self._counting = False
+        self._head_bytes = 0
+        #: The answer to a head refused in a parser callback: (status, reason).
+        self._error: tuple[int, bytes] | None = None
+        #: A refusal's bytes, written once the requests before it are answered.
+        self._refusal: bytes | None = None
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         """Answer ``request``: a coroutine to run as a task, or None when the handler
@@ -509,6 +578,10 @@ class HttpListener(asyncio.Protocol):
         self.server = get_local_addr(transport)
         self.client = get_remote_addr(transport)
         self.scheme = "https" if is_ssl(transport) else "http"
+        # Idle until its first request (a connection that sends none is closed).
+        loop = self.loop
+        self._idle_at = loop.time()
+        self._timer = loop.call_at(self._idle_at + self.timeout_keep_alive, self._on_idle)
 
     def accepts(self, app: Any) -> bool:
         """Whether this listener serves ``app`` itself (else every connection goes to
@@ -520,6 +593,9 @@ class HttpListener(asyncio.Protocol):
         if self._upgrade is not None:
             self._upgrade += data
             return
+        if self._begin or len(data) > MAX_HEAD:
+            self._received_counted(data)
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -530,6 +606,34 @@ class HttpListener(asyncio.Protocol):
             # else: a CONNECT, refused (its connection closes after the answer)
         except (httptools.HttpParserError, UnicodeDecodeError):
             self._bad_request()
+
+    def _received_counted(self, data: bytes) -> None:
+        """:meth:`data_received` for a read that continues a head or may hold a long
+        one: the head is measured against :data:`MAX_HEAD`.  Why not on every read: a
+        head within one read shorter than the limit cannot be too long, and counting
+        each field cost every request."""
+        continued = self._begin != 0
+        self._counting = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._upgrade is not None:
+                self._upgrade += data[exc.args[0] :]
+                if self.running is None:
+                    self._hand_over(self.transport, self._upgrade)
+        except (httptools.HttpParserError, UnicodeDecodeError):
+            self._bad_request()
+        finally:
+            self._counting = False
+        if not self._begin:
+            self._head_bytes = 0
+        elif continued:
+            # Still incomplete: httptools holds what came so far (a head that began in
+            # this read is not counted yet: at most one read more is held).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD and self._refusal is None:
+                self._error = _too_long(self._url)
+                self._bad_request()
 
     def eof_received(self) -> None:
         pass
@@ -581,7 +685,12 @@ class HttpListener(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.read_paused and not self.pipeline and self._upgrade is None:
+        if (
+            self.read_paused
+            and not self.pipeline
+            and self._upgrade is None
+            and self._refusal is None
+        ):
             self.read_paused = False
             self.transport.resume_reading()
 
@@ -606,10 +715,16 @@ class HttpListener(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        begin, self._begin = self._begin, 0  # (0: no head in progress)
+        url = self._url
+        if self._counting and len(url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > (
+            MAX_HEAD
+        ):
+            self._error = _too_long(url)
+            raise _Refused  # (httptools stops: see data_received)
         parser = self.parser
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
-        url = self._url
         if parser.should_upgrade() and method != "CONNECT" and self.fallback is not None:
             self._upgrade_head(method, url, parser.get_http_version())
             return
@@ -651,11 +766,12 @@ class HttpListener(asyncio.Protocol):
         request = Request()
         request.listener = self
         request.scope = scope
-        request.begin = self._begin
+        request.begin = begin
         request.head_ts = head_ts
         request.absolute = absolute
         request.keep_alive = keep_alive
-        request.waiting_for_100_continue = self._expect
+        # (Not for HTTP/1.0: such a client would take the 100 for its answer.)
+        request.waiting_for_100_continue = self._expect and version != "1.0"
         request.head_only = method == "HEAD"
         request.body = b""
         request.more_body = True
@@ -747,6 +863,9 @@ class HttpListener(asyncio.Protocol):
         if self._upgrade is not None:
             self._hand_over(transport, self._upgrade)
             return
+        if self._refusal is not None:
+            self._refuse_connection()
+            return
         if self.read_paused:
             self.resume_reading()
         loop = self.loop
@@ -756,14 +875,26 @@ class HttpListener(asyncio.Protocol):
 
     def _on_idle(self) -> None:
         """The keep-alive timer: one per connection, moved rather than re-armed per
-        response (arming and cancelling one per request was measurable)."""
+        response (arming and cancelling one per request was measurable).  It runs from
+        the connection's start too, so one that never sends a request closes."""
         self._timer = None
-        idle_at = self._idle_at
-        if not idle_at or self.running is not None or self.transport.is_closing():
+        if self.running is not None or self.transport.is_closing():
             return  # busy: the next response arms it again
-        deadline = idle_at + self.timeout_keep_alive
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._on_idle)
+        loop = self.loop
+        idle_at = self._idle_at
+        if idle_at:
+            deadline = idle_at + self.timeout_keep_alive
+        elif self._begin:
+            # A head still arriving (data_received marked the connection busy): it gets
+            # head_timeout from its first byte, as nginx's client_header_timeout, rather
+            # than the connection for good.
+            deadline = loop.time() + self.head_timeout - (_now() - self._begin) / 1e9
+        else:
+            # Bytes but no head (the rest of an answered request's body): idle from now.
+            self._idle_at = loop.time()
+            deadline = self._idle_at + self.timeout_keep_alive
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._on_idle)
         else:
             self.transport.close()
 
@@ -778,16 +909,44 @@ class HttpListener(asyncio.Protocol):
                 request.keep_alive = False
 
     def _bad_request(self) -> None:
-        message = b"Invalid HTTP request received."
+        """Answer a request that cannot be read (400, or :attr:`_error`) and close the
+        connection, after the answers to the requests before it (pipelined: a client's
+        good requests keep their answers, as nginx gives them)."""
+        if self._refusal is not None:
+            return  # (the parser, once failed, fails every read after)
+        status, message = self._error or (400, b"Invalid HTTP request received.")
         _logger.warning(message.decode())
         default = self.server_state.default_headers
-        content = [STATUS_LINE[400]]
+        content = [STATUS_LINE[status]]
         content.extend(_FIELD_JOIN(pair) + b"\r\n" for pair in default)
         content.append(b"content-type: text/plain; charset=utf-8\r\n")
         content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(message))
         content.append(message)
-        self.transport.write(b"".join(content))
-        self.transport.close()
+        self._refusal = b"".join(content)
+        if self.running is None:
+            self._refuse_connection()
+        elif self.parsing is not None:
+            # A body that cannot be read: its request cannot be answered either.
+            self.transport.write(self._refusal)
+            self.transport.close()
+        else:
+            self.pause_reading()  # (and so off write_whole's shortcut: see response_done)
+
+    def _refuse_connection(self) -> None:
+        """Write the refusal and end the connection, lingering (see :class:`_Linger`):
+        no request of it runs, so nothing else writes."""
+        transport = self.transport
+        assert self._refusal is not None
+        transport.write(self._refusal)
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()  # (TLS: no half close)
+            return
+        transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport.set_protocol(_Linger(self))
+        transport.resume_reading()
 
     # -- handing an Upgrade over -------------------------------------------------------
     def _upgrade_head(self, method: str, url: bytes, version: str) -> None:

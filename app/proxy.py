@@ -33,7 +33,10 @@ Upstreams may be ``https://`` (the default TLS context: system CAs, SNI and host
 checks against the upstream's host; ``insecure`` skips verification for a development
 certificate).  Upstream trailers are recorded, and forwarded when the client sent
 ``TE: trailers`` (through :class:`CorkedWrites`: ASGI over HTTP/1.1 has no
-``http.response.trailers`` in uvicorn).
+``http.response.trailers`` in uvicorn).  Interim responses (103 Early Hints) are passed
+on as they come, written ahead of the final one (ASGI has no message for them either).
+A request the upstream could read otherwise than the proxy (two Host fields, a transfer
+coding other than chunked) is refused, as nginx refuses it (:class:`RequestRefused`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import signal
 import socket
@@ -74,7 +78,11 @@ from hopscope.tracing.records import BODY_LIMIT, Record, new_trace_id
 from hopscope.tracing.records import random_bits as _getrandbits
 from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
 from hopscope.tracing.traceparent import parse_traceparent
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from .collector import tune_gc
 from .listener import SCAN, ClientConnection, CorkedWrites, HttpListener, Request
@@ -96,6 +104,7 @@ __all__ = [
     "ProxyHttpProtocol",
     "Upstream",
     "UvicornProxyProtocol",
+    "check_timeout",
     "parse_listen",
     "parse_upstream",
     "proxy_server",
@@ -170,6 +179,16 @@ class ProxyError(Exception):
     """The proxy cannot start (bad upstream, port in use); the message is one line."""
 
 
+class RequestRefused(Exception):
+    """A request the proxy answers itself (``status``, the message its reason) rather
+    than pass on: one nginx refuses too, whose meaning the upstream could take
+    differently from the proxy."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 # --------------------------------------------------------------------------------------
 # Where the upstream is
 # --------------------------------------------------------------------------------------
@@ -219,6 +238,14 @@ def tls_context(insecure: bool = False) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def check_timeout(option: str, seconds: float) -> float:
+    """``seconds`` when it is a usable timeout (raises :class:`ProxyError`): NaN or
+    infinity would reach the event loop's timers, and every request fail there."""
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ProxyError(f"{option} must be a positive number of seconds, got {seconds!r}")
+    return seconds
 
 
 def parse_listen(address: str) -> tuple[str, int]:
@@ -392,6 +419,8 @@ class ProxyApp:
         insecure: bool = False,
     ) -> None:
         self.upstream = upstream if isinstance(upstream, Upstream) else parse_upstream(upstream)
+        check_timeout("--connect-timeout", connect_timeout)
+        check_timeout("--read-timeout", read_timeout)
         #: TLS to an https upstream (SNI and hostname checks against its host).
         self.tls: ssl.SSLContext | None = tls_context(insecure) if self.upstream.tls else None
         self.server_timing = server_timing
@@ -475,6 +504,9 @@ class ProxyApp:
                 out.append(pair)
                 continue
             if name == b"host":
+                if original_host is not None:
+                    # Which one names the site?  (RFC 9112 3.2: a 400.)
+                    raise RequestRefused(400, "more than one Host field")
                 original_host = pair[1]
                 continue  # (replaced, never removed: the rest is for the others)
             if name == b"x-forwarded-for":
@@ -482,6 +514,11 @@ class ProxyApp:
             elif name == b"content-length":
                 content_length = pair[1]
             elif name == b"transfer-encoding":
+                if pair[1].lower() != b"chunked":
+                    # httptools took the body as chunked; the coding before (gzip,
+                    # chunked) would be lost on the way upstream (nginx: a 501).
+                    coding = pair[1].decode("latin-1")
+                    raise RequestRefused(501, f"Transfer-Encoding {coding!r} is not supported")
                 chunked = True
             elif name == b"connection":
                 tokens = {t.strip().lower() for t in pair[1].split(b",")} - _PLAIN_TOKENS
@@ -502,6 +539,8 @@ class ProxyApp:
         elif not xff:
             xff = None  # (an empty one is not passed on)
         scheme = scope.get("scheme", "http")
+        if scheme[:2] == "ws":
+            scheme = "http" + scheme[2:]  # (a WebSocket's: http or https, as nginx says)
         proto = _encoded(scheme) or _latin1(scheme)
         start = request_start // 1000
         template = _ADDED[xff is not None, original_host is not None, trailers]
@@ -523,7 +562,8 @@ class ProxyApp:
     def target(self, scope: Scope) -> bytes:
         raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         query = scope.get("query_string")
-        target = self._prefix + raw if self._prefix else raw
+        # (``OPTIONS *`` asks about the server: no prefix makes it a path.)
+        target = self._prefix + raw if self._prefix and raw != b"*" else raw
         return target + b"?" + query if query else target
 
 
@@ -781,7 +821,7 @@ class _Exchange(Recording):
             name = pair[0]
             if name not in _SPECIAL:
                 out.append(pair)
-            elif name == b"host":
+            elif name == b"host" and original_host is None:
                 original_host = pair[1]
             else:
                 client = None  # (the general way, below)
@@ -797,12 +837,15 @@ class _Exchange(Recording):
                 added = _ADDED_XFF_HOST % values
             forwarded = _new_tuple(Forwarded, (out, len(out), [], None, False, False, added))
         else:
-            forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
+            try:
+                forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
+            except RequestRefused:
+                return self._answer(head_ts, absolute)  # (which answers it)
         # (_prepare's.)
         raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         query = scope.get("query_string")
         prefix = app._prefix
-        target = prefix + raw if prefix else raw
+        target = prefix + raw if prefix and raw != b"*" else raw
         if query:
             target = target + b"?" + query
         up = app.upstream
@@ -986,11 +1029,20 @@ class _Exchange(Recording):
                 self.receive = cycle.receive
                 self.send = cycle.send
             method = self.scope["method"]
-            if absolute or method == "CONNECT":
-                await self._refuse(absolute)
+            if absolute:
+                reason = "absolute-form request targets are refused (not an open proxy)"
+                await self._refuse(400, reason)
+            elif method == "CONNECT":
+                await self._refuse(405, "CONNECT is refused (not an open proxy)")
             else:
                 if prepared is None:
-                    prepared = self._prepare(method, head_ts)
+                    try:
+                        prepared = self._prepare(method, head_ts)
+                    except RequestRefused as exc:
+                        # (The connection goes on: a body is read past, as httptools
+                        # frames it, so the client sees the answer rather than a reset.)
+                        await self._refuse(exc.status, str(exc))
+                        return
                 await self._proxy(method, prepared[0], prepared[1], sent)
         finally:
             self._close()
@@ -1134,6 +1186,9 @@ class _Exchange(Recording):
                 reused = True  # the fast path's (an idle one)
             try:
                 await conn.head()
+                while not conn.status:  # interim responses (103 Early Hints) first
+                    self._interim(conn)
+                    await conn.head()
             except UpstreamClosed:
                 # A kept-alive connection the upstream closed just as it was reused: try
                 # once more on a new one, when the request can be sent again.
@@ -1224,6 +1279,8 @@ class _Exchange(Recording):
         self, conn: UpstreamConnection, te_trailers: bool
     ) -> list[tuple[bytes, bytes]]:
         """Upstream's response head as it goes to the client (recorded)."""
+        if conn.interim:
+            self._interim(conn)
         self.status = status = conn.status
         if conn.unusual:
             headers, removed = _response_headers(conn.headers)
@@ -1240,6 +1297,27 @@ class _Exchange(Recording):
         self.response_headers = headers
         self.items.append((RESPONSE_START, conn.head_ts, status, conn.version, removed or None))
         return headers
+
+    def _interim(self, conn: UpstreamConnection) -> None:
+        """Pass upstream's interim responses on (RFC 9110 15.2: a proxy forwards 1xx
+        responses), written straight ahead of the final one; not to an HTTP/1.0
+        client, which has no 1xx.  Each is recorded as an event of the proxy span."""
+        interim, conn.interim = conn.interim, []
+        client_conn = self.client_conn
+        forward = (
+            client_conn is not None
+            and not client_conn.lost
+            and not self.response_started
+            and self.scope.get("http_version") == "1.1"
+        )
+        for status, fields in interim:
+            fields, _ = _response_headers(fields)
+            if forward:
+                assert client_conn is not None
+                lines = b"".join(map(b"%s: %s\r\n".__mod__, fields))
+                client_conn.writer.write(STATUS_LINE[status] + lines + b"\r\n")
+            attrs = {"status": status, "headers": fields, "forwarded": forward}
+            self.event(self.proxy_id, "response.interim", attrs)
 
     def _try_whole(
         self, conn: UpstreamConnection, headers: list[tuple[bytes, bytes]]
@@ -1395,11 +1473,7 @@ class _Exchange(Recording):
             await self._respond(exc.status, str(exc))
         self._end()
 
-    async def _refuse(self, absolute: bool) -> None:
-        if absolute:
-            status, reason = 400, "absolute-form request targets are refused (not an open proxy)"
-        else:
-            status, reason = 405, "CONNECT is refused (not an open proxy)"
+    async def _refuse(self, status: int, reason: str) -> None:
         self.client_attr("proxy.refused", reason)
         await self._respond(status, reason)
         self._end(proxy=False)
@@ -1764,6 +1838,8 @@ def run_proxy(
     """
     target = parse_upstream(upstream)
     host, port = parse_listen(listen)
+    check_timeout("--connect-timeout", connect_timeout)
+    check_timeout("--read-timeout", read_timeout)
     sock = _bind(host, port)
     recording: _Recording
     try:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from hopscope.tracing.exceptions import exception_event
 from hopscope.tracing.records import new_span_id
 
-from .proxy import request_attrs
+from .proxy import RequestRefused, request_attrs
 
 if TYPE_CHECKING:
     from .proxy import Message, ProxyApp, Receive, Scope, Send
@@ -99,7 +99,15 @@ class _WebSocketRelay:
             message = await self.receive()
             if message["type"] != "websocket.connect":
                 return
-            headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).fields()
+            try:
+                headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).fields()
+            except RequestRefused as exc:
+                self.client_attrs["proxy.refused"] = str(exc)
+                body = f"hopscope proxy: {exc.status} {exc}\n".encode()
+                await self._http_response(
+                    exc.status, [(b"content-type", b"text/plain; charset=utf-8")], body
+                )
+                return
             target = app.target(scope).decode("latin-1")
             scheme = "wss" if app.upstream.tls else "ws"
             url = f"{scheme}://{app.upstream.host_header}{target}"

@@ -143,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_ts",
         "headers",
         "id",
+        "interim",
         "keep_alive",
         "length",
         "local_port",
@@ -179,6 +180,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._parser = httptools.HttpResponseParser(self)
         self._chunks: deque[bytes] = deque()
+        #: Interim responses (103 Early Hints) not yet passed on: (status, fields).
+        #: The proxy takes them as they come (see :meth:`head`), before the final one.
+        self.interim: list[tuple[int, list[tuple[bytes, bytes]]]] = []
         self.exchanges = -1
         self.begin(False)  # the fields of an exchange (counted from the first request)
 
@@ -331,22 +335,42 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self.unusual = True
                 if name == b"transfer-encoding":
-                    if value.lower().find(b"chunked") >= 0:
-                        self._framed = True
+                    if value.lower() != b"chunked":
+                        # A coding (gzip) the proxy would drop, its bytes passed on as
+                        # if plain (nginx: a 502 too).
+                        what = f"Transfer-Encoding {value.decode('latin-1')!r}"
+                        self._fail(UpstreamProtocolError(f"upstream sent an unsupported {what}"))
+                        raise UpstreamProtocolError(what)  # (stops the parser)
+                    self._framed = True
                 elif name == b"connection" or name == b"proxy-connection":
                     self._connection = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            # An interim response (103 Early Hints, a stray 100 Continue): wait for the
-            # final one; its headers start afresh.
+        if not 200 <= status < 600:
+            if status < 100 or status > 599 or status == 101:
+                # No status a client can be given (RFC 9110 15: 100-599), or a switch
+                # of protocols nobody asked for (an Upgrade never goes upstream here).
+                what = "switched protocols unasked" if status == 101 else f"status {status}"
+                self._fail(UpstreamProtocolError(f"upstream sent an invalid response ({what})"))
+                raise UpstreamProtocolError(what)  # (stops the parser: see data_received)
+            # An interim response (103 Early Hints, a stray 100 Continue): kept for
+            # the client (not a 100: the proxy answered any Expect itself), and the
+            # final one's headers start afresh.  ``unusual`` routes the final one
+            # through the proxy's field-by-field path, which passes these on first.
+            if status != 100:
+                self.interim.append((status, self.headers))
             self.headers = []
-            self.unusual = False
+            self.unusual = bool(self.interim)
             self.length = None
             self._framed = False
             self._connection = False
+            if self.interim:
+                if self._waiter is not None:
+                    self._step()
+                elif self._notify is not None:
+                    self._notified = True  # (the fast path hands over to the coroutine)
             return
         self.status = status
         parser = self._parser
@@ -456,10 +480,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter = None
 
     async def head(self) -> None:
-        """Wait for the response head (``status``, ``headers``, ``head_ts``)."""
+        """Wait for the response head (``status``, ``headers``, ``head_ts``), or return
+        early with :attr:`interim` responses to pass on (then wait again)."""
         while not self.status:
             if self.error is not None:
                 raise self.error
+            if self.interim:
+                return
             await self._wait()
 
     async def read(self) -> tuple[bytes, bool]:
