@@ -146,8 +146,8 @@ def tail(
 ) -> None:
     """Print one line per finished request.
 
-    With FILE, for the requests saved in a trace file; otherwise live, for the requests
-    apps send to the collector (until Ctrl+C).
+    With FILE, for the requests saved in a trace file (or a HAR); otherwise live, for
+    the requests apps send to the collector (until Ctrl+C).
     """
     if file is not None:
         if listen is not None or output is not None or otlp is not None:
@@ -157,7 +157,7 @@ def tail(
         _tail_live(listen or DEFAULT_ADDRESS, output, allow_remote, otlp)
 
 
-def _tail_file(path: str) -> None:
+def _tail_trace_file(path: str) -> None:
     tail = Tail(live=False)
     report = LoadReport()
     batch: list[dict[str, Any]] = []
@@ -385,14 +385,30 @@ def view(file: str, ui: bool | None, max_requests: int, play: bool, speed: float
         return
     if play:
         raise click.UsageError("--play needs the UI (not --headless).")
+    _tail_file(file)
+
+
+#: How every trace file hopscope writes starts (``tracefile.header_line``).
+_HEADER_START = b'{"format":"hopscope",'
+
+
+def _tail_file(path: str) -> None:
+    """One line per request of a trace file or of a HAR (``tail FILE``, ``view
+    --headless``)."""
     from hopscope.tui.source import har_events
 
+    # A trace file is not read whole to be told apart, and a pipe (``<(zcat ...)``) is
+    # read once: as a trace file, as tail always read it.
+    is_trace_file = True  # or read_events says why it is not, in its words
+    if os.path.isfile(path):
+        with contextlib.suppress(OSError), open(path, "rb") as handle:
+            is_trace_file = handle.read(len(_HEADER_START)) == _HEADER_START
     try:
-        events = har_events(file)
+        events = None if is_trace_file else har_events(path)
     except TraceFileError as exc:
         raise click.ClickException(str(exc)) from None
     if events is None:
-        _tail_file(file)
+        _tail_trace_file(path)
         return
     tail = Tail(live=False)
     try:
@@ -657,7 +673,8 @@ def replay(ctx: click.Context, /, file: str, **options: Any) -> None:
     report how each response differs from the captured one.
 
     Exit status: 0 when every response matches the capture, 1 when any differs or
-    fails, 2 when the replay cannot run (bad file or filter, unreachable target).
+    fails or FILE is damaged (what it holds is replayed), 2 when the replay cannot run
+    (bad file or filter, unreachable target).
     """
     from .replay import ReplayError, run_replay
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from hopscope.tracing.copyas import CopyError, as_curl, as_httpie, as_httpx
 from hopscope.tracing.har import HarError, exchange, load_har, traces_to_har
@@ -46,6 +48,8 @@ class Result:
 
 
 def _is_trace_file(path: str) -> bool:
+    if not os.path.isfile(path):  # a pipe, ``<(zcat t.jsonl.gz)``, can be read only once
+        return True
     try:
         with open(path, "rb") as handle:
             first = handle.readline(64 * 1024)
@@ -116,16 +120,32 @@ def select(traces: list[Trace], ident: str) -> Trace:
 
 
 def _write_private(out: str, data: bytes, source: str) -> None:
-    """Write ``out`` as ``0600``, all at once, refusing to replace ``source``."""
+    """Write ``out`` as ``0600``, all at once, refusing to replace ``source``.
+
+    Only a regular file is replaced: a device, a FIFO or ``/dev/stdout`` is written
+    into (replacing ``/dev/null`` with a file, as root, would break the machine), and a
+    symlink's target is replaced, not the link.
+    """
     with contextlib.suppress(OSError):
         if os.path.samefile(out, source):
             raise ExportError(f"refusing to overwrite the input file {source}")
     if os.path.isdir(out):
         raise ExportError(f"cannot write {out}: it is a directory")
-    directory = os.path.dirname(os.path.abspath(out))
+    try:
+        special = not stat.S_ISREG(os.stat(out).st_mode)
+    except OSError:
+        special = False  # nothing there yet (or a dangling link): a new file
+    if special:
+        try:
+            with open(out, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise ExportError(f"cannot write {out}: {exc.strerror}") from None
+        return
+    target = os.path.realpath(out)
     try:
         fd, temp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(out)}.", suffix=".tmp"
+            dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp"
         )
     except OSError as exc:
         raise ExportError(f"cannot write {out}: {exc.strerror}") from None
@@ -133,7 +153,7 @@ def _write_private(out: str, data: bytes, source: str) -> None:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o600)
             handle.write(data)
-        os.replace(temp, out)
+        os.replace(temp, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -159,6 +179,8 @@ def run_export(
 ) -> Result:
     """Do one export: ``har``/``otlp`` name the output file (``-``: stdout), ``copy`` is
     ``(form, ID)`` with form one of :data:`COPY_FORMS`."""
+    if base_url is not None:
+        _check_base_url(base_url, copy)
     notes: list[str] = []
     traces = load_any(file, notes)
     notes = [f"hopscope: {note}" for note in notes]
@@ -181,6 +203,23 @@ def run_export(
         raise ExportError("nothing to export: give --har, --otlp, --curl, --httpie or --httpx")
     result.notes = notes + result.notes
     return result
+
+
+def _check_base_url(base_url: str, copy: tuple[str, str] | None) -> None:
+    """``--base-url`` goes into a copied command as is: a typo would make a command
+    that sends elsewhere (``curl example`` asks the host ``example``)."""
+    if copy is None:
+        raise ExportError("--base-url goes with --curl, --httpie or --httpx")
+    try:
+        parts = urlsplit(base_url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        valid = valid and (parts.port or 0) >= 0  # raises for a port that is no number
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ExportError(f"--base-url must look like http://HOST:PORT, got {base_url!r}")
+    if parts.query or parts.fragment:
+        raise ExportError(f"--base-url cannot have a query or fragment, got {base_url!r}")
 
 
 def print_result(result: Result) -> None:

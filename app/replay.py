@@ -2,10 +2,11 @@
 
 Made for regression checks: capture real traffic once, then replay it against each new
 version of the app and let the exit status say whether any response changed (0 all
-the same, 1 some differ, 2 the replay itself could not run).  Deciding *what* to send
-and *how* responses differ is :mod:`hopscope.tracing.replay`; this module sends with
-httpx, records each replayed request as a ``client`` span (so a target running under
-hopscope joins the same trace through ``traceparent``) and prints the table.
+the same, 1 some differ or the capture is damaged, 2 the replay itself could not run).
+Deciding *what* to send and *how* responses differ is :mod:`hopscope.tracing.replay`;
+this module sends with httpx, records each replayed request as a ``client`` span (so a
+target running under hopscope joins the same trace through ``traceparent``) and prints
+the table.
 
 Requests go out from a small thread pool: httpx's ``trace`` extension reports the
 connection and HTTP phases synchronously in the sending thread, which is exactly what a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import statistics
 import sys
 import threading
@@ -44,7 +46,7 @@ from hopscope.tracing.replay import (
     replay_headers,
 )
 from hopscope.tracing.sinks import FileSink
-from hopscope.tracing.tracefile import TraceFileError, load
+from hopscope.tracing.tracefile import TraceFileError, TraceFileWarning, load
 from hopscope.tracing.traceparent import format_traceparent
 
 __all__ = ["ReplayError", "Replayer", "load_requests", "run_replay"]
@@ -86,15 +88,20 @@ class Result:
 # -- reading the capture ------------------------------------------------------------------------
 
 
-def load_requests(path: str, filter_text: str | None = None) -> list[Item]:
+def load_requests(
+    path: str, filter_text: str | None = None, damage: list[str] | None = None
+) -> list[Item]:
     """The captured requests of a trace file, in capture order, that ``filter_text``
-    selects; raises :class:`ReplayError` for a bad file or filter, or when none is left."""
+    selects; raises :class:`ReplayError` for a bad file or filter, or when none is left.
+
+    What a damaged file (a writer killed mid-line, a garbled line) still holds is
+    replayed; ``damage`` gets one line saying what was skipped."""
     if filter_text is not None:
         try:
             selected = parse(filter_text)
         except FilterError as exc:
             raise ReplayError(f"--filter: {exc}") from None
-    traces = _read_traces(path)
+    traces = _read_traces(path, damage if damage is not None else [])
     if filter_text is not None:
         traces = selected.select(traces)
     requests = [r for r in (captured_request(t) for t in traces) if r is not None]
@@ -105,7 +112,7 @@ def load_requests(path: str, filter_text: str | None = None) -> list[Item]:
     return [Item(index, request) for index, request in enumerate(requests, start=1)]
 
 
-def _read_traces(path: str) -> list[Trace]:
+def _read_traces(path: str, damage: list[str]) -> list[Trace]:
     """A hopscope trace file, or a HAR file (told apart by content, not by name)."""
     if _looks_like_har(path):
         try:
@@ -113,21 +120,24 @@ def _read_traces(path: str) -> list[Trace]:
         except HarError as exc:
             raise ReplayError(str(exc)) from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Strict: a regression gate that silently replays part of a damaged capture
-            # would pass for the wrong reason.
-            return load(path, strict=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TraceFileWarning)
+            traces = load(path)
     except TraceFileError as exc:
         raise ReplayError(str(exc)) from None
+    damage += [str(w.message) for w in caught if issubclass(w.category, TraceFileWarning)]
+    return traces
 
 
 def _looks_like_har(path: str) -> bool:
     """True unless the first line is a hopscope header: HAR files are one JSON object,
-    ``{"log": ...}``, on one line or pretty-printed (then the first line is ``{``)."""
+    ``{"log": ...}``, on one line or pretty-printed (then the first line is ``{``).
+    A pipe (``<(zcat t.jsonl.gz)``) is taken for a trace file: it can be read only once."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as handle:
-            first = handle.readline(1 << 20).strip()
+            first = handle.readline(1 << 20).removeprefix(b"\xef\xbb\xbf").strip()  # a BOM
     except OSError:
         return False  # load() says why, in its words
     if not first.startswith(b"{"):
@@ -187,9 +197,11 @@ def _connect_reason(exc: httpx.TransportError) -> str:
         return "connection timed out"
     cause: BaseException | None = exc.__cause__
     while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):  # not "[SSL: ...] (_ssl.c:1006)"
+            return f"TLS certificate verify failed: {cause.verify_message}"
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror[0].lower() + cause.strerror[1:]
-        cause = cause.__cause__
+        cause = cause.__cause__ or cause.__context__  # httpcore raises from inside except
     text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)) or type(exc).__name__
     return text[0].lower() + text[1:]
 
@@ -292,10 +304,18 @@ class Replayer:
             return Result(item, skipped=reason)
         headers, withheld = replay_headers(captured.headers, self.overrides)
         result = Result(item, withheld=withheld)
+        if "\ufffd" in captured.path and not captured.path_encoded:
+            # The server decoded the path as UTF-8, replacing what was not: the original
+            # bytes are not in the capture, so the path sent is not the one captured.
+            result.notes.append(
+                "the captured path had bytes that are not UTF-8 (recorded as U+FFFD, sent so)"
+            )
         redacted = [part for part in ("query", "body") if _holds_marker(captured, part)]
         if redacted:
             result.notes.append(
-                f"the captured {' and '.join(redacted)} hold redacted values: sent as captured"
+                f"the captured {' and '.join(redacted)} "
+                + ("hold" if len(redacted) > 1 else "holds")
+                + " redacted values: sent as captured"
             )
         self.pacer.wait()
         if self.stop.is_set():
@@ -311,6 +331,8 @@ class Replayer:
         if exchange.failure is not None:
             result.differences.append(Difference("error", exchange.failure))
         elif exchange.status is not None:
+            if captured.response_truncated and not captured.response_body:
+                result.notes.append("the capture holds no response body: bodies not compared")
             result.differences = compare(
                 captured,
                 exchange.status,
@@ -351,7 +373,7 @@ class Replayer:
                 exchange.headers = [
                     (n.decode("latin-1"), v.decode("latin-1")) for n, v in response.headers.raw
                 ]
-                exchange.body = b"".join(response.iter_raw())
+                _read_body(response, captured, exchange)
             finally:
                 response.close()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -413,10 +435,11 @@ class Replayer:
             end["http.response.status_code"] = result.status
             end["network.protocol.version"] = result.protocol
             end["http.response.headers"] = exchange.headers
-            end["http.response.body.size"] = len(body)
+            end["http.response.body.size"] = exchange.body_size
             if body:
-                end["http.response.body"] = body[:BODY_LIMIT]
-                end["http.response.body.truncated"] = len(body) > BODY_LIMIT
+                shown = end["http.response.body"] = body[:BODY_LIMIT]
+                cut = exchange.stopped or exchange.body_size > len(shown)
+                end["http.response.body.truncated"] = cut
         records.append(("e", exchange.end, trace_id, span_id, end))
         return records
 
@@ -434,9 +457,32 @@ class _Exchange:
     protocol: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    """The response body, or as much of it as the capture can be compared with."""
+    body_size: int = 0
+    stopped: bool = False
+    """True when the reading stopped before the body's end (the captured client did)."""
     failure: str | None = None
     unreachable: str | None = None
     phases: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+
+
+def _read_body(response: httpx.Response, captured: CapturedRequest, exchange: _Exchange) -> None:
+    """Read the response into ``exchange``, keeping only what the capture can be compared
+    with: all of it, or the first bytes when the capture kept only those (a download of
+    gigabytes is not held in memory), and no more than the captured client read when it
+    hung up early (an event stream that never ends would keep the replay waiting)."""
+    keep = len(captured.response_body) if captured.response_truncated else None
+    kept = bytearray()
+    for chunk in response.iter_raw():
+        exchange.body_size += len(chunk)
+        if keep is None:
+            kept += chunk
+        elif len(kept) < keep:
+            kept += chunk[: keep - len(kept)]
+        if captured.response_disconnected and keep is not None and len(kept) >= keep:
+            exchange.stopped = True
+            break
+    exchange.body = bytes(kept)
 
 
 def _phase_events(
@@ -688,7 +734,8 @@ def run_replay(
     except ValueError as exc:
         raise ReplayError(f"--ignore: {exc}") from None
     parse_target(target)
-    items = load_requests(file, filter_text)
+    damage: list[str] = []
+    items = load_requests(file, filter_text, damage)
     if output is not None and _same_file(output, file):
         raise ReplayError(f"-o {output} is the capture being replayed: choose another file")
     sink: FileSink | None = None
@@ -718,9 +765,14 @@ def run_replay(
             sink.close()
     if results:
         out.write("\n")
-    for line in summary(results, target):
+    lines = summary(results, target)
+    # Never 0 then: a regression gate must not pass on part of a damaged capture.
+    lines += [f"damaged capture, only what could be read was replayed: {d}" for d in damage]
+    for line in lines:
         out.write(line + "\n")
     out.flush()
+    if damage:
+        return 1
     return 0 if all(r.outcome in ("same", "skipped") for r in results) else 1
 
 

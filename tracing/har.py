@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from .encoding import decode_content
 from .model import Event, Span, Trace, assemble
-from .redact import REDACTED, is_sensitive, redact_headers
+from .redact import REDACTED, is_sensitive, redact_headers, redact_query, redact_url
+from .replay import declared_length
+from .tracefile import GZIP_MAGIC
 
 __all__ = [
     "HAR_VERSION",
@@ -165,9 +167,17 @@ def exchange(trace: Trace) -> Exchange | None:
         default = _DEFAULT_PORTS.get(scheme)
         authority = shown + (f":{port}" if port and port != default else "")
     status = _attr(trace, "http.response.status_code")
+    if status is None and _attr(trace, "websocket.accepted") is True:
+        status = 101  # an app span's WebSocket: HAR viewers show 0 as a failed request
     status_text = _attr(trace, "http.response.status_text")
     version = _attr(trace, "network.protocol.version")
     request_body, request_size, request_truncated = _body_of(trace, "request")
+    declared = declared_length(request_headers)
+    redacted = REDACTED.encode() in request_body  # an exporter changed its length
+    if declared is not None and declared > max(len(request_body), request_size or 0):
+        if not redacted:  # the app did not read it all: not all of it was captured
+            request_size = declared
+            request_truncated = request_truncated or bool(request_body)
     response_body, response_size, response_truncated = _body_of(trace, "response")
     result = Exchange(
         method=method,
@@ -199,29 +209,6 @@ def exchange(trace: Trace) -> Exchange | None:
 # Redaction beyond headers
 
 
-def redact_query(query: str) -> str:
-    """The raw query string with the values of sensitive parameters (``token``,
-    ``api_key``, ``password``...) replaced, everything else byte for byte."""
-    if not query:
-        return query
-    parts = []
-    for part in query.split("&"):
-        name, sep, _ = part.partition("=")
-        if sep and is_sensitive(unquote_plus(name)):
-            part = f"{name}={quote(REDACTED)}"
-        parts.append(part)
-    return "&".join(parts)
-
-
-def redact_url(url: str) -> str:
-    """``url`` (absolute, or a path with a query) with :func:`redact_query` applied."""
-    head, sep, query = url.partition("?")
-    if not sep:
-        return url
-    query, hash_sep, fragment = query.partition("#")
-    return f"{head}?{redact_query(query)}{hash_sep}{fragment}"
-
-
 #: Headers whose value is a URL, which can carry a secret in its query string.
 _URL_HEADERS = frozenset({":path", "referer", "location", "content-location"})
 
@@ -247,8 +234,9 @@ def _redact_json(value: Any) -> Any:
 
 
 def redact_body(data: bytes, content_type: str) -> bytes:
-    """The body with sensitive form fields or JSON keys replaced; other bodies as they
-    are (a body of unknown shape cannot be searched for secrets reliably)."""
+    """The body with sensitive form fields (urlencoded or multipart) or JSON keys
+    replaced; other bodies as they are (a body of unknown shape cannot be searched for
+    secrets reliably)."""
     media = content_type.split(";")[0].strip().lower()
     if media == "application/x-www-form-urlencoded":
         try:
@@ -267,7 +255,32 @@ def redact_body(data: bytes, content_type: str) -> bytes:
         compact = b", " not in data and b": " not in data
         separators = (",", ":") if compact else (", ", ": ")
         return json.dumps(redacted, ensure_ascii=False, separators=separators).encode("utf-8")
+    if media == "multipart/form-data":
+        return _redact_multipart(data, content_type)
     return data
+
+
+_BOUNDARY = re.compile(r';\s*boundary="?([^";]+)"?', re.IGNORECASE)
+_PART_NAME = re.compile(rb';\s*name="([^"]*)"', re.IGNORECASE)
+
+
+def _redact_multipart(data: bytes, content_type: str) -> bytes:
+    """A multipart form with the values of its sensitive fields (not files) replaced,
+    every other byte as it was."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        return data
+    delimiter = b"--" + found.group(1).encode("latin-1")
+    parts = data.split(delimiter)
+    for index, part in enumerate(parts[1:], start=1):
+        head, blank, value = part.partition(b"\r\n\r\n")
+        name = _PART_NAME.search(head)
+        if not blank or name is None or b"filename" in head.lower():
+            continue
+        if is_sensitive(name.group(1).decode("latin-1")):
+            end = b"\r\n" if value.endswith(b"\r\n") else b""
+            parts[index] = head + blank + REDACTED.encode() + end
+    return delimiter.join(parts)
 
 
 # --------------------------------------------------------------------------------------
@@ -464,7 +477,7 @@ def _post_data(ex: Exchange, redact: bool) -> dict[str, Any] | None:
     return post
 
 
-def _content(ex: Exchange) -> dict[str, Any]:
+def _content(ex: Exchange, redact: bool) -> dict[str, Any]:
     mime = header_value(ex.response_headers, "content-type") or "x-unknown"
     size = ex.response_body_size if ex.response_body_size is not None else len(ex.response_body)
     content: dict[str, Any] = {"size": size, "mimeType": mime}
@@ -477,6 +490,8 @@ def _content(ex: Exchange) -> dict[str, Any]:
                 content["size"] = len(plain)
                 content["compression"] = len(plain) - len(data)
                 data = plain
+        if redact and not ex.response_truncated:  # a login's {"access_token": ...}
+            data = redact_body(data, mime)
         content.update(_text_or_base64(data))
     if ex.response_truncated:
         content["comment"] = _truncation_note(len(ex.response_body), ex.response_body_size)
@@ -521,8 +536,8 @@ def _entry(trace: Trace, ex: Exchange, redact: bool) -> dict[str, Any]:
         "httpVersion": version,
         "cookies": response_cookies,
         "headers": _har_headers(response_headers),
-        "content": _content(ex),
-        "redirectURL": header_value(ex.response_headers, "location") or "",
+        "content": _content(ex, redact),
+        "redirectURL": header_value(response_headers, "location") or "",
         "headersSize": -1,
         "bodySize": ex.response_body_size if ex.response_body_size is not None else -1,
     }
@@ -664,7 +679,14 @@ def _request_attrs(entry: dict[str, Any], request: dict[str, Any]) -> dict[str, 
             attrs[attr] = entry[har_key].strip("[]")
     if isinstance(entry.get("_resourceType"), str):
         attrs["har.resource_type"] = entry["_resourceType"]
+    if scheme in ("ws", "wss") or entry.get("_resourceType") == "websocket":
+        attrs["network.protocol.name"] = "websocket"  # not replayable as a plain GET
     return attrs
+
+
+def _cut_note(body: dict[str, Any]) -> bool:
+    """True when hopscope's export said this body was cut (:func:`_truncation_note`)."""
+    return str(body.get("comment", "")).startswith("hopscope kept only")
 
 
 def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
@@ -682,8 +704,9 @@ def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
         # bodySize larger than the text) must never be replayed as if whole.
         size = request.get("bodySize")
         declared = size if isinstance(size, int) and not isinstance(size, bool) else -1
-        noted = str(post.get("comment", "")).startswith("hopscope kept only")
-        if noted or declared > len(sent):
+        noted = _cut_note(post)
+        # Redaction changes a body's length: then only hopscope's note says it was cut.
+        if noted or (declared > len(sent) and REDACTED.encode() not in sent):
             attrs["http.request.body.truncated"] = True
             attrs["http.request.body.size"] = max(declared, len(sent))
     status = response.get("status")
@@ -702,7 +725,13 @@ def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
         attrs["http.response.body"] = base64.b64encode(received).decode("ascii")
         size = content.get("size")
         valid = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+        if REDACTED.encode() in received and not _cut_note(content):
+            valid = False  # redaction changed the length, not a cut at capture
         attrs["http.response.body.size"] = size if valid else len(received)
+    elif isinstance(content, dict):  # saved without bodies: its size says there was one
+        size = content.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            attrs["http.response.body.size"] = size
     return attrs
 
 
@@ -801,5 +830,7 @@ def load_har(path: str | os.PathLike[str]) -> list[Trace]:
     try:
         document = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError):
+        if raw.startswith(GZIP_MAGIC):
+            raise HarError(f"{name} is gzip-compressed: gunzip it first") from None
         raise HarError(f"{name} is not a HAR file (not JSON)") from None
     return assemble(har_to_events(document, name))

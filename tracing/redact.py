@@ -1,16 +1,18 @@
-"""Secrets in headers: which ones to hide before a trace leaves the machine, and how to
-recognise a value that was hidden.
+"""Secrets in headers and query strings: which ones to hide before a trace leaves the
+machine, and how to recognise a value that was hidden.
 
-Exporters (HAR, OTLP) redact with :func:`redact_headers` because their files get attached
-to bug reports and shipped to tracing backends; ``hopscope replay`` reads the other side:
-a redacted value must never be sent as if it were the real credential, so it is spotted
-with :func:`is_redacted` and left out unless the user supplies the real one.
+Exporters (HAR, OTLP) redact with :func:`redact_headers` and :func:`redact_query`
+because their files get attached to bug reports and shipped to tracing backends;
+``hopscope replay`` reads the other side: a redacted value must never be sent as if it
+were the real credential, so it is spotted with :func:`is_redacted` and left out unless
+the user supplies the real one, and a URL redacted in the capture is compared redacted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import quote, unquote_plus
 
 __all__ = [
     "REDACTED",
@@ -19,6 +21,8 @@ __all__ = [
     "is_sensitive",
     "redact_attrs",
     "redact_headers",
+    "redact_query",
+    "redact_url",
 ]
 
 #: What a hidden header value is replaced with.
@@ -87,3 +91,26 @@ def redact_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 def _pair(pair: Sequence[str]) -> tuple[str, str]:
     name, value = pair
     return name, value
+
+
+def redact_query(query: str) -> str:
+    """The raw query string with the values of sensitive parameters (``token``,
+    ``api_key``, ``password``...) replaced, everything else byte for byte."""
+    if not query:
+        return query
+    parts = []
+    for part in query.split("&"):
+        name, sep, _ = part.partition("=")
+        if sep and is_sensitive(unquote_plus(name)):
+            part = f"{name}={quote(REDACTED)}"
+        parts.append(part)
+    return "&".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """``url`` (absolute, or a path with a query) with :func:`redact_query` applied."""
+    head, sep, query = url.partition("?")
+    if not sep:
+        return url
+    query, hash_sep, fragment = query.partition("#")
+    return f"{head}?{redact_query(query)}{hash_sep}{fragment}"

@@ -17,10 +17,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from .encoding import decode_content
 from .model import _HOP_ORDER, Span, Trace
-from .redact import is_redacted
+from .redact import REDACTED, is_redacted, is_sensitive, redact_url
 
 __all__ = [
     "DEFAULT_IGNORED_HEADERS",
@@ -31,6 +32,7 @@ __all__ = [
     "JsonChange",
     "captured_request",
     "compare",
+    "declared_length",
     "decode_content",
     "header_diff",
     "json_diff",
@@ -95,10 +97,21 @@ class CapturedRequest:
     body_size: int | None = None
     """The whole request body's size when the capture knows it (more than ``body`` when
     ``truncated``)."""
+    response_disconnected: bool = False
+    """True when the client went away before the response ended: the captured body is
+    then only what was sent until it did."""
     path_encoded: bool = False
     """True when ``path`` is as it went on the wire (percent-encoded, from a HAR file);
     the middlewares record it decoded."""
     websocket: bool = False
+
+
+def declared_length(pairs: Iterable[tuple[str, str]]) -> int | None:
+    """The request's ``Content-Length``, or None.  More than the captured body when the
+    app did not read all of it (a 401 before reading an upload): the capture then holds
+    only what the app read, and must not be resent as if whole."""
+    value = next((v for n, v in pairs if n.lower() == "content-length"), "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 # -- which span holds the request ---------------------------------------------------------------
@@ -126,6 +139,11 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
 
     body, body_ok = _decoded(attrs.get("http.request.body"))
     size = _as_int(attrs.get("http.request.body.size"))
+    headers = _header_pairs(attrs.get("http.request.headers"))
+    declared = declared_length(headers)
+    redacted = REDACTED.encode() in body  # an exporter changed it, and its length
+    if declared is not None and declared > max(len(body), size or 0) and not redacted:
+        size = declared  # the app did not read the whole body: it was not all captured
     truncated = (
         not body_ok
         or attrs.get("http.request.body.truncated") is True
@@ -133,8 +151,10 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
     )
     response_body, response_ok = _decoded(attrs.get("http.response.body"))
     response_size = _as_int(attrs.get("http.response.body.size"))
+    disconnected = attrs.get("disconnected") is True
     response_truncated = (
         not response_ok
+        or disconnected
         or attrs.get("http.response.body.truncated") is True
         or (response_size is not None and response_size > len(response_body))
     )
@@ -144,13 +164,14 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
         method=attrs["http.request.method"],
         path=_text(attrs.get("url.path")) or "/",
         query=_text(attrs.get("url.query")),
-        headers=_header_pairs(attrs.get("http.request.headers")),
+        headers=headers,
         body=body,
         truncated=truncated,
         status=_outer_status(trace),
         response_headers=_header_pairs(attrs.get("http.response.headers")),
         response_body=response_body,
         response_truncated=response_truncated,
+        response_disconnected=disconnected,
         duration_ns=duration if isinstance(duration, int) else None,
         trace_id=trace.trace_id,
         start=source.start if isinstance(source.start, int) else None,
@@ -345,7 +366,8 @@ def _ignored(path: tuple[str | int, ...], ignore: Sequence[tuple[str, ...]]) -> 
 def json_diff(old: Any, new: Any, ignore: Sequence[tuple[str, ...]] = ()) -> list[JsonChange]:
     """Where two JSON values differ, structurally: object keys in any order, arrays by
     index, ``1`` equal to ``1.0`` but not to ``true``.  Subtrees matching an ``ignore``
-    pattern (see :func:`parse_ignore_path`) are not compared."""
+    pattern (see :func:`parse_ignore_path`) are not compared, nor a secret's ``old``
+    value an exporter redacted (a HAR's ``"access_token": "[redacted]"``)."""
     return list(_walk((), old, new, ignore))
 
 
@@ -354,6 +376,8 @@ def _walk(
 ) -> Iterator[JsonChange]:
     if path and _ignored(path, ignore):
         return
+    if isinstance(old, str) and path and is_sensitive(str(path[-1])) and is_redacted(old):
+        return  # an exporter hid the captured value: nothing to compare it with
     if isinstance(old, dict) and isinstance(new, dict):
         for key in old:
             yield from _walk((*path, key), old[key], new.get(key, MISSING), ignore)
@@ -461,7 +485,8 @@ def header_diff(
     """How the response headers the capture had changed: only names present in ``old``
     are compared (case-insensitively, all values in order), except
     :data:`DEFAULT_IGNORED_HEADERS` and ``ignore``; a redacted captured value is not
-    compared, since the capture no longer knows it."""
+    compared, since the capture no longer knows it, and a URL whose secret query values
+    were redacted is compared with the new one redacted the same way."""
     skip = DEFAULT_IGNORED_HEADERS | {name.lower() for name in ignore}
     old_values: dict[str, list[str]] = {}
     for name, value in old:
@@ -474,11 +499,17 @@ def header_diff(
         if name in skip or any(is_redacted(v) for v in values):
             continue
         now = new_values.get(name)
+        if now is not None and any(_QUOTED_REDACTED in value for value in values):
+            now = [redact_url(value) for value in now]  # a Location's secret query values
         if now is None:
             out.append(f"{name}: removed (was {_quoted(values)})")
         elif now != values:
             out.append(f"{name}: {_quoted(values)} -> {_quoted(now)}")
     return out
+
+
+#: How an exporter's redaction marker reads inside a URL (``redact_url``).
+_QUOTED_REDACTED = quote(REDACTED)
 
 
 def _quoted(values: list[str]) -> str:

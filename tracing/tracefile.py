@@ -15,6 +15,7 @@ import gc
 import json
 import operator
 import os
+import stat
 import time
 import warnings
 from collections import OrderedDict
@@ -115,11 +116,14 @@ def read_chunks(
         current = _major(FORMAT_VERSION)
         upgrades = [UPGRADES[step] for step in range(_major(header.get("version")), current)]
         number = 2  # of the first line of the chunk
+        seekable = handle.seekable()  # not a pipe: ``hopscope tail <(zcat t.jsonl.gz)``
         while True:
             lines = handle.readlines(_CHUNK_BYTES)
             if not lines:
                 break
-            report.bytes_read = handle.tell()
+            report.bytes_read = (
+                handle.tell() if seekable else report.bytes_read + sum(map(len, lines))
+            )
             events = _decode(lines, number, report)
             try:
                 known = set(map(_KIND, events)) <= EVENT_KINDS
@@ -141,6 +145,9 @@ def read_chunks(
 
 _KIND = operator.itemgetter("kind")
 
+#: How a gzip file starts: users compress saved traces to keep or mail them.
+GZIP_MAGIC = b"\x1f\x8b"
+
 
 def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     """The file opened after its header line, and the header; a :class:`TraceFileError`
@@ -157,6 +164,8 @@ def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
         except ValueError:
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            if first.startswith(GZIP_MAGIC):
+                raise TraceFileError(f"{name} is gzip-compressed: gunzip it first")
             raise TraceFileError(f"{name} is not a hopscope trace file (no header line)")
         major = _major(header.get("version"), name)
         current = _major(FORMAT_VERSION)
@@ -377,7 +386,8 @@ class TraceFileWriter:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         fd = os.open(path, flags, 0o600)
         try:
-            os.fchmod(fd, 0o600)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not /dev/null's mode, for everyone
+                os.fchmod(fd, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_size == 0:
