@@ -596,6 +596,8 @@ class HttpListener(asyncio.Protocol):
         if self._begin or len(data) > MAX_HEAD:
             self._received_counted(data)
             return
+        # (As _received_counted feeds the parser, without the counting: kept inline, as
+        # this is every request's read.)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:

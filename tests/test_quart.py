@@ -11,13 +11,12 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets.sync.client
 from hopscope.tracing import MemorySink, span
 from hopscope.tracing.asgi import ASGIMiddleware
@@ -85,7 +84,8 @@ def _listening_socket() -> socket.socket:
 
 
 @contextmanager
-def serve_hypercorn(app: Any) -> Iterator[int]:
+def serve_hypercorn(app: Any) -> Iterator[str]:
+    """Quart's own server in a thread; yields its base URL (like conftest's serve_asgi)."""
     sock = _listening_socket()
     config = HypercornConfig()
     config.bind = [f"fd://{sock.fileno()}"]
@@ -103,10 +103,10 @@ def serve_hypercorn(app: Any) -> Iterator[int]:
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     assert started.wait(TIMEOUT)
-    port = sock.getsockname()[1]
-    _wait_accepting(port)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _wait_accepting(base)
     try:
-        yield port
+        yield base
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(TIMEOUT)
@@ -115,42 +115,20 @@ def serve_hypercorn(app: Any) -> Iterator[int]:
         sock.detach()  # hypercorn took the descriptor over and closed it
 
 
-@contextmanager
-def serve_uvicorn(app: Any) -> Iterator[int]:
-    sock = _listening_socket()
-    config = uvicorn.Config(app, lifespan="on", log_level="critical", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.005)
-    _wait_accepting(sock.getsockname()[1])  # (as for hypercorn: one request more to count)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        sock.close()
-        assert not thread.is_alive()
-
-
-SERVERS = {"hypercorn": serve_hypercorn, "uvicorn": serve_uvicorn}
-
-
-def _wait_accepting(port: int) -> None:
+def _wait_accepting(base: str) -> None:
+    """The first request answered (hypercorn has no "started" to wait on)."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/items/0", timeout=TIMEOUT)
+            httpx.get(f"{base}/items/0", timeout=TIMEOUT)
             return
         except httpx.TransportError:
             assert time.monotonic() < deadline, "server did not answer"
             time.sleep(0.01)
 
 
-def raw_exchange(port: int, data: bytes) -> bytes:
+def raw_exchange(base: str, data: bytes) -> bytes:
+    port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as conn:
         conn.sendall(data)
         received = []
@@ -194,14 +172,18 @@ def wait_for_spans(sink: MemorySink, count: int) -> list[tuple[Trace, Span]]:
 # -- tests ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("server", SERVERS)
-def test_quart_answers_byte_for_byte_like_the_bare_app(server: str) -> None:
-    serve = SERVERS[server]
-    with serve(quart_app()) as port:
-        bare = [raw_exchange(port, r) for r in RAW_REQUESTS]
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+def test_quart_answers_byte_for_byte_like_the_bare_app(
+    server: str, serve_asgi: Callable[[Any], AbstractContextManager[str]]
+) -> None:
+    serve = serve_hypercorn if server == "hypercorn" else serve_asgi
+    with serve(quart_app()) as base:
+        bare = [raw_exchange(base, r) for r in RAW_REQUESTS]
     sink = MemorySink()
-    with serve(ASGIMiddleware(quart_app(), sink=sink)) as port:
-        wrapped = [raw_exchange(port, r) for r in RAW_REQUESTS]
+    with serve(ASGIMiddleware(quart_app(), sink=sink)) as base:
+        if server == "uvicorn":
+            _wait_accepting(base)  # the same probe request as hypercorn's, to count alike
+        wrapped = [raw_exchange(base, r) for r in RAW_REQUESTS]
     for sent, one, other in zip(RAW_REQUESTS, bare, wrapped, strict=True):
         assert other == one, sent.split(b"\r\n", 1)[0]
     assert b'"id":7' in bare[0] and b"part 5" in bare[1] and bare[4].endswith(b"z" * 300_000)
@@ -225,8 +207,8 @@ def test_quart_user_spans_nest_under_the_request_in_its_task() -> None:
     # Quart answers each request in a task it creates: the request's context must reach
     # it, or span() would record nothing.
     sink = MemorySink()
-    with serve_hypercorn(ASGIMiddleware(quart_app(), sink=sink)) as port:
-        answer = httpx.get(f"http://127.0.0.1:{port}/spans", timeout=TIMEOUT)
+    with serve_hypercorn(ASGIMiddleware(quart_app(), sink=sink)) as base:
+        answer = httpx.get(f"{base}/spans", timeout=TIMEOUT)
         assert answer.text == "done"
         spans = wait_for_spans(sink, 2)
     trace, request_span = next((t, s) for t, s in spans if s.attrs["url.path"] == "/spans")
@@ -238,8 +220,8 @@ def test_quart_user_spans_nest_under_the_request_in_its_task() -> None:
 
 def test_quart_websocket_through_hypercorn_is_unchanged_and_recorded() -> None:
     sink = MemorySink()
-    with serve_hypercorn(ASGIMiddleware(quart_app(), sink=sink)) as port:
-        with websockets.sync.client.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+    with serve_hypercorn(ASGIMiddleware(quart_app(), sink=sink)) as base:
+        with websockets.sync.client.connect(f"ws{base[4:]}/ws") as ws:
             ws.send("one")
             assert ws.recv(timeout=TIMEOUT) == "echo:one"
             ws.send("two")

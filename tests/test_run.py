@@ -530,19 +530,19 @@ def test_hypercorn(starlette_project: Path, runs: Callable[..., Run]) -> None:
     _check_traces(run, pids, server=False, software="hypercorn")
 
 
-def test_quart_under_hypercorn(quart_project: Path, runs: Callable[..., Run]) -> None:
-    # Quart's own server: hypercorn's wrap point wraps any ASGI app, Quart's too.
+@pytest.mark.parametrize(
+    "command",
+    [
+        # Quart's own server: hypercorn's wrap point wraps any ASGI app, Quart's too.
+        ["hypercorn", "app:app", "--bind", "127.0.0.1:{port}"],
+        # ``quart run`` starts hypercorn from inside Quart (no hypercorn command line).
+        ["quart", "--app", "app", "run", "--port", "{port}"],
+    ],
+    ids=["hypercorn", "quart-run"],
+)
+def test_quart(command: list[str], quart_project: Path, runs: Callable[..., Run]) -> None:
     port = _free_port()
-    run = runs(quart_project, "--", "hypercorn", "app:app", "--bind", f"127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{port}"
-    run.wait_serving(base)
-    _check_traces(run, _requests(base), server=False, software="hypercorn")
-
-
-def test_quart_run(quart_project: Path, runs: Callable[..., Run]) -> None:
-    # ``quart run`` starts hypercorn from inside Quart (no hypercorn command line).
-    port = _free_port()
-    run = runs(quart_project, "--", "quart", "--app", "app", "run", "--port", str(port))
+    run = runs(quart_project, "--", *(part.format(port=port) for part in command))
     base = f"http://127.0.0.1:{port}"
     run.wait_serving(base)
     _check_traces(run, _requests(base), server=False, software="hypercorn")
