@@ -6,6 +6,7 @@ stderr and exit status 1, never a traceback; usage errors exit 2 as click does.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import signal
@@ -16,7 +17,12 @@ from types import FrameType
 from typing import Any
 
 import click
-from hopscope.tracing.tracefile import LoadReport, TraceFileError, read_events
+from hopscope.tracing.tracefile import (
+    SUMMARY_CUT_OFF,
+    LoadReport,
+    TraceFileError,
+    read_events,
+)
 
 from .collector import DEFAULT_ADDRESS, BackgroundCollector, CollectorError, tune_gc
 from .tail import Tail
@@ -124,6 +130,28 @@ def main() -> None:
     stdin and stdout are a terminal, and print one line per request otherwise;
     --ui and --headless choose.
     """
+    _escape_what_stdout_cannot_encode()
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """Print what an ASCII-only stdout cannot encode as backslash escapes, not crash.
+
+    Paths, headers and bodies a server recorded hold any character (U+FFFD for bytes
+    that were not UTF-8), and ``PYTHONIOENCODING=ascii`` or an old locale leaves stdout
+    strict: a ``UnicodeEncodeError`` half-way through the output.  UTF streams encode
+    every character already (``surrogateescape`` there is left alone).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        try:
+            encoding = codecs.lookup(stream.encoding).name
+        except (AttributeError, LookupError, TypeError):
+            continue
+        if reconfigure is None or encoding.startswith("utf-"):
+            continue
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape"):
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
 
 
 @main.command()
@@ -180,6 +208,8 @@ def _tail_trace_file(path: str) -> None:
         problems.append(f"skipped {skipped} malformed line(s)")
     if report.truncated_last_line:
         problems.append("the last line was cut off")
+    if report.summary_cut_off:
+        problems.append(SUMMARY_CUT_OFF)
     if tail.unfinished():
         problems.append(f"{tail.unfinished()} request(s) never finished")
     if problems:
@@ -667,6 +697,10 @@ def proxy(
 @click.option("--ignore-header", multiple=True, metavar="NAME", help="Header not compared.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, help="Seconds per request.")  # fmt: skip
+@click.option(
+    "--insecure", is_flag=True,
+    help="Do not verify an https target's certificate (a development server's own).",
+)  # fmt: skip
 @click.pass_context
 def replay(ctx: click.Context, /, file: str, **options: Any) -> None:
     """Resend the requests saved in FILE (a trace file or a HAR) to --target, and

@@ -46,7 +46,12 @@ from hopscope.tracing.replay import (
     replay_headers,
 )
 from hopscope.tracing.sinks import FileSink
-from hopscope.tracing.tracefile import TraceFileError, TraceFileWarning, load
+from hopscope.tracing.tracefile import (
+    SummaryCutOffWarning,
+    TraceFileError,
+    TraceFileWarning,
+    load,
+)
 from hopscope.tracing.traceparent import format_traceparent
 
 __all__ = ["ReplayError", "Replayer", "load_requests", "run_replay"]
@@ -89,19 +94,25 @@ class Result:
 
 
 def load_requests(
-    path: str, filter_text: str | None = None, damage: list[str] | None = None
+    path: str,
+    filter_text: str | None = None,
+    damage: list[str] | None = None,
+    notes: list[str] | None = None,
 ) -> list[Item]:
     """The captured requests of a trace file, in capture order, that ``filter_text``
     selects; raises :class:`ReplayError` for a bad file or filter, or when none is left.
 
     What a damaged file (a writer killed mid-line, a garbled line) still holds is
-    replayed; ``damage`` gets one line saying what was skipped."""
+    replayed; ``damage`` gets one line saying what was skipped, ``notes`` one for what
+    was skipped losing nothing (a cut-off summary line)."""
     if filter_text is not None:
         try:
             selected = parse(filter_text)
         except FilterError as exc:
             raise ReplayError(f"--filter: {exc}") from None
-    traces = _read_traces(path, damage if damage is not None else [])
+    traces = _read_traces(
+        path, damage if damage is not None else [], notes if notes is not None else []
+    )
     if filter_text is not None:
         traces = selected.select(traces)
     requests = [r for r in (captured_request(t) for t in traces) if r is not None]
@@ -112,7 +123,7 @@ def load_requests(
     return [Item(index, request) for index, request in enumerate(requests, start=1)]
 
 
-def _read_traces(path: str, damage: list[str]) -> list[Trace]:
+def _read_traces(path: str, damage: list[str], notes: list[str]) -> list[Trace]:
     """A hopscope trace file, or a HAR file (told apart by content, not by name)."""
     if _looks_like_har(path):
         try:
@@ -125,7 +136,11 @@ def _read_traces(path: str, damage: list[str]) -> list[Trace]:
             traces = load(path)
     except TraceFileError as exc:
         raise ReplayError(str(exc)) from None
-    damage += [str(w.message) for w in caught if issubclass(w.category, TraceFileWarning)]
+    for warning in caught:
+        if issubclass(warning.category, SummaryCutOffWarning):
+            notes.append(str(warning.message))  # nothing of the requests is lost
+        elif issubclass(warning.category, TraceFileWarning):
+            damage.append(str(warning.message))
     return traces
 
 
@@ -251,6 +266,7 @@ class Replayer:
         sink: FileSink | None = None,
         source: str = "",
         max_connections: int = 10,
+        insecure: bool = False,
     ) -> None:
         self.target = target
         self.base = parse_target(target)
@@ -267,6 +283,7 @@ class Replayer:
             follow_redirects=False,
             trust_env=False,  # the target is named explicitly: no proxies from the environment
             limits=httpx.Limits(max_connections=max_connections),
+            verify=not insecure,  # --insecure: a development server's self-signed certificate
         )
         # Send the captured headers, not httpx's defaults (an Accept-Encoding the original
         # client never sent would change the response).
@@ -723,6 +740,7 @@ def run_replay(
     ignore: Sequence[str] = (),
     ignore_headers: Sequence[str] = (),
     timeout: float = 30.0,
+    insecure: bool = False,
     out: TextIO | None = None,
 ) -> int:
     """Replay ``file`` against ``target``; returns the exit status (0 all the same, 1 some
@@ -735,7 +753,8 @@ def run_replay(
         raise ReplayError(f"--ignore: {exc}") from None
     parse_target(target)
     damage: list[str] = []
-    items = load_requests(file, filter_text, damage)
+    notes: list[str] = []
+    items = load_requests(file, filter_text, damage, notes)
     if output is not None and _same_file(output, file):
         raise ReplayError(f"-o {output} is the capture being replayed: choose another file")
     sink: FileSink | None = None
@@ -754,6 +773,7 @@ def run_replay(
         sink=sink,
         source=os.path.abspath(file),
         max_connections=concurrency,
+        insecure=insecure,
     )
     try:
         with _Progress(len(items), out) as progress:
@@ -768,6 +788,7 @@ def run_replay(
     lines = summary(results, target)
     # Never 0 then: a regression gate must not pass on part of a damaged capture.
     lines += [f"damaged capture, only what could be read was replayed: {d}" for d in damage]
+    lines += [f"warning: {note}" for note in notes]  # (not damage: the exit status stands)
     for line in lines:
         out.write(line + "\n")
     out.flush()

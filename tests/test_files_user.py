@@ -346,7 +346,8 @@ def test_replay_of_a_damaged_capture_replays_what_is_readable(
     assert "6 same, 0 different" in result.stdout
     last = result.stdout.splitlines()[-1]
     assert last.startswith(f"damaged capture, only what could be read was replayed: {damaged}: ")
-    assert "skipped 1 malformed line(s); the last line was cut off" in last
+    # (the last line of a capture is a summary: cut, it loses nothing; the other does)
+    assert "skipped 1 malformed line(s); the last line, a summary, was cut off" in last
 
 
 def test_tail_reads_a_har_as_view_does(capture: Path, tmp_path: Path) -> None:
@@ -665,3 +666,142 @@ def test_a_bad_base_url_is_one_line(capture: Path, base_url: str, error: str) ->
     assert one_line_error(result) == f"Error: {error}\n"
     ignored = run("export", str(capture), "--har", "-", "--base-url", "http://h:1")
     assert one_line_error(ignored) == "Error: --base-url goes with --curl, --httpie or --httpx\n"
+
+
+def test_the_ui_reads_a_trace_file_from_a_pipe(capture: Path, tmp_path: Path) -> None:
+    """``hopscope view <(cat t.jsonl)`` in the UI showed "Illegal seek" and no request:
+    its fast path (the summary scan) opens the file twice and seeks in it; a pipe is
+    now read once, front to back, its events folded."""
+    from hopscope.app.ui import build_view_app
+
+    messages: list[str] = []
+    with fifo_writer(tmp_path / "pipe", capture.read_bytes()) as pipe:
+        session = build_view_app(str(pipe))
+        app = session.app
+
+        async def main() -> None:
+            async with app.run_test(size=(120, 35)) as pilot:
+                for _ in range(400):  # 20 s at most
+                    messages[:] = [n.message for n in app._notifications]
+                    if any("read" in m or "Error" in m or "seek" in m for m in messages):
+                        break
+                    await pilot.pause(0.05)
+                await pilot.pause(0.1)
+
+        try:
+            asyncio.run(main())
+        finally:
+            session.close()
+    assert not any("seek" in message for message in messages), messages
+    assert any(message.startswith("pipe: read ") for message in messages), messages
+    assert len(app.store) == 7
+
+
+def test_two_trace_files_concatenated_read_as_one(capture: Path, tmp_path: Path) -> None:
+    """``cat a.jsonl b.jsonl > both.jsonl``: the second header line was a "malformed
+    line", so replay exited 1 and ``load()`` warned; it is a header, skipped."""
+    import warnings
+
+    from hopscope.tracing import load
+
+    both = tmp_path / "both.jsonl"
+    both.write_bytes(capture.read_bytes() * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load(both)) == 7  # the same trace ids twice: one trace each
+    with served(1) as base:
+        result = run("replay", str(both), "--target", base)
+    assert result.exit_code == 0, result.output
+    assert "damaged" not in result.stdout
+    tail = run("tail", str(both))
+    assert tail.exit_code == 0 and tail.stderr == "", tail.output
+
+
+def test_a_cut_off_summary_line_loses_no_request(capture: Path, tmp_path: Path) -> None:
+    """A file whose cut-off last line is a summary (every event before it intact) made
+    replay exit 1 as if requests were lost: it now warns and exits 0."""
+    lines = capture.read_bytes().splitlines(keepends=True)
+    assert lines[-1].startswith(b'{"kind":"summary",')
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    with served(1) as base:
+        result = run("replay", str(cut), "--target", base)
+    assert result.exit_code == 0, result.output
+    assert "6 same, 0 different" in result.stdout
+    last = result.stdout.splitlines()[-1]
+    assert last == f"warning: {cut}: the last line, a summary, was cut off (no event lost)"
+    tail = run("tail", str(cut))
+    assert tail.exit_code == 0
+    assert "(no event lost)" in tail.stderr and "malformed" not in tail.stderr
+
+
+def test_replay_to_a_self_signed_https_target_with_insecure(capture: Path, tmp_path: Path) -> None:
+    """``hopscope replay FILE --target https://...`` had no ``--insecure`` (``hopscope
+    proxy`` has) for a development server's self-signed certificate."""
+    import shutil
+    import socket
+    import subprocess
+
+    import uvicorn
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-nodes", "-subj", "/CN=localhost"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        make_app(1), log_level="warning", lifespan="off", access_log=False,
+        ssl_certfile=str(cert), ssl_keyfile=str(key),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    url = f"https://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        refused = run("replay", str(capture), "--target", url)
+        result = run("replay", str(capture), "--target", url, "--insecure")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+    assert "self-signed certificate" in one_line_error(refused)
+    assert result.exit_code == 0, result.output
+    assert "6 same, 0 different; 1 skipped" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["tail"], ["view", "--headless"], ["export", "--har", "-"], ["export", "--curl", "1"]],
+    ids=lambda c: " ".join(c[:2]),
+)
+def test_an_ascii_only_stdout_gets_escapes_not_a_crash(tmp_path: Path, command: list[str]) -> None:
+    """With ``PYTHONIOENCODING=ascii`` (a C locale, some CI), printing a path the server
+    recorded with U+FFFD crashed with UnicodeEncodeError; it is printed escaped."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "odd.jsonl"
+    sink = FileSink(path)
+    with _uvicorn_thread(wrap(make_app(1), sink=sink)) as base:
+        assert httpx.get(base + "/echo%FF").status_code == 404
+    sink.close()
+    script = "from hopscope.app.cli import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", script, command[0], str(path), *command[1:]],
+        capture_output=True, timeout=60, env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+    assert b"/echo\\ufffd" in result.stdout
+    if command[0] == "export" and command[1] == "--har":
+        document = json.loads(result.stdout)  # the escapes are JSON's own
+        (entry,) = document["log"]["entries"]
+        assert entry["request"]["url"].endswith("/echo\ufffd")

@@ -56,6 +56,11 @@ class TraceFileWarning(UserWarning):
     """Something in a trace file was skipped; everything else was kept."""
 
 
+class SummaryCutOffWarning(TraceFileWarning):
+    """Only the file's cut-off last line was skipped, and it was a summary: it covers
+    events written before it, so no event is lost (a writer killed while summing up)."""
+
+
 @dataclass
 class LoadReport:
     """What reading a file had to skip."""
@@ -66,7 +71,11 @@ class LoadReport:
     bytes_read: int = 0
     """How far into the file reading got (whole chunks): progress for a big file."""
     skipped: int = 0
-    """Lines of a kind this reader does not know (summaries, a newer minor version's)."""
+    """Lines of a kind this reader does not know (summaries, a newer minor version's),
+    and the header lines of files concatenated to the first (``cat a.jsonl b.jsonl``)."""
+    summary_cut_off: bool = False
+    """The last line was cut off, and was a summary: no event lost (unlike
+    :attr:`truncated_last_line`)."""
 
 
 def header_line() -> str:
@@ -83,6 +92,10 @@ def header_line() -> str:
 #: version adds) are skipped without complaint.
 EVENT_KINDS = frozenset({"span_start", "span_end", "event", "dropped"})
 SUMMARY = "summary"
+
+
+#: What readers say of a cut-off summary line (:attr:`LoadReport.summary_cut_off`).
+SUMMARY_CUT_OFF = "the last line, a summary, was cut off (no event lost)"
 
 
 def _major(version: Any, name: str = "") -> int:
@@ -216,7 +229,12 @@ def _decode(lines: list[bytes], number: int, report: LoadReport) -> list[dict[st
                 raise ValueError
         except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
             if not raw.endswith(b"\n"):
-                report.truncated_last_line = True
+                if raw.startswith(SUMMARY_PREFIX):
+                    report.summary_cut_off = True  # the events it sums up are all in
+                else:
+                    report.truncated_last_line = True
+            elif _is_header(raw):
+                report.skipped += 1  # ``cat a.jsonl b.jsonl``: the next file starts
             else:
                 report.malformed_lines.append(number + offset)
             continue
@@ -224,11 +242,26 @@ def _decode(lines: list[bytes], number: int, report: LoadReport) -> list[dict[st
     return events
 
 
+def _is_header(raw: bytes) -> bool:
+    """Whether a line that is no event is the header of a file of this major version
+    (files concatenated): only lines that failed as events pay for the look."""
+    try:
+        header = json.loads(raw)
+        return (
+            isinstance(header, dict)
+            and header.get("format") == FORMAT_NAME
+            and _major(header.get("version")) == _major(FORMAT_VERSION)
+        )
+    except (ValueError, RecursionError):  # (TraceFileError is a ValueError)
+        return False
+
+
 def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
     """Read a trace file into assembled traces.
 
     A cut-off last line (a crash mid-write) and malformed lines are skipped with one
-    warning saying how many; ``strict=True`` raises instead.
+    warning saying how many; ``strict=True`` raises instead.  A cut-off summary line
+    alone loses no event: its warning is a :class:`SummaryCutOffWarning`.
     """
     report = LoadReport()
     builder = TraceBuilder()
@@ -254,11 +287,18 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
         problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
     if report.truncated_last_line:
         problems.append("the last line was cut off")
+    category = TraceFileWarning
     if problems:
+        if report.summary_cut_off:
+            problems.append(SUMMARY_CUT_OFF)
         message = f"{os.fspath(path)}: " + "; ".join(problems) + f"; kept {report.events} events"
+    elif report.summary_cut_off:
+        message = f"{os.fspath(path)}: {SUMMARY_CUT_OFF}"
+        category = SummaryCutOffWarning
+    if problems or report.summary_cut_off:
         if strict:
             raise TraceFileError(message)
-        warnings.warn(message, TraceFileWarning, stacklevel=2)
+        warnings.warn(message, category, stacklevel=2)
     return list(builder.traces.values())
 
 

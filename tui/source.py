@@ -16,6 +16,7 @@ import bisect
 import gc
 import json
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from hopscope.tracing.model import TraceBuilder
 from hopscope.tracing.tracefile import (
+    SUMMARY_CUT_OFF,
     LoadReport,
     SummarisedTrace,
     SummaryScan,
@@ -249,10 +251,14 @@ class FileSource:
         self.gate = gate
         self.keep = keep
         self.report = LoadReport()
-        self._scan: SummaryScan | None = SummaryScan(self.path, self.report)
+        # A pipe (``hopscope view <(zcat t.jsonl.gz)``) can be read once, front to back:
+        # not scanned for summaries (that opens the file again and seeks), but folded.
+        self._scan: SummaryScan | None = (
+            SummaryScan(self.path, self.report) if _regular_file(self.path) else None
+        )
         self._chunks: Iterator[list[Event]] | None = None
         self._first: list[Event] | None = None
-        if not self._scan.may_have_summaries:
+        if self._scan is None or not self._scan.may_have_summaries:
             self._scan = None
             self._fold_from_start()
         try:
@@ -449,6 +455,14 @@ class FileSource:
         deliver([warning or notice(f"{self.describe()}: read {report.events:,} events")])
 
 
+def _regular_file(path: str) -> bool:
+    """False for a pipe or a device, which cannot be reopened nor seeked in."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # the scan says why it cannot be opened, in its words
+
+
 def _load_warning(name: str, report: LoadReport, events: int) -> Event | None:
     """The warning a file read with losses gets (malformed lines, a cut-off last line)."""
     problems = []
@@ -456,6 +470,8 @@ def _load_warning(name: str, report: LoadReport, events: int) -> Event | None:
         problems.append(f"skipped {len(report.malformed_lines)} malformed line(s)")
     if report.truncated_last_line:
         problems.append("the last line was cut off")
+    if report.summary_cut_off:
+        problems.append(SUMMARY_CUT_OFF)
     if not problems:
         return None
     message = f"{name}: " + "; ".join(problems)
@@ -697,6 +713,8 @@ def open_file(path: str | os.PathLike[str], *, keep: int | None = None) -> FileS
     try:
         return FileSource(path, keep=keep)
     except TraceFileError:
+        if not _regular_file(os.fspath(path)):
+            raise  # a pipe is read once, as a trace file (as ``tail`` reads it)
         events = har_events(os.fspath(path))
         if events is None:
             raise
