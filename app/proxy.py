@@ -35,8 +35,11 @@ certificate).  Upstream trailers are recorded, and forwarded when the client sen
 ``TE: trailers`` (through :class:`CorkedWrites`: ASGI over HTTP/1.1 has no
 ``http.response.trailers`` in uvicorn).  Interim responses (103 Early Hints) are passed
 on as they come, written ahead of the final one (ASGI has no message for them either).
-A request the upstream could read otherwise than the proxy (two Host fields, a transfer
-coding other than chunked) is refused, as nginx refuses it (:class:`RequestRefused`).
+A request the upstream could read otherwise than the proxy (two Host fields, a Host that
+is not ``host[:port]``, a transfer coding other than chunked) is refused, as nginx
+refuses it (:class:`RequestRefused`); so is one the listener cannot read or finds too
+long, and each refusal is recorded as a request (:meth:`ProxyHttpProtocol.refused`).
+The request target goes upstream as the client sent it (``/p?`` keeps its ``?``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -141,6 +145,24 @@ _SPECIAL = _HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"content-length", b"e
 _FIELD_JOIN = b": ".join
 #: Connection tokens that name no header.
 _PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+#: RFC 3986 ``host [":" port]`` (an IP literal in brackets, or a registered name).
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+    rb"(?::[0-9]*)?"
+)
+#: Host values found valid (a few, met again and again: a lookup instead of a match).
+_HOSTS: set[bytes] = set()
+
+
+def _check_host(host: bytes) -> None:
+    """Raise :class:`RequestRefused` for a Host that is not a ``host[:port]`` (empty,
+    with a space or a slash, ``a..b``), as nginx refuses it: which site it names is
+    the upstream's guess, and the proxy would pass it on as X-Forwarded-Host."""
+    if _HOST.fullmatch(host) is None or b".." in host:
+        raise RequestRefused(400, f"invalid Host field {host.decode('latin-1')!r}")
+    if len(_HOSTS) >= 1024:
+        _HOSTS.clear()
+    _HOSTS.add(host)
 
 
 def _added_template(xff: bool, host: bool, trailers: bool) -> bytes:
@@ -315,6 +337,12 @@ class UvicornProxyProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
+#: What a request the listener refused keeps in its recording: the first bytes of its
+#: target and of its fields (a refused head can be as long as a read).
+REFUSED_TARGET = 2048
+REFUSED_FIELDS = 16384
+
+
 class ProxyHttpProtocol(HttpListener):
     """The proxy's listening side (:mod:`hopscope.app.listener`): each request goes
     straight to an :class:`_Exchange`, told what ASGI does not say (when the request's
@@ -327,6 +355,65 @@ class ProxyHttpProtocol(HttpListener):
 
     def accepts(self, app: Any) -> bool:
         return isinstance(app, ProxyApp)
+
+    def refused(
+        self,
+        status: int,
+        reason: bytes,
+        error: str | None,
+        begin: int,
+        method: bytes | None,
+        version: str | None,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        # Recorded as a request the proxy refused (a client span, nothing upstream).
+        app = self.config.app
+        if not isinstance(app, ProxyApp):
+            return
+        cut = len(url) > REFUSED_TARGET
+        raw_path, _, query = url[:REFUSED_TARGET].partition(b"?")
+        kept: list[tuple[bytes, bytes]] = []
+        size = 0
+        for pair in headers:
+            size += len(pair[0]) + len(pair[1]) + 4
+            if size > REFUSED_FIELDS:
+                break
+            kept.append(pair)
+        scope = {
+            "type": "http",
+            "http_version": version,
+            "method": method.decode("latin-1") if method is not None else "-",
+            "scheme": self.scheme,
+            "path": raw_path.decode("latin-1"),
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": kept,
+            "client": self.client,
+            "server": self.server,
+        }
+        conn = self.conn
+        conn.requests += 1
+        exchange = _Exchange(app, scope, _gone, _gone)
+        exchange._begin((begin, _now(), False, conn, None))
+        exchange.client_attr("proxy.refused", reason.decode("latin-1").rstrip("."))
+        exchange.client_attr("proxy.refused.by", "listener")
+        if error:
+            exchange.client_attr("proxy.refused.error", error)
+        if cut:
+            exchange.client_attr("proxy.refused.target_size", len(url))
+        if len(kept) < len(headers):
+            exchange.client_attr("proxy.refused.fields", len(headers))
+        exchange.status = status
+        exchange.response_headers = [
+            *self.server_state.default_headers,
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(reason)),
+            (b"connection", b"close"),
+        ]
+        exchange._capture().add(reason, _now())
+        exchange._end(proxy=False)
+        exchange._close()
 
     def handle(self, request: Request) -> Coroutine[Any, Any, None] | None:
         # Made without its __init__ (the other paths' way in): serve sets its fields, and
@@ -508,6 +595,8 @@ class ProxyApp:
                     # Which one names the site?  (RFC 9112 3.2: a 400.)
                     raise RequestRefused(400, "more than one Host field")
                 original_host = pair[1]
+                if original_host not in _HOSTS:
+                    _check_host(original_host)
                 continue  # (replaced, never removed: the rest is for the others)
             if name == b"x-forwarded-for":
                 xff = pair[1] if xff is None else xff + b", " + pair[1]
@@ -821,7 +910,8 @@ class _Exchange(Recording):
             name = pair[0]
             if name not in _SPECIAL:
                 out.append(pair)
-            elif name == b"host" and original_host is None:
+            elif name == b"host" and original_host is None and pair[1] in _HOSTS:
+                # (A Host not seen valid yet is checked the general way, below.)
                 original_host = pair[1]
             else:
                 client = None  # (the general way, below)
@@ -841,13 +931,10 @@ class _Exchange(Recording):
                 forwarded = app.forwarded(scope, head_ts, trace_id, proxy_id)
             except RequestRefused:
                 return self._answer(head_ts, absolute)  # (which answers it)
-        # (_prepare's.)
-        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        query = scope.get("query_string")
+        # (_prepare's, from the target as the client sent it: ``/p?`` keeps its ``?``.)
+        raw = request.target
         prefix = app._prefix
         target = prefix + raw if prefix and raw != b"*" else raw
-        if query:
-            target = target + b"?" + query
         up = app.upstream
         # (Forwarded's fields by index: a named field of a tuple subclass is a
         # descriptor lookup on every read, here on every request.)

@@ -3,9 +3,10 @@
 Each test here pins a place where the proxy once answered differently from the upstream
 itself (or from nginx): a 304 with a Content-Length, an upstream status no client can
 be given, a malformed request behind pipelined good ones, a head without size limit,
-two Host fields, a transfer coding the proxy cannot pass on, a WebSocket's
-X-Forwarded-Proto.  The upstream is a scripted socket server, so the bytes it sends are
-exact and what reached it can be checked.
+two Host fields, a Host that is not host[:port], a transfer coding the proxy cannot
+pass on, a refusal of the listener's missing from the trace, an empty query dropped
+from the target, a WebSocket's X-Forwarded-Proto.  The upstream is a scripted socket
+server, so the bytes it sends are exact and what reached it can be checked.
 """
 
 from __future__ import annotations
@@ -322,6 +323,91 @@ def test_requests_the_upstream_could_read_otherwise_are_refused(
         span = wait_until(lambda: _client_span(proxy, "/x"))
         assert span.attrs["http.response.status_code"] == status
         assert span.attrs["proxy.refused"] == reason.decode()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"a b", b"", b"a/b", b"a..b", b"a:80x", b"[::1", b"a@b"],
+    ids=["space", "empty", "slash", "two-dots", "bad-port", "open-bracket", "at"],
+)
+@pytest.mark.parametrize("reused", [False, True], ids=["first", "idle-upstream"])
+def test_a_host_that_is_not_host_port_is_refused(host: bytes, reused: bool) -> None:
+    # nginx answers 400 ("client sent invalid host header"). Before: passed on, and the
+    # upstream told it as X-Forwarded-Host (which site it names was the app's guess).
+    with scripted(by_path({})) as (upstream, proxy):
+        warm = get("/warm") if reused else b""  # (the fast path needs an idle upstream)
+        request = b"GET /h HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        got = exchange(proxy, warm + request + get("/after"), 3 if reused else 2)
+        assert got[-2].startswith(b"HTTP/1.1 400 "), got
+        assert b"invalid Host field" in got[-2]
+        assert got[-1] == OK
+        assert [head.split(b" ")[1] for head in upstream.heads] == [b"/warm"] * reused + [b"/after"]
+        span = wait_until(lambda: _client_span(proxy, "/h"))
+        assert span.attrs["http.response.status_code"] == 400
+        assert span.attrs["proxy.refused"].startswith("invalid Host field")
+
+
+@pytest.mark.parametrize(
+    "host", [b"example.com", b"EXAMPLE.com:8080", b"[::1]:80", b"127.0.0.1", b"a_b-c.d~e"]
+)
+def test_a_valid_host_goes_through(host: bytes) -> None:
+    with scripted(by_path({})) as (upstream, proxy):
+        request = b"GET /v HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        assert exchange(proxy, request + request, 2) == [OK, OK]
+        assert all(b"\r\nx-forwarded-host: " + host + b"\r\n" in h for h in upstream.heads)
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "path", "attrs"),
+    [
+        (
+            b"GET /bad HTTP/1.1\r\nHost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            400,
+            "/bad",
+            {"proxy.refused.error": "Duplicate Content-Length", "http.request.method": "GET"},
+        ),
+        (
+            b"GET /big HTTP/1.1\r\nHost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n",
+            431,
+            "/big",
+            {"proxy.refused.fields": 2},
+        ),
+        (
+            b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            414,
+            "/" + "a" * 2047,
+            {"proxy.refused.target_size": 100_001},
+        ),
+    ],
+    ids=["400", "431", "414"],
+)
+def test_a_request_the_listener_refuses_is_recorded(
+    request_head: bytes, status: int, path: str, attrs: dict[str, object]
+) -> None:
+    # Before: answered, but nothing in the trace: a user watching saw no request.
+    with scripted(by_path({})) as (upstream, proxy):
+        got = until_closed(proxy, get("/first") + request_head)
+        assert got.startswith(OK + b"HTTP/1.1 %d " % status), got[:200]
+        span = wait_until(lambda: _client_span(proxy, path))
+        assert span.attrs["http.response.status_code"] == status
+        assert span.attrs["proxy.refused.by"] == "listener"
+        assert span.attrs["proxy.refused"]
+        for key, value in attrs.items():
+            assert span.attrs[key] == value
+        trace, _ = proxy.span("client", path)
+        assert [s.hop for s in trace.spans.values()] == ["client"]  # nothing upstream
+        assert [head.split(b" ")[1] for head in upstream.heads] == [b"/first"]
+
+
+def test_an_empty_query_reaches_the_upstream() -> None:
+    # The target goes upstream byte for byte.  Before: "/p?" went as "/p".
+    with scripted(by_path({})) as (upstream, proxy):
+        targets = [b"/p?", b"/p?a", b"/p?#f", b"/p??", b"/%2F?x=%20"]
+        request = b"".join(b"GET " + t + b" HTTP/1.1\r\nHost: x\r\n\r\n" for t in targets)
+        assert exchange(proxy, request, len(targets)) == [OK] * len(targets)
+        assert [head.split(b" ")[1] for head in upstream.heads] == [
+            b"/p?", b"/p?a", b"/p?", b"/p??", b"/%2F?x=%20"
+        ]  # fmt: skip
 
 
 def _client_span(proxy: Proxy, path: str) -> object:
