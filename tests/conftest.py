@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -25,13 +26,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @contextlib.contextmanager
-def _uvicorn_thread(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread; yields its base URL."""
+def _uvicorn_thread(app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread; yields its base URL (``https://`` when
+    ``options``, more of uvicorn's settings, give a certificate)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(
+        app, **{"log_level": "warning", "lifespan": "off", "access_log": False, **options}
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -40,7 +44,8 @@ def _uvicorn_thread(app: Any) -> Iterator[str]:
         time.sleep(0.01)
     assert server.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{port}"
+        scheme = "https" if options.get("ssl_certfile") else "http"
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
@@ -48,8 +53,9 @@ def _uvicorn_thread(app: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def serve_asgi() -> Callable[[Any], contextlib.AbstractContextManager[str]]:
-    """``with serve_asgi(app) as base_url:`` runs a real uvicorn for the block."""
+def serve_asgi() -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """``with serve_asgi(app) as base_url:`` runs a real uvicorn for the block
+    (``serve_asgi(app, ssl_certfile=..., ssl_keyfile=...)`` for TLS)."""
     return _uvicorn_thread
 
 
@@ -72,3 +78,21 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (a development server's kind):
+    (certificate, key) files, made with the ``openssl`` CLI (skips when it is missing)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    argv = [
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-days", "2", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-keyout", str(key), "-out", str(cert),
+    ]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, timeout=30)
+    return cert, key

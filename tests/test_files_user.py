@@ -503,22 +503,15 @@ def test_a_trace_file_read_from_a_pipe(capture: Path, tmp_path: Path, command: l
         assert "6 same, 0 different; 1 skipped" in result.stdout
 
 
-def test_an_untrusted_tls_target_is_one_plain_line(capture: Path, tmp_path: Path) -> None:
+def test_an_untrusted_tls_target_is_one_plain_line(
+    capture: Path, certificate: tuple[Path, Path]
+) -> None:
     """A target with a self-signed certificate ended the replay with OpenSSL's own text,
     ``[SSL: CERTIFICATE_VERIFY_FAILED] ... (_ssl.c:1006)``."""
-    import shutil
     import socket
     import ssl
-    import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-nodes", "-subj", "/CN=localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+    cert, key = certificate
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -735,43 +728,15 @@ def test_a_cut_off_summary_line_loses_no_request(capture: Path, tmp_path: Path) 
     assert "(no event lost)" in tail.stderr and "malformed" not in tail.stderr
 
 
-def test_replay_to_a_self_signed_https_target_with_insecure(capture: Path, tmp_path: Path) -> None:
+def test_replay_to_a_self_signed_https_target_with_insecure(
+    capture: Path, certificate: tuple[Path, Path]
+) -> None:
     """``hopscope replay FILE --target https://...`` had no ``--insecure`` (``hopscope
     proxy`` has) for a development server's self-signed certificate."""
-    import shutil
-    import socket
-    import subprocess
-
-    import uvicorn
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-nodes", "-subj", "/CN=localhost"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
-    sock = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        make_app(1), log_level="warning", lifespan="off", access_log=False,
-        ssl_certfile=str(cert), ssl_keyfile=str(key),
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    url = f"https://127.0.0.1:{sock.getsockname()[1]}"
-    try:
+    cert, key = certificate
+    with _uvicorn_thread(make_app(1), ssl_certfile=str(cert), ssl_keyfile=str(key)) as url:
         refused = run("replay", str(capture), "--target", url)
         result = run("replay", str(capture), "--target", url, "--insecure")
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
     assert "self-signed certificate" in one_line_error(refused)
     assert result.exit_code == 0, result.output
     assert "6 same, 0 different; 1 skipped" in result.stdout

@@ -35,21 +35,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1 (the dev server's kind)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    argv = [
-        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-days", "2", "-subj", "/CN=localhost",
-        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        "-keyout", str(key), "-out", str(cert),
-    ]  # fmt: skip
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
-    return cert, key
-
-
 @pytest.fixture
 def tls_upstream(certificate: tuple[Path, Path]) -> Iterator[tuple[Running, MemorySink]]:
     cert, key = certificate
