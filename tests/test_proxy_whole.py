@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ from hopscope.app.listener import Request
 from hopscope.app.proxy import ClientConnection
 from hopscope.tracing.proxyrecord import RESPONSE_START
 from test_proxy import HOST, proxy_to, raw_request, wait_until
+from test_proxy_user import Scripted
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,60 +43,19 @@ ANSWERS = {
 }
 
 
-class KeepAliveUpstream:
-    """Answers each request on a connection with :data:`ANSWERS` (HEAD: the head)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server((HOST, 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self._threads.append(accept)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed
-            self.connections += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _serve(self, conn: socket.socket) -> None:
-        data = b""
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(5)
-            while not self._stop.is_set():
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
-                method, target = head.split(b" ", 2)[:2]
-                answer = ANSWERS[target.partition(b"?")[0]]
-                if method == b"HEAD":
-                    answer = answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
-                conn.sendall(answer)
-
-    def close(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
-        self.sock.close()
+def _answer(head: bytes) -> bytes:
+    """:data:`ANSWERS` by path (HEAD: the head only)."""
+    method, target = head.split(b" ", 2)[:2]
+    answer = ANSWERS[target.partition(b"?")[0]]
+    if method == b"HEAD":
+        answer = answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    return answer
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[KeepAliveUpstream]:
-    running = KeepAliveUpstream()
+def upstream() -> Iterator[Scripted]:
+    """A keep-alive upstream answering each request with :func:`_answer`."""
+    running = Scripted(_answer)
     try:
         yield running
     finally:
@@ -146,7 +105,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_whole_responses_are_the_bytes_send_writes(
-    upstream: KeepAliveUpstream, monkeypatch: pytest.MonkeyPatch, case: str
+    upstream: Scripted, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     request, until = CASES[case]
     used: list[bool] = []
@@ -159,7 +118,7 @@ def test_whole_responses_are_the_bytes_send_writes(
             return used[-1]
 
         monkeypatch.setattr(kind, "write_whole", counted)
-    with proxy_to(f"http://{HOST}:{upstream.port}") as proxy:
+    with proxy_to(upstream.url) as proxy:
         whole = exchange(proxy.port, request, until)
         wait_until(lambda: all(r[8] >= 0 for r in proxy.sink.records()))
         # Then through uvicorn's send, for the same request.
@@ -181,12 +140,12 @@ def test_whole_responses_are_the_bytes_send_writes(
         assert b"x-hop" not in whole and b"keep-alive" not in whole.lower()
 
 
-def test_protocol_versions_recorded_as_the_messages_say(upstream: KeepAliveUpstream) -> None:
+def test_protocol_versions_recorded_as_the_messages_say(upstream: Scripted) -> None:
     # Both sides skip asking the parser for the version when a message kept alive
     # without a Connection field must be HTTP/1.1: every other kind asks.
     paths = {b"/length": "1.1", b"/v10": "1.0", b"/v10-alive": "1.0", b"/v11-close": "1.1"}
     sent = 0
-    with proxy_to(f"http://{HOST}:{upstream.port}") as proxy:
+    with proxy_to(upstream.url) as proxy:
         for version in ("1.0", "1.1"):
             for connection in ("", "close", "keep-alive"):
                 for path in paths:
@@ -210,12 +169,12 @@ def test_protocol_versions_recorded_as_the_messages_say(upstream: KeepAliveUpstr
 
 @pytest.mark.parametrize("limit", [0, 3, 5, 1000])
 def test_a_body_written_whole_is_recorded_as_one_streamed(
-    upstream: KeepAliveUpstream, monkeypatch: pytest.MonkeyPatch, limit: int
+    upstream: Scripted, monkeypatch: pytest.MonkeyPatch, limit: int
 ) -> None:
     # A response written whole keeps its body without a BodyCapture: its recorded size,
     # kept bytes (cut to the limit) and truncation must be those of the capture.
     ends = []
-    with proxy_to(f"http://{HOST}:{upstream.port}", body_limit=limit) as proxy:
+    with proxy_to(upstream.url, body_limit=limit) as proxy:
         for refuse in (False, True):
             if refuse:
                 for kind in (ClientConnection, Request):
