@@ -61,6 +61,13 @@ def _with_parent() -> None:
     the parent stops it when it is ready to), and on Linux a SIGTERM when the parent
     dies, so a killed parent leaves nothing behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _dies_with_parent()
+
+
+def _dies_with_parent() -> None:
+    """In the child, before exec (it outlives exec, not fork): on Linux a SIGTERM when
+    the parent dies, so a parent killed by SIGKILL leaves nothing behind.  Nothing else
+    changes: the signal comes only then, and the child's own children do not get it."""
     if sys.platform == "linux":
         import ctypes
 
@@ -75,20 +82,23 @@ def spawn(
     pass_fds: tuple[int, ...] = (),
     new_session: bool = False,
     with_parent: bool = False,
+    dies_with_parent: bool = False,
     **streams: Any,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (stdin from /dev/null unless ``streams`` say otherwise), or raise
     :class:`ChildError`.  ``new_session``: the child leads its own process group (a
     server and its workers, stopped together); ``with_parent``: it ignores SIGINT and
-    dies with this process (see :func:`_with_parent`)."""
+    dies with this process (see :func:`_with_parent`); ``dies_with_parent``: only the
+    latter (the user's server, whose signals are its own)."""
     streams.setdefault("stdin", subprocess.DEVNULL)
+    preexec = _with_parent if with_parent else _dies_with_parent if dies_with_parent else None
     try:
         return subprocess.Popen(
             argv,
             env=env,
             pass_fds=pass_fds,
             start_new_session=new_session,
-            preexec_fn=_with_parent if with_parent else None,
+            preexec_fn=preexec,
             **streams,
         )
     except FileNotFoundError:

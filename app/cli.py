@@ -427,6 +427,8 @@ def _tail_file(path: str) -> None:
     --headless``)."""
     from hopscope.tui.source import har_events
 
+    if path == "-":  # the file on stdin (``... | hopscope view -``)
+        path = "/dev/stdin"
     # A trace file is not read whole to be told apart, and a pipe (``<(zcat ...)``) is
     # read once: as a trace file, as tail always read it.
     is_trace_file = True  # or read_events says why it is not, in its words

@@ -63,7 +63,10 @@ def _is_trace_file(path: str) -> bool:
 
 
 def load_any(path: str, notes: list[str] | None = None) -> list[Trace]:
-    """Traces from a hopscope trace file or a HAR file, whichever ``path`` is."""
+    """Traces from a hopscope trace file or a HAR file, whichever ``path`` is (``-``:
+    stdin, as ``view`` and ``tail`` read it)."""
+    if path == "-":
+        path = "/dev/stdin"
     try:
         if not _is_trace_file(path):
             return load_har(path)

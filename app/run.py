@@ -31,7 +31,9 @@ The child leads a process group of its own, and is stopped in stages:
 3. After :data:`STOP_GRACE` seconds, or at a second Ctrl+C, SIGKILL to the whole group.
 
 Whatever the leader leaves behind in its group is stopped too (SIGTERM, then SIGKILL)
-before :func:`run_target`/:func:`run_command` return the child's exit status.
+before :func:`run_target`/:func:`run_command` return the child's exit status.  If
+hopscope itself is killed (SIGKILL: no time for any of this), the leader gets SIGTERM
+from the kernel (Linux's ``PR_SET_PDEATHSIG``) and stops its workers its own way.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -205,10 +208,13 @@ class _Signals:
 def _spawn(
     argv: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = (), **streams: Any
 ) -> Any:
-    """Start the child as the leader of a new process group; ``streams`` may redirect
-    its ``stdout`` and ``stderr`` (the UI owns the terminal)."""
+    """Start the child as the leader of a new process group, sent SIGTERM if hopscope
+    dies (SIGKILL gives it no time to stop the group); ``streams`` may redirect its
+    ``stdout`` and ``stderr`` (the UI owns the terminal)."""
     try:
-        return spawn(argv, env=env, pass_fds=pass_fds, new_session=True, **streams)
+        return spawn(
+            argv, env=env, pass_fds=pass_fds, new_session=True, dies_with_parent=True, **streams
+        )
     except ChildError as exc:
         raise RunError(str(exc), exc.exit_code) from None
 
@@ -344,6 +350,41 @@ def injected_env(sink_url: str, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
+#: The start of the name of a ``hopscope run``'s folder for what was said, its pid next.
+_SAID_PREFIX = "hopscope-run-"
+
+
+def _said_folder(stack: contextlib.ExitStack, env: dict[str, str]) -> None:
+    """A folder, removed at the end, where the command's processes note the lines they
+    said (:func:`hopscope.tracing.inject._first_to_say`): each is said once per run,
+    not once per worker.  Those of runs that were killed (SIGKILL: nothing removed them)
+    are removed here."""
+    from hopscope.tracing.inject import SAID_ENV
+
+    _remove_stale_said_folders()
+    prefix = f"{_SAID_PREFIX}{os.getpid()}-"
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+    env[SAID_ENV] = folder
+
+
+def _remove_stale_said_folders() -> None:
+    where = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(where) if n.startswith(_SAID_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_SAID_PREFIX) :].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # that run is gone
+            shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+        except (OSError, OverflowError):  # alive (another user's), or not a pid
+            continue
+
+
 def _command(argv: list[str]) -> list[str]:
     if not argv:
         raise RunError("nothing to run after --", 2)
@@ -363,8 +404,10 @@ def run_command(
     command = _command(argv)
     live = _Live(output, out, otlp)
     proc = None
+    stack = contextlib.ExitStack()
     try:
         env = injected_env(live.url)
+        _said_folder(stack, env)
         if server_timing:
             env["HOPSCOPE_SERVER_TIMING"] = "1"
         shown = " ".join(argv)
@@ -377,6 +420,7 @@ def run_command(
         return status
     finally:
         live.stop(summary=proc is not None)
+        stack.close()
 
 
 # -- hopscope run TARGET -------------------------------------------------------------------
@@ -693,6 +737,7 @@ def build_run_command_app(
     try:
         source, feed = _live_source(stack, f"run {shown}", output, otlp)
         env = injected_env(feed.url)
+        _said_folder(stack, env)
         if server_timing:
             env["HOPSCOPE_SERVER_TIMING"] = "1"
         proc, out = _captured(stack, lambda **streams: _spawn(command, env, **streams))

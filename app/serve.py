@@ -218,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     ready = _ready_writer(args.ready_fd)
     try:
+        from hopscope.tracing.inject import ROUTE_PATCHES, install
         from hopscope.tracing.wrap import is_asgi
 
+        install(ROUTE_PATCHES)  # Quart's and Django's routes, kept on their requests
         app = load_target(args.target, args.factory)
         if is_asgi(app):
             return serve_asgi(app, socket.socket(fileno=args.fd), ready)

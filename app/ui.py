@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from hopscope.tracing.tracefile import TraceFileError
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import PlaybackSource, QueueSource, notice, open_file
 
@@ -185,6 +186,8 @@ def build_view_app(
 
     Raises :class:`~hopscope.tracing.TraceFileError` before any UI exists.
     """
+    if path == "-":  # (without the UI, ``-`` reads the file from stdin)
+        raise TraceFileError("reading FILE from stdin (-) needs --headless: the UI reads keys")
     source = PlaybackSource.open(path, speed=speed) if play else open_file(path, keep=max_requests)
     app = HopscopeApp(source, title="hopscope view", max_requests=max_requests)
     return Session(app, contextlib.ExitStack())

@@ -119,6 +119,8 @@ def replay_request(
         )
     elif size and not ex.request_body:
         request.notes.append(f"the body ({size} bytes) was not captured")
+    elif ex.request_unread:
+        request.notes.append("the body was not captured: the app did not read it (sent chunked)")
     if query != ex.query:
         request.notes.append("secret query parameters are redacted")
     if request.body is not None and request.body != ex.request_body:

@@ -34,9 +34,11 @@ from .tracefile import GZIP_MAGIC
 
 __all__ = [
     "HAR_VERSION",
+    "UNREAD_NOTE",
     "Exchange",
     "HarError",
     "exchange",
+    "har_events_from",
     "har_timings",
     "har_to_events",
     "header_value",
@@ -46,6 +48,7 @@ __all__ = [
     "redact_query",
     "redact_url",
     "traces_to_har",
+    "unread",
 ]
 
 HAR_VERSION = "1.2"
@@ -130,6 +133,9 @@ class Exchange:
     request_body: bytes = b""
     request_body_size: int | None = None
     request_truncated: bool = False
+    request_unread: bool = False
+    """True when the request came chunked and the app read none of it: its size is not
+    known (``request_body_size`` None), and the body is not empty (see :func:`unread`)."""
     status: int | None = None
     status_text: str = ""
     response_headers: list[tuple[str, str]] = field(default_factory=list)
@@ -178,6 +184,9 @@ def exchange(trace: Trace) -> Exchange | None:
         if not redacted:  # the app did not read it all: not all of it was captured
             request_size = declared
             request_truncated = request_truncated or bool(request_body)
+    request_unread = unread(request_headers, request_body, request_size)
+    if request_unread:
+        request_size = None
     response_body, response_size, response_truncated = _body_of(trace, "response")
     result = Exchange(
         method=method,
@@ -193,6 +202,7 @@ def exchange(trace: Trace) -> Exchange | None:
         request_body=request_body,
         request_body_size=request_size,
         request_truncated=request_truncated,
+        request_unread=request_unread,
         response_body=response_body,
         response_body_size=response_size,
         response_truncated=response_truncated,
@@ -451,7 +461,33 @@ def _truncation_note(kept: int, size: int | None) -> str:
     return f"hopscope kept only the first {kept}{total} bytes of this body"
 
 
+def unread(headers: Iterable[tuple[str, str]], body: bytes, size: int | None) -> bool:
+    """Whether a request body the app middleware recorded as 0 bytes was in fact not read.
+
+    The middlewares record what the app read.  An upload the app did not read (a 401
+    before reading it) is told by its ``Content-Length`` (:func:`declared_length`); sent
+    chunked, it has none, and the 0 bytes read would show as an empty body.  So a chunked
+    request of which nothing was read is said to be unread, its size unknown (an empty
+    chunked body, which a client rarely sends, reads the same: nothing says it apart).
+    """
+    if body or size:
+        return False
+    pairs = list(headers)
+    if declared_length(pairs) is not None:
+        return False
+    return any(
+        name.lower() == "transfer-encoding" and "chunked" in value.lower() for name, value in pairs
+    )
+
+
+#: What a HAR export says of a request body the app did not read (see :func:`unread`).
+UNREAD_NOTE = "not read by the app: sent chunked, its size is unknown and none was captured"
+
+
 def _post_data(ex: Exchange, redact: bool) -> dict[str, Any] | None:
+    if ex.request_unread:
+        mime = header_value(ex.request_headers, "content-type") or "application/octet-stream"
+        return {"mimeType": mime, "params": [], "text": "", "comment": UNREAD_NOTE}
     size = ex.request_body_size if ex.request_body_size is not None else len(ex.request_body)
     if not ex.request_body and not size:
         return None
@@ -525,6 +561,8 @@ def _entry(trace: Trace, ex: Exchange, redact: bool) -> dict[str, Any]:
         "headersSize": -1,
         "bodySize": ex.request_body_size
         if ex.request_body_size is not None
+        else -1  # HAR: not known
+        if ex.request_unread
         else len(ex.request_body),
     }
     post = _post_data(ex, redact)
@@ -834,3 +872,15 @@ def load_har(path: str | os.PathLike[str]) -> list[Trace]:
             raise HarError(f"{name} is gzip-compressed: gunzip it first") from None
         raise HarError(f"{name} is not a HAR file (not JSON)") from None
     return assemble(har_to_events(document, name))
+
+
+def har_events_from(raw: bytes, name: str) -> list[dict[str, Any]] | None:
+    """The events of a HAR file's bytes; None when they do not even look like one (not
+    a JSON object with a ``log``).  Raises :class:`HarError` for a broken HAR file."""
+    try:
+        document = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or "log" not in document:
+        return None
+    return har_to_events(document, name)

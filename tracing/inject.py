@@ -27,8 +27,14 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   (:class:`_Result`): Django's handler returns the ``HttpResponse``, and code that calls
   it directly uses more of it than a server does.
 
+Quart and Django keep the route they matched on their request objects, which the
+middlewares do not see: a hook where each has just matched it hands it to the request's
+span (:func:`_note_route`); :data:`ROUTE_PATCHES` are these alone, for ``hopscope run
+TARGET``, which wraps the app itself.
+
 Tracing never stops the program: a patch that fails says why on stderr in one line
-starting with ``hopscope:``, and the server runs as it would have.  This module runs inside
+starting with ``hopscope:``, once per ``hopscope run`` however many workers meet the same
+failure (:func:`_first_to_say`), and the server runs as it would have.  This module runs inside
 users' processes: it imports nothing beyond the standard library until a patched module
 loads.
 """
@@ -36,19 +42,51 @@ loads.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
 
-__all__ = ["PATCHES", "install"]
+__all__ = ["PATCHES", "ROUTE_PATCHES", "install"]
+
+
+#: The environment variable naming the folder where ``hopscope run`` notes what was said.
+SAID_ENV = "HOPSCOPE_SAID"
+
+
+def _first_to_say(message: str) -> bool:
+    """Whether no other process of this ``hopscope run`` said ``message`` yet.
+
+    Every worker of a server loads the app and meets the same failure: the user is told
+    once, not once per worker (or per restart of a dying worker).  The first process to
+    create the message's file in the folder ``hopscope run`` made (:data:`SAID_ENV`)
+    says it; outside ``hopscope run``, or if that folder is gone, every process says it.
+    """
+    folder = os.environ.get(SAID_ENV)
+    if not folder:
+        return True
+    import hashlib
+
+    name = hashlib.sha256(message.encode(errors="replace")).hexdigest()[:32]
+    try:
+        os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _say(message: str) -> None:
+    if not _first_to_say(message):
+        return
     try:
-        print(f"hopscope: {message}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):  # stderr closed: nowhere to say it
+        # One write: workers saying things at once must not mix their lines.
+        sys.stderr.write(f"hopscope: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):  # stderr closed (or None): nowhere to say it
         pass
 
 
@@ -278,8 +316,24 @@ def _patch_gunicorn(module: ModuleType) -> None:
         if app is not None:
             _hook_gunicorn(self, app)
 
+    run = application_class.run
+
+    @functools.wraps(run)
+    def patched_run(self: Any) -> None:
+        cfg = self.cfg
+        if cfg.daemon and not (cfg.print_config or cfg.check_config):
+            # Daemonized, gunicorn would leave hopscope's process group: its requests
+            # unrecorded once hopscope stops, and it left running after hopscope exits.
+            _say(
+                "gunicorn --daemon would detach the server from hopscope run: "
+                "run it in the foreground (no -D/--daemon, no daemon = True)"
+            )
+            raise SystemExit(2)
+        run(self)
+
     application_class.load_wsgiapp = patched_load_wsgiapp
     application_class.reload = patched_reload
+    application_class.run = patched_run
 
 
 # -- hypercorn ---------------------------------------------------------------------------
@@ -460,6 +514,39 @@ def _patch_django_asgi(module: ModuleType) -> None:
     _patch_asgi_call(module.ASGIHandler)
 
 
+def _django_route(match: Any) -> str | None:
+    """Django's route (``items/<int:pk>``, or a regular expression) as a path."""
+    route = getattr(match, "route", None)
+    if not isinstance(route, str):
+        return None
+    return route if route.startswith(("^", "/")) else "/" + route
+
+
+def _patch_django_base(module: ModuleType) -> None:
+    """Note the route once Django resolved the request (after its middlewares' request
+    phase, before the view), under any server: its handler keeps it on the request
+    (``request.resolver_match``), which the middlewares do not see."""
+    from .context import current
+
+    base_class = module.BaseHandler
+    resolve = getattr(base_class, "resolve_request", None)
+    if resolve is None:  # Django < 3.1 resolves inside _get_response: no route then
+        return
+
+    @functools.wraps(resolve)
+    def resolve_request(self: Any, request: Any) -> Any:
+        match = resolve(self, request)
+        context = current.get()
+        if context is not None:
+            try:
+                _note_route(context, _django_route(match))
+            except Exception:  # tracing never fails a request
+                pass
+        return match
+
+    base_class.resolve_request = resolve_request
+
+
 def _patch_starlette(module: ModuleType) -> None:
     # FastAPI's __call__ ends in Starlette's, so FastAPI apps are covered too.
     _patch_asgi_call(module.Starlette)
@@ -468,7 +555,68 @@ def _patch_starlette(module: ModuleType) -> None:
 def _patch_quart(module: ModuleType) -> None:
     # Quart's test client calls the app as ASGI, through ``Quart.__call__``.
     _patch_asgi_call(module.Quart)
+    _patch_quart_route(module.Quart)
 
+
+def _note_route(context: Any, route: Any) -> None:
+    """Give the request's app span the route its framework matched (``http.route``).
+
+    Starlette leaves its route in the scope, and Flask its request in the environ, where
+    the middlewares read them when the response ends; Quart and Django keep theirs on a
+    request object the middlewares do not know of, so their hooks hand it over here.
+    The span's recording is the sink of the request's context (:data:`current`) when its
+    sink takes recordings, as hopscope's all do; a sink that does not gets no route."""
+    from .sinks import Recording
+
+    recording = context.sink
+    if (
+        isinstance(route, str)
+        and route
+        and isinstance(recording, Recording)
+        and getattr(recording, "route", "") is None  # the app span's, and not set yet
+        and context.span_id == recording.span_id  # (not a span of the user's)
+    ):
+        recording.route = route  # type: ignore[attr-defined]
+
+
+def _quart_route(context: Any, request_context: Any) -> None:
+    if request_context is None:
+        from quart.globals import request_ctx
+
+        request_context = request_ctx  # (a proxy of the current one)
+    _note_route(context, getattr(getattr(request_context.request, "url_rule", None), "rule", None))
+
+
+def _patch_quart_route(cls: type) -> None:
+    """Note the matched rule when Quart starts to handle a request (its context is
+    pushed, so routing is done), before any ``before_request`` may answer it."""
+    from .context import current
+
+    dispatch = cls.full_dispatch_request  # type: ignore[attr-defined]
+
+    @functools.wraps(dispatch)
+    async def full_dispatch_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        context = current.get()
+        if context is not None:
+            try:
+                _quart_route(context, args[0] if args else kwargs.get("request_context"))
+            except Exception:  # tracing never fails a request
+                pass
+        return await dispatch(self, *args, **kwargs)
+
+    cls.full_dispatch_request = full_dispatch_request  # type: ignore[attr-defined]
+
+
+def _patch_quart_routes_only(module: ModuleType) -> None:
+    _patch_quart_route(module.Quart)
+
+
+#: The patches that only hand the middlewares the route a framework keeps on its
+#: request: for a process that wraps the app itself (``hopscope run TARGET``).
+ROUTE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "quart.app": _patch_quart_routes_only,
+    "django.core.handlers.base": _patch_django_base,
+}
 
 #: Module name -> the patch applied right after that module first runs.
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
@@ -478,6 +626,7 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
+    "django.core.handlers.base": _patch_django_base,
     "starlette.applications": _patch_starlette,
     "quart.app": _patch_quart,
 }
@@ -515,12 +664,15 @@ class _PatchingLoader:
 
 
 class _PatchingFinder:
-    """A ``sys.meta_path`` finder that only ever answers for the modules in :data:`PATCHES`."""
+    """A ``sys.meta_path`` finder that only ever answers for the modules it patches."""
+
+    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]) -> None:
+        self._patches = patches
 
     def find_spec(
         self, fullname: str, path: Any = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        patch = PATCHES.get(fullname)
+        patch = self._patches.get(fullname)
         if patch is None:
             return None
         for finder in sys.meta_path:
@@ -546,14 +698,16 @@ class _PatchingFinder:
 _installed = False
 
 
-def install() -> None:
-    """Patch the servers and frameworks this process imports (once per process)."""
+def install(patches: dict[str, Callable[[ModuleType], None]] | None = None) -> None:
+    """Patch the servers and frameworks this process imports (once per process);
+    ``patches`` :data:`ROUTE_PATCHES` for only the routes (see there)."""
     global _installed
     if _installed:
         return
     _installed = True
-    for name, patch in PATCHES.items():
+    chosen = PATCHES if patches is None else patches
+    for name, patch in chosen.items():
         module = sys.modules.get(name)
         if module is not None:
             _apply(patch, module)
-    sys.meta_path.insert(0, _PatchingFinder())
+    sys.meta_path.insert(0, _PatchingFinder(chosen))

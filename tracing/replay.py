@@ -144,8 +144,14 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
     redacted = REDACTED.encode() in body  # an exporter changed it, and its length
     if declared is not None and declared > max(len(body), size or 0) and not redacted:
         size = declared  # the app did not read the whole body: it was not all captured
+    from .har import unread  # (har imports this module)
+
+    not_read = unread(headers, body, size)  # sent chunked, and none of it read
+    if not_read:
+        size = None
     truncated = (
         not body_ok
+        or not_read
         or attrs.get("http.request.body.truncated") is True
         or (size is not None and size > len(body))
     )

@@ -121,10 +121,18 @@ def read_chunks(
 
     For readers of big files, which would otherwise pay one generator step per event.
     The header is checked on the first step (a :class:`TraceFileError` for a file that
-    is not a trace file), and ``report`` is up to date after each list.
+    is not a trace file), and ``report`` is up to date after each list.  A pipe that
+    holds a HAR file gives the HAR's events (see :func:`_har_in_pipe`).
     """
     report = report if report is not None else LoadReport()
-    handle, header = _open(path)
+    try:
+        handle, header = _open(path, har=True)
+    except _HarInPipe as found:
+        report.bytes_read = found.size
+        report.events = len(found.events)
+        if found.events:
+            yield found.events
+        return
     try:
         current = _major(FORMAT_VERSION)
         upgrades = [UPGRADES[step] for step in range(_major(header.get("version")), current)]
@@ -162,9 +170,48 @@ _KIND = operator.itemgetter("kind")
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+#: What may come before a JSON document: a byte order mark, whitespace.
+_BLANK = b"\xef\xbb\xbf \t\r\n"
+
+
+class _HarInPipe(Exception):
+    """A pipe held a HAR file, not a trace file: its events (see :func:`_open`)."""
+
+    def __init__(self, events: list[dict[str, Any]], size: int) -> None:
+        super().__init__("a HAR file")
+        self.events = events
+        self.size = size
+
+
+def _har_in_pipe(name: str, first: bytes, handle: Any) -> None:
+    """Raise :class:`_HarInPipe` when a pipe that is not a trace file holds a HAR file.
+
+    A file is told apart from a HAR by its callers before it is read, but a pipe
+    (``cat t.har | hopscope view -``, ``<(zcat t.har.gz)``) can be read only once: what it
+    held is read here, as JSON, when it starts as a HAR does.  Anything else is left
+    for the caller's "not a hopscope trace file".
+    """
+    if handle.seekable():
+        return
+    while not first.strip(_BLANK) and (line := handle.readline()):  # blank lines first
+        first += line
+    if first.lstrip(_BLANK)[:1] != b"{":
+        return
+    from .har import HarError, har_events_from  # (har imports this module)
+
+    content = first + handle.read()
+    try:
+        events = har_events_from(content, name)
+    except HarError as exc:
+        raise TraceFileError(str(exc)) from None
+    if events is not None:
+        raise _HarInPipe(events, len(content))
+
+
+def _open(path: str | os.PathLike[str], har: bool = False) -> tuple[Any, dict[str, Any]]:
     """The file opened after its header line, and the header; a :class:`TraceFileError`
-    for a file this hopscope cannot read at all."""
+    for a file this hopscope cannot read at all.  With ``har``, a pipe holding a HAR
+    file raises :class:`_HarInPipe` with its events."""
     name = os.fspath(path)
     try:
         handle = open(name, "rb")
@@ -179,6 +226,8 @@ def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             if first.startswith(GZIP_MAGIC):
                 raise TraceFileError(f"{name} is gzip-compressed: gunzip it first")
+            if har:
+                _har_in_pipe(name, first, handle)
             raise TraceFileError(f"{name} is not a hopscope trace file (no header line)")
         major = _major(header.get("version"), name)
         current = _major(FORMAT_VERSION)

@@ -27,15 +27,33 @@ import sys
 TRIGGERS = frozenset({"django", "flask", "gunicorn", "hypercorn", "quart", "starlette", "uvicorn"})
 
 
+def _hopscope_first_to_say(key: str) -> bool:
+    """Whether no other process of this ``hopscope run`` said this yet: each worker of a
+    server would (``hopscope.tracing.inject._first_to_say``, which cannot be imported
+    here, does the same)."""
+    folder = os.environ.get("HOPSCOPE_SAID")
+    if not folder:
+        return True
+    try:
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        os.close(os.open(os.path.join(folder, f"bootstrap-{key.replace(' ', '-')}"), flags))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _hopscope_install() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _HopscopeTrigger)]
     try:
         from hopscope.tracing.inject import install
     except Exception as exc:
-        sys.stderr.write(
-            f"hopscope: not tracing this process ({sys.executable}): "
-            f"cannot import hopscope: {type(exc).__name__}: {exc}\n"
-        )
+        if _hopscope_first_to_say("cannot import hopscope"):
+            sys.stderr.write(
+                f"hopscope: not tracing this process ({sys.executable}): "
+                f"cannot import hopscope: {type(exc).__name__}: {exc}\n"
+            )
         return
     install()
 
