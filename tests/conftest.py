@@ -96,3 +96,24 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ]  # fmt: skip
     subprocess.run(argv, check=True, capture_output=True, timeout=30)
     return cert, key
+
+
+@pytest.fixture
+def runs() -> Iterator[Callable[..., Any]]:
+    """``hopscope run`` processes (:class:`test_run.Run`), stopped at the end if a failing
+    test left them; ``save=False`` starts one without ``-o``."""
+    import signal
+
+    from test_run import Run
+
+    started: list[Run] = []
+
+    def start(cwd: Path, *args: str, env: dict[str, str] | None = None, save: bool = True) -> Run:
+        run = Run(list(args), cwd, env, save=save)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.proc.poll() is None:
+            run.stop(signal.SIGTERM)

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,21 +211,6 @@ class Run:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def runs() -> Iterator[Callable[..., Run]]:
-    started: list[Run] = []
-
-    def start(cwd: Path, *args: str, env: dict[str, str] | None = None, save: bool = True) -> Run:
-        run = Run(list(args), cwd, env, save)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:  # only after a failure: a passing test stopped its own
-        if run.proc.poll() is None:
-            run.stop(signal.SIGTERM)
 
 
 def _get(base: str, n: int, slow: bool = False) -> dict[str, Any]:

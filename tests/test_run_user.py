@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +44,6 @@ time.sleep(60)
 async def app(scope, receive, send):
     pass
 """
-
-
-@pytest.fixture
-def runs() -> Iterator[Callable[..., Run]]:
-    """``hopscope run`` processes, stopped at the end if a failing test left them."""
-    started: list[Run] = []
-
-    def start(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Run:
-        run = Run(list(args), cwd, env)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        if run.proc.poll() is None:
-            run.stop(signal.SIGTERM)
 
 
 def _loading(tmp_path: Path) -> Path:

@@ -8,6 +8,7 @@ with free ports, bounded waits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_run import HOPSCOPE, Run, _env, _free_port
+from test_run import HOPSCOPE, Run, _alive, _env, _free_port
+from test_run_user import _children
 
 #: An app whose module cannot be imported: every worker fails the same way.
 BROKEN_APP = 'raise RuntimeError("the app is broken")\n'
@@ -44,19 +46,9 @@ async def app(scope, receive, send):
 
 
 @pytest.fixture
-def runs() -> Iterator[Callable[..., Run]]:
-    """``hopscope run`` processes, stopped at the end if a failing test left them."""
-    started: list[Run] = []
-
-    def start(cwd: Path, *args: str, env: dict[str, str] | None = None) -> Run:
-        run = Run(list(args), cwd, env, save=False)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        if run.proc.poll() is None:
-            run.stop(signal.SIGTERM)
+def runs(runs: Callable[..., Run]) -> Callable[..., Run]:
+    """conftest's, without ``-o``: these tests read what the command says, not a trace."""
+    return functools.partial(runs, save=False)
 
 
 def _write(root: Path, name: str, source: str) -> None:
@@ -75,22 +67,6 @@ def _wait(predicate: Callable[[], object], what: str, timeout: float = 30) -> No
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            return [int(child) for child in children.read().split()]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
 # -- 1. a load failure is said once per run, not once per worker -----------------------------
