@@ -16,9 +16,10 @@ paused), request bodies (Content-Length or chunked) with flow control, ``Expect:
 100-continue``, HTTP/1.0 (no chunked coding to it), client disconnects, a limit on a
 request head's size (:data:`MAX_HEAD`), a malformed request answered after the
 pipelined ones before it, and a whole small response written in one go
-(:meth:`Request.write_whole`).  What it does not: an ``Upgrade`` request (WebSocket)
+(:meth:`Request.write_whole`).  What it does not: a WebSocket ``Upgrade`` request
 goes to :attr:`HttpListener.fallback`, a uvicorn protocol, with the connection, as
-uvicorn itself switches to its WebSocket protocol.
+uvicorn itself switches to its WebSocket protocol (any other Upgrade, such as h2c, is
+answered here as a plain request, as nginx answers it).
 
 :class:`CorkedWrites` and :class:`ClientConnection` live here because both the listener
 and the uvicorn-based fallback path write through them.
@@ -55,6 +56,16 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
 #: Request fields the parser callbacks note (llhttp reads both Connection fields).
 _NOTED = frozenset({b"expect", b"connection", b"proxy-connection"})
+#: Request fields whose names the scope has in lower case; any other name is kept as
+#: the client sent it (``X-Api-Key`` goes upstream as ``X-Api-Key``, as nginx passes
+#: it).  Why these are lowered: the handler looks for them, and none of them goes
+#: upstream as the client sent it (the proxy replaces, drops or re-frames each), so
+#: one lookup here spares it a lowering per field per request.
+LOWERED = _NOTED | {
+    b"host", b"content-length", b"transfer-encoding", b"keep-alive", b"te", b"trailer",
+    b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"traceparent",
+    b"x-request-start", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+}  # fmt: skip
 _logger = logging.getLogger("uvicorn.error")
 
 _now = time.time_ns
@@ -174,7 +185,7 @@ def _whole_response(
     if length is SCAN:
         length = None
         for name, value in headers:
-            if name == b"content-length":
+            if name.lower() == b"content-length":
                 if length is not None:
                     return None
                 length = value
@@ -246,8 +257,8 @@ class ClientConnection:
         0.54.  Why: for a small response that is already here (most of them), two
         ``send`` calls (message dicts, a validating pass over each header, two writes
         joined) cost several percent of the proxy's work per request.  The fields come
-        from upstream through httptools (which rejects invalid ones), lowercased, with
-        the hop-by-hop ones (Connection, Transfer-Encoding) already removed.
+        from upstream through httptools (which rejects invalid ones), with the hop-by-hop
+        ones (Connection, Transfer-Encoding) already removed.
         """
         if cycle is None:
             return False
@@ -346,11 +357,16 @@ class Request:
             and not self.response_complete
         ):
             listener.resume_reading()
-            waiter = self._waiter = listener.loop.create_future()
+            loop = listener.loop
+            waiter = self._waiter = loop.create_future()
+            # A client silent in the middle of its body is let go (nginx's
+            # client_body_timeout): it held the upstream connection too, for good.
+            timer = loop.call_later(listener.body_timeout, listener.body_stalled, self)
             try:
                 await waiter
             finally:
                 self._waiter = None
+                timer.cancel()
         if self.disconnected or self.response_complete:
             return _DISCONNECT
         body, self.body = self.body, b""
@@ -379,14 +395,14 @@ class Request:
             chunked: bool | None = None
             close = False
             for name, value in headers:
-                name = name.lower()
-                if name == b"content-length" and chunked is None:
+                lower = name.lower()  # (the name goes on as it came)
+                if lower == b"content-length" and chunked is None:
                     self.expected = int(value)
                     chunked = False
-                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                elif lower == b"transfer-encoding" and value.lower() == b"chunked":
                     self.expected = 0
                     chunked = True
-                elif name == b"connection":
+                elif lower == b"connection":
                     if b"close" in [t.strip().lower() for t in value.split(b",")]:
                         self.keep_alive = False
                         close = True
@@ -515,6 +531,9 @@ class HttpListener(asyncio.Protocol):
     fallback: type[asyncio.Protocol] | None = None
     #: Seconds a request head may take to arrive, from its first byte (nginx's default).
     head_timeout = 60.0
+    #: Seconds a request body may stay silent while its handler waits for more (nginx's
+    #: client_body_timeout): then the connection closes, as nginx closes it.
+    body_timeout = 60.0
 
     def __init__(
         self,
@@ -628,11 +647,7 @@ class HttpListener(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self._upgrade is not None:
-                self._upgrade += data[exc.args[0] :]
-                if self.running is None:
-                    self._hand_over(self.transport, self._upgrade)
-            # else: a CONNECT, refused (its connection closes after the answer)
+            self._upgraded(data, exc.args[0])
         except (httptools.HttpParserError, UnicodeDecodeError) as exc:
             self._bad_request(exc)
 
@@ -643,13 +658,11 @@ class HttpListener(asyncio.Protocol):
         each field cost every request."""
         continued = self._begin != 0
         self._counting = True
+        upgraded = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if self._upgrade is not None:
-                self._upgrade += data[exc.args[0] :]
-                if self.running is None:
-                    self._hand_over(self.transport, self._upgrade)
+            upgraded = exc.args[0]
         except (httptools.HttpParserError, UnicodeDecodeError) as exc:
             self._bad_request(exc)
         finally:
@@ -663,6 +676,8 @@ class HttpListener(asyncio.Protocol):
             if self._head_bytes > MAX_HEAD and self._refusal is None:
                 self._error = _too_long(self._url)
                 self._bad_request()
+        if upgraded is not None:
+            self._upgraded(data, upgraded)
 
     def eof_received(self) -> None:
         pass
@@ -735,12 +750,14 @@ class HttpListener(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name in _NOTED:
-            if name != b"expect":
-                self._connection = True
-            elif value.lower() == b"100-continue":
-                self._expect = True
+        lower = name.lower()
+        if lower in LOWERED:
+            name = lower
+            if lower in _NOTED:
+                if lower != b"expect":
+                    self._connection = True
+                elif value.lower() == b"100-continue":
+                    self._expect = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -754,9 +771,18 @@ class HttpListener(asyncio.Protocol):
         parser = self.parser
         raw_method = parser.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
-        if parser.should_upgrade() and method != "CONNECT" and self.fallback is not None:
-            self._upgrade_head(method, url, parser.get_http_version())
-            return
+        if parser.should_upgrade() and method != "CONNECT":
+            if self.fallback is not None and self._websocket():
+                self._upgrade_head(method, url, parser.get_http_version())
+                return
+            # Another protocol (h2c): answered as a plain request, its Upgrade dropped
+            # (hop-by-hop), as nginx does; then the requests pipelined behind it.  But
+            # llhttp ends the request at its head and takes what follows for the other
+            # protocol: a body there cannot be read.
+            for name, value in self._headers:
+                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                    self._error = (400, b"A request body with an Upgrade is not supported.")
+                    raise _Refused  # (httptools stops: see data_received)
         head_ts = _now()
         alive = parser.should_keep_alive()
         if alive and not self._connection:
@@ -931,6 +957,13 @@ class HttpListener(asyncio.Protocol):
         else:
             self.transport.close()
 
+    def body_stalled(self, request: Request) -> None:
+        """``request``'s body sent nothing for :attr:`body_timeout`: close the
+        connection (its handler sees the client gone, and lets the upstream go)."""
+        if request._waiter is not None and not self.transport.is_closing():
+            _logger.warning("A request body sent nothing for %gs: closing.", self.body_timeout)
+            self.transport.close()
+
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close an idle connection, else after the
         response in progress."""
@@ -1000,6 +1033,31 @@ class HttpListener(asyncio.Protocol):
         transport.resume_reading()
 
     # -- handing an Upgrade over -------------------------------------------------------
+    def _websocket(self) -> bool:
+        """Whether the Upgrade request just parsed asks for a WebSocket, as uvicorn's
+        protocol decides it (the last Upgrade field, a Connection with ``upgrade``):
+        only such a request is handed over (uvicorn answers any other as a plain
+        request, and drops what is pipelined behind it)."""
+        connection: list[bytes] = []
+        upgrade = None
+        for name, value in self._headers:
+            if name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return b"upgrade" in connection and upgrade == b"websocket"
+
+    def _upgraded(self, data: bytes, offset: int) -> None:
+        """httptools stopped at the end of an Upgrade request (or a CONNECT), at
+        ``offset`` of ``data``: hand a WebSocket over, or go on parsing after a request
+        answered as a plain one (a CONNECT is refused and its connection closed)."""
+        if self._upgrade is not None:
+            self._upgrade += data[offset:]
+            if self.running is None:
+                self._hand_over(self.transport, self._upgrade)
+        elif self.parser.get_method() != b"CONNECT" and offset < len(data):
+            self.data_received(data[offset:])
+
     def _upgrade_head(self, method: str, url: bytes, version: str) -> None:
         """Keep an Upgrade request's head (as uvicorn rebuilds one for its WebSocket
         protocol) for the fallback protocol, and stop reading until it takes over."""

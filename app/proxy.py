@@ -35,11 +35,14 @@ certificate).  Upstream trailers are recorded, and forwarded when the client sen
 ``TE: trailers`` (through :class:`CorkedWrites`: ASGI over HTTP/1.1 has no
 ``http.response.trailers`` in uvicorn).  Interim responses (103 Early Hints) are passed
 on as they come, written ahead of the final one (ASGI has no message for them either).
-A request the upstream could read otherwise than the proxy (two Host fields, a Host that
-is not ``host[:port]``, a transfer coding other than chunked) is refused, as nginx
-refuses it (:class:`RequestRefused`); so is one the listener cannot read or finds too
-long, and each refusal is recorded as a request (:meth:`ProxyHttpProtocol.refused`).
-The request target goes upstream as the client sent it (``/p?`` keeps its ``?``).
+A request the upstream could read otherwise than the proxy (two Host fields, none in
+HTTP/1.1, a Host that is not ``host[:port]``, a transfer coding other than chunked) is
+refused, as nginx refuses it (:class:`RequestRefused`); so is one the listener cannot
+read or finds too long, and each refusal is recorded as a request
+(:meth:`ProxyHttpProtocol.refused`).  The request target goes upstream as the client
+sent it (``/p?`` keeps its ``?``, a WebSocket's too), and field names both ways as they
+came (but those the proxy replaces or drops itself, in lower case).  An Upgrade other
+than WebSocket (h2c) is answered as a plain request, as nginx answers it.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from .collector import tune_gc
-from .listener import SCAN, ClientConnection, CorkedWrites, HttpListener, Request
+from .listener import LOWERED, SCAN, ClientConnection, CorkedWrites, HttpListener, Request
 from .upstream import (
     HOP_BY_HOP,
     ClientGone,
@@ -141,13 +144,21 @@ _REPLACED = frozenset(
     {b"host", b"traceparent", b"x-request-start", b"x-forwarded-proto", b"x-forwarded-host"}
 )
 _SPECIAL = _HOP_BY_HOP | _REPLACED | {b"x-forwarded-for", b"content-length", b"expect"}
+# The listener's scope has these names in lower case (others as the client sent them).
+assert _SPECIAL <= LOWERED
 #: ``name: value`` of a header pair, in C (``b"%s: %s" % pair`` per pair cost more).
 _FIELD_JOIN = b": ".join
 #: Connection tokens that name no header.
 _PLAIN_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
-#: RFC 3986 ``host [":" port]`` (an IP literal in brackets, or a registered name).
+#: RFC 3986 ``host [":" port]`` (an IP literal in brackets, or a registered name), and
+#: in a name what nginx accepts too where no URL parser reads a delimiter in it: bytes
+#: from 0x80 (a UTF-8 name) and ``"<>^`{|}``.  Still refused though nginx takes them:
+#: ``\`` (WHATWG URL parsers read ``a\b`` as host ``a``, path ``/b``), ``@ ? #``
+#: (delimiters in a URL an app builds from X-Forwarded-Host), and a port that is not
+#: digits (``a:b:c`` is host ``a`` to nginx, ``a:b`` to Django).
 _HOST = re.compile(
-    rb"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)"
+    rb"(?:\[[0-9A-Za-z:._~%!$&'()*+,;=-]+\]"
+    rb"|(?:[A-Za-z0-9._~!$&'()*+,;=\"<>^`{|}\x80-\xff-]|%[0-9A-Fa-f]{2})+)"
     rb"(?::[0-9]*)?"
 )
 #: Host values found valid (a few, met again and again: a lookup instead of a match).
@@ -156,8 +167,9 @@ _HOSTS: set[bytes] = set()
 
 def _check_host(host: bytes) -> None:
     """Raise :class:`RequestRefused` for a Host that is not a ``host[:port]`` (empty,
-    with a space or a slash, ``a..b``), as nginx refuses it: which site it names is
-    the upstream's guess, and the proxy would pass it on as X-Forwarded-Host."""
+    with a space or a slash, ``a..b``, as nginx refuses it; see :data:`_HOST`): which
+    site it names is the upstream's guess, and the proxy would pass it on as
+    X-Forwarded-Host."""
     if _HOST.fullmatch(host) is None or b".." in host:
         raise RequestRefused(400, f"invalid Host field {host.decode('latin-1')!r}")
     if len(_HOSTS) >= 1024:
@@ -192,8 +204,7 @@ _ADDED = {
 }
 
 
-#: The usual two (see ProxyApp.forwarded): a client address, no TE: trailers.
-_ADDED_XFF = _ADDED[True, False, False]
+#: The usual one (see ProxyApp.forwarded): a client address and Host, no TE: trailers.
 _ADDED_XFF_HOST = _ADDED[True, True, False]
 
 
@@ -326,6 +337,17 @@ class UvicornProxyProtocol(HttpToolsProtocol):
                 # This request's own cycle (``self.cycle`` moves on to the next
                 # request as soon as one is pipelined behind it).
                 scope["hopscope.arrival"] = (*arrival[:4], cycle)  # type: ignore[typeddict-unknown-key]
+
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol rebuilds the scope from the target as path and query
+        # (``/p?`` loses its ``?``): the target as the client sent it goes with it, for
+        # the upstream handshake (as the HTTP path keeps it).  Its scope is made, and
+        # its task not yet run, when this returns (websockets-sansio, wsproto).
+        url = self.url
+        super().handle_websocket_upgrade()
+        scope = getattr(self.transport.get_protocol(), "scope", None)
+        if isinstance(scope, dict) and scope.get("type") == "websocket":
+            scope["hopscope.target"] = url.partition(b"#")[0]
 
     def connection_lost(self, exc: Exception | None) -> None:
         conn = self._hp_conn
@@ -617,9 +639,14 @@ class ProxyApp:
                 trailers = True
             if name in _HOP_BY_HOP or name == b"expect":
                 removed.append(name)
+        if original_host is None and scope.get("http_version") == "1.1":
+            # RFC 9112 3.2: a server MUST answer 400 (nginx does); which site is meant
+            # would be the upstream's guess.  (HTTP/1.0 has no Host to require.)
+            raise RequestRefused(400, "no Host field (HTTP/1.1 requires one)")
         if listed:
-            removed.extend(name for name, _ in out if name in listed)
-            out = [pair for pair in out if pair[0] not in listed]
+            # (Names other than the proxy's own come as the client sent them.)
+            removed.extend(name for name, _ in out if name.lower() in listed)
+            out = [pair for pair in out if pair[0].lower() not in listed]
         kept = len(out)
         client = scope.get("client")
         if client:
@@ -649,8 +676,15 @@ class ProxyApp:
         return _new_tuple(Forwarded, fields)
 
     def target(self, scope: Scope) -> bytes:
-        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        query = scope.get("query_string")
+        """The target that goes upstream: as the client sent it when the scope kept it
+        (a WebSocket's: :class:`UvicornProxyProtocol`), else rebuilt from its path and
+        query.  (The listener's requests take theirs from the request: see serve.)"""
+        kept: bytes | None = scope.get("hopscope.target")
+        if kept is not None:
+            raw, query = kept, None
+        else:
+            raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+            query = scope.get("query_string")
         # (``OPTIONS *`` asks about the server: no prefix makes it a path.)
         target = self._prefix + raw if self._prefix and raw != b"*" else raw
         return target + b"?" + query if query else target
@@ -705,11 +739,12 @@ def _response_headers(
                 listed = tokens if listed is None else listed | tokens
         elif name == b"transfer-encoding":
             chunked = True
+    # (Hop-by-hop names come in lower case, others as upstream sent them.)
     out = [pair for pair in headers if pair[0] not in _HOP_BY_HOP]
     if chunked:  # a Content-Length next to chunked framing is not to be trusted
-        out = [pair for pair in out if pair[0] != b"content-length"]
+        out = [pair for pair in out if pair[0].lower() != b"content-length"]
     if listed:
-        out = [pair for pair in out if pair[0] not in listed]
+        out = [pair for pair in out if pair[0].lower() not in listed]
     if len(out) == len(headers):
         return out, []
     kept = {id(pair) for pair in out}
@@ -916,15 +951,13 @@ class _Exchange(Recording):
             else:
                 client = None  # (the general way, below)
                 break
-        if client:
+        if client and original_host is not None:
+            # (Without a Host: refused for HTTP/1.1, the general way below.)
             address = _encoded(client[0]) or _latin1(client[0])
             proto = _encoded(scheme) or _latin1(scheme)
-            host, start = app._host_header, head_ts // 1000
-            if original_host is None:
-                added = _ADDED_XFF % (host, address, proto, start, trace_id, proxy_id)
-            else:
-                values = (host, address, proto, original_host, start, trace_id, proxy_id)
-                added = _ADDED_XFF_HOST % values
+            values = (app._host_header, address, proto, original_host, head_ts // 1000,
+                      trace_id, proxy_id)  # fmt: skip
+            added = _ADDED_XFF_HOST % values
             forwarded = _new_tuple(Forwarded, (out, len(out), [], None, False, False, added))
         else:
             try:
@@ -1077,10 +1110,10 @@ class _Exchange(Recording):
             begin, head_ts, absolute, client_conn, self.cycle = arrival
             self.client_conn = client_conn
             # The scope of the proxy's own protocols (the listener, UvicornProxyProtocol):
-            # whole, its fields parsed by httptools (lowercased names, no CR or LF in a
-            # value).  They are recorded as one block of ``name: value`` lines: one
-            # object to marshal, load and free instead of a list, and a tuple and two
-            # bytes per field (see proxyrecord.PROXY_REQUEST).
+            # whole, its fields parsed by httptools (no CR or LF in a value; the names
+            # the proxy looks for in lower case).  They are recorded as one block of
+            # ``name: value`` lines: one object to marshal, load and free instead of a
+            # list, and a tuple and two bytes per field (see proxyrecord.PROXY_REQUEST).
             block = b"\r\n".join(map(_FIELD_JOIN, scope["headers"]))
             if block.find(b"traceparent") < 0:
                 # No traceparent field (one search in C instead of a loop over the
@@ -1515,7 +1548,7 @@ class _Exchange(Recording):
         """Upstream's trailer fields: recorded, and forwarded when the client takes them
         (``TE: trailers``) and the response to it is chunked."""
         headers = self.response_headers or ()
-        chunked = not any(name == b"content-length" for name, _ in headers)
+        chunked = not any(name.lower() == b"content-length" for name, _ in headers)
         sent = forward and chunked and client_conn is not None
         if sent:
             assert client_conn is not None

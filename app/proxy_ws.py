@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from hopscope.tracing.exceptions import exception_event
 from hopscope.tracing.records import new_span_id
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.uri import WebSocketURI
 
 from .proxy import RequestRefused, request_attrs
 
@@ -59,6 +63,35 @@ _HANDSHAKE = frozenset(
 )
 
 
+@dataclasses.dataclass
+class _TargetURI(WebSocketURI):
+    """An upstream WebSocket URI whose request target is the client's, byte for byte.
+
+    Why: websockets rebuilds the target from a URL's path and query, so ``/p?`` lost
+    its ``?`` on the way upstream."""
+
+    target: str = "/"
+
+    @property
+    def resource_name(self) -> str:
+        return self.target
+
+
+class _Connect(connect):
+    """websockets' ``connect`` to the upstream as the proxy needs it: the client's
+    target (:class:`_TargetURI`), and a redirect relayed to the client rather than
+    followed (a proxy that followed one would open a WebSocket wherever the upstream
+    pointed, and the client would never see the 3xx)."""
+
+    def __init__(self, uri: str, target: str, **kwargs: Any) -> None:
+        super().__init__(uri, **kwargs)
+        fields = {f.name: getattr(self.ws_uri, f.name) for f in dataclasses.fields(WebSocketURI)}
+        self.ws_uri = _TargetURI(**fields, target=target)
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
 class _WebSocketRelay:
     """One proxied WebSocket and its two spans."""
 
@@ -76,6 +109,9 @@ class _WebSocketRelay:
         self.trace_id = 0
         self.client_id = 0
         self.proxy_id = 0
+        #: Where the upstream handshake goes, and the target it takes (see _TargetURI).
+        self.origin = ""
+        self.target = "/"
 
     def event(self, span_id: int, name: str, attrs: dict[str, Any] | None) -> None:
         self.sink.emit(("p", _now(), self.trace_id, span_id, name, attrs))
@@ -110,7 +146,9 @@ class _WebSocketRelay:
                 return
             target = app.target(scope).decode("latin-1")
             scheme = "wss" if app.upstream.tls else "ws"
-            url = f"{scheme}://{app.upstream.host_header}{target}"
+            self.origin = f"{scheme}://{app.upstream.host_header}"
+            self.target = target
+            url = self.origin + target
             self.proxy_started = True
             self.sink.emit(
                 (
@@ -130,7 +168,7 @@ class _WebSocketRelay:
                     },
                 )
             )
-            await self._relay(url, headers)
+            await self._relay(headers)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self.sink.emit(
@@ -146,17 +184,15 @@ class _WebSocketRelay:
         finally:
             self._end()
 
-    async def _relay(self, url: str, headers: list[tuple[bytes, bytes]]) -> None:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import InvalidStatus
-
+    async def _relay(self, headers: list[tuple[bytes, bytes]]) -> None:
         extra = [
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _HANDSHAKE
         ]
         began = _now()
         try:
-            upstream = await connect(
-                url,
+            upstream = await _Connect(
+                self.origin + "/",  # (the target goes as it is: see _TargetURI)
+                self.target,
                 additional_headers=extra,
                 subprotocols=self.scope.get("subprotocols") or None,
                 open_timeout=self.app.connect_timeout,
@@ -290,8 +326,6 @@ class _WebSocketRelay:
                 return
 
     async def _upstream_to_client(self) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         upstream = self.upstream
         try:
             async for data in upstream:

@@ -207,6 +207,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.version = "1.1"
         self.head_ts = 0
+        #: The fields with their names as upstream sent them (but hop-by-hop ones, in
+        #: lower case: the proxy removes those).
         self.headers: list[tuple[bytes, bytes]] = []
         #: The head has a hop-by-hop field (:data:`HOP_BY_HOP`) or a second
         #: Content-Length: the proxy then goes through it field by field.  Without (the
@@ -322,17 +324,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
         if self.status:
             self.trailers.append((name, value))
             return
-        if name in _NOTED:
-            if name == b"content-length":
+        lower = name.lower()
+        if lower in _NOTED:
+            if lower == b"content-length":
                 self._framed = True
                 if self.length is not None:
                     self.unusual = True
                 self.length = value
             else:
+                name = lower
                 self.unusual = True
                 if name == b"transfer-encoding":
                     if value.lower() != b"chunked":

@@ -114,7 +114,7 @@ def test_trailers_forwarded_when_the_client_takes_them(proxy: Proxy) -> None:
     raw = exchange(proxy, b"trailers", "/with-te")
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"\r\ntrailer: X-Checksum" in head  # announced as upstream did
-    assert body.endswith(b"0\r\nx-checksum: abc123\r\nx-count: 2\r\n\r\n")
+    assert body.endswith(b"0\r\nX-Checksum: abc123\r\nX-Count: 2\r\n\r\n")  # (names as sent)
     assert b"hello" in body and b" world" in body
     # TE is hop-by-hop: the proxy says it itself, upstream.
     assert b"\r\nte: trailers" in proxy.upstream_heads[-1]  # type: ignore[attr-defined]
@@ -122,7 +122,7 @@ def test_trailers_forwarded_when_the_client_takes_them(proxy: Proxy) -> None:
     up_span = proxy_span(proxy, "/with-te")
     event = up_span.event("response.trailers")
     assert event is not None and event.attrs["forwarded"] is True
-    assert ["x-checksum", "abc123"] in event.attrs["http.response.trailers"]
+    assert ["X-Checksum", "abc123"] in event.attrs["http.response.trailers"]
     assert span.attrs["http.response.status_code"] == 200
 
 
@@ -136,7 +136,7 @@ def test_trailers_recorded_not_sent_without_te(proxy: Proxy) -> None:
     up_span = proxy_span(proxy, "/no-te")
     event = up_span.event("response.trailers")
     assert event is not None and event.attrs["forwarded"] is False
-    assert ["x-count", "2"] in event.attrs["http.response.trailers"]
+    assert ["X-Count", "2"] in event.attrs["http.response.trailers"]
 
 
 def test_trailers_do_not_leak_into_the_next_response(proxy: Proxy) -> None:
