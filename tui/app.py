@@ -22,10 +22,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.containers import Vertical
+from textual.notifications import SeverityLevel
 from textual.reactive import reactive
 from textual.timer import Timer
 from textual.widgets import Footer, Input, Static, Tabs
 
+from . import formatting
 from .commands import HopscopeCommands, bindings, keys_of
 from .detail import DetailPane
 from .exchange import attr, curl
@@ -36,7 +38,15 @@ from .messages import FollowRequested, RequestSelected
 from .query_bar import QueryBar
 from .replay_view import ComparisonScreen, EditScreen, TargetScreen
 from .request_list import RequestList
-from .resend import Outgoing, Resent, original_target, outgoing, send
+from .resend import (
+    Outgoing,
+    Resent,
+    TargetError,
+    check_target,
+    original_target,
+    outgoing,
+    send,
+)
 from .save import SaveScreen, default_name, write_trace_file
 from .source import EventSource, FileSource, Inbox, PlaybackSource
 from .store import Change, RequestStore, Row
@@ -66,6 +76,11 @@ class ListStatus(Static):
         self.post_message(FollowRequested())
 
 
+def _requests(count: int) -> str:
+    """``1 request``, ``2,000 requests``."""
+    return f"{count:,} request" + ("" if count == 1 else "s")
+
+
 def _search_text(trace: Trace) -> str:
     query = attr(trace, "url.query")
     return " ".join(
@@ -88,6 +103,8 @@ class HopscopeApp(App[None]):
     COMMANDS = App.COMMANDS | {HopscopeCommands}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (70, "-wide")]
     """``Screen.-narrow`` rules in hopscope.tcss fit the screen under 70 columns."""
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (20, "-tall")]
+    """``Screen.-short`` rules keep the detail pane on screen under 20 rows."""
 
     BINDINGS = bindings("app")
     """Made from :data:`~hopscope.tui.commands.COMMANDS`, like the palette's entries."""
@@ -225,6 +242,23 @@ class HopscopeApp(App[None]):
                 self._redraw_detail()
             self._update_header()
 
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Textual's notification, read as plain text by default: messages carry paths,
+        URLs and commands from the traffic, where ``[/]`` broke the markup (a crash) and
+        ``[@click=...]`` made a clickable action; their control characters are shown."""
+        if not markup:
+            message = formatting.printable(message, lines=True)
+            title = formatting.printable(title)
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
     def _alive(self) -> bool:
         # is_running: the timer can fire once more while the app shuts down.
         return self._ui_ready and self.is_running
@@ -273,7 +307,7 @@ class HopscopeApp(App[None]):
         """``trace.jsonl · loading 42%`` until every request is in, then the count."""
         name = source.describe()
         if source.done.is_set() and not self.inbox.pending:
-            return f"{name} · {self.store.total:,} requests"
+            return f"{name} · {_requests(self.store.total)}"
         percent = int(source.progress() * 100)
         return f"{name} · loading {min(percent, 99)}%"
 
@@ -289,10 +323,10 @@ class HopscopeApp(App[None]):
             text.append(" ○ scrolled ", style="bold")
         shown, held = len(store), len(store.rows)
         if store.filter is not None:
-            text.append(f" {shown:,} of {held:,} requests", style="")
+            text.append(f" {shown:,} of {_requests(held)}", style="")
             text.append(f"  filter: {store.filter_text}", style="#5fafff")
         else:
-            text.append(f" {held:,} requests", style="")
+            text.append(f" {_requests(held)}", style="")
         if held >= store.max_requests:
             text.append(f" (newest {store.max_requests:,} kept)", style="dim")
         if request_list.pending:
@@ -485,13 +519,17 @@ class HopscopeApp(App[None]):
         if trace is None:
             self.notify("Select a request first.", severity="warning")
             return
-        from hopscope.tracing.copyas import as_httpie, as_httpx
+        from hopscope.tracing.copyas import CopyError, as_httpie, as_httpx
 
         make = {"httpie": as_httpie, "httpx": as_httpx}.get(form)
         if make is None:
             self.notify(f"Unknown copy form {form!r}.", severity="error")
             return
-        text = make(trace)
+        try:
+            text = make(trace)
+        except CopyError as exc:  # a trace without an HTTP request (spans only)
+            self.notify(f"Nothing to copy: {exc}.", severity="warning")
+            return
         self.copy_to_clipboard(text)
         shown = text if len(text) <= 300 else text[:299] + "…"
         self.notify(shown, title=f"Copied as {'HTTPie' if form == 'httpie' else 'httpx'}")
@@ -525,7 +563,7 @@ class HopscopeApp(App[None]):
         except OSError as exc:
             self.notify(f"Could not save {path}: {exc.strerror or exc}", severity="error")
             return
-        self.notify(f"Saved {requests:,} requests ({count:,} events) to {path}")
+        self.notify(f"Saved {_requests(requests)} ({count:,} events) to {path}")
 
     # -- replay --------------------------------------------------------------------------
 
@@ -566,10 +604,16 @@ class HopscopeApp(App[None]):
             return
         suggestion = self.last_target or original_target(jobs[0][0])
 
-        def chosen(target: str | None) -> None:
-            if target:
-                self.last_target = target
-                self._send([(captured, outgoing(captured, target)) for _, captured in jobs])
+        def chosen(typed: str | None) -> None:
+            if not typed:
+                return
+            try:
+                target = check_target(typed)
+            except TargetError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.last_target = target
+            self._send([(captured, outgoing(captured, target)) for _, captured in jobs])
 
         self.push_screen(TargetScreen(suggestion, len(jobs)), chosen)
 

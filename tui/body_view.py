@@ -14,15 +14,16 @@ from urllib.parse import parse_qsl
 
 from hopscope.tracing.encoding import decode_prefix
 from hopscope.tracing.model import Trace
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
 from . import formatting
-from .exchange import Body, attr, body, headers, url
+from .exchange import Body, _outer_first, attr, body, headers, http_span, url
 
-__all__ = ["highlighted", "render_body", "render_message"]
+__all__ = ["highlighted", "render_body", "render_message", "render_websocket"]
 
 #: Bytes of a binary body shown as hex; the rest is summarised.
 HEX_LIMIT = 4096
@@ -32,8 +33,19 @@ TEXT_LIMIT = 256 * 1024
 SYNTAX_THEME = "monokai"
 
 
-def highlighted(code: str, lexer: str) -> Syntax:
-    """Syntax colours on the widget's own background."""
+#: Characters highlighted at most: colouring costs about 12 µs a character on the UI
+#: thread (a 250 KB JSON body froze the UI for 3 s); longer text is shown plain.
+HIGHLIGHT_LIMIT = 60_000
+#: Header (or query, form) pairs laid out as a table at most: a table measures every
+#: cell, and 3,000 response headers froze the UI for 4 s (2 s as aligned text lines).
+TABLE_LIMIT = 200
+
+
+def highlighted(code: str, lexer: str) -> Syntax | Text:
+    """Syntax colours on the widget's own background (plain text past
+    :data:`HIGHLIGHT_LIMIT`)."""
+    if len(code) > HIGHLIGHT_LIMIT:
+        return Text(code)
     return Syntax(code, lexer, theme=SYNTAX_THEME, background_color="default", word_wrap=True)
 
 
@@ -41,13 +53,31 @@ def _title(text: str) -> Text:
     return Text(text, style="bold underline")
 
 
-def _pairs_table(pairs: list[tuple[str, str]]) -> Table:
+def _pairs_table(pairs: list[tuple[str, str]], *, lines: bool = False) -> Table | Text:
+    """Names and values; ``lines`` lets values break lines (a form's text fields), else a
+    line break in a header shows as what it is."""
+    if len(pairs) > TABLE_LIMIT:
+        return _pairs_lines(pairs, lines=lines)
     table = Table(show_header=False, box=None, padding=(0, 1), expand=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
     for name, value in pairs:
-        table.add_row(name, value)
+        # Text, not str: Rich would read a header's "[/]" as markup.
+        table.add_row(formatting.plain(name), formatting.plain(value, lines=lines))
     return table
+
+
+def _pairs_lines(pairs: list[tuple[str, str]], *, lines: bool) -> Text:
+    """Many pairs as the table would align them, one line each, at a fraction of its cost."""
+    names = [formatting.printable(name) for name, _ in pairs]
+    width = min(max(cell_len(name) for name in names), 40)
+    text = Text(overflow="fold")
+    for name, (_, value) in zip(names, pairs, strict=True):
+        text.append(f" {name:<{width}} ", style="bold cyan")
+        text.append(formatting.printable(value, lines=lines))
+        text.append("\n")
+    text.rstrip()
+    return text
 
 
 def _hexdump(data: bytes) -> Text:
@@ -111,18 +141,95 @@ def render_body(captured: Body) -> RenderableType:
     text = _as_text(data[:TEXT_LIMIT], captured.content_type)
     if text is None:
         return Group(heading, _hexdump(data))
+    if len(data) > TEXT_LIMIT:  # said, or the text would seem to end there
+        cut = f"showing the first {formatting.size(TEXT_LIMIT)} of {formatting.size(len(data))}"
+        heading.append(("  · " if notes else "  ") + cut, style="dim")
     if kind == "application/x-www-form-urlencoded":
         fields = parse_qsl(text, keep_blank_values=True)
         if fields:
-            return Group(heading, _pairs_table(fields))
+            return Group(heading, _pairs_table(fields, lines=True))
     if "json" in kind or text.lstrip()[:1] in ("{", "["):
         try:
             pretty = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
         except (ValueError, RecursionError):
             pass
         else:
-            return Group(heading, highlighted(pretty, "json"))
-    return Group(heading, Text(text))
+            return Group(heading, highlighted(formatting.printable(pretty, lines=True), "json"))
+    return Group(heading, formatting.plain(text, lines=True))
+
+
+def _is_websocket(trace: Trace) -> bool:
+    return bool(attr(trace, "network.protocol.name") == "websocket")
+
+
+def render_websocket(trace: Trace) -> RenderableType:
+    """A WebSocket's messages (the first ones each way, as recorded), then how it closed.
+
+    ``in`` is towards the app, ``out`` towards the client; text shows as text, binary
+    as hex.  The hop closest to the client that recorded messages tells them."""
+    spans = [
+        span
+        for span in list(trace.spans.values())
+        if any(event.name == "websocket.message" for event in span.events)
+    ]
+    span = min(spans, key=_outer_first) if spans else http_span(trace, "websocket.messages_in")
+    counts = [attr(trace, f"websocket.{key}") for key in ("messages_in", "messages_out")]
+    sizes = [attr(trace, f"websocket.{key}") for key in ("bytes_in", "bytes_out")]
+    heading = _title("Messages")
+    if all(isinstance(count, int) for count in counts):
+        summary = f"  {counts[0]:,} in, {counts[1]:,} out"
+        if all(isinstance(size, int) for size in sizes):
+            summary += f" · {formatting.size(sizes[0])} in, {formatting.size(sizes[1])} out"
+        heading.append(summary, style="dim")
+    parts: list[RenderableType] = [heading]
+    messages = [e for e in span.events if e.name == "websocket.message"] if span else []
+    if not messages:
+        parts.append(Text("(no messages recorded)", style="dim"))
+    table = Table(show_header=False, box=None, padding=(0, 1), expand=False)
+    table.add_column(style="dim", no_wrap=True, justify="right")
+    table.add_column(no_wrap=True)
+    table.add_column(style="dim", no_wrap=True, justify="right")
+    table.add_column(overflow="fold")
+    t0 = span.start if span is not None and span.start is not None else 0
+    for event in messages:
+        direction = str(event.attrs.get("direction", ""))
+        arrow = Text("→ in " if direction == "in" else "← out", style="bold")
+        size = event.attrs.get("size")
+        text = event.attrs.get("text")
+        data = event.attrs.get("bytes")
+        recorded: int | None = None
+        if isinstance(text, str):
+            shown = formatting.plain(text, lines=True)
+            recorded = len(text.encode("utf-8", "replace"))
+        elif isinstance(data, str):  # bytes travel as latin-1 text
+            raw = data.encode("latin-1", "replace")
+            shown, recorded = Text(raw.hex(" "), style="#87afd7"), len(raw)
+        else:
+            shown = Text("(not recorded)", style="dim")
+        if isinstance(size, int) and recorded is not None and recorded < size:
+            shown.append(" …", style="dim")  # only its first bytes were recorded
+        table.add_row(
+            f"+{formatting.duration(event.ts - t0)}" if t0 else "",
+            arrow,
+            formatting.size(size) if isinstance(size, int) else "",
+            shown,
+        )
+    if messages:
+        parts.append(table)
+        shown_count = len(messages)
+        total = sum(count for count in counts if isinstance(count, int))
+        if total > shown_count:
+            parts.append(
+                Text(f"(the first of each way recorded: {shown_count} of {total:,})", style="dim")
+            )
+    code = attr(trace, "websocket.close_code")
+    if code is not None:
+        closed = formatting.plain(f"closed {code}", style="dim")
+        reason = attr(trace, "websocket.close_reason")
+        if reason:
+            closed.append(formatting.printable(f" {reason}"), style="dim")
+        parts += [Text(), closed]
+    return Group(*parts)
 
 
 def render_message(trace: Trace, direction: str) -> RenderableType:
@@ -130,8 +237,8 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
     parts: list[RenderableType] = []
     if direction == "request":
         version = attr(trace, "network.protocol.version")
-        line = Text(f"{trace.method or '?'} ", style="bold")
-        line.append(url(trace))
+        line = formatting.plain(f"{trace.method or '?'} ", style="bold")
+        line.append(formatting.printable(url(trace)))
         if version:
             line.append(f"  HTTP/{version}", style="dim")
         parts.append(line)
@@ -163,5 +270,8 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
                 _title("Trailers"),
                 _pairs_table([(str(k), str(v)) for k, v in trailers]),
             ]
-    parts += [Text(), render_body(body(trace, direction))]
+    if direction == "response" and _is_websocket(trace):
+        parts += [Text(), render_websocket(trace)]
+    else:
+        parts += [Text(), render_body(body(trace, direction))]
     return Group(*parts)

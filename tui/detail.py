@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 
 from hopscope.tracing.model import Trace
+from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -19,7 +20,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Static, TabbedContent, TabPane
 
 from . import formatting
-from .body_view import highlighted, render_message
+from .body_view import TABLE_LIMIT, highlighted, render_message
 from .store import trace_events
 from .timeline import Timeline, trace_window
 
@@ -58,6 +59,8 @@ def render_logs(trace: Trace) -> RenderableType:
     if not records:
         return Text("No log records for this request.", style="dim")
     t0 = trace_window(trace, 0)[0]
+    if len(records) > TABLE_LIMIT:
+        return _log_lines(records, t0)
     table = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
     table.add_column("at", justify="right", no_wrap=True, style="dim")
     table.add_column("level", no_wrap=True)
@@ -67,11 +70,39 @@ def render_logs(trace: Trace) -> RenderableType:
         level = str(attrs.get("level", ""))
         table.add_row(
             f"+{formatting.duration(ts - t0)}",
-            Text(level, style=_LEVEL_STYLES.get(level.lower(), "")),
-            str(attrs.get("logger", "")),
-            str(attrs.get("message", "")),
+            formatting.plain(level, style=_LEVEL_STYLES.get(level.lower(), "")),
+            formatting.plain(attrs.get("logger", "")),
+            formatting.plain(attrs.get("message", ""), lines=True),
         )
     return table
+
+
+def _log_lines(records: list[tuple[int, str, dict[str, object]]], t0: int) -> Text:
+    """Many records as the table would align them, one line each: a table measures every
+    cell, and 3,000 records froze the UI for 10 s."""
+    rows = [
+        (
+            f"+{formatting.duration(ts - t0)}",
+            formatting.printable(str(attrs.get("level", ""))),
+            formatting.printable(str(attrs.get("logger", ""))),
+            formatting.printable(str(attrs.get("message", "")), lines=True),
+        )
+        for ts, _span, attrs in records
+    ]
+    at, level, logger = (
+        max(len(head), min(max(cell_len(row[n]) for row in rows), 24))
+        for n, head in enumerate(("at", "level", "logger"))
+    )
+    text = Text(overflow="fold")
+    text.append(f"{'at':>{at}} {'level':<{level}} {'logger':<{logger}} message\n", style="bold")
+    for when, name, source, message in rows:
+        text.append(f"{when:>{at}} ", style="dim")
+        text.append(f"{name:<{level}} ", style=_LEVEL_STYLES.get(name.lower(), ""))
+        text.append(f"{source:<{logger}} ", style="cyan")
+        text.append(message)
+        text.append("\n")
+    text.rstrip()
+    return text
 
 
 def render_errors(trace: Trace) -> RenderableType:
@@ -80,21 +111,22 @@ def render_errors(trace: Trace) -> RenderableType:
         exceptions = [event for event in span.events if event.name == "exception"]
         for event in exceptions:
             attrs = event.attrs
-            head = Text(str(attrs.get("exception.type", "exception")), style="bold #ff5f5f")
+            head = formatting.plain(attrs.get("exception.type", "exception"), style="bold #ff5f5f")
             message = attrs.get("exception.message")
             if message:
-                head.append(f": {message}", style="bold")
-            where = Text(f"in {span.name or span.span_id}", style="dim")
+                head.append(formatting.printable(f": {message}", lines=True), style="bold")
+            where = formatting.plain(f"in {span.name or span.span_id}", style="dim")
             if attrs.get("phase"):
-                where.append(f" · {attrs['phase']}")
+                where.append(formatting.printable(f" · {attrs['phase']}"))
             parts += [head, where]
             stack = attrs.get("exception.stacktrace")
             if isinstance(stack, str) and stack:
-                parts.append(highlighted(stack.rstrip(), "pytb"))
+                parts.append(highlighted(formatting.printable(stack.rstrip(), lines=True), "pytb"))
             parts.append(Text())
         if not exceptions and span.attrs.get("error"):
-            head = Text(str(span.attrs.get("exception.type", "error")), style="bold #ff5f5f")
-            head.append(f"  in {span.name or span.span_id} (no traceback recorded)", style="dim")
+            head = formatting.plain(span.attrs.get("exception.type", "error"), style="bold #ff5f5f")
+            where_text = f"  in {span.name or span.span_id} (no traceback recorded)"
+            head.append(formatting.printable(where_text), style="dim")
             parts += [head, Text()]
     if not parts:
         return Text("No errors.", style="dim")
@@ -116,7 +148,8 @@ def render_raw(trace: Trace) -> RenderableType:
         "Events as assembled (a span's start and end attributes merged), as `save` writes them.",
         style="dim",
     )
-    return Group(note, highlighted("\n".join(lines), "json"))
+    # JSON escapes C0 controls; C1 ones (and DEL) it leaves as they are.
+    return Group(note, highlighted(formatting.printable("\n".join(lines), lines=True), "json"))
 
 
 class DetailPane(Vertical):

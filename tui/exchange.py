@@ -43,7 +43,12 @@ def headers(trace: Trace, direction: str) -> list[tuple[str, str]]:
     value = attr(trace, f"http.{direction}.headers")
     if not isinstance(value, list):
         return []
-    return [(str(pair[0]), str(pair[1])) for pair in value if len(pair) == 2]
+    # A file can hold anything: a pair that is not one is left out, not a crash.
+    return [
+        (str(pair[0]), str(pair[1]))
+        for pair in value
+        if isinstance(pair, list | tuple) and len(pair) == 2
+    ]
 
 
 def header(pairs: list[tuple[str, str]], name: str) -> str | None:

@@ -5,8 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 
 from rich.style import Style
+from rich.text import Text
 
-__all__ = ["STATUS_STYLES", "clock", "duration", "size", "status_style"]
+__all__ = ["STATUS_STYLES", "clock", "duration", "plain", "printable", "size", "status_style"]
+
+#: Control characters as what a terminal prints safely: C0 as their Unicode pictures
+#: (``␛`` for ESC), DEL as ``␡``, C1 as ``\x9b``.  Paths, headers and bodies come from
+#: the network: an ESC reaching the terminal raw would let a request recolour, clear or
+#: retitle it.
+_LINE_TABLE: dict[int, str] = {
+    **{code: chr(0x2400 + code) for code in range(0x20)},
+    0x7F: "\u2421",
+    **{code: f"\\x{code:02x}" for code in range(0x80, 0xA0)},
+}
+#: The same for text of several lines: line breaks and tabs stay what they are.
+_TEXT_TABLE = {code: s for code, s in _LINE_TABLE.items() if chr(code) not in "\n\r\t"}
 
 STATUS_STYLES = {
     "1xx": Style(color="#8a8a8a"),
@@ -16,6 +29,23 @@ STATUS_STYLES = {
     "5xx": Style(color="#ff5f5f", bold=True),
     "err": Style(color="#ff5f5f", bold=True),
 }
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """``text`` with its control characters made visible (see :data:`_LINE_TABLE`);
+    ``lines`` keeps line breaks and tabs.  Text without any is returned as it is, after
+    one scan in C."""
+    if text.isprintable():
+        return text
+    return text.translate(_TEXT_TABLE if lines else _LINE_TABLE)
+
+
+def plain(value: object, *, lines: bool = False, style: str = "") -> Text:
+    """``value`` as a Rich Text that says exactly what it is: a ``str`` handed to Rich
+    (a table cell, a notification) is read as markup, and ``[/]`` in a header crashed
+    the UI."""
+    text = value if isinstance(value, str) else str(value)
+    return Text(printable(text, lines=lines), style=style)
 
 
 def status_style(status: int | None, error: bool = False) -> Style:

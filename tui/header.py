@@ -10,6 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Sparkline, Static
 
+from . import formatting
 from .formatting import STATUS_STYLES
 
 __all__ = ["HeaderBar", "stats_text"]
@@ -76,7 +77,7 @@ class HeaderBar(Horizontal):
             self._source_line.update(self._source_text(paused), layout=resized)
 
     def _source_text(self, paused: bool) -> Text:
-        text = Text(self._source, style="bold")
+        text = Text(formatting.printable(self._source), style="bold")
         if paused:
             text.append("  ⏸ paused", style="bold #ffd75f")
         return text

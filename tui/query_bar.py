@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -56,7 +57,8 @@ class QueryBar(Vertical):
         position = max(0, min(position, len(expression)))
         text = Text(no_wrap=True, overflow="ellipsis", end="")
         text.append(indent + expression + "\n", style="")
-        text.append(indent + " " * position + "^\n", style="bold")
+        # Under the character in cells: a wide (CJK) character before it takes two.
+        text.append(indent + " " * cell_len(expression[:position]) + "^\n", style="bold")
         text.append(indent + message)
         self.error_line.update(text)
         self.error_line.add_class("-shown")

@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static, TextArea
 
+from . import formatting
 from .commands import keys_of
 from .prompt import PromptScreen
 from .resend import Outgoing, Resent
@@ -37,7 +38,7 @@ class TargetScreen(PromptScreen):
 
 
 def _headers_text(headers: Sequence[tuple[str, str]]) -> str:
-    return "\n".join(f"{name}: {value}" for name, value in headers)
+    return "\n".join(formatting.printable(f"{name}: {value}") for name, value in headers)
 
 
 def parse_headers(text: str) -> list[tuple[str, str]]:
@@ -75,6 +76,14 @@ class EditScreen(ModalScreen[Outgoing | None]):
     def __init__(self, request: Outgoing) -> None:
         super().__init__()
         self._request = request
+        # What the editors show is safe for the terminal (control characters as
+        # pictures), so it is not always what was captured: binary bytes, control
+        # characters, mixed line ends (the editor makes them one kind), spaces around a
+        # header value.  An editor left as it was sends what was captured.
+        self._body_text = formatting.printable(request.body.decode("utf-8", "replace"), lines=True)
+        self._headers_text = _headers_text(request.headers)
+        self._shown = {"edit-body": self._body_text, "edit-headers": self._headers_text}
+        """Each editor's text as it showed it at first."""
 
     def compose(self) -> ComposeResult:
         request = self._request
@@ -83,9 +92,12 @@ class EditScreen(ModalScreen[Outgoing | None]):
                 yield Input(request.method, id="edit-method")
                 yield Input(request.url, id="edit-url")
             yield Static("Headers (Name: value, one a line)", classes="edit-label")
-            yield TextArea(_headers_text(request.headers), id="edit-headers")
-            yield Static("Body", classes="edit-label")
-            yield TextArea(request.body.decode("utf-8", "replace"), id="edit-body")
+            yield TextArea(self._headers_text, id="edit-headers")
+            label = "Body"
+            if self._body_text.encode("utf-8") != request.body:
+                label += " (not plain UTF-8 text: sent as captured unless edited)"
+            yield Static(label, classes="edit-label")
+            yield TextArea(self._body_text, id="edit-body")
             send, cancel = (
                 keys_of(self.app, "edit-send", "ctrl+s"),
                 keys_of(self.app, "dialog-cancel", "escape"),
@@ -93,13 +105,22 @@ class EditScreen(ModalScreen[Outgoing | None]):
             yield Static(f"{send} to send, {cancel} to cancel, tab to move", id="edit-hint")
 
     def on_mount(self) -> None:
+        for editor in self._shown:
+            self._shown[editor] = self.query_one(f"#{editor}", TextArea).text
         self.query_one("#edit-url", Input).focus()
 
     def edited(self) -> Outgoing:
         method = self.query_one("#edit-method", Input).value.strip().upper() or "GET"
         url = self.query_one("#edit-url", Input).value.strip()
-        headers = parse_headers(self.query_one("#edit-headers", TextArea).text)
-        body = self.query_one("#edit-body", TextArea).text.encode("utf-8")
+        request = self._request
+        headers_text = self.query_one("#edit-headers", TextArea).text
+        headers = (
+            list(request.headers)
+            if headers_text == self._shown["edit-headers"]
+            else parse_headers(headers_text)
+        )
+        text = self.query_one("#edit-body", TextArea).text
+        body = request.body if text == self._shown["edit-body"] else text.encode("utf-8")
         return Outgoing(method, url, headers, body)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -116,7 +137,7 @@ class EditScreen(ModalScreen[Outgoing | None]):
 def _body(data: bytes, truncated: bool = False) -> Text:
     if not data:
         return Text("(no body)", style="dim")
-    text = Text(data[:BODY_SHOWN].decode("utf-8", "replace"))
+    text = formatting.plain(data[:BODY_SHOWN].decode("utf-8", "replace"), lines=True)
     if len(data) > BODY_SHOWN:
         text.append(f"\n… {len(data) - BODY_SHOWN:,} more bytes", style="dim")
     if truncated:
@@ -133,25 +154,26 @@ def _side(
 ) -> RenderableType:
     head = Text(title, style="bold underline")
     status_line = Text(f"status {status if status is not None else '-'}", style="bold")
-    lines = Text("\n".join(f"{n}: {v}" for n, v in headers) or "(no headers)", style="cyan")
+    said = "\n".join(formatting.printable(f"{n}: {v}") for n, v in headers)
+    lines = Text(said or "(no headers)", style="cyan")
     return Group(head, status_line, lines, Text(), _body(body, truncated))
 
 
 def render_comparison(result: Resent) -> tuple[RenderableType, RenderableType, RenderableType]:
     """``(verdict and differences, captured side, replayed side)``."""
     captured, request = result.captured, result.request
-    head = Text(f"{request.method} {request.url}", style="bold")
+    head = formatting.plain(f"{request.method} {request.url}", style="bold")
     verdict = Text()
     if result.error is not None:
         verdict.append("ERROR ", style="bold #ff5f5f")
-        verdict.append(result.error)
+        verdict.append(formatting.printable(result.error, lines=True))
     elif result.comparison is not None and result.comparison.same:
         verdict.append("same", style="bold #5fd75f")
         verdict.append(" as captured", style="dim")
     elif result.comparison is not None:
         verdict.append("DIFFERENT", style="bold #ff5f5f")
         for difference in result.comparison.differences:
-            verdict.append(f"\n  {difference}")
+            verdict.append(f"\n  {formatting.printable(str(difference))}")
     verdict.append(f"   ({result.duration_ns / 1e6:.1f} ms)", style="dim")
     old = _side(
         "captured",

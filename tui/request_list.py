@@ -437,11 +437,14 @@ class RequestList(ScrollView, can_focus=True):
     def _row_strip(self, trace: Trace, width: int, style: Style, marked: bool = False) -> Strip:
         columns = Columns.fit(width)
         dim = style + self._styles[2]
-        method = trace.method or "?"
+        # What the network sent, made safe for the terminal (one scan when it is).
+        method = formatting.printable(trace.method or "?")
         if _row_attr(trace, "network.protocol.name") == "websocket":
             method = "WS"
-        path = trace.path or ""
+        path = formatting.printable(trace.path or "")
         query = _row_attr(trace, "url.query")
+        if query:
+            query = formatting.printable(str(query))
         status = trace.status
         running = not trace.finished
         if status is not None:

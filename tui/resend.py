@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from hopscope.tracing.model import Trace
 from hopscope.tracing.replay import CapturedRequest, Comparison, compare, replay_headers
 
-__all__ = ["Outgoing", "Resent", "original_target", "outgoing", "send"]
+__all__ = [
+    "Outgoing",
+    "Resent",
+    "TargetError",
+    "check_target",
+    "original_target",
+    "outgoing",
+    "send",
+]
 
 
 @dataclass(slots=True)
@@ -64,6 +72,30 @@ def original_target(trace: Trace) -> str:
                     if isinstance(name, str) and name.lower() == "host" and isinstance(value, str):
                         return f"http://{value}"
     return "http://127.0.0.1"
+
+
+class TargetError(ValueError):
+    """A replay target that is not ``http(s)://HOST[:PORT]``; the message is one line."""
+
+
+def check_target(text: str) -> str:
+    """The target typed in the replay prompt, as a base URL: ``localhost:8000`` means
+    ``http://localhost:8000``.  Anything else that is not ``http(s)://HOST[:PORT]`` (and
+    an optional path prefix) raises :class:`TargetError`, before anything is sent."""
+    target = text.strip()
+    if "://" not in target:
+        target = "http://" + target
+    try:
+        parts = urlsplit(target)
+        port = parts.port  # raises for a port that is not a number in range
+    except ValueError as exc:
+        raise TargetError(f"not a target: {text!r} ({exc}); give http://HOST:PORT") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetError(f"not a target: {text!r}; give http://HOST:PORT")
+    if parts.query or parts.fragment or any(ch.isspace() for ch in target):
+        raise TargetError(f"not a target: {text!r} (no query, no spaces); give http://HOST:PORT")
+    del port
+    return target
 
 
 def outgoing(captured: CapturedRequest, target: str) -> Outgoing:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import json
 import os
 import stat
 import threading
@@ -736,15 +735,9 @@ def har_events(path: str) -> list[Event] | None:
         return None
     if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
         return None
-    try:
-        document = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or "log" not in document:
-        return None
-    from hopscope.tracing.har import HarError, har_to_events  # only HAR files need it
+    from hopscope.tracing.har import HarError, har_events_from  # only HAR files need it
 
     try:
-        return har_to_events(document, path)
+        return har_events_from(raw, path)
     except HarError as exc:
         raise TraceFileError(str(exc)) from None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hopscope.tracing.model import Event, Span, Trace
+from rich.cells import cell_len, set_cell_size
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -94,6 +95,11 @@ def trace_window(trace: Trace, now: int) -> tuple[int, int]:
     return (t0, max([t0 + 1, *ends]))
 
 
+#: A span's events listed beside the waterfall: a table of 3,000 (a chatty logger) took
+#: seconds of the UI thread at each selection.
+EVENTS_SHOWN = 200
+
+
 def _short(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -112,7 +118,7 @@ def _attr_text(key: str, value: Any) -> str:
 def describe_span(span: Span, t0: int, now: int) -> RenderableType:
     """A span's times, attributes and events, for the side panel."""
     kind = span_kind(span)
-    title = Text(span.name or "(unnamed)", style=f"bold {kind_colour(kind)}")
+    title = formatting.plain(span.name or "(unnamed)", style=f"bold {kind_colour(kind)}")
     title.append(f"  {kind}", style="dim")
     if span.attrs.get("error"):
         title.append("  error", style="bold #ff5f5f")
@@ -126,23 +132,31 @@ def describe_span(span: Span, t0: int, now: int) -> RenderableType:
         facts.add_row("took", running)
     else:
         facts.add_row("took", formatting.duration(span.duration_ns))
-    facts.add_row("span", span.span_id)
-    facts.add_row("parent", span.parent_id or "-")
+    facts.add_row("span", formatting.plain(span.span_id))
+    facts.add_row("parent", formatting.plain(span.parent_id or "-"))
     attrs = Table(show_header=False, box=None, padding=(0, 1))
     attrs.add_column(style="bold cyan", no_wrap=True, max_width=28, overflow="ellipsis")
     attrs.add_column(overflow="fold", min_width=16)
     for key in sorted(span.attrs):
-        attrs.add_row(key, _attr_text(key, span.attrs[key]))
+        # Text, not str: Rich would read "[/]" in a value as markup.
+        attrs.add_row(formatting.plain(key), formatting.plain(_attr_text(key, span.attrs[key])))
     parts: list[RenderableType] = [title, facts, Text(), Text("Attributes", style="bold"), attrs]
     if span.events:
         events = Table(show_header=False, box=None, padding=(0, 1))
         events.add_column(style="dim", no_wrap=True, justify="right")
         events.add_column(style="bold", no_wrap=True)
         events.add_column(overflow="fold")
-        for event in span.events:
+        for event in span.events[:EVENTS_SHOWN]:
             detail = ", ".join(f"{k}={_attr_text(k, v)}" for k, v in event.attrs.items())
-            events.add_row(f"+{formatting.duration(event.ts - t0)}", event.name, detail)
+            events.add_row(
+                f"+{formatting.duration(event.ts - t0)}",
+                formatting.plain(event.name),
+                formatting.plain(detail),
+            )
         parts += [Text(), Text(f"Events ({len(span.events)})", style="bold"), events]
+        if len(span.events) > EVENTS_SHOWN:
+            more = len(span.events) - EVENTS_SHOWN
+            parts.append(Text(f"… {more:,} more (the Logs and Raw tabs have them)", style="dim"))
     return Group(*parts)
 
 
@@ -242,7 +256,7 @@ class Timeline(Horizontal):
 
     def _prompt(self, depth: int, span: Span, width: int) -> Text:
         kind = span_kind(span)
-        name = span.name or "(unnamed)"
+        name = formatting.printable(span.name or "(unnamed)")
         # Hops often share one name ("GET /items"): the hop tells the rows apart.
         if kind not in ("user", "queue", "background") and not name.startswith(kind):
             name = f"{kind} {name}"
@@ -252,9 +266,11 @@ class Timeline(Horizontal):
         label = " " * (indent * depth) + name
         label_style = "bold #ff5f5f" if span.attrs.get("error") else kind_colour(kind)
         text = Text(no_wrap=True, overflow="ellipsis", end="")
-        if len(label) > label_width - 1:
-            label = label[: label_width - 2] + "…"
-        text.append(f"{label:<{label_width}}", style=label_style)
+        # Cells, not characters: a wide (CJK) name cut by length overran the label
+        # column and pushed the bar onto a line of its own.
+        if cell_len(label) > label_width - 1:
+            label = set_cell_size(label, label_width - 2) + "…"
+        text.append(set_cell_size(label, label_width), style=label_style)
         t0, t1 = self._window
         stretches = []
         if span.start is not None:
