@@ -574,3 +574,33 @@ def load_events(path: Path) -> list[Event]:
     from hopscope.tracing.tracefile import read_events
 
     return list(read_events(str(path)))
+
+
+def test_an_upload_the_app_did_not_read_says_so_in_the_request_body() -> None:
+    """The middlewares record what the app read: an unread upload is 0 bytes there, and
+    the Request tab must not call it empty (sent chunked, its size is unknown)."""
+    from hopscope.tui.body_view import render_body
+    from hopscope.tui.exchange import body
+
+    async def unread(request: Request) -> Response:
+        return PlainTextResponse("not reading that")
+
+    async def chunks() -> Any:
+        yield b"a" * 1000
+        yield b"b" * 1000
+
+    sink = MemorySink()
+    app = wrap(Starlette(routes=[Route("/{rest:path}", unread, methods=["POST"])]), sink)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await client.post("/sized", content=b"x" * 5000)
+            await client.post("/chunked", content=chunks())
+            await client.post("/empty", content=b"")
+
+    asyncio.run(main())
+    shown = {t.path: text_of(render_body(body(t, "request"))) for t in sink.traces()}
+    assert "not read by the app: 5,000 bytes sent" in shown["/sized"]
+    assert "not read by the app: sent chunked, size unknown" in shown["/chunked"]
+    assert "(empty)" in shown["/empty"] and "not read" not in shown["/empty"]

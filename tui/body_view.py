@@ -135,7 +135,12 @@ def render_body(captured: Body) -> RenderableType:
     if notes:
         heading.append("  " + " · ".join(notes), style="dim")
     if not data:
-        empty = "not captured" if captured.size else "empty"
+        if captured.sent == -1:
+            empty = "not read by the app: sent chunked, size unknown"
+        elif captured.sent:
+            empty = f"not read by the app: {captured.sent:,} bytes sent"
+        else:
+            empty = "not captured" if captured.size else "empty"
         return Group(heading, Text(f"({empty})", style="dim"))
     kind = captured.content_type.split(";")[0].strip().lower()
     text = _as_text(data[:TEXT_LIMIT], captured.content_type)

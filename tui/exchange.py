@@ -65,6 +65,9 @@ class Body:
     truncated: bool
     content_type: str
     content_encoding: str
+    sent: int | None = None
+    """A request body the app did not read: the bytes its ``Content-Length`` says were
+    sent (-1: sent chunked, size unknown).  None: read, or nothing says otherwise."""
 
 
 def body(trace: Trace, direction: str) -> Body:
@@ -78,12 +81,24 @@ def body(trace: Trace, direction: str) -> Body:
             data = b""
     size = attr(trace, f"{key}.size")
     pairs = headers(trace, direction)
+    sent = None
+    if direction == "request" and not data and not size:
+        # The middlewares record what the app read: say when that was not the body sent.
+        from hopscope.tracing.har import unread  # (a rare path: imported only here)
+        from hopscope.tracing.replay import declared_length
+
+        declared = declared_length(pairs)
+        if declared:
+            sent = declared
+        elif unread(pairs, data, size if isinstance(size, int) else None):
+            sent = -1
     return Body(
         data=data,
         size=size if isinstance(size, int) else None,
         truncated=bool(attr(trace, f"{key}.truncated")),
         content_type=header(pairs, "content-type") or "",
         content_encoding=header(pairs, "content-encoding") or "",
+        sent=sent,
     )
 
 
