@@ -56,23 +56,43 @@ class ChildError(Exception):
 # -- starting and stopping any child (helpers, recorders, the user's server) ---------------
 
 
-def _with_parent() -> None:
-    """In the child, before exec: no SIGINT (a terminal's Ctrl+C reaches the whole group;
-    the parent stops it when it is ready to), and on Linux a SIGTERM when the parent
-    dies, so a killed parent leaves nothing behind."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _dies_with_parent()
+def _prctl() -> Any:
+    """libc's ``prctl``, looked up in the parent: a child between fork and exec of a
+    process with threads (the collector's) should not load libraries."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
 
 
-def _dies_with_parent() -> None:
-    """In the child, before exec (it outlives exec, not fork): on Linux a SIGTERM when
-    the parent dies, so a parent killed by SIGKILL leaves nothing behind.  Nothing else
-    changes: the signal comes only then, and the child's own children do not get it."""
-    if sys.platform == "linux":
-        import ctypes
+def _dies_with(parent: int, prctl: Any) -> Callable[[], None]:
+    """For the child, before exec (it outlives exec, not fork): on Linux a SIGTERM when
+    ``parent`` dies, so a parent killed by SIGKILL leaves nothing behind.  Nothing else
+    changes: the signal comes only then, and the child's own children do not get it.  A
+    parent gone already (between fork and here) would never send it: then exit now."""
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    def dies_with_parent() -> None:
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return dies_with_parent
+
+
+def _with_parent(dies_with_parent: Callable[[], None]) -> Callable[[], None]:
+    """For the child, before exec: no SIGINT (a terminal's Ctrl+C reaches the whole
+    group; the parent stops it when it is ready to), and it dies with the parent."""
+
+    def with_parent() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        dies_with_parent()
+
+    return with_parent
 
 
 def spawn(
@@ -91,7 +111,11 @@ def spawn(
     dies with this process (see :func:`_with_parent`); ``dies_with_parent``: only the
     latter (the user's server, whose signals are its own)."""
     streams.setdefault("stdin", subprocess.DEVNULL)
-    preexec = _with_parent if with_parent else _dies_with_parent if dies_with_parent else None
+    preexec: Callable[[], None] | None = None
+    if with_parent or dies_with_parent:
+        preexec = _dies_with(os.getpid(), _prctl())
+        if with_parent:
+            preexec = _with_parent(preexec)
     try:
         return subprocess.Popen(
             argv,

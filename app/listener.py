@@ -534,6 +534,10 @@ class HttpListener(asyncio.Protocol):
     #: Seconds a request body may stay silent while its handler waits for more (nginx's
     #: client_body_timeout): then the connection closes, as nginx closes it.
     body_timeout = 60.0
+    #: What follows an Upgrade request answered as a plain one, and whether
+    #: :meth:`_upgraded` is parsing such a rest already (see there).
+    _feeding = False
+    _rest: bytes | None = None
 
     def __init__(
         self,
@@ -1056,7 +1060,21 @@ class HttpListener(asyncio.Protocol):
             if self.running is None:
                 self._hand_over(self.transport, self._upgrade)
         elif self.parser.get_method() != b"CONNECT" and offset < len(data):
-            self.data_received(data[offset:])
+            # A loop, not a call per request: a read can hold a thousand pipelined
+            # Upgrade requests, and one nested call each ran out of stack.
+            if self._feeding:  # (the loop below, up the stack, parses it next)
+                self._rest = data[offset:]
+                return
+            self._feeding = True
+            rest: bytes | None = data[offset:]
+            try:
+                while rest is not None:
+                    self._rest = None
+                    self.data_received(rest)
+                    rest = self._rest
+            finally:
+                self._feeding = False
+                self._rest = None
 
     def _upgrade_head(self, method: str, url: bytes, version: str) -> None:
         """Keep an Upgrade request's head (as uvicorn rebuilds one for its WebSocket

@@ -363,7 +363,9 @@ def _said_folder(stack: contextlib.ExitStack, env: dict[str, str]) -> None:
 
     _remove_stale_said_folders()
     prefix = f"{_SAID_PREFIX}{os.getpid()}-"
-    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+    folder = stack.enter_context(
+        tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+    )
     env[SAID_ENV] = folder
 
 

@@ -132,8 +132,8 @@ def render_body(captured: Body) -> RenderableType:
         if note:
             notes.append(note)
     heading = _title("Body")
-    if notes:
-        heading.append("  " + " · ".join(notes), style="dim")
+    if notes:  # (the content type and coding are what the network sent)
+        heading.append(formatting.printable("  " + " · ".join(notes)), style="dim")
     if not data:
         if captured.sent == -1:
             empty = "not read by the app: sent chunked, size unknown"
@@ -268,13 +268,9 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
                 _pairs_table(parse_qsl(str(query), keep_blank_values=True)),
             ]
     else:
-        trailers = attr(trace, "http.response.trailers")
-        if isinstance(trailers, list) and trailers:
-            parts += [
-                Text(),
-                _title("Trailers"),
-                _pairs_table([(str(k), str(v)) for k, v in trailers]),
-            ]
+        trailers = headers(trace, "response", "trailers")
+        if trailers:
+            parts += [Text(), _title("Trailers"), _pairs_table(trailers)]
     if direction == "response" and _is_websocket(trace):
         parts += [Text(), render_websocket(trace)]
     else:

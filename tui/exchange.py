@@ -38,9 +38,10 @@ def attr(trace: Trace, key: str) -> Any:
     return span.attrs[key] if span is not None else None
 
 
-def headers(trace: Trace, direction: str) -> list[tuple[str, str]]:
-    """``direction`` is ``request`` or ``response``; pairs in their order, repeats kept."""
-    value = attr(trace, f"http.{direction}.headers")
+def headers(trace: Trace, direction: str, kind: str = "headers") -> list[tuple[str, str]]:
+    """``direction`` is ``request`` or ``response``; pairs in their order, repeats kept
+    (``kind`` ``trailers``: the response's trailer fields)."""
+    value = attr(trace, f"http.{direction}.{kind}")
     if not isinstance(value, list):
         return []
     # A file can hold anything: a pair that is not one is left out, not a crash.

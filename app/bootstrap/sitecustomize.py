@@ -36,7 +36,8 @@ def _hopscope_first_to_say(key: str) -> bool:
         return True
     try:
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
-        os.close(os.open(os.path.join(folder, f"bootstrap-{key.replace(' ', '-')}"), flags))
+        name = os.path.join(folder, f"bootstrap-{key.replace(' ', '-')}")
+        os.close(os.open(name, flags, 0o600))  # (as hopscope's other files)
     except FileExistsError:
         return False
     except OSError:
