@@ -212,6 +212,11 @@ class ProxyError(Exception):
     """The proxy cannot start (bad upstream, port in use); the message is one line."""
 
 
+#: Why a request whose target names a host is refused (the proxy forwards only to its
+#: upstream: it is never an open proxy).
+ABSOLUTE_REFUSED = "absolute-form request targets are refused (not an open proxy)"
+
+
 class RequestRefused(Exception):
     """A request the proxy answers itself (``status``, the message its reason) rather
     than pass on: one nginx refuses too, whose meaning the upstream could take
@@ -1150,8 +1155,7 @@ class _Exchange(Recording):
                 self.send = cycle.send
             method = self.scope["method"]
             if absolute:
-                reason = "absolute-form request targets are refused (not an open proxy)"
-                await self._refuse(400, reason)
+                await self._refuse(400, ABSOLUTE_REFUSED)
             elif method == "CONNECT":
                 await self._refuse(405, "CONNECT is refused (not an open proxy)")
             else:

@@ -28,7 +28,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.uri import WebSocketURI
 
-from .proxy import RequestRefused, request_attrs
+from .proxy import ABSOLUTE_REFUSED, RequestRefused, request_attrs
 
 if TYPE_CHECKING:
     from .proxy import Message, ProxyApp, Receive, Scope, Send
@@ -136,6 +136,9 @@ class _WebSocketRelay:
             if message["type"] != "websocket.connect":
                 return
             try:
+                kept = scope.get("hopscope.target")
+                if kept is not None and not kept.startswith(b"/"):
+                    raise RequestRefused(400, ABSOLUTE_REFUSED)  # as the HTTP path refuses it
                 headers = app.forwarded(scope, start, self.trace_id, self.proxy_id).fields()
             except RequestRefused as exc:
                 self.client_attrs["proxy.refused"] = str(exc)

@@ -106,3 +106,15 @@ def test_a_content_type_with_control_characters_never_reaches_the_terminal() -> 
         shown = console.export_text()
         assert "\x1b" not in shown and "\x07" not in shown
         assert "text/plain␛]0;title␇␛[31m" in shown
+
+
+def test_a_websocket_handshake_with_an_absolute_target_is_refused() -> None:
+    """As the plain path refuses ``GET http://elsewhere/`` (never an open proxy): before,
+    ``GET ws://elsewhere/ws`` went upstream as it was (with a prefix, ``/prefixws://...``)."""
+    from test_proxy_user2 import REFUSED, exchange, scripted, websocket_head
+
+    with scripted(lambda head: REFUSED) as (upstream, proxy):
+        (response,) = exchange(proxy, websocket_head(b"ws://elsewhere.example/ws"), 1)
+        assert response.startswith(b"HTTP/1.1 400 ")
+        assert b"not an open proxy" in response
+        assert upstream.heads == []
