@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import hopscope
+import hopscope.tracing
 from hopscope.tracing.tracefile import TraceFileError, read_events
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import QueueSource
@@ -62,14 +63,20 @@ def tidy(events: list[Event]) -> list[Event]:
     as a pip install would, not where a developer's checkout or venv happens to be."""
     paths = sysconfig.get_paths()
     site = ".../site-packages"
+    # Where hopscope's own files are: a strict editable install's link folder, or the
+    # checkout itself with a plain ``pip install -e .`` (whose ``hopscope.__path__`` is
+    # an import-hook name, not a folder: its parent would be ".", every dot replaced).
+    package = str(Path(hopscope.tracing.__file__).parent.parent)
     places = {
-        str(Path(hopscope.__path__[0]).parent): site,
+        package: f"{site}/hopscope",
         paths["purelib"]: site,
         paths["platlib"]: site,
         paths["stdlib"]: f".../lib/python{sys.version_info.major}.{sys.version_info.minor}",
     }
     text = json.dumps(events)
     for place in sorted(places, key=len, reverse=True):
+        if not Path(place).is_absolute():
+            continue
         text = text.replace(json.dumps(place)[1:-1], places[place])
     return list(json.loads(text))
 
