@@ -744,7 +744,8 @@ def run_replay(
     out: TextIO | None = None,
 ) -> int:
     """Replay ``file`` against ``target``; returns the exit status (0 all the same, 1 some
-    differ or failed), raises :class:`ReplayError` when the replay cannot run."""
+    differ or failed, 2 every one skipped), raises :class:`ReplayError` when the replay
+    cannot run."""
     out = out if out is not None else sys.stdout
     overrides = [parse_header_option(text) for text in headers]
     try:
@@ -794,6 +795,11 @@ def run_replay(
     out.flush()
     if damage:
         return 1
+    if results and all(r.outcome == "skipped" for r in results):
+        # A gate that compared nothing must not pass: as when nothing was selected.
+        out.write("nothing was compared: every selected request was skipped\n")
+        out.flush()
+        return 2
     return 0 if all(r.outcome in ("same", "skipped") for r in results) else 1
 
 

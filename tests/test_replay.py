@@ -584,3 +584,17 @@ def app_span(
 
 def to_events_all(records: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     return [event for record in records for event in to_events(record)]
+
+
+def test_a_replay_where_every_selected_request_is_skipped_does_not_pass(
+    capture: Callable[..., Path], serve_asgi: Serve
+) -> None:
+    """A gate that compared nothing must not pass (exit 0 said "all the same" before):
+    the only request selected, an upload truncated at capture, is skipped."""
+    file = capture()
+    with target(serve_asgi) as (base, app):
+        result = replay(str(file), "--target", base, "--filter", "path:/upload")
+    assert result.exit_code == 2, result.output
+    assert "0 request(s) replayed" in result.stdout
+    assert "nothing was compared: every selected request was skipped" in result.stdout
+    assert app.requests == []
