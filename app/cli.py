@@ -688,7 +688,12 @@ def proxy(
 
 @main.command()
 @click.argument("file")
-@click.option("--target", required=True, metavar="URL", help="Where to resend: http://HOST:PORT.")
+@click.option(
+    "--target",
+    required=True,
+    metavar="URL",
+    help="Where to resend: http://HOST:PORT or https://HOST[:PORT].",
+)
 @click.option("--filter", "filter_text", metavar="EXPR", help="Only requests this filter selects.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Max requests/second.")

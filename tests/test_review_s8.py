@@ -3,12 +3,15 @@ its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import io
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,53 @@ def test_a_websocket_handshake_with_an_absolute_target_is_refused() -> None:
         assert response.startswith(b"HTTP/1.1 400 ")
         assert b"not an open proxy" in response
         assert upstream.heads == []
+
+
+def test_a_port_out_of_range_is_said_as_such(tmp_path: Path) -> None:
+    """``--listen 127.0.0.1:99999`` said "expected HOST:PORT, ...", which it was."""
+    from hopscope.tracing.sinks import parse_address
+
+    with pytest.raises(ValueError, match=r"port 99999 is out of range \(0-65535\)"):
+        parse_address("127.0.0.1:99999")
+    assert parse_address("127.0.0.1:65535") == ("tcp", ("127.0.0.1", 65535))
+    done = subprocess.run(
+        [sys.executable, "-m", "hopscope.app", "tail", "--listen", "127.0.0.1:99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0
+    assert "out of range" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_replaying_marked_requests_that_were_evicted_says_so() -> None:
+    """``r`` said "Select a request first" when every marked request had left the ring."""
+    from hopscope.tui.app import HopscopeApp
+    from hopscope.tui.source import QueueSource
+    from test_tui_replay import recording, select_first
+    from uitools import wait_for
+
+    events = recording(4)
+    first, rest = events[: len(events) // 4], events[len(events) // 4 :]
+    source = QueueSource("test", live=False)
+    source.push(first)
+    app = HopscopeApp(source, max_requests=2)
+
+    async def go() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await select_first(app, pilot)
+            await pilot.press("m")
+            await wait_for(pilot, lambda: len(app.marked) == 1, "the mark")
+            source.push(rest)
+            await wait_for(pilot, lambda: len(app.store) >= 2, "the newer requests")
+            await pilot.press("r")
+            await wait_for(
+                pilot,
+                lambda: any("no longer held" in str(n.message) for n in app._notifications),
+                "the notification",
+            )
+            await pilot.press("q")
+
+    asyncio.run(go())

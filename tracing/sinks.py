@@ -650,7 +650,9 @@ def parse_address(address: str) -> tuple[str, Any]:
         return "unix", path
     rest = address[6:] if address.startswith("tcp://") else address
     host, sep, port = rest.rpartition(":")
-    valid_port = port.isascii() and port.isdigit() and int(port) < 65536
+    if sep and port.isascii() and port.isdigit() and int(port) > 65535 and "/" not in host:
+        raise ValueError(f"port {int(port)} is out of range (0-65535) in {address!r}")
+    valid_port = port.isascii() and port.isdigit()
     if not sep or not valid_port or "/" in host:
         raise ValueError(f"expected HOST:PORT, tcp://HOST:PORT or unix:PATH, got {address!r}")
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))

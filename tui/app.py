@@ -587,7 +587,14 @@ class HopscopeApp(App[None]):
         else:
             traces = [self._selected_trace] if self._selected_trace is not None else []
         if not traces:
-            self.notify("Select a request first (m marks several).", severity="warning")
+            if self.marked and not only_selected:  # marked, then evicted by newer requests
+                self.notify(
+                    f"The {len(self.marked)} marked request(s) are no longer held "
+                    "(newer ones took their place): mark others.",
+                    severity="warning",
+                )
+            else:
+                self.notify("Select a request first (m marks several).", severity="warning")
             return []
         jobs = []
         for trace in traces:
