@@ -171,3 +171,23 @@ def test_replaying_marked_requests_that_were_evicted_says_so() -> None:
             await pilot.press("q")
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "command", [["view", "--headless"], ["tail"], ["export", "--har", "o.har"]]
+)
+def test_a_har_file_that_is_not_json_is_said_to_be_one_by_every_command(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """view and tail said "not a hopscope trace file (no header line)" of a broken
+    ``.har`` while export said "not a HAR file": the file's name says what it meant."""
+    (tmp_path / "broken.har").write_text("hello, not json\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "hopscope.app", *command[:1], "broken.har", *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["Error: broken.har is not a HAR file (not JSON)"]

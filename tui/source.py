@@ -733,11 +733,17 @@ def har_events(path: str) -> list[Event] | None:
             raw = handle.read()
     except OSError:
         return None
+    named_har = path.lower().endswith(".har")
     if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        if named_har:  # (what ``export`` says of it too)
+            raise TraceFileError(f"{path} is not a HAR file (not JSON)")
         return None
     from hopscope.tracing.har import HarError, har_events_from  # only HAR files need it
 
     try:
-        return har_events_from(raw, path)
+        events = har_events_from(raw, path)
     except HarError as exc:
         raise TraceFileError(str(exc)) from None
+    if events is None and named_har:
+        raise TraceFileError(f"{path} is not a HAR file (not JSON, or no log object)")
+    return events
