@@ -408,7 +408,8 @@ def test_a_body_the_app_never_read_is_not_resent_empty(tmp_path: Path) -> None:
     sink.close()
     with served(1) as base:
         result = run("replay", str(path), "--target", base)
-    assert result.exit_code == 0, result.output
+    # (Its only request skipped: nothing compared, which a gate must not take for a pass.)
+    assert result.exit_code == 2, result.output
     assert "skipped: request body truncated at capture (0 of 10 bytes kept)" in result.stdout
     curl = run("export", str(path), "--curl", "1").stdout
     assert "# the body (10 bytes) was not captured" in curl
