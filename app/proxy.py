@@ -546,6 +546,8 @@ class ProxyApp:
         self._pool: UpstreamPool | None = None
         self._host_header = self.upstream.host_header.encode("ascii")
         self._prefix = self.upstream.prefix.encode("ascii")
+        #: What a Location naming the upstream itself starts with (see :meth:`relocated`).
+        self._own_url = f"{self.upstream.url}/".encode("ascii")
 
     @property
     def pool(self) -> UpstreamPool:
@@ -679,6 +681,57 @@ class ProxyApp:
         # function, a frame per request (about a tenth of this method's work).
         fields = (out, kept, removed, content_length, chunked, trailers, added)
         return _new_tuple(Forwarded, fields)
+
+    def relocated(
+        self, headers: list[tuple[bytes, bytes]], scope: Scope
+    ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+        """``headers`` with a Location (or Refresh) naming the upstream's own URL made
+        to name the proxy, as the client reached it, and the (from, to) values changed.
+
+        Why: the app sees the upstream's Host (the proxy replaces it, as nginx does by
+        default), so the absolute URLs it builds (Starlette's trailing-slash redirect,
+        ``url_for``) name the upstream; a browser following one would leave the proxy,
+        and its next requests would not be in the trace.  nginx's ``proxy_redirect
+        default`` rewrites the same prefix (the ``proxy_pass`` URL with its ``/``), to
+        the scheme and Host the client used; other values go on as they came.
+        """
+        own = self._own_url
+        changed: list[tuple[bytes, bytes]] = []
+        out = headers
+        for index, (name, value) in enumerate(headers):
+            lower = name.lower()
+            if lower == b"location":
+                if not value.startswith(own):
+                    continue
+                new = self._origin(scope) + value[len(own) - 1 :]
+            elif lower == b"refresh":
+                at = value.lower().find(b"url=" + own)
+                if at < 0:
+                    continue
+                at += 4
+                new = value[:at] + self._origin(scope) + value[at + len(own) - 1 :]
+            else:
+                continue
+            if out is headers:
+                out = list(headers)
+            out[index] = (name, new)
+            changed.append((value, new))
+        return out, changed
+
+    @staticmethod
+    def _origin(scope: Scope) -> bytes:
+        """``scheme://host[:port]`` as the client reached the proxy: its Host (already
+        checked), else the address it connected to (HTTP/1.0 may send no Host)."""
+        scheme = scope.get("scheme", "http")
+        scheme = "https" if scheme in ("https", "wss") else "http"
+        for name, value in scope.get("headers") or ():
+            if name.lower() == b"host":
+                return scheme.encode() + b"://" + bytes(value)
+        host, port = scope.get("server") or ("127.0.0.1", None)
+        shown = f"[{host}]" if ":" in host else host
+        default = 443 if scheme == "https" else 80
+        where = shown if port in (None, default) else f"{shown}:{port}"
+        return f"{scheme}://{where}".encode("latin-1")
 
     def target(self, scope: Scope) -> bytes:
         """The target that goes upstream: as the client sent it when the scope kept it
@@ -1408,6 +1461,10 @@ class _Exchange(Recording):
         self.status = status = conn.status
         if conn.unusual:
             headers, removed = _response_headers(conn.headers)
+            headers, relocated = self.app.relocated(headers, self.scope)
+            for old, new in relocated:
+                attrs = {"from": old.decode("latin-1"), "to": new.decode("latin-1")}
+                self.event(self.proxy_id, "response.relocated", attrs)
         else:  # (what _response_headers says then, without its pass over the fields)
             headers, removed = conn.headers, []
         if te_trailers and removed and b"trailer" in removed:

@@ -74,8 +74,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 #: Response fields :meth:`UpstreamConnection.on_header` looks at (llhttp reads both
-#: Connection fields).
-_NOTED = HOP_BY_HOP | {b"content-length"}
+#: Connection fields).  Location and Refresh may name the upstream's own origin, which
+#: the proxy rewrites (see hopscope.app.proxy.ProxyApp.relocated): they make a response
+#: ``unusual``, so its fields are looked at one by one.
+_NOTED = HOP_BY_HOP | {b"content-length", b"location", b"refresh"}
 
 
 class UpstreamError(Exception):
@@ -334,6 +336,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if self.length is not None:
                     self.unusual = True
                 self.length = value
+            elif lower == b"location" or lower == b"refresh":
+                self.unusual = True  # (its name kept as sent: it may go on unchanged)
             else:
                 name = lower
                 self.unusual = True
