@@ -226,6 +226,7 @@ def _tail_live(
     tail = Tail()
     stop = threading.Event()
     sender = None
+    processes: dict[Any, Any] = {}  # pid -> server software, of every app that reported
     if otlp is not None:
         from .otlp_sender import OtlpSender
 
@@ -259,6 +260,10 @@ def _tail_live(
             output=output,
             allow_remote=allow_remote,
             records=take if sender is None else None,
+            warn=lambda message: click.echo(f"hopscope: {message}", err=True),
+            hello=lambda info: processes.setdefault(
+                info.get("process.pid"), info.get("server.software")
+            ),
         ).start()
     except CollectorError as exc:
         if sender is not None:
@@ -295,9 +300,32 @@ def _tail_live(
     if sender is not None:
         sender.close()
         click.echo(f"hopscope: {sender.summary()}", err=True)
-    dropped = collector.collector.dropped
+    dropped, rejected = collector.collector.dropped, collector.collector.rejected
     note = f", {dropped} events dropped by apps" if dropped else ""
-    click.echo(f"hopscope: stopped after {tail.printed} request(s){note}", err=True)
+    if rejected:
+        note += f", {rejected} connection(s) dropped for bad data"
+    click.echo(
+        f"hopscope: stopped after {tail.printed} request(s){_senders(processes)}{note}", err=True
+    )
+
+
+#: At most this many pids in the stop line.
+SHOWN_PIDS = 20
+
+
+def _senders(processes: dict[Any, Any]) -> str:
+    """``from pid 12, 13 (uvicorn/0.30.1), 14 (gunicorn/23.0.0)``: which workers reported,
+    so a team sees that every one of them reached the collector."""
+    by_server: dict[str, list[str]] = {}
+    for pid, software in list(processes.items())[:SHOWN_PIDS]:
+        by_server.setdefault(software or "", []).append(str(pid))
+    parts = [
+        ", ".join(pids) + (f" ({server})" if server else "") for server, pids in by_server.items()
+    ]
+    more = len(processes) - SHOWN_PIDS
+    if more > 0:  # workers recycled all day long: the line stays a line
+        parts.append(f"and {more} more")
+    return ", from pid " + ", ".join(parts) if parts else ""
 
 
 def _otlp_listener(

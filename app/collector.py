@@ -113,6 +113,8 @@ class Collector:
         max_frame: int = MAX_FRAME,
         allow_remote: bool = False,
         records: RecordConsumer | None = None,
+        warn: Callable[[str], None] | None = None,
+        hello: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         try:
             self.family, self._address = parse_address(address)
@@ -125,6 +127,10 @@ class Collector:
             )
         self.consumer = consumer
         self.records = records
+        self.warn = warn
+        #: Told each connection's process info (pid, server) with its first frame, so a
+        #: team sees every worker that reports, and each one again after it reconnected.
+        self.hello = hello
         self.max_frame = max_frame
         self._output = output
         self.writer: EventWriter | None = None
@@ -199,7 +205,10 @@ class Collector:
         self.connections += 1
         try:
             await self._read(reader)
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:  # went away mid-frame (or mid-handshake): what it sent is lost
+                self._reject("closed the connection in the middle of a frame")
+        except (ConnectionError, TimeoutError):
             pass  # the peer went away, or said nothing: both are its business
         finally:
             self._handlers.discard(task)
@@ -211,27 +220,43 @@ class Collector:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         magic = await asyncio.wait_for(reader.readexactly(len(WIRE_MAGIC)), HANDSHAKE_TIMEOUT)
         if magic != WIRE_MAGIC:
-            self.rejected += 1
+            self._reject("did not start with the hopscope handshake (not a hopscope app?)")
             return
+        greeted = False
         while True:
             try:
                 head = await reader.readexactly(_LENGTH.size)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
-                    self.rejected += 1
+                    self._reject("closed the connection in the middle of a frame")
                 return
             (length,) = _LENGTH.unpack(head)
             if length > self.max_frame or length == 0:
-                self.rejected += 1
+                self._reject(f"sent a frame of {length} bytes (at most {self.max_frame})")
                 return
             payload = await reader.readexactly(length)
             try:
                 info, dropped, records = decode_frame(payload)
             except Exception:  # marshal raises ValueError, EOFError, TypeError...
-                self.rejected += 1
+                self._reject("sent a frame that is not a hopscope batch")
                 return
             self.frames += 1
+            if not greeted and self.hello is not None:
+                greeted = True
+                with contextlib.suppress(Exception):  # a greeting must not stop the collector
+                    self.hello(info)
             self._deliver(info, dropped, records)
+
+    def _reject(self, reason: str) -> None:
+        """Count a peer dropped for breaking the protocol; say so once (``warn``), since a
+        peer that keeps doing it must not flood the terminal."""
+        self.rejected += 1
+        if self.rejected == 1 and self.warn is not None:
+            with contextlib.suppress(Exception):  # a warning must not stop the collector
+                self.warn(
+                    f"dropped a connection that {reason}; the collector carries on "
+                    "(later ones are only counted)"
+                )
 
     def _deliver(self, info: dict[str, Any], dropped: int, records: list[Any]) -> None:
         if self.records is not None and self.writer is None:

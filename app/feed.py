@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,7 @@ class OtlpListener:
         self.url = f"http://{shown}:{bound[1]}/v1/traces"
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
+        self.invalid = 0
 
     async def start(self) -> None:
         import uvicorn
@@ -93,6 +95,7 @@ class OtlpListener:
             access_log=False,
             server_header=False,
         )
+        logging.getLogger("uvicorn.error").addFilter(self._once)
         self._server = server = uvicorn.Server(config)
         # _serve, not serve: serve() takes over SIGINT/SIGTERM on the main thread, and
         # here they belong to the collector's owner.
@@ -103,7 +106,24 @@ class OtlpListener:
             self.sock.close()
             raise CollectorError("the OTLP receiver did not start")
 
+    def _once(self, record: logging.LogRecord) -> bool:
+        """uvicorn logs each connection that is not HTTP; a peer sending garbage in a loop
+        would fill the terminal, so the first is said in hopscope's words, the rest only
+        counted (:attr:`invalid`)."""
+        if record.getMessage() != "Invalid HTTP request received.":
+            return True
+        self.invalid += 1
+        if self.invalid == 1:
+            print(
+                f"hopscope: OTLP/HTTP on {self.url}: dropped a connection that did not send "
+                "valid HTTP; the collector carries on (later ones are not shown)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return False
+
     async def stop(self) -> None:
+        logging.getLogger("uvicorn.error").removeFilter(self._once)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await asyncio.wait({self._task}, timeout=5)

@@ -67,7 +67,14 @@ class OtlpSender:
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        self.unsent = 0
+        """Traces still queued or in flight when :meth:`close` gave up on the backend."""
         self.last_error: str | None = None
+        self._warned = False
+        self._posting = 0  # traces in the batch being posted now
+        self._posting_since = 0.0
+        self.slow_after = min(timeout, 5.0)
+        """A batch in flight this long is worth the (one) warning line."""
         self._queue: queue.Queue[Trace | None] = queue.Queue(max_queue)
         self._client = httpx.Client(timeout=timeout, headers=headers)
         self._builder = TraceBuilder(max_traces=max_queue)
@@ -81,6 +88,9 @@ class OtlpSender:
         """Queue one finished trace; False (and counted) when the queue is full."""
         if self._closed:
             return False
+        since = self._posting_since
+        if since and not self._warned and time.monotonic() - since > self.slow_after:
+            self._warn(f"OTLP backend {self.url} is slow (no answer in {self.slow_after:g} s)")
         try:
             self._queue.put_nowait(trace)
         except queue.Full:
@@ -129,23 +139,32 @@ class OtlpSender:
     def _post(self, batch: list[Trace]) -> None:
         payload = traces_to_otlp_json(batch, redact=self.redact)
         spans = sum(len(s["spans"]) for r in payload["resourceSpans"] for s in r["scopeSpans"])
+        self._posting, self._posting_since = len(batch), time.monotonic()
         try:
             response = self._client.post(self.url, json=payload)
         except httpx.HTTPError as exc:
             self._failed(spans, f"cannot send to {self.url}: {type(exc).__name__}: {exc}")
             return
+        finally:
+            self._posting, self._posting_since = 0, 0.0
         if response.is_success:
             self.sent += spans
         else:
             self._failed(spans, f"{self.url} answered {response.status_code}")
 
     def _failed(self, spans: int, reason: str) -> None:
-        first = self.last_error is None
         self.failed += spans
         self.last_error = reason
-        if first and self.warn is not None:
+        self._warn(f"OTLP export failing: {reason}")
+
+    def _warn(self, message: str) -> None:
+        # One line per run, whichever trouble comes first: the summary has the counts.
+        if self._warned:
+            return
+        self._warned = True
+        if self.warn is not None:
             with contextlib.suppress(Exception):  # a warning must not stop the sender
-                self.warn(f"OTLP export failing: {reason}")
+                self.warn(message)
 
     def summary(self) -> str:
         """One line for the end of a run."""
@@ -154,6 +173,8 @@ class OtlpSender:
             text += f", {self.failed} failed ({self.last_error})"
         if self.dropped:
             text += f", {self.dropped} trace(s) dropped (queue full)"
+        if self.unsent:
+            text += f", {self.unsent} trace(s) not sent (the backend did not answer in time)"
         return text
 
     def close(self, timeout: float = 5.0) -> None:
@@ -161,9 +182,20 @@ class OtlpSender:
         if self._closed:
             return
         self._closed = True
+        deadline = time.monotonic() + timeout
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            # A slow backend still holds a batch: what it and the queue hold is counted
+            # as not sent, never waited for (the thread is a daemon).
+            left = self._posting
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    if self._queue.get_nowait() is not None:
+                        left += 1
+            self.unsent = left
+            return
         self._client.close()
 
     def __enter__(self) -> OtlpSender:

@@ -302,7 +302,7 @@ def _from_value(value: Any) -> Any:
     if kind == "intValue":
         try:
             return int(inner)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     if kind == "doubleValue":
         try:
@@ -350,7 +350,7 @@ def _id(value: Any, width: int, what: str) -> str | None:
 def _time(value: Any, what: str) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         raise OtlpError(f"{what} is not a number of nanoseconds") from None
 
 
@@ -358,6 +358,24 @@ def _kind_of(value: Any) -> int:
     if isinstance(value, str):
         return _KIND_NAMES.get(value, 0)
     return value if isinstance(value, int) else 0
+
+
+def _links(value: Any) -> list[str]:
+    """A span's links as ``TRACEID-SPANID`` strings (W3C traceparent order): the spans a
+    batch job or a consumer of a queue points back to, shown and searchable as they are."""
+    if value in (None, []):
+        return []
+    if not isinstance(value, list):
+        raise OtlpError("a span's links is not a list")
+    out = []
+    for link in value:
+        if not isinstance(link, dict):
+            raise OtlpError("a span link is not an object")
+        trace_id = _id(link.get("traceId"), 32, "a link's traceId")
+        span_id = _id(link.get("spanId"), 16, "a link's spanId")
+        if trace_id is not None and span_id is not None:
+            out.append(f"{trace_id}-{span_id}")
+    return out
 
 
 def _span_events(span: dict[str, Any], resource: dict[str, Any]) -> list[dict[str, Any]]:
@@ -382,6 +400,9 @@ def _span_events(span: dict[str, Any], resource: dict[str, Any]) -> list[dict[st
             attrs[key] = pairs
     for key, value in resource.items():
         attrs.setdefault(key, value)
+    links = _links(span.get("links"))
+    if links:
+        attrs["otel.links"] = links
     start = _time(span.get("startTimeUnixNano"), "startTimeUnixNano")
     end = _time(span.get("endTimeUnixNano"), "endTimeUnixNano")
     end_attrs: dict[str, Any] = {}
@@ -402,7 +423,10 @@ def _span_events(span: dict[str, Any], resource: dict[str, Any]) -> list[dict[st
             "attrs": attrs,
         }
     ]
-    for event in span.get("events") or []:
+    span_events = span.get("events") or []
+    if not isinstance(span_events, list):
+        raise OtlpError("a span's events is not a list")
+    for event in span_events:
         if not isinstance(event, dict):
             raise OtlpError("a span event is not an object")
         events.append(
@@ -437,7 +461,10 @@ def otlp_to_events(payload: Any) -> list[dict[str, Any]]:
         resource = _from_attributes(
             resource_obj.get("attributes") if isinstance(resource_obj, dict) else None
         )
-        for scope in group.get("scopeSpans", group.get("scope_spans")) or []:
+        scopes = group.get("scopeSpans", group.get("scope_spans")) or []
+        if not isinstance(scopes, list):
+            raise OtlpError("scopeSpans is not a list")
+        for scope in scopes:
             spans = scope.get("spans") if isinstance(scope, dict) else None
             if not isinstance(spans, list):
                 raise OtlpError("a scopeSpans item has no spans list")

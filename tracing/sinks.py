@@ -751,6 +751,11 @@ class SocketSink(_BatchingSink):
     def _drain_locked(self) -> None:
         self._last_drain = time.monotonic()
         sock = self._sock
+        if sock is not None and _peer_closed(sock):
+            # A collector that stopped (or was restarted) closed its end: a frame sent now
+            # would vanish without an error, so reconnect first and the queue waits.
+            self._failed()
+            return
         if sock is not None and self._pending:
             try:
                 self._push(sock)
@@ -943,6 +948,17 @@ class SocketSink(_BatchingSink):
 
 
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the collector closed the connection (it never sends anything, so the
+    socket reads as ended or failed); one non-blocking peek per batch, not per request."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> bytes:
