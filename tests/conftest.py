@@ -117,3 +117,37 @@ def runs() -> Iterator[Callable[..., Any]]:
     for run in started:
         if run.proc.poll() is None:
             run.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Commands a test starts (stdout dropped, stderr into ``err``), stopped at its end
+    with SIGINT as a user stops a server, killed if one hangs: a failure leaves nothing."""
+    import signal
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        args: list[str], err: Path, *, cwd: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen(
+                args,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
+            proc.kill()
+            proc.wait(10)

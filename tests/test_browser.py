@@ -10,6 +10,7 @@ every request with the proxy, server and app hops.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,35 +184,14 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture
-def serve(project: Path) -> Iterator[Any]:
+def serve(project: Path, processes: Callable[..., Any]) -> Callable[..., Any]:
     """Start a server command in the project; stopped with SIGINT, as a user would."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], err: Path) -> subprocess.Popen[bytes]:
-        with open(err, "wb") as stderr:
-            proc = subprocess.Popen(
-                args,
-                cwd=project,
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-            proc.kill()
-            proc.wait(10)
+    return functools.partial(processes, cwd=project, env=_env())
 
 
-def _browse(chromium: str, url: str) -> dict[str, Any]:
+def _browse(chromium: str, url: str, timeout: float = 20_000) -> dict[str, Any]:
+    """What the page in ``url`` saw (its title, ``done:`` + JSON), waited for ``timeout``
+    milliseconds; skips when Chromium cannot run here."""
     from playwright.sync_api import Error, sync_playwright
 
     try:
@@ -221,7 +201,7 @@ def _browse(chromium: str, url: str) -> dict[str, Any]:
             page.goto(url + "/")
             page.wait_for_function(
                 "document.title.startsWith('done:') || document.title.startsWith('failed:')",
-                timeout=20_000,
+                timeout=timeout,
             )
             title = page.title()
             browser.close()

@@ -10,23 +10,22 @@ and records the change as a ``response.relocated`` event.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
+import dataclasses
+import functools
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from hopscope.tracing import load
+from test_browser import _browse, _chromium, _env, _free_port
 
 APP = """
 from starlette.applications import Starlette
@@ -69,19 +68,6 @@ app = Starlette(
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOPSCOPE_")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def _answers(url: str) -> bool:
     try:
         httpx.get(url, timeout=2)
@@ -101,15 +87,13 @@ def _wait(proc: subprocess.Popen[bytes], url: str, err: Path) -> None:
     pytest.fail(f"timed out waiting for {url}:\n{err.read_text()}")
 
 
+@dataclasses.dataclass
 class Site:
-    def __init__(self, upstream: str, proxy: str, trace: Path, proc: Any, err: Path) -> None:
-        self.upstream, self.proxy, self.trace, self.proc, self.err = (
-            upstream,
-            proxy,
-            trace,
-            proc,
-            err,
-        )
+    upstream: str
+    proxy: str
+    trace: Path
+    proc: Any
+    err: Path
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -117,23 +101,9 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path, processes: Callable[..., Any]) -> Site:
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], err: Path) -> subprocess.Popen[bytes]:
-        with open(err, "wb") as stderr:
-            proc = subprocess.Popen(
-                args,
-                cwd=tmp_path,
-                env=_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        procs.append(proc)
-        return proc
-
+    start = functools.partial(processes, cwd=tmp_path, env=_env())
     up, px = _free_port(), _free_port()
     app_err = tmp_path / "app.err"
     app = start([sys.executable, "-m", "uvicorn", "app:app", "--port", str(up)], app_err)
@@ -145,17 +115,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
                   "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
     proxy = start([sys.executable, "-m", "hopscope.app", "proxy", *proxy_args], err)
     _wait(proxy, f"http://127.0.0.1:{px}/items/", err)
-    try:
-        yield Site(upstream, f"http://127.0.0.1:{px}", trace, proxy, err)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-                proc.kill()
-                proc.wait(10)
+    return Site(upstream, f"http://127.0.0.1:{px}", trace, proxy, err)
 
 
 def _location(url: str, **headers: str) -> str | None:
@@ -197,26 +157,21 @@ def test_a_location_naming_the_upstream_names_the_proxy(site: Site) -> None:
     assert len(events) == 1 + 5 + 1 + 1  # (only the ones changed)
 
 
-def test_with_a_prefix_only_locations_under_it_are_rewritten(site: Site, tmp_path: Path) -> None:
+def test_with_a_prefix_only_locations_under_it_are_rewritten(
+    site: Site, tmp_path: Path, processes: Callable[..., Any]
+) -> None:
     """``--upstream http://h:p/base``: ``http://h:p/base/x`` is the proxy's ``/x`` (nginx:
     ``proxy_pass http://h:p/base/`` at ``location /``); ``http://h:p/x`` is not under it."""
     port = _free_port()
     err = tmp_path / "prefixed.err"
     args = ["--upstream", site.upstream + "/base", "--listen", f"127.0.0.1:{port}",
-            "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
-    with open(err, "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hopscope.app", "proxy", "-o", str(tmp_path / "t"), *args],
-            env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-    try:
-        proxy = f"http://127.0.0.1:{port}"
-        _wait(proc, proxy + "/to?loc=/", err)
-        assert _location(proxy + "/to?loc={own}/base/x%3Fq") == proxy + "/x?q"
-        assert _location(proxy + "/to?loc={own}/x") == site.upstream + "/x"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+            "--collector", f"127.0.0.1:{_free_port()}", "-o", str(tmp_path / "t")]  # fmt: skip
+    command = [sys.executable, "-m", "hopscope.app", "proxy", *args]
+    proc = processes(command, err, cwd=tmp_path, env=_env())
+    proxy = f"http://127.0.0.1:{port}"
+    _wait(proc, proxy + "/to?loc=/", err)
+    assert _location(proxy + "/to?loc={own}/base/x%3Fq") == proxy + "/x?q"
+    assert _location(proxy + "/to?loc={own}/x") == site.upstream + "/x"
 
 
 def test_an_http10_request_without_host_is_sent_to_the_address_it_used(site: Site) -> None:
@@ -227,15 +182,6 @@ def test_an_http10_request_without_host_is_sent_to_the_address_it_used(site: Sit
         while chunk := sock.recv(65536):
             data += chunk
     assert f"location: {site.proxy}/items/\r\n".encode() in data.lower(), data
-
-
-def _chromium() -> str:
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("Playwright is not installed (pip install playwright, and a Chromium)")
-    system = shutil.which("chromium") or shutil.which("chromium-browser")
-    if system is None:
-        pytest.skip("no Chromium on PATH (Debian: apt-get install chromium)")
-    return system
 
 
 def test_a_browser_following_redirects_stays_on_the_proxy(site: Site) -> None:
@@ -355,71 +301,37 @@ FLASK_EXPECTED = {
 }
 
 
-def test_a_browser_on_flask_under_gunicorn_sees_the_same_page(tmp_path: Path) -> None:
+def test_a_browser_on_flask_under_gunicorn_sees_the_same_page(
+    tmp_path: Path, processes: Callable[..., Any]
+) -> None:
     """Parallel assets, a multipart upload, several Set-Cookie fields, a Range request
     and an aborted download, direct and through the proxy; the trace says what each
     did (the aborted one: the client went away)."""
     chromium = _chromium()
-    from playwright.sync_api import Error, sync_playwright
 
     (tmp_path / "fapp.py").write_text(textwrap.dedent(FLASK_APP))
     (tmp_path / "media.bin").write_bytes(bytes(range(256)) * 11718 + bytes(192))
-    procs: list[subprocess.Popen[bytes]] = []
+    start = functools.partial(processes, cwd=tmp_path, env=_env())
 
-    def start(args: list[str], err: Path) -> subprocess.Popen[bytes]:
-        with open(err, "wb") as stderr:
-            proc = subprocess.Popen(
-                args, cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr,
-            )  # fmt: skip
-        procs.append(proc)
-        return proc
+    browse = functools.partial(_browse, chromium, timeout=30_000)
 
-    def browse(url: str) -> dict[str, Any]:
-        try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=chromium)
-                page = browser.new_page()
-                page.goto(url + "/", timeout=20_000)
-                page.wait_for_function(
-                    "document.title.startsWith('done:') || document.title.startsWith('failed:')",
-                    timeout=30_000,
-                )
-                title = page.title()
-                browser.close()
-        except Error as exc:
-            pytest.skip(f"Chromium cannot run here: {str(exc).splitlines()[0]}")
-        assert title.startswith("done:"), title
-        seen: dict[str, Any] = json.loads(title.removeprefix("done:"))
-        return seen
+    up, px = _free_port(), _free_port()
+    upstream = f"http://127.0.0.1:{up}"
+    app_err = tmp_path / "gunicorn.err"
+    gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8"]
+    app = start([*gunicorn, "-b", f"127.0.0.1:{up}", "fapp:app"], app_err)
+    _wait(app, upstream + "/echo-cookie", app_err)
+    assert browse(upstream) == FLASK_EXPECTED
 
-    try:
-        up, px = _free_port(), _free_port()
-        upstream = f"http://127.0.0.1:{up}"
-        app_err = tmp_path / "gunicorn.err"
-        gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8"]
-        app = start([*gunicorn, "-b", f"127.0.0.1:{up}", "fapp:app"], app_err)
-        _wait(app, upstream + "/echo-cookie", app_err)
-        assert browse(upstream) == FLASK_EXPECTED
-
-        err = tmp_path / "proxy.err"
-        trace = tmp_path / "trace.jsonl"
-        args = ["--upstream", upstream, "--listen", f"127.0.0.1:{px}", "-o", str(trace),
-                "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
-        proxy = start([sys.executable, "-m", "hopscope.app", "proxy", *args], err)
-        _wait(proxy, f"http://127.0.0.1:{px}/echo-cookie", err)
-        assert browse(f"http://127.0.0.1:{px}") == FLASK_EXPECTED
-        proxy.send_signal(signal.SIGINT)
-        assert proxy.wait(30) == 0, err.read_text()
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-                proc.kill()
-                proc.wait(10)
+    err = tmp_path / "proxy.err"
+    trace = tmp_path / "trace.jsonl"
+    args = ["--upstream", upstream, "--listen", f"127.0.0.1:{px}", "-o", str(trace),
+            "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
+    proxy = start([sys.executable, "-m", "hopscope.app", "proxy", *args], err)
+    _wait(proxy, f"http://127.0.0.1:{px}/echo-cookie", err)
+    assert browse(f"http://127.0.0.1:{px}") == FLASK_EXPECTED
+    proxy.send_signal(signal.SIGINT)
+    assert proxy.wait(30) == 0, err.read_text()
 
     by_path: dict[str, list[Any]] = {}
     for found in load(trace):

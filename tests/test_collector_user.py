@@ -27,6 +27,7 @@ from hopscope.tracing.model import assemble
 from hopscope.tracing.otlp import OtlpError, otlp_to_events
 from hopscope.tracing.records import new_span_id, new_trace_id
 from hopscope.tracing.sinks import WIRE_MAGIC
+from test_otlp_live import _hopscope
 
 EXPORTER = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
 
@@ -91,16 +92,6 @@ def test_records_sent_after_the_collector_restarted_all_arrive(
 
 
 # -- the live collector command ----------------------------------------------------------
-
-
-def _hopscope(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "hopscope.app", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _wait_listening(proc: subprocess.Popen[str], timeout: float = 20.0) -> str:
