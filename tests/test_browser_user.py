@@ -100,22 +100,32 @@ class Site:
         assert self.proc.wait(30) == 0, self.err.read_text()
 
 
+def _start_proxy(
+    start: Callable[..., Any], tmp_path: Path, upstream: str, probe: str, *extra: str
+) -> tuple[str, Any, Path, Path]:
+    """``hopscope proxy`` in front of ``upstream`` (its own collector port, ``-o`` a trace
+    file), answering ``probe``: (its URL, the process, its stderr file, the trace file)."""
+    port = _free_port()
+    err, trace = tmp_path / f"proxy-{port}.err", tmp_path / f"trace-{port}.jsonl"
+    args = ["--upstream", upstream, "--listen", f"127.0.0.1:{port}", "-o", str(trace),
+            "--collector", f"127.0.0.1:{_free_port()}", *extra]  # fmt: skip
+    proc = start([sys.executable, "-m", "hopscope.app", "proxy", *args], err)
+    url = f"http://127.0.0.1:{port}"
+    _wait(proc, url + probe, err)
+    return url, proc, err, trace
+
+
 @pytest.fixture
 def site(tmp_path: Path, processes: Callable[..., Any]) -> Site:
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
     start = functools.partial(processes, cwd=tmp_path, env=_env())
-    up, px = _free_port(), _free_port()
+    up = _free_port()
     app_err = tmp_path / "app.err"
     app = start([sys.executable, "-m", "uvicorn", "app:app", "--port", str(up)], app_err)
     upstream = f"http://127.0.0.1:{up}"
     _wait(app, upstream + "/items/", app_err)
-    err = tmp_path / "proxy.err"
-    trace = tmp_path / "trace.jsonl"
-    proxy_args = ["--upstream", upstream, "--listen", f"127.0.0.1:{px}", "-o", str(trace),
-                  "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
-    proxy = start([sys.executable, "-m", "hopscope.app", "proxy", *proxy_args], err)
-    _wait(proxy, f"http://127.0.0.1:{px}/items/", err)
-    return Site(upstream, f"http://127.0.0.1:{px}", trace, proxy, err)
+    url, proxy, err, trace = _start_proxy(start, tmp_path, upstream, "/items/")
+    return Site(upstream, url, trace, proxy, err)
 
 
 def _location(url: str, **headers: str) -> str | None:
@@ -162,14 +172,8 @@ def test_with_a_prefix_only_locations_under_it_are_rewritten(
 ) -> None:
     """``--upstream http://h:p/base``: ``http://h:p/base/x`` is the proxy's ``/x`` (nginx:
     ``proxy_pass http://h:p/base/`` at ``location /``); ``http://h:p/x`` is not under it."""
-    port = _free_port()
-    err = tmp_path / "prefixed.err"
-    args = ["--upstream", site.upstream + "/base", "--listen", f"127.0.0.1:{port}",
-            "--collector", f"127.0.0.1:{_free_port()}", "-o", str(tmp_path / "t")]  # fmt: skip
-    command = [sys.executable, "-m", "hopscope.app", "proxy", *args]
-    proc = processes(command, err, cwd=tmp_path, env=_env())
-    proxy = f"http://127.0.0.1:{port}"
-    _wait(proc, proxy + "/to?loc=/", err)
+    start = functools.partial(processes, cwd=tmp_path, env=_env())
+    proxy = _start_proxy(start, tmp_path, site.upstream + "/base", "/to?loc=/")[0]
     assert _location(proxy + "/to?loc={own}/base/x%3Fq") == proxy + "/x?q"
     assert _location(proxy + "/to?loc={own}/x") == site.upstream + "/x"
 
@@ -315,7 +319,7 @@ def test_a_browser_on_flask_under_gunicorn_sees_the_same_page(
 
     browse = functools.partial(_browse, chromium, timeout=30_000)
 
-    up, px = _free_port(), _free_port()
+    up = _free_port()
     upstream = f"http://127.0.0.1:{up}"
     app_err = tmp_path / "gunicorn.err"
     gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "8"]
@@ -323,13 +327,8 @@ def test_a_browser_on_flask_under_gunicorn_sees_the_same_page(
     _wait(app, upstream + "/echo-cookie", app_err)
     assert browse(upstream) == FLASK_EXPECTED
 
-    err = tmp_path / "proxy.err"
-    trace = tmp_path / "trace.jsonl"
-    args = ["--upstream", upstream, "--listen", f"127.0.0.1:{px}", "-o", str(trace),
-            "--collector", f"127.0.0.1:{_free_port()}"]  # fmt: skip
-    proxy = start([sys.executable, "-m", "hopscope.app", "proxy", *args], err)
-    _wait(proxy, f"http://127.0.0.1:{px}/echo-cookie", err)
-    assert browse(f"http://127.0.0.1:{px}") == FLASK_EXPECTED
+    url, proxy, err, trace = _start_proxy(start, tmp_path, upstream, "/echo-cookie")
+    assert browse(url) == FLASK_EXPECTED
     proxy.send_signal(signal.SIGINT)
     assert proxy.wait(30) == 0, err.read_text()
 
