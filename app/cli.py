@@ -650,7 +650,8 @@ def run(
 @main.command()
 @click.option(
     "--upstream", required=True, metavar="URL",
-    help="The app to forward to: http://HOST:PORT or https://HOST[:PORT].",
+    help="The app to forward to: http://HOST:PORT, https://HOST[:PORT] or unix:PATH (a "
+    "server bound to a Unix socket).",
 )  # fmt: skip
 @click.option(
     "--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",

@@ -233,14 +233,29 @@ class RequestRefused(Exception):
 
 
 class Upstream:
-    """The one place this proxy forwards to (it is never an open proxy)."""
+    """The one place this proxy forwards to (it is never an open proxy).
 
-    __slots__ = ("host", "host_header", "origin", "port", "prefix", "scheme", "url")
+    ``unix`` is the path of a Unix socket to connect to instead of ``host:port`` (a
+    gunicorn or uvicorn bound to ``unix:PATH``, as they are behind nginx in production).
+    The upstream is then ``localhost`` in its Host header and URLs, as nginx names it,
+    and the socket's path is its ``host`` (``server.address`` in traces, as OpenTelemetry
+    names a Unix socket), with no port.
+    """
 
-    def __init__(self, host: str, port: int, prefix: str = "", scheme: str = "http") -> None:
-        self.host = host
-        self.port = port
+    __slots__ = ("host", "host_header", "origin", "port", "prefix", "scheme", "unix", "url")
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str = "",
+        scheme: str = "http",
+        unix: str | None = None,
+    ) -> None:
+        self.host = host if unix is None else unix
+        self.port: int | None = port if unix is None else None
         self.scheme = scheme
+        self.unix = unix
         self.prefix = prefix.rstrip("/")
         shown = f"[{host}]" if ":" in host else host
         default = 443 if scheme == "https" else 80
@@ -248,20 +263,31 @@ class Upstream:
         self.origin = f"{scheme}://{self.host_header}"
         self.url = f"{self.origin}{self.prefix}"
 
+    def __str__(self) -> str:
+        return f"unix:{self.unix}" if self.unix is not None else self.url
+
     @property
     def tls(self) -> bool:
         return self.scheme == "https"
 
 
 def parse_upstream(url: str) -> Upstream:
-    """``http[s]://HOST[:PORT][/PREFIX]`` -> :class:`Upstream` (raises :class:`ProxyError`)."""
+    """``http[s]://HOST[:PORT][/PREFIX]`` or ``unix:PATH`` -> :class:`Upstream` (raises
+    :class:`ProxyError`)."""
+    if url.startswith("unix:"):
+        path = url[5:]
+        if not path:
+            raise ProxyError(f"--upstream unix: needs a socket path, got {url!r}")
+        return Upstream("localhost", 80, unix=os.path.abspath(path))
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise ProxyError(f"invalid --upstream {url!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProxyError(f"--upstream must look like http://HOST:PORT or https://HOST, got {url!r}")
+        raise ProxyError(
+            f"--upstream must look like http://HOST:PORT, https://HOST or unix:PATH, got {url!r}"
+        )
     if parts.query or parts.fragment:
         raise ProxyError(f"--upstream cannot have a query or fragment, got {url!r}")
     default = 443 if parts.scheme == "https" else 80
@@ -561,6 +587,7 @@ class ProxyApp:
                 read_timeout=self.read_timeout,
                 max_idle=self.max_idle,
                 tls=self.tls,
+                unix=up.unix,
             )
         return pool
 
@@ -2042,7 +2069,7 @@ def run_proxy(
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     print(
-        f"hopscope proxy: http://{shown}:{bound[1]} -> {target.url}; "
+        f"hopscope proxy: http://{shown}:{bound[1]} -> {target}; "
         f"apps send traces to HOPSCOPE_SINK={recording.url} (Ctrl+C to stop)",
         file=sys.stderr,
         flush=True,

@@ -192,6 +192,8 @@ class _WebSocketRelay:
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _HANDSHAKE
         ]
         began = _now()
+        unix = self.app.upstream.unix
+        where: dict[str, Any] = {} if unix is None else {"unix": True, "path": unix}
         try:
             upstream = await _Connect(
                 self.origin + "/",  # (the target goes as it is: see _TargetURI)
@@ -204,6 +206,7 @@ class _WebSocketRelay:
                 user_agent_header=None,
                 proxy=None,
                 ssl=self.app.tls,
+                **where,
             )
         except InvalidStatus as exc:
             response = exc.response

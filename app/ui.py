@@ -225,7 +225,7 @@ def build_proxy_app(
             raise ProxyError(f"{exc} (choose another with --collector)") from None
         front = FrontProcess(
             sock,
-            target.url,
+            str(target),
             feed.url,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -238,7 +238,7 @@ def build_proxy_app(
         sock.close()  # the proxy's process has its own copy
         stack.callback(front.stop)
         shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-        source.description = f"proxy {shown} → {target.url}"
+        source.description = f"proxy {shown} → {target}"
         app = _app(source, "hopscope proxy", output, max_requests)
         return Session(app, stack, {"proxy": f"http://{shown}", "collector": feed.url})
     except BaseException:

@@ -570,17 +570,20 @@ class UpstreamPool:
     def __init__(
         self,
         host: str,
-        port: int,
+        port: int | None,
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         max_idle: int = 64,
         loop: asyncio.AbstractEventLoop | None = None,
         tls: ssl.SSLContext | None = None,
+        unix: str | None = None,
     ) -> None:
         self.host = host
         self.tls = tls
         self.port = port
+        #: A Unix socket's path to connect to instead of ``host:port``.
+        self.unix = unix
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
@@ -604,16 +607,24 @@ class UpstreamPool:
 
     async def connect(self) -> UpstreamConnection:
         """A new connection; raises :class:`ConnectFailed` or :class:`ConnectTimeout`."""
-        where = f"{self.host}:{self.port}"
+        unix = self.unix
+        where = f"unix:{unix}" if unix is not None else f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.tls,
-                    server_hostname=self.host if self.tls is not None else None,
-                )
+                if unix is not None:
+                    _, protocol = await self.loop.create_unix_connection(
+                        lambda: UpstreamConnection(self), unix
+                    )
+                else:
+                    port = self.port
+                    assert port is not None  # (only a Unix socket's upstream has none)
+                    _, protocol = await self.loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        self.host,
+                        port,
+                        ssl=self.tls,
+                        server_hostname=self.host if self.tls is not None else None,
+                    )
         except TimeoutError:
             raise ConnectTimeout(
                 f"connecting to upstream {where} timed out after {self.connect_timeout:g}s"
