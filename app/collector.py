@@ -48,8 +48,19 @@ DEFAULT_ADDRESS = "127.0.0.1:7401"
 MAX_FRAME = 64 * 1024 * 1024
 #: A peer that connects but does not say the magic within this long is dropped.
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a frame may take from its first byte to its last.  Why: a peer that stops in
+#: the middle of a frame (a half-written batch, a stray client that sent the magic and
+#: a few bytes) held its connection, its buffer and a handler for good, silently.  A
+#: SocketSink writes each frame in one go, over loopback (a 64 MiB one in well under a
+#: second); between frames a peer may stay silent as long as it likes (an idle app
+#: sends nothing).
+FRAME_TIMEOUT = 30.0
 
 _LENGTH = struct.Struct("!I")
+
+
+class _Broken(Exception):
+    """A peer stopped in the middle of the handshake or a frame (the message says how)."""
 
 
 class CollectorError(Exception):
@@ -132,6 +143,9 @@ class Collector:
         #: team sees every worker that reports, and each one again after it reconnected.
         self.hello = hello
         self.max_frame = max_frame
+        #: See HANDSHAKE_TIMEOUT and FRAME_TIMEOUT (attributes, so tests can shorten them).
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.frame_timeout = FRAME_TIMEOUT
         self._output = output
         self.writer: EventWriter | None = None
         self._server: asyncio.Server | None = None
@@ -205,10 +219,9 @@ class Collector:
         self.connections += 1
         try:
             await self._read(reader)
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:  # went away mid-frame (or mid-handshake): what it sent is lost
-                self._reject("closed the connection in the middle of a frame")
-        except (ConnectionError, TimeoutError):
+        except _Broken as exc:  # went away or stopped mid-frame: what it sent is lost
+            self._reject(str(exc))
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the peer went away, or said nothing: both are its business
         finally:
             self._handlers.discard(task)
@@ -218,23 +231,31 @@ class Collector:
                 await writer.wait_closed()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        magic = await asyncio.wait_for(reader.readexactly(len(WIRE_MAGIC)), HANDSHAKE_TIMEOUT)
+        # A peer that says nothing (a port probe) is let go silently; one that began the
+        # handshake or a frame and stopped is said (and counted), as a half frame is.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handshake_timeout
+        async with asyncio.timeout_at(deadline):
+            first = await reader.readexactly(1)
+        magic = await self._complete(reader, first, len(WIRE_MAGIC), "the handshake", deadline)
         if magic != WIRE_MAGIC:
             self._reject("did not start with the hopscope handshake (not a hopscope app?)")
             return
         greeted = False
+        frame_timeout = self.frame_timeout
         while True:
             try:
-                head = await reader.readexactly(_LENGTH.size)
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    self._reject("closed the connection in the middle of a frame")
-                return
+                # Silent between frames for as long as the app likes (see FRAME_TIMEOUT).
+                first = await reader.readexactly(1)
+            except asyncio.IncompleteReadError:
+                return  # closed between frames: nothing lost
+            deadline = loop.time() + frame_timeout
+            head = await self._complete(reader, first, _LENGTH.size, "a frame", deadline)
             (length,) = _LENGTH.unpack(head)
             if length > self.max_frame or length == 0:
                 self._reject(f"sent a frame of {length} bytes (at most {self.max_frame})")
                 return
-            payload = await reader.readexactly(length)
+            payload = await self._complete(reader, b"", length, "a frame", deadline)
             try:
                 info, dropped, records = decode_frame(payload)
             except Exception:  # marshal raises ValueError, EOFError, TypeError...
@@ -246,6 +267,20 @@ class Collector:
                 with contextlib.suppress(Exception):  # a greeting must not stop the collector
                     self.hello(info)
             self._deliver(info, dropped, records)
+
+    async def _complete(
+        self, reader: asyncio.StreamReader, start: bytes, size: int, what: str, deadline: float
+    ) -> bytes:
+        """The rest of ``what`` (``size`` bytes in all, ``start`` read already), by
+        ``deadline`` (loop time), or the peer is dropped and said (:meth:`_handle`)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return start + await reader.readexactly(size - len(start))
+        except asyncio.IncompleteReadError:
+            raise _Broken("closed the connection in the middle of " + what) from None
+        except TimeoutError:
+            limit = self.handshake_timeout if what == "the handshake" else self.frame_timeout
+            raise _Broken(f"began {what} and did not end it within {limit:g} s") from None
 
     def _reject(self, reason: str) -> None:
         """Count a peer dropped for breaking the protocol; say so once (``warn``), since a

@@ -93,6 +93,23 @@ def _too_long(url: bytes) -> tuple[int, bytes]:
     return 431, b"Request header fields too large."
 
 
+def _refused_target(data: bytes, method: bytes) -> bytes:
+    """The target llhttp refused in ``data`` (the read it failed in), for the record:
+    llhttp reports a target only once it ended, so one it stopped in (a raw byte past
+    ASCII, a control byte) would be recorded as no request at all.  The first request
+    line in ``data`` whose target holds such a byte is taken (b"": none found)."""
+    prefix = method + b" "
+    at = data.find(prefix)
+    while at >= 0:
+        if at == 0 or data[at - 1] == 0x0A:
+            line = data[at + len(prefix) :].partition(b"\n")[0].rstrip(b"\r")
+            target = line.partition(b" ")[0]
+            if any(byte > 0x7E or byte < 0x21 for byte in target):
+                return target
+        at = data.find(prefix, at + 1)
+    return b""
+
+
 class _Linger(asyncio.Protocol):
     """What a refused connection's protocol becomes once its answer is written and its
     write side shut: what the client still sends is read and dropped until it stops
@@ -538,6 +555,9 @@ class HttpListener(asyncio.Protocol):
     #: :meth:`_upgraded` is parsing such a rest already (see there).
     _feeding = False
     _rest: bytes | None = None
+    #: An Upgrade request answered as a plain one that has a body: its framing fields
+    #: (bytes) until :meth:`_upgraded` has it read, then the request itself (see there).
+    _resume: Any = None
 
     def __init__(
         self,
@@ -653,7 +673,7 @@ class HttpListener(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data, exc.args[0])
         except (httptools.HttpParserError, UnicodeDecodeError) as exc:
-            self._bad_request(exc)
+            self._bad_request(exc, data)
 
     def _received_counted(self, data: bytes) -> None:
         """:meth:`data_received` for a read that continues a head or may hold a long
@@ -668,7 +688,7 @@ class HttpListener(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             upgraded = exc.args[0]
         except (httptools.HttpParserError, UnicodeDecodeError) as exc:
-            self._bad_request(exc)
+            self._bad_request(exc, data)
         finally:
             self._counting = False
         if not self._begin:
@@ -766,11 +786,13 @@ class HttpListener(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         url = self._url
-        if self._counting and len(url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > (
-            MAX_HEAD
-        ):
-            self._error = _too_long(url)
-            raise _Refused  # (httptools stops: see data_received)
+        if self._counting:
+            if self._resume is not None:
+                self._body_resumed()
+                return
+            if len(url) + sum(len(n) + len(v) + 4 for n, v in self._headers) > MAX_HEAD:
+                self._error = _too_long(url)
+                raise _Refused  # (httptools stops: see data_received)
         begin, self._begin = self._begin, 0  # (0: no head in progress)
         parser = self.parser
         raw_method = parser.get_method()
@@ -782,11 +804,14 @@ class HttpListener(asyncio.Protocol):
             # Another protocol (h2c): answered as a plain request, its Upgrade dropped
             # (hop-by-hop), as nginx does; then the requests pipelined behind it.  But
             # llhttp ends the request at its head and takes what follows for the other
-            # protocol: a body there cannot be read.
-            for name, value in self._headers:
-                if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-                    self._error = (400, b"A request body with an Upgrade is not supported.")
-                    raise _Refused  # (httptools stops: see data_received)
+            # protocol: a body there is read by :meth:`_upgraded` (see _resume).
+            framing = [
+                _FIELD_JOIN(pair)
+                for pair in self._headers
+                if pair[0] == b"transfer-encoding" or pair[0] == b"content-length"
+            ]
+            if framing:
+                self._resume = b"\r\n".join(framing)
         head_ts = _now()
         alive = parser.should_keep_alive()
         if alive and not self._connection:
@@ -978,10 +1003,15 @@ class HttpListener(asyncio.Protocol):
             for request in self.pipeline:
                 request.keep_alive = False
 
-    def _bad_request(self, cause: Exception | None = None) -> None:
+    def _bad_request(self, cause: Exception | None = None, data: bytes = b"") -> None:
         """Answer a request that cannot be read (400, or :attr:`_error`) and close the
         connection, after the answers to the requests before it (pipelined: a client's
-        good requests keep their answers, as nginx gives them)."""
+        good requests keep their answers, as nginx gives them).
+
+        A raw byte past ASCII in the target (``GET /caf\\xc3\\xa9``) is refused here too
+        (RFC 9112 3.2, RFC 3986: it must be percent-encoded).  nginx 1.22 passes it on,
+        but uvicorn (httptools and h11), gunicorn 27 and hypercorn all answer it 400
+        themselves: passing it on would change what the user sees from none of them."""
         if self._refusal is not None:
             return  # (the parser, once failed, fails every read after)
         error = self._error
@@ -999,6 +1029,8 @@ class HttpListener(asyncio.Protocol):
             # No handler saw this request: it is reported when answered.  (Its method
             # is known once its target came, its version once its fields did.)
             url, headers = self._url, self._headers
+            if not url and data and isinstance(cause, httptools.HttpParserInvalidURLError):
+                url = _refused_target(data, self.parser.get_method())
             method = self.parser.get_method() if url else None
             version = self.parser.get_http_version() if headers else None
             why = str(cause) if cause is not None and error is None else None
@@ -1059,6 +1091,8 @@ class HttpListener(asyncio.Protocol):
             self._upgrade += data[offset:]
             if self.running is None:
                 self._hand_over(self.transport, self._upgrade)
+        elif self._resume is not None:
+            self._read_upgrade_body(data[offset:])
         elif self.parser.get_method() != b"CONNECT" and offset < len(data):
             # A loop, not a call per request: a read can hold a thousand pipelined
             # Upgrade requests, and one nested call each ran out of stack.
@@ -1075,6 +1109,46 @@ class HttpListener(asyncio.Protocol):
             finally:
                 self._feeding = False
                 self._rest = None
+
+    def _read_upgrade_body(self, rest: bytes) -> None:
+        """Read the body of an Upgrade request answered as a plain one (``curl --http2
+        -d``), and what is pipelined behind it, as nginx reads them.  Why this way:
+        llhttp took the request as ended at its head, its body for the other
+        protocol's bytes; a head made of the request's own framing fields, fed to the
+        parser before them, has it read the body as it reads any (Content-Length or
+        chunked, with its flow control), and the request after it.  The made head never
+        makes a request: :meth:`on_headers_complete` sees :attr:`_resume` (on the
+        counting path, off the plain one) and gives the body to the request it belongs
+        to, if its handler has not already answered it (the body is then dropped)."""
+        framing: bytes = self._resume
+        request = self.pipeline[-1] if self.pipeline else self.running
+        if request is not None and request.scope["headers"] is self._headers:
+            request.more_body = True  # (llhttp said it ended: it did not)
+            self._resume = request
+        else:
+            self._resume = self  # (answered already: the body is read and dropped)
+        made = b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n"
+        self._begin = _now()  # (data_received then feeds it on the counting path)
+        if self._feeding:  # (a loop up the stack parses it next: see below)
+            self._rest = made + rest
+            return
+        self._feeding = True
+        more: bytes | None = made + rest
+        try:
+            while more is not None:
+                self._rest = None
+                self.data_received(more)
+                more = self._rest
+        finally:
+            self._feeding = False
+            self._rest = None
+
+    def _body_resumed(self) -> None:
+        """The made head of :meth:`_read_upgrade_body` is parsed: its body is the
+        Upgrade request's."""
+        resume, self._resume = self._resume, None
+        self._begin = 0
+        self.parsing = resume if type(resume) is Request else None
 
     def _upgrade_head(self, method: str, url: bytes, version: str) -> None:
         """Keep an Upgrade request's head (as uvicorn rebuilds one for its WebSocket

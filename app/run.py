@@ -33,7 +33,9 @@ The child leads a process group of its own, and is stopped in stages:
 Whatever the leader leaves behind in its group is stopped too (SIGTERM, then SIGKILL)
 before :func:`run_target`/:func:`run_command` return the child's exit status.  If
 hopscope itself is killed (SIGKILL: no time for any of this), the leader gets SIGTERM
-from the kernel (Linux's ``PR_SET_PDEATHSIG``) and stops its workers its own way.
+from the kernel (Linux's ``PR_SET_PDEATHSIG``) and stops its workers its own way; a
+small watchdog then stops what the leader left in the group (a server a shell started
+without exec: see :func:`_watch_group`).
 """
 
 from __future__ import annotations
@@ -212,11 +214,95 @@ def _spawn(
     dies (SIGKILL gives it no time to stop the group); ``streams`` may redirect its
     ``stdout`` and ``stderr`` (the UI owns the terminal)."""
     try:
-        return spawn(
+        proc = spawn(
             argv, env=env, pass_fds=pass_fds, new_session=True, dies_with_parent=True, **streams
         )
     except ChildError as exc:
         raise RunError(str(exc), exc.exit_code) from None
+    _watch_group(proc.pid)
+    return proc
+
+
+#: The watchdog of a server's process group (see :func:`_watch_group`), run as
+#: ``python -I -S -c _WATCHDOG PGID GRACE``: it detaches (a double fork: hopscope keeps
+#: no child of it), then waits for end of file on its stdin, a pipe whose other end
+#: only hopscope holds.  A byte first means hopscope stopped the group itself; end of
+#: file alone means hopscope died: then, once the leader is gone (it got its SIGTERM
+#: from PR_SET_PDEATHSIG) or GRACE seconds passed, what is left of the group gets
+#: SIGTERM, and SIGKILL if it lingers.
+_WATCHDOG = """
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)
+pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+try:
+    if os.read(0, 1):
+        sys.exit()
+except OSError:
+    sys.exit()
+def running(pid=None):
+    for name in [str(pid)] if pid else os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name, "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if fields[0] not in (b"Z", b"X") and (pid or int(fields[2]) == pgid):
+            return True
+    return False
+def wait(seconds, alive):
+    deadline = time.monotonic() + seconds
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive()
+wait(grace, lambda: running(pgid))
+for signum in (signal.SIGTERM, signal.SIGKILL):
+    if not running():
+        break
+    try:
+        os.killpg(pgid, signum)
+    except OSError:
+        break
+    wait(3.0, running)
+"""
+#: Write ends of the watchdogs' pipes, by process group (see :func:`_release_watchdog`).
+_watchdogs: dict[int, int] = {}
+
+
+def _watch_group(pgid: int) -> None:
+    """Start the watchdog of process group ``pgid`` (see :data:`_WATCHDOG`).
+
+    Why: PR_SET_PDEATHSIG reaches only the process hopscope started.  When that is a
+    shell that runs the server rather than exec it (``sh -c "cd src && uvicorn
+    main:app"``), a SIGKILLed hopscope took the shell with it and left the server
+    running, holding its port.  Nothing changes while hopscope runs: the watchdog
+    only reads its pipe.  Without it (it could not start) the leader still gets its
+    SIGTERM, as before."""
+    if sys.platform != "linux":
+        return
+    read, write = os.pipe()
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pgid), str(STOP_GRACE)],
+            stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # (no Ctrl+C, no SIGHUP from the terminal)
+        )  # fmt: skip
+        helper.wait(10)  # (the intermediate: it exits at once)
+    except (OSError, subprocess.SubprocessError):
+        os.close(write)
+        return
+    finally:
+        os.close(read)
+    _watchdogs[pgid] = write
+
+
+def _release_watchdog(pgid: int) -> None:
+    """The group is stopped: its watchdog ends without a signal (see :data:`_WATCHDOG`)."""
+    write = _watchdogs.pop(pgid, None)
+    if write is not None:
+        with contextlib.suppress(OSError):
+            os.write(write, b".")
+        os.close(write)
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -250,15 +336,18 @@ def _group_alive(pgid: int) -> bool:
 
 def _stop_strays(pgid: int) -> None:
     """Stop what the leader left running in its group: SIGTERM, then SIGKILL."""
-    if not _group_alive(pgid):
-        return
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + 3.0
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            _signal_group(pgid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    try:
+        if not _group_alive(pgid):
+            return
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        while _group_alive(pgid):
+            if time.monotonic() > deadline:
+                _signal_group(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        _release_watchdog(pgid)
 
 
 def _supervise(
