@@ -721,7 +721,7 @@ def proxy(
     "--target",
     required=True,
     metavar="URL",
-    help="Where to resend: http://HOST:PORT or https://HOST[:PORT].",
+    help="Where to resend: http://HOST:PORT, https://HOST[:PORT] or unix:PATH.",
 )
 @click.option("--filter", "filter_text", metavar="EXPR", help="Only requests this filter selects.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)

@@ -178,15 +178,27 @@ _PHASES = {
 
 
 def parse_target(target: str) -> httpx.URL:
+    """``--target``'s base URL: ``http://localhost`` for a ``unix:PATH`` (see
+    :func:`socket_path`), as nginx names a Unix socket's upstream."""
+    if target.startswith("unix:"):
+        if not target[5:]:
+            raise ReplayError(f"--target unix: needs a socket path, got {target!r}")
+        return httpx.URL("http://localhost")
     try:
         url = httpx.URL(target)
     except (httpx.InvalidURL, TypeError, ValueError) as exc:
         raise ReplayError(f"--target {target!r}: {exc}") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise ReplayError(f"--target must look like http://HOST:PORT, got {target!r}")
+        raise ReplayError(f"--target must look like http://HOST:PORT or unix:PATH, got {target!r}")
     if url.query or url.fragment:
         raise ReplayError(f"--target cannot have a query or fragment, got {target!r}")
     return url
+
+
+def socket_path(target: str) -> str | None:
+    """The Unix socket of a ``unix:PATH`` target (an app server bound to one, as behind
+    nginx: ``gunicorn --bind unix:...``, ``uvicorn --uds``), else None."""
+    return os.path.abspath(target[5:]) if target.startswith("unix:") else None
 
 
 def parse_header_option(text: str) -> tuple[str, str]:
@@ -278,12 +290,15 @@ class Replayer:
         self.source = source
         self.stop = threading.Event()
         self.pacer = _Pacer(rate, self.stop)
+        limits = httpx.Limits(max_connections=max_connections)
+        self.uds = uds = socket_path(target)
         self.client = httpx.Client(
             timeout=timeout,
             follow_redirects=False,
             trust_env=False,  # the target is named explicitly: no proxies from the environment
-            limits=httpx.Limits(max_connections=max_connections),
+            limits=limits,
             verify=not insecure,  # --insecure: a development server's self-signed certificate
+            transport=None if uds is None else httpx.HTTPTransport(uds=uds, limits=limits),
         )
         # Send the captured headers, not httpx's defaults (an Accept-Encoding the original
         # client never sent would change the response).
@@ -416,8 +431,10 @@ class Replayer:
             "url.scheme": url.scheme,
             "url.path": captured.path,
             "url.query": captured.query,
-            "server.address": url.host,
-            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "server.address": url.host if self.uds is None else self.uds,
+            "server.port": (url.port or (443 if url.scheme == "https" else 80))
+            if self.uds is None
+            else None,
             "replay.of": captured.trace_id,
             "replay.index": item.index,
         }

@@ -17,9 +17,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from hopscope.tracing import FileSink, load, wrap
 from test_proxy import proxy_to, wait_until
 from test_run import _free_port
 from websockets.sync.client import connect
@@ -182,3 +184,28 @@ def test_a_bad_unix_upstream_is_one_line(upstream: str) -> None:
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "unix:PATH" in done.stderr or "socket path" in done.stderr
+
+
+def test_replay_to_a_socket(uds: Path, tmp_path: Path, serve_asgi: Any) -> None:
+    namespace: dict[str, Any] = {}
+    exec(textwrap.dedent(ASGI_APP), namespace)
+    capture = tmp_path / "capture.jsonl"
+    sink = FileSink(capture)
+    with serve_asgi(wrap(namespace["app"], sink=sink)) as base:
+        assert httpx.get(f"{base}/replayed").status_code == 200
+    sink.close()
+    done = subprocess.run(
+        [sys.executable, "-m", "hopscope.app", "replay", str(capture), "--target", f"unix:{uds}",
+         "-o", str(tmp_path / "replay.jsonl")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # The app echoes the Host it got: localhost (the socket's name) against the capture's
+    # 127.0.0.1:PORT, so the body differs there, and only there.
+    assert done.returncode == 1, done.stderr
+    assert "/replayed" in done.stdout and "200" in done.stdout
+    assert "headers.host" in done.stdout
+    assert f"replayed against unix:{uds}" in done.stdout
+    (trace,) = load(tmp_path / "replay.jsonl")
+    (client,) = trace.by_hop("client")
+    assert client.attrs["server.address"] == str(uds)
+    assert client.attrs["url.full"] == "http://localhost/replayed"
