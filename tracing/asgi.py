@@ -259,6 +259,20 @@ def _route(scope: Scope, root_path: Any) -> str | None:
     return prefix + path
 
 
+def _mount(scope: Scope, root_path: Any) -> str | None:
+    """The mount a router passed the request to without a route in the scope: the root
+    path it added.  FastAPI's router, unlike Starlette's, leaves no ``route`` for an app
+    it ``mount()``s (StaticFiles, a sub-app's 404): named as :func:`_route` names a
+    Starlette ``Mount`` nothing inside matched.  (The identity test before the call:
+    a root path no router changed is the very object the request started with.)"""
+    prefix = scope.get("root_path", "")
+    if not isinstance(root_path, str):
+        root_path = ""
+    if not isinstance(prefix, str) or not prefix.startswith(root_path):
+        return None
+    return prefix[len(root_path) :] or None
+
+
 class BodyCapture:
     """Counts a body's chunks and keeps its first bytes (references, not copies).
 
@@ -435,6 +449,8 @@ class _HTTPRecording(Recording):
                 self.route = path
             else:
                 self.route = _route(scope, self.request[8])
+        elif self.route is None and scope.get("root_path") is not self.request[8]:
+            self.route = _mount(scope, self.request[8])
         request = self.request_body
         if request is not None:
             request.kept()
@@ -588,8 +604,14 @@ async def _receive(channels: _Channels) -> Message:
             if request.count <= FIRST_CHUNKS:
                 more = bool(message.get("more_body"))
                 recording.items.append((REQUEST_BODY, ts, len(body), more))
-    elif kind == "http.disconnect" and not recording.complete and recording.end_at < 0:
-        # After the final body a disconnect is the normal end of the exchange.
+    elif (
+        kind == "http.disconnect"
+        and not recording.complete
+        and recording.end_at < 0
+        and not (recording.end_ts and not recording.trailers)
+    ):
+        # After the final body (or while the server writes it, see _send) a disconnect
+        # is the normal end of the exchange.
         phase = "during_response" if recording.status is not None else "before_response"
         recording._event(_now(), "disconnect", {"phase": phase})
         recording._end({"disconnected": True})
@@ -642,77 +664,93 @@ async def _send(channels: _Channels, message: Message) -> None:
     # span (which writes it) then closes after the app span, not before.  Only
     # messages that may be the last need that time (the start above does not).
     handed = _now()
+    if kind != "http.response.body":
+        try:
+            await send(message)
+        except OSError:
+            _send_failed(recording)
+            raise
+        if kind == "http.response.trailers":
+            attrs = {"http.response.trailers": message.get("headers")}
+            recording._event(_now(), "response.trailers", attrs)
+            if not message.get("more_trailers"):
+                recording._complete(None, handed)
+        elif kind == "http.response.pathsend":
+            recording._complete({"http.response.pathsend": message.get("path")}, handed)
+        elif kind == "http.response.zerocopysend":
+            if not message.get("more_body"):
+                recording._complete({"http.response.zerocopysend": True}, handed)
+        return
+    more = "more_body" in message and message["more_body"]
+    if not more:
+        # Set before the server has it: a disconnect the server reports while it
+        # writes the last body (hypercorn ends the stream inside this send) is the
+        # exchange's normal end, not a client that left (see _receive).
+        recording.end_ts = handed
     try:
         await send(message)
     except OSError:
         _send_failed(recording)
         raise
-    if kind == "http.response.body":
-        try:
-            body = message["body"]
-        except KeyError:
-            body = b""
-        more = "more_body" in message and message["more_body"]
-        if not more and recording.end_at == -1:
-            # The usual response: one body, nothing that needs more than its facts (see
-            # _not_plain), so the span ends here, inline: no counting of earlier chunks,
-            # nothing to cut but this body, no summary to add.
-            recording.complete = True
-            recording.end_ts = handed
-            if body:
-                recording.response_count = 1
-                size = recording.response_size = len(body)
-                limit = recording.limit
-                # A body past the limit is cut now: only its first bytes are kept.
-                recording.response_chunks = body if size <= limit else body[:limit]
-            scope = recording.scope
-            route = scope.get("route")
-            if route is not None:
-                try:
-                    path = route.path
-                except AttributeError:
-                    path = None
-                root_path = recording.request[8]
-                if type(path) is str and scope.get("root_path", "") == root_path:
-                    recording.route = path
-                else:
-                    recording.route = _route(scope, root_path)
-            recording.end_at = len(recording.items)  # publishes the end: written last
-            return
+    try:
+        body = message["body"]
+    except KeyError:
+        body = b""
+    if not more and recording.end_at == -1:
+        # The usual response: one body, nothing that needs more than its facts (see
+        # _not_plain), so the span ends here, inline: no counting of earlier chunks,
+        # nothing to cut but this body, no summary to add.
+        recording.complete = True
         if body:
-            count = recording.response_count = recording.response_count + 1
-            size = recording.response_size
-            if size < recording.limit:
-                kept = recording.response_chunks
-                if kept is None:
-                    recording.response_chunks = body
-                elif type(kept) is list:
-                    kept.append(body)
-                else:
-                    recording.response_chunks = [kept, body]
-            recording.response_size = size + len(body)
-            # The chunk's time serves its event and a long body's summary.
-            if more or count > FIRST_CHUNKS:
-                ts = _now()
-                if count == 1:
-                    recording.response_first = ts
-                recording.response_last = ts
-                if more and count <= FIRST_CHUNKS:
-                    recording.items.append((RESPONSE_BODY, ts, len(body), True))
-        if more:
-            _not_plain(recording)  # the last body then goes the long way, through _end
-        elif not recording.trailers:
-            recording._complete(None, handed)
-    elif kind == "http.response.trailers":
-        attrs = {"http.response.trailers": message.get("headers")}
-        recording._event(_now(), "response.trailers", attrs)
-        if not message.get("more_trailers"):
-            recording._complete(None, handed)
-    elif kind == "http.response.pathsend":
-        recording._complete({"http.response.pathsend": message.get("path")}, handed)
-    elif kind == "http.response.zerocopysend":
-        if not message.get("more_body"):
-            recording._complete({"http.response.zerocopysend": True}, handed)
+            recording.response_count = 1
+            size = recording.response_size = len(body)
+            limit = recording.limit
+            # A body past the limit is cut now: only its first bytes are kept.
+            recording.response_chunks = body if size <= limit else body[:limit]
+        scope = recording.scope
+        route = scope.get("route")
+        if route is not None:
+            try:
+                path = route.path
+            except AttributeError:
+                path = None
+            root_path = recording.request[8]
+            if type(path) is str and scope.get("root_path", "") == root_path:
+                recording.route = path
+            else:
+                recording.route = _route(scope, root_path)
+        elif (
+            recording.route is None
+            and "root_path" in scope
+            and scope["root_path"] is not recording.request[8]
+        ):
+            recording.route = _mount(scope, recording.request[8])
+        recording.end_at = len(recording.items)  # publishes the end: written last
+        return
+    if body:
+        count = recording.response_count = recording.response_count + 1
+        size = recording.response_size
+        if size < recording.limit:
+            kept = recording.response_chunks
+            if kept is None:
+                recording.response_chunks = body
+            elif type(kept) is list:
+                kept.append(body)
+            else:
+                recording.response_chunks = [kept, body]
+        recording.response_size = size + len(body)
+        # The chunk's time serves its event and a long body's summary.
+        if more or count > FIRST_CHUNKS:
+            ts = _now()
+            if count == 1:
+                recording.response_first = ts
+            recording.response_last = ts
+            if more and count <= FIRST_CHUNKS:
+                recording.items.append((RESPONSE_BODY, ts, len(body), True))
+    if more:
+        _not_plain(recording)  # the last body then goes the long way, through _end
+    elif not recording.trailers:
+        recording._complete(None, handed)
 
 
 def _not_plain(recording: _HTTPRecording) -> None:
@@ -734,8 +772,13 @@ def _send_failed(recording: _HTTPRecording) -> None:
         recording._end({"disconnected": True})
 
 
-class _WebSocketRecorder:
-    """One WebSocket connection's recording: handshake, messages each way, close."""
+class _WebSocketRecorder(Sink):
+    """One WebSocket connection's recording: handshake, messages each way, close.
+
+    It is also the sink of the connection's context, passing records on to the real
+    one: a framework that keeps its route off the scope (Quart) hands it over through
+    the context (:func:`hopscope.tracing.inject._note_route`), as for HTTP requests.
+    """
 
     __slots__ = (
         "accepted",
@@ -746,6 +789,7 @@ class _WebSocketRecorder:
         "inbound",
         "outbound",
         "root_path",
+        "route",
         "scope",
         "sink",
         "span_id",
@@ -766,6 +810,10 @@ class _WebSocketRecorder:
         self.root_path = root_path if isinstance(root_path, str) else ""
         self.close_code: int | None = None
         self.close_reason: str | None = None
+        self.route: str | None = None
+
+    def emit(self, record: Any) -> None:
+        self.sink.emit(record)
 
     async def run(self, receive: Receive, send: Send) -> Any:
         scope = self.scope
@@ -798,7 +846,7 @@ class _WebSocketRecorder:
             await send(message)
             self._sent(message)
 
-        token = current.set(SpanContext(self.sink, trace_id, span_id))
+        token = current.set(SpanContext(self, trace_id, span_id))
         end_attrs: dict[str, Any] = {}
         try:
             return await self.app(scope, receive_, send_)
@@ -823,7 +871,7 @@ class _WebSocketRecorder:
             )
             if self.status is not None:
                 end_attrs["http.response.status_code"] = self.status
-            route = _route(scope, self.root_path)
+            route = _route(scope, self.root_path) or self.route or _mount(scope, self.root_path)
             if route is not None:
                 end_attrs["http.route"] = route
             self.sink.emit(("e", _now(), trace_id, span_id, end_attrs))

@@ -64,19 +64,35 @@ def _first_to_say(message: str) -> bool:
     create the message's file in the folder ``hopscope run`` made (:data:`SAID_ENV`)
     says it; outside ``hopscope run``, or if that folder is gone, every process says it.
     """
-    folder = os.environ.get(SAID_ENV)
-    if not folder:
+    path = _said_path(message)
+    if path is None:
         return True
-    import hashlib
-
-    name = hashlib.sha256(message.encode(errors="replace")).hexdigest()[:32]
     try:
-        os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         return False
     except OSError:
         return True
     return True
+
+
+def _said_path(message: str) -> str | None:
+    folder = os.environ.get(SAID_ENV)
+    if not folder:
+        return None
+    import hashlib
+
+    return os.path.join(folder, hashlib.sha256(message.encode(errors="replace")).hexdigest()[:32])
+
+
+def _unsay(message: str) -> None:
+    """Let ``message`` be said once more (see :func:`_patch_uvicorn_reload`)."""
+    path = _said_path(message)
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _say(message: str) -> None:
@@ -176,6 +192,30 @@ def _uvicorn_protocol(setting: Any, chosen: Any) -> Any:
     return getattr(uvicorn_protocols, name)
 
 
+def _uvicorn_load_failure(config: Any) -> str:
+    return f"uvicorn could not load {_describe(config.app)}: nothing to trace"
+
+
+def _patch_uvicorn_reload(module: ModuleType) -> None:
+    """A reload of ``uvicorn --reload`` (the user edited a file) may meet the same load
+    failure as before: it is said again, as uvicorn says its traceback again.  Why here:
+    the reloader's restart is the one place a reload is told apart from a worker
+    restarted by ``--workers`` (said once a run: 31 times is noise), so the reloader
+    forgets the line was said before it starts the new child."""
+    base = module.BaseReload
+    restart = base.restart
+
+    @functools.wraps(restart)
+    def patched_restart(self: Any) -> None:
+        try:
+            _unsay(_uvicorn_load_failure(self.config))
+        except Exception:  # (tracing never stops the program)
+            pass
+        restart(self)
+
+    base.restart = patched_restart
+
+
 def _patch_uvicorn(module: ModuleType) -> None:
     config_class = module.Config
     load = config_class.load
@@ -184,7 +224,7 @@ def _patch_uvicorn(module: ModuleType) -> None:
     def failed(config: Any, exc: BaseException) -> None:
         if not _stopped(exc) and not config.__dict__.get("_hopscope_failed"):
             config.__dict__["_hopscope_failed"] = True
-            _say(f"uvicorn could not load {_describe(config.app)}: nothing to trace")
+            _say(_uvicorn_load_failure(config))
 
     if load_app is not None:
 
@@ -566,45 +606,52 @@ def _note_route(context: Any, route: Any) -> None:
     request object the middlewares do not know of, so their hooks hand it over here.
     The span's recording is the sink of the request's context (:data:`current`) when its
     sink takes recordings, as hopscope's all do; a sink that does not gets no route."""
+    from .asgi import _WebSocketRecorder
     from .sinks import Recording
 
     recording = context.sink
     if (
         isinstance(route, str)
         and route
-        and isinstance(recording, Recording)
+        and isinstance(recording, (Recording, _WebSocketRecorder))
         and getattr(recording, "route", "") is None  # the app span's, and not set yet
         and context.span_id == recording.span_id  # (not a span of the user's)
     ):
-        recording.route = route  # type: ignore[attr-defined]
+        recording.route = route  # type: ignore[union-attr]
 
 
-def _quart_route(context: Any, request_context: Any) -> None:
+def _quart_route(context: Any, request_context: Any, kind: str) -> None:
     if request_context is None:
-        from quart.globals import request_ctx
+        from quart import globals as quart_globals
 
-        request_context = request_ctx  # (a proxy of the current one)
-    _note_route(context, getattr(getattr(request_context.request, "url_rule", None), "rule", None))
+        request_context = getattr(quart_globals, f"{kind}_ctx")  # (a proxy of the current one)
+    request = getattr(request_context, kind)
+    _note_route(context, getattr(getattr(request, "url_rule", None), "rule", None))
 
 
 def _patch_quart_route(cls: type) -> None:
-    """Note the matched rule when Quart starts to handle a request (its context is
-    pushed, so routing is done), before any ``before_request`` may answer it."""
+    """Note the matched rule when Quart starts to handle a request or a WebSocket (its
+    context is pushed, so routing is done), before any ``before_request`` or
+    ``before_websocket`` may answer it."""
     from .context import current
 
-    dispatch = cls.full_dispatch_request  # type: ignore[attr-defined]
+    def patch(name: str, kind: str) -> None:
+        dispatch = getattr(cls, name)
 
-    @functools.wraps(dispatch)
-    async def full_dispatch_request(self: Any, *args: Any, **kwargs: Any) -> Any:
-        context = current.get()
-        if context is not None:
-            try:
-                _quart_route(context, args[0] if args else kwargs.get("request_context"))
-            except Exception:  # tracing never fails a request
-                pass
-        return await dispatch(self, *args, **kwargs)
+        @functools.wraps(dispatch)
+        async def full_dispatch(self: Any, *args: Any, **kwargs: Any) -> Any:
+            context = current.get()
+            if context is not None:
+                try:
+                    _quart_route(context, args[0] if args else kwargs.get(f"{kind}_context"), kind)
+                except Exception:  # tracing never fails a request
+                    pass
+            return await dispatch(self, *args, **kwargs)
 
-    cls.full_dispatch_request = full_dispatch_request  # type: ignore[attr-defined]
+        setattr(cls, name, full_dispatch)
+
+    patch("full_dispatch_request", "request")
+    patch("full_dispatch_websocket", "websocket")
 
 
 def _patch_quart_routes_only(module: ModuleType) -> None:
@@ -621,6 +668,7 @@ ROUTE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
 #: Module name -> the patch applied right after that module first runs.
 PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.config": _patch_uvicorn,
+    "uvicorn.supervisors.basereload": _patch_uvicorn_reload,
     "gunicorn.app.wsgiapp": _patch_gunicorn,
     "hypercorn.utils": _patch_hypercorn,
     "flask.app": _patch_flask,

@@ -39,7 +39,7 @@ class _ServerHop:
     cycle: Any
     scope: Any
     _hs_sink: Sink | None = None
-    _hs_open: dict[int, tuple[Any, int, int]]
+    _hs_open: dict[int, tuple[Any, int, int, Callable[[], None]]]
     _hs_accepted = 0
     _hs_requests = 0
     _hs_begin = 0
@@ -74,7 +74,6 @@ class _ServerHop:
         )
         scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
         sink.emit(("p", now, trace_id, span_id, "request.head", None))
-        self._hs_open[id(cycle)] = (cycle, trace_id, span_id)
         timing = server_timing_enabled()
         send = cycle.send
 
@@ -102,17 +101,24 @@ class _ServerHop:
             on_response()
 
         cycle.on_response = on_response_
+        self._hs_open[id(cycle)] = (cycle, trace_id, span_id, on_response_)
 
     def _hs_close(self, cycle: Any, attrs: dict[str, Any] | None) -> None:
         entry = self._hs_open.pop(id(cycle), None)
         if entry is None or self._hs_sink is None:
             return
-        _, trace_id, span_id = entry
+        _, trace_id, span_id, _ = entry
         self._hs_sink.emit(("e", _now(), trace_id, span_id, attrs))
 
     def _hs_connection_lost(self) -> None:
-        for cycle, _, _ in list(getattr(self, "_hs_open", {}).values()):
-            self._hs_close(cycle, {"disconnected": True})
+        for cycle, _, _, on_response_ in list(getattr(self, "_hs_open", {}).values()):
+            # uvicorn drops the cycle's on_response once the app's call is over: an
+            # unfinished response then is one uvicorn cut itself (the app raised after
+            # it started, or returned without finishing it), not a client that left.
+            if cycle.on_response is on_response_:
+                self._hs_close(cycle, {"disconnected": True})
+            else:
+                self._hs_close(cycle, {"response.incomplete": True})
 
 
 def _with_server_timing(
