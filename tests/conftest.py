@@ -98,6 +98,29 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.fixture(scope="module")
+def starlette_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a Starlette ``app.py`` (test_run.STARLETTE_APP) and a ``tracing.py``
+    of the user's own, that ``hopscope run`` must not shadow."""
+    from test_run import STARLETTE_APP, _project
+
+    return _project(tmp_path_factory.mktemp("starlette"), STARLETTE_APP)
+
+
+@pytest.fixture(scope="module")
+def flask_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_run import FLASK_APP, _project
+
+    return _project(tmp_path_factory.mktemp("flask"), FLASK_APP)
+
+
+@pytest.fixture(scope="module")
+def quart_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_run import QUART_APP, _project
+
+    return _project(tmp_path_factory.mktemp("quart"), QUART_APP)
+
+
 @pytest.fixture
 def runs() -> Iterator[Callable[..., Any]]:
     """``hopscope run`` processes (:class:`test_run.Run`), stopped at the end if a failing

@@ -108,21 +108,6 @@ def _project(root: Path, app_source: str) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def starlette_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _project(tmp_path_factory.mktemp("starlette"), STARLETTE_APP)
-
-
-@pytest.fixture(scope="module")
-def flask_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _project(tmp_path_factory.mktemp("flask"), FLASK_APP)
-
-
-@pytest.fixture(scope="module")
-def quart_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _project(tmp_path_factory.mktemp("quart"), QUART_APP)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,28 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_run import (
-    BIN,
-    FLASK_APP,
-    STARLETTE_APP,
-    Run,
-    _check_traces,
-    _free_port,
-    _project,
-    _requests,
-)
+from test_run import BIN, Run, _check_traces, _free_port, _requests
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def starlette_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _project(tmp_path_factory.mktemp("starlette"), STARLETTE_APP)
-
-
-@pytest.fixture(scope="module")
-def flask_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _project(tmp_path_factory.mktemp("flask"), FLASK_APP)
 
 
 def _installed(name: str) -> str:
