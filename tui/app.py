@@ -35,6 +35,7 @@ from .header import HeaderBar
 from .help import HelpScreen
 from .keymap import dialog_bindings, dialog_keymap, in_order, load_keymap, remap
 from .messages import FollowRequested, RequestSelected
+from .prompt import copy_text
 from .query_bar import QueryBar
 from .replay_view import ComparisonScreen, EditScreen, TargetScreen
 from .request_list import RequestList
@@ -324,7 +325,7 @@ class HopscopeApp(App[None]):
         shown, held = len(store), len(store.rows)
         if store.filter is not None:
             text.append(f" {shown:,} of {_requests(held)}", style="")
-            text.append(f"  filter: {store.filter_text}", style="#5fafff")
+            text.append(f"  filter: {formatting.printable(store.filter_text)}", style="#5fafff")
         else:
             text.append(f" {_requests(held)}", style="")
         if held >= store.max_requests:
@@ -363,6 +364,13 @@ class HopscopeApp(App[None]):
     @on(FollowRequested)
     def _on_follow_requested(self) -> None:
         self.action_follow()
+
+    def key_ctrl_c(self) -> None:
+        """Ctrl+C that no binding took: a field of Textual's own (the command palette's)
+        with nothing selected copies all of it, as ours do (see :func:`copy_text`)."""
+        focused = self.focused
+        if isinstance(focused, Input):
+            copy_text(focused, focused.selected_text, focused.value)
 
     # -- filter and search -----------------------------------------------------------------
 

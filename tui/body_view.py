@@ -32,6 +32,9 @@ TEXT_LIMIT = 256 * 1024
 
 SYNTAX_THEME = "monokai"
 
+#: C0 controls but line breaks and tabs, DEL, C1 controls.
+_CONTROLS = frozenset(map(chr, [*range(0x20), *range(0x7F, 0xA0)])) - set("\n\r\t")
+
 
 #: Characters highlighted at most: colouring costs about 12 µs a character on the UI
 #: thread (a 250 KB JSON body froze the UI for 3 s); longer text is shown plain.
@@ -63,18 +66,21 @@ def _pairs_table(pairs: list[tuple[str, str]], *, lines: bool = False) -> Table 
     table.add_column(overflow="fold")
     for name, value in pairs:
         # Text, not str: Rich would read a header's "[/]" as markup.
-        table.add_row(formatting.plain(name), formatting.plain(value, lines=lines))
+        table.add_row(
+            formatting.plain(formatting.clip(name)),
+            formatting.plain(formatting.clip(value), lines=lines),
+        )
     return table
 
 
 def _pairs_lines(pairs: list[tuple[str, str]], *, lines: bool) -> Text:
     """Many pairs as the table would align them, one line each, at a fraction of its cost."""
-    names = [formatting.printable(name) for name, _ in pairs]
+    names = [formatting.printable(formatting.clip(name)) for name, _ in pairs]
     width = min(max(cell_len(name) for name in names), 40)
     text = Text(overflow="fold")
     for name, (_, value) in zip(names, pairs, strict=True):
-        text.append(f" {name:<{width}} ", style="bold cyan")
-        text.append(formatting.printable(value, lines=lines))
+        text.append(f" {formatting.pad(name, width)} ", style="bold cyan")
+        text.append(formatting.printable(formatting.clip(value), lines=lines))
         text.append("\n")
     text.rstrip()
     return text
@@ -110,7 +116,9 @@ def _as_text(data: bytes, content_type: str) -> str | None:
             if exc.start < len(data) - 4:
                 return None
             text = data[: exc.start].decode("utf-8")
-    controls = sum(1 for ch in text[:4096] if not ch.isprintable() and ch not in "\n\r\t")
+    # Control characters say binary; format ones (a BOM, zero-width joiners in an emoji,
+    # bidi marks) are text, shown escaped.
+    controls = sum(1 for ch in text[:4096] if ch in _CONTROLS)
     if controls > max(2, len(text[:4096]) // 100):
         return None
     return text
@@ -243,7 +251,7 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
     if direction == "request":
         version = attr(trace, "network.protocol.version")
         line = formatting.plain(f"{trace.method or '?'} ", style="bold")
-        line.append(formatting.printable(url(trace)))
+        line.append(formatting.printable(formatting.clip(url(trace))))
         if version:
             line.append(f"  HTTP/{version}", style="dim")
         parts.append(line)

@@ -32,6 +32,9 @@ TABS = ("timeline", "request", "response", "logs", "error", "raw")
 
 #: Raw events shown before the rest is summarised: a big body repeats in them.
 RAW_LIMIT = 400_000
+#: An event's JSON longer than this has its long strings cut to :data:`RAW_STRING_LIMIT`.
+RAW_EVENT_LIMIT = 100_000
+RAW_STRING_LIMIT = 20_000
 
 _LEVEL_STYLES = {
     "debug": "dim",
@@ -97,8 +100,8 @@ def _log_lines(records: list[tuple[int, str, dict[str, object]]], t0: int) -> Te
     text.append(f"{'at':>{at}} {'level':<{level}} {'logger':<{logger}} message\n", style="bold")
     for when, name, source, message in rows:
         text.append(f"{when:>{at}} ", style="dim")
-        text.append(f"{name:<{level}} ", style=_LEVEL_STYLES.get(name.lower(), ""))
-        text.append(f"{source:<{logger}} ", style="cyan")
+        text.append(f"{formatting.pad(name, level)} ", style=_LEVEL_STYLES.get(name.lower(), ""))
+        text.append(f"{formatting.pad(source, logger)} ", style="cyan")
         text.append(message)
         text.append("\n")
     text.rstrip()
@@ -133,12 +136,28 @@ def render_errors(trace: Trace) -> RenderableType:
     return Group(*parts)
 
 
+def _cut(value: object) -> object:
+    """``value`` with each string longer than :data:`RAW_STRING_LIMIT` cut, saying how
+    much is left out."""
+    if isinstance(value, str) and len(value) > RAW_STRING_LIMIT:
+        return f"{value[:RAW_STRING_LIMIT]}… ({len(value) - RAW_STRING_LIMIT:,} more characters)"
+    if isinstance(value, dict):
+        return {key: _cut(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_cut(item) for item in value]
+    return value
+
+
 def render_raw(trace: Trace) -> RenderableType:
     lines: list[str] = []
     total = 0
     events = trace_events(trace)
     for event in events:
         line = json.dumps(event, ensure_ascii=False, default=repr)
+        if len(line) > RAW_EVENT_LIMIT:
+            # A big captured body (a raised body_limit) took the whole budget: the tab
+            # showed no event at all, only "… 2 more events".
+            line = json.dumps(_cut(event), ensure_ascii=False, default=repr)
         total += len(line)
         if total > RAW_LIMIT:
             lines.append(f"// … {len(events) - len(lines)} more events")

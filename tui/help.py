@@ -76,6 +76,17 @@ class HelpScreen(ModalScreen[None]):
             close = keys_of(self.app, "help-close", "escape,q,question_mark,f1")
             yield Static(f"{close} to close", id="help-hint")
 
+    def action_copy_text(self) -> None:
+        """Ctrl+C copies what the mouse selected; without a selection it says how to
+        close, rather than doing nothing (the key quits only from the main screen)."""
+        selected = self.get_selected_text()
+        if selected:
+            self.app.copy_to_clipboard(selected)
+            self.app.notify(f"Copied the selection ({len(selected):,} characters).")
+            return
+        close = keys_of(self.app, "help-close", "escape,q,question_mark,f1")
+        self.app.notify(f"Nothing selected to copy (drag over text first); {close} closes help.")
+
     def _content(self) -> Group:
         parts: list[Table | Text] = []
         for title, bindings in self._sections:

@@ -8,6 +8,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Input, Static
 
+from . import formatting
+from .prompt import CopyInput
+
 __all__ = ["QueryBar"]
 
 FILTER_LABEL = "filter "
@@ -30,13 +33,13 @@ class QueryBar(Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="query-row"):
             yield Static(FILTER_LABEL, classes="query-label", id="filter-label")
-            yield Input(
+            yield CopyInput(
                 placeholder="e.g. status:5xx and path:/api/*   (/ to edit, enter to apply)",
                 id="filter-input",
                 compact=True,
             )
             yield Static("search ", classes="query-label", id="search-label")
-            yield Input(placeholder="text  (s, then n / N)", id="search-input", compact=True)
+            yield CopyInput(placeholder="text  (s, then n / N)", id="search-input", compact=True)
         yield Static("", id="filter-error")
 
     @property
@@ -56,10 +59,12 @@ class QueryBar(Vertical):
         indent = " " * len(FILTER_LABEL)
         position = max(0, min(position, len(expression)))
         text = Text(no_wrap=True, overflow="ellipsis", end="")
-        text.append(indent + expression + "\n", style="")
-        # Under the character in cells: a wide (CJK) character before it takes two.
-        text.append(indent + " " * cell_len(expression[:position]) + "^\n", style="bold")
-        text.append(indent + message)
+        text.append(indent + formatting.printable(expression) + "\n", style="")
+        # Under the character in cells: a wide (CJK) character before it takes two, an
+        # escaped control character several.
+        before = formatting.printable(expression[:position])
+        text.append(indent + " " * cell_len(before) + "^\n", style="bold")
+        text.append(indent + formatting.printable(message))
         self.error_line.update(text)
         self.error_line.add_class("-shown")
 

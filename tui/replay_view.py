@@ -14,7 +14,7 @@ from textual.widgets import Input, Static, TextArea
 
 from . import formatting
 from .commands import keys_of
-from .prompt import PromptScreen
+from .prompt import CopyInput, CopyTextArea, PromptScreen, copy_text
 from .resend import Outgoing, Resent
 
 __all__ = ["ComparisonScreen", "EditScreen", "TargetScreen", "render_comparison"]
@@ -30,7 +30,8 @@ class TargetScreen(PromptScreen):
         what = "the request" if count == 1 else f"{count} requests"
         super().__init__(
             f"Replay {what} against (http://HOST:PORT):",
-            target,
+            # A Host header's control characters shown, not sent: such a target is refused.
+            formatting.printable(target),
             accept="send",
             input_id="target-input",
             hint_id="target-hint",
@@ -84,20 +85,23 @@ class EditScreen(ModalScreen[Outgoing | None]):
         self._headers_text = _headers_text(request.headers)
         self._shown = {"edit-body": self._body_text, "edit-headers": self._headers_text}
         """Each editor's text as it showed it at first."""
+        # The same for the method and the URL (a captured query can hold raw bytes).
+        self._method_text = formatting.printable(request.method)
+        self._url_text = formatting.printable(request.url)
 
     def compose(self) -> ComposeResult:
         request = self._request
         with Vertical(id="edit-box"):
             with Horizontal(id="edit-line"):
-                yield Input(request.method, id="edit-method")
-                yield Input(request.url, id="edit-url")
+                yield CopyInput(self._method_text, id="edit-method")
+                yield CopyInput(self._url_text, id="edit-url")
             yield Static("Headers (Name: value, one a line)", classes="edit-label")
-            yield TextArea(self._headers_text, id="edit-headers")
+            yield CopyTextArea(self._headers_text, id="edit-headers")
             label = "Body"
             if self._body_text.encode("utf-8") != request.body:
                 label += " (not plain UTF-8 text: sent as captured unless edited)"
             yield Static(label, classes="edit-label")
-            yield TextArea(self._body_text, id="edit-body")
+            yield CopyTextArea(self._body_text, id="edit-body")
             send, cancel = (
                 keys_of(self.app, "edit-send", "ctrl+s"),
                 keys_of(self.app, "dialog-cancel", "escape"),
@@ -110,9 +114,11 @@ class EditScreen(ModalScreen[Outgoing | None]):
         self.query_one("#edit-url", Input).focus()
 
     def edited(self) -> Outgoing:
-        method = self.query_one("#edit-method", Input).value.strip().upper() or "GET"
-        url = self.query_one("#edit-url", Input).value.strip()
         request = self._request
+        method = self.query_one("#edit-method", Input).value
+        method = request.method if method == self._method_text else method.strip().upper()
+        url = self.query_one("#edit-url", Input).value
+        url = request.url if url == self._url_text else url.strip()
         headers_text = self.query_one("#edit-headers", TextArea).text
         headers = (
             list(request.headers)
@@ -121,7 +127,7 @@ class EditScreen(ModalScreen[Outgoing | None]):
         )
         text = self.query_one("#edit-body", TextArea).text
         body = request.body if text == self._shown["edit-body"] else text.encode("utf-8")
-        return Outgoing(method, url, headers, body)
+        return Outgoing(method or "GET", url, headers, body)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -216,6 +222,10 @@ class ComparisonScreen(ModalScreen[None]):
                 with Horizontal(classes="compare-sides"):
                     yield Static(old, classes="compare-side")
                     yield Static(new, classes="compare-side")
+
+    def action_copy_text(self) -> None:
+        """Ctrl+C: the text selected with the mouse, else everything the screen says."""
+        copy_text(self, self.get_selected_text() or "", self.text(), "the comparison")
 
     def text(self) -> str:
         """Everything the screen says, as plain text (for tests and copying)."""

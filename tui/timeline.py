@@ -15,8 +15,10 @@ from rich.cells import cell_len, set_cell_size
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -118,7 +120,8 @@ def _attr_text(key: str, value: Any) -> str:
 def describe_span(span: Span, t0: int, now: int) -> RenderableType:
     """A span's times, attributes and events, for the side panel."""
     kind = span_kind(span)
-    title = formatting.plain(span.name or "(unnamed)", style=f"bold {kind_colour(kind)}")
+    name = formatting.clip(span.name or "(unnamed)")
+    title = formatting.plain(name, style=f"bold {kind_colour(kind)}")
     title.append(f"  {kind}", style="dim")
     if span.attrs.get("error"):
         title.append("  error", style="bold #ff5f5f")
@@ -160,6 +163,19 @@ def describe_span(span: Span, t0: int, now: int) -> RenderableType:
     return Group(*parts)
 
 
+class _SpanRows(OptionList):
+    """The spans' rows, which say when their width changed: the rows are drawn to fit
+    it, and on a narrow screen the panel beside them goes under them, which widens the
+    rows without resizing the timeline (its rows stayed drawn for the old width, each
+    wrapped onto three lines, after a resize from under 70 columns to over)."""
+
+    class Resized(Message):
+        pass
+
+    def on_resize(self) -> None:
+        self.post_message(self.Resized())
+
+
 class Timeline(Horizontal):
     """The waterfall of one trace's spans, and the highlighted span's details."""
 
@@ -188,11 +204,12 @@ class Timeline(Horizontal):
         self._window = (0, 1)
         self._now = 0
         self._label_width = self.LABEL_WIDTH
+        self._bar_width = 0
         self._described: int | None = None
 
     def compose(self) -> ComposeResult:
         self._axis_line = Static("", id="timeline-axis")
-        self.spans_list = OptionList(id="timeline-spans")
+        self.spans_list: OptionList = _SpanRows(id="timeline-spans")
         self._span_panel = Static("", id="timeline-span")
         with Vertical(id="timeline-main"):
             yield self._axis_line
@@ -224,6 +241,7 @@ class Timeline(Horizontal):
         self._rows = span_rows(trace)
         self._window = trace_window(trace, self._now)
         self._label_width, bar_width = self.fit(self._row_width())
+        self._bar_width = bar_width
         t0, t1 = self._window
         ruler = Text(" " * self._label_width)
         ruler.append_text(axis(t0, t1, bar_width))
@@ -308,5 +326,10 @@ class Timeline(Horizontal):
             self._describe(event.option_index)
 
     def on_resize(self) -> None:
-        if self._trace is not None:
+        self._refit()
+
+    @on(_SpanRows.Resized)
+    def _refit(self) -> None:
+        fitted = (self._label_width, self._bar_width)
+        if self._trace is not None and self.fit(self._row_width()) != fitted:
             self.show(self._trace)
