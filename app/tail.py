@@ -44,6 +44,7 @@ from hopscope.tracing.proxyrecord import (
     SENT,
 )
 from hopscope.tracing.records import normalise_attrs, to_events
+from hopscope.tracing.safetext import printable
 from hopscope.tracing.sinks import dropped_event
 
 __all__ = ["Tail", "format_line"]
@@ -352,6 +353,8 @@ class _Trace:
         """:meth:`line` of the two spans :attr:`quick` stands for (a client span, the
         root, and its proxy span, both ended, no error, no route)."""
         begin, _, _, method, path, status, proxy_ts, _, _, end = quick
+        if not (path.isprintable() and method.isprintable()):  # never raw to the terminal
+            method, path = printable(method), printable(path)
         total = f"{(end - begin) / 1e6:.1f}ms"  # (formatted once, printed twice)
         if color:
             status = click.style(str(status), fg=_STATUS_COLOURS.get(status // 100), bold=True)
@@ -543,10 +546,8 @@ class _Trace:
             status = int(status)
         elif root_attrs.get("websocket.accepted"):
             status = 101  # the handshake's Switching Protocols
-        status_text = str(status) if status is not None else "---"
-        if color and status is not None:
-            status_text = click.style(status_text, fg=_STATUS_COLOURS.get(status // 100), bold=True)
-        parts.append(status_text)
+        status_index = len(parts)
+        parts.append(str(status) if status is not None else "---")
         parts.append(_ms(None if start is None or end is None else end - start))
         if len(hops) == 2 and "client" in hops and "proxy" in hops:
             items = [("client", hops["client"]), ("proxy", hops["proxy"])]  # (sorted: a proxy's)
@@ -562,6 +563,17 @@ class _Trace:
             parts.append("error" + (f"={','.join(types)}" if types else ""))
         if gone:
             parts.append("client-gone")
+        line = " ".join(parts)
+        safe = line.isprintable()
+        if not safe:  # text from the traffic (or an app) never reaches the terminal raw
+            parts = [printable(part) for part in parts]
+        if color and status is not None:
+            shown = parts[status_index]
+            parts[status_index] = click.style(
+                shown, fg=_STATUS_COLOURS.get(status // 100), bold=True
+            )
+        elif safe:
+            return line
         return " ".join(parts)
 
     def _top_level(self, span: _Span) -> bool:

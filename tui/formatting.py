@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime
 
+from hopscope.tracing.safetext import LINE_ESCAPES, printable
 from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
@@ -23,55 +23,6 @@ __all__ = [
     "status_style",
 ]
 
-#: Control characters as what a terminal prints safely: C0 as their Unicode pictures
-#: (``␛`` for ESC), DEL as ``␡``, C1 as ``\x9b``.  Paths, headers and bodies come from
-#: the network: an ESC reaching the terminal raw would let a request recolour, clear or
-#: retitle it.
-_LINE_TABLE: dict[int, str] = {
-    **{code: chr(0x2400 + code) for code in range(0x20)},
-    0x7F: "\u2421",
-    **{code: f"\\x{code:02x}" for code in range(0x80, 0xA0)},
-}
-#: The same for text of several lines: line breaks and tabs stay what they are.
-_TEXT_TABLE = {code: s for code, s in _LINE_TABLE.items() if chr(code) not in "\n\r\t"}
-
-#: Unicode categories shown as escapes (``\u202e``): format characters (bidi overrides
-#: and isolates, zero-width spaces and joiners, the BOM, soft hyphens), line and paragraph
-#: separators, and lone surrogates (a JSON file's ``"\udcff"``).  They draw nothing, so a
-#: captured header could hide text, or reorder a row (``U+202E`` reverses what follows it,
-#: the "Trojan Source" trick); a surrogate is no character at all.
-_HIDDEN = frozenset({"Cf", "Zl", "Zp", "Cs"})
-#: Distinct characters remembered at most (see :class:`_Escapes`).
-_ESCAPES_KEPT = 50_000
-
-
-class _Escapes(dict[int, str]):
-    """What ``str.translate`` puts for each character, worked out the first time one is
-    met (the table of every code point would take a quarter second to build).  Only
-    reached for text that is not :meth:`str.isprintable`."""
-
-    def __init__(self, fixed: dict[int, str]) -> None:
-        super().__init__(fixed)
-        self._fixed = fixed
-
-    def __missing__(self, code: int) -> str:
-        if len(self) > _ESCAPES_KEPT:  # text made of every character there is
-            self.clear()
-            self.update(self._fixed)
-        char = chr(code)
-        if char.isprintable() or unicodedata.category(char) not in _HIDDEN:
-            shown = char  # a space other than " " (NBSP), private use, unassigned
-        elif code <= 0xFFFF:
-            shown = f"\\u{code:04x}"
-        else:
-            shown = f"\\U{code:08x}"
-        self[code] = shown
-        return shown
-
-
-_LINE_ESCAPES = _Escapes(_LINE_TABLE)
-_TEXT_ESCAPES = _Escapes(_TEXT_TABLE)
-
 STATUS_STYLES = {
     "1xx": Style(color="#8a8a8a"),
     "2xx": Style(color="#5fd75f"),
@@ -80,15 +31,6 @@ STATUS_STYLES = {
     "5xx": Style(color="#ff5f5f", bold=True),
     "err": Style(color="#ff5f5f", bold=True),
 }
-
-
-def printable(text: str, *, lines: bool = False) -> str:
-    """``text`` with its control characters made visible (see :data:`_LINE_TABLE`) and
-    its invisible ones escaped (see :data:`_HIDDEN`); ``lines`` keeps line breaks and
-    tabs.  Text without any is returned as it is, after one scan in C."""
-    if text.isprintable():
-        return text
-    return text.translate(_TEXT_ESCAPES if lines else _LINE_ESCAPES)
 
 
 #: Characters of one header value, URL or name shown; the rest is counted.  Rich folds a
@@ -112,7 +54,7 @@ def one_for_one(text: str, *, keep: str = "") -> str:
     if text.isprintable():
         return text
     return "".join(
-        char if char in keep else shown if len(shown := _LINE_ESCAPES[ord(char)]) == 1 else "\ufffd"
+        char if char in keep else shown if len(shown := LINE_ESCAPES[ord(char)]) == 1 else "\ufffd"
         for char in text
     )
 
