@@ -354,7 +354,9 @@ def test_what_a_fastapi_mount_serves_is_named_by_the_mount(tmp_path: Path) -> No
         span.name: span.attrs.get("http.route")
         for trace in traces
         for span in trace.spans.values()
-        if span.hop == "app"
+        # (the request's own app span: on a loaded machine an app can return more than
+        # 10 ms after its response, and that makes a background span beside it)
+        if span.hop == "app" and span.name != "background"
     }
     assert routes == {
         "GET /static/a.txt": "/static",
