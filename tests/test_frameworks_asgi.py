@@ -503,8 +503,6 @@ def test_django_sync_view(django_app: Any) -> None:
     assert s.body("response") == b"hello ada" and not trace.error
     (greeting,) = user_children(trace, s)
     assert greeting.name == "greeting" and greeting.attrs["span.kind"] == "user"
-    # Django closes the response in a worker thread after sending it, so that time (2-3
-    # ms here) shows as a "background" span.
 
 
 def test_django_async_view_with_a_body(django_app: Any) -> None:

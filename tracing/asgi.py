@@ -13,6 +13,7 @@ record.  WebSockets, long-lived and rare, emit their records as they happen.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -52,10 +53,23 @@ FIRST_CHUNKS = 4
 #: Work the app does after the response ended becomes a ``background`` span past this.
 #: Frameworks take a few milliseconds to unwind after the last body (Django closes the
 #: response in a worker thread, Starlette's StreamingResponse cancels its listener):
-#: below 10 ms that is noise, not a background task.
+#: below 10 ms that is noise, not a background task.  Wall-clock time, so a loaded machine
+#: stretches that unwinding past it: for the frameworks in :data:`_TASK_FRAMEWORKS` a span
+#: is made only when the request queued one of their background tasks (see
+#: :func:`_watch_background_tasks`).
 BACKGROUND_MIN_NS = 10_000_000
+#: Modules whose apps do no work of their own after the response but run it as background
+#: tasks, which hopscope recognises (Starlette's ``BackgroundTask``, which FastAPI's
+#: ``BackgroundTasks`` use), or have none that runs in the request (Django's ASGI handler,
+#: Quart's ``add_background_task``): the time they take to return after the response is
+#: their own unwinding, however long a loaded machine makes it.
+_TASK_FRAMEWORKS = ("starlette.", "fastapi.", "quart.", "django.core.handlers.")
 #: First bytes of a WebSocket message kept in its event.
 WS_PREVIEW = 256
+#: How frameworks that catch a WebSocket handler's exception log it (at ERROR, with the
+#: exception): Quart's ``log_exception``.  Other records with an exception do not fail
+#: the connection (an app may log one it recovered from).
+_FRAMEWORK_WS_ERRORS = ("Exception on websocket ",)
 
 _now = time.time_ns
 _ident = threading.get_ident
@@ -80,6 +94,11 @@ class ASGIMiddleware:
         self.app = app
         self.sink = sink
         self.body_limit = body_limit
+        #: Whether the app's late return is a background span only when a background
+        #: task it ran says so (see BACKGROUND_MIN_NS).
+        self.tasks_only = _runs_background_tasks(app)
+        if self.tasks_only:
+            _watch_background_tasks()
         if capture_logs:
             install_log_capture()
 
@@ -155,7 +174,7 @@ class ASGIMiddleware:
             channels = (recording, receive, send)
             result = await self.app(scope, _method(_receive, channels), _method(_send, channels))
         except BaseException as exc:
-            recording.failed(exc)
+            recording.failed(exc, self.tasks_only and context_sink is recording)
             raise
         finally:
             current.reset(token)
@@ -163,7 +182,11 @@ class ASGIMiddleware:
         if recording.complete:
             if recording.end_at < 0:
                 recording._end(recording.end_extra)
-            if _now() - recording.end_ts > BACKGROUND_MIN_NS:
+            if _now() - recording.end_ts > BACKGROUND_MIN_NS and (
+                not self.tasks_only
+                or context_sink is not recording  # (a task could not say so: as before)
+                or getattr(recording, "deferred", False)
+            ):
                 recording._background(None)
         elif recording.end_at < 0:
             # The app returned without finishing its response (or without one at all).
@@ -273,6 +296,52 @@ def _mount(scope: Scope, root_path: Any) -> str | None:
     return prefix[len(root_path) :] or None
 
 
+def _runs_background_tasks(app: Any) -> bool:
+    """Whether ``app`` is a framework's (see :data:`_TASK_FRAMEWORKS`): a Starlette or
+    FastAPI app, Django's ASGI handler or a Quart app, or the call of one that hopscope's
+    framework patches wrap (a ``functools.partial`` of the method and the app).  A
+    middleware of the user's around it is not: what it does after the response is work
+    of its own, timed as before."""
+    if isinstance(app, functools.partial) and app.args:
+        app = app.args[0]
+    return any(
+        (getattr(cls, "__module__", None) or "").startswith(_TASK_FRAMEWORKS)
+        for cls in type(app).__mro__
+    )
+
+
+_watched = False
+
+
+def _watch_background_tasks() -> None:
+    """Have each Starlette ``BackgroundTask`` made while a request runs (each of FastAPI's
+    ``BackgroundTasks`` is one) tell that request it has one, once per process.
+
+    Its ``__init__`` is wrapped, not its ``__call__``: what the task runs, raises and how
+    long it takes are untouched, its traceback has no frame of hopscope's, and it is
+    still an async callable to whoever asks.  A task is made in the request that queues
+    it (in the view, or FastAPI's ``add_task``): its context is the request's."""
+    global _watched
+    module = sys.modules.get("starlette.background")
+    if _watched or module is None:
+        return
+    _watched = True
+    task_class = module.BackgroundTask
+    init = task_class.__init__
+    if getattr(init, "__hopscope_wrapped__", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        context = current.get()
+        if context is not None and type(context[0]) is _HTTPRecording:
+            context[0].deferred = True
+
+    __init__.__hopscope_wrapped__ = True  # type: ignore[attr-defined]
+    task_class.__init__ = __init__
+
+
 class BodyCapture:
     """Counts a body's chunks and keeps its first bytes (references, not copies).
 
@@ -341,6 +410,7 @@ class _HTTPRecording(Recording):
 
     __slots__ = (
         "complete",
+        "deferred",
         "end_extra",
         "end_ts",
         "handling",
@@ -360,6 +430,9 @@ class _HTTPRecording(Recording):
     )
 
     complete: bool
+    #: Set (never initialised: read only when the app returns late) when the request
+    #: queued a background task of its framework's (see _watch_background_tasks).
+    deferred: bool
     end_extra: dict[str, Any] | None
     end_ts: int
     handling: BaseException | None
@@ -548,7 +621,10 @@ class _HTTPRecording(Recording):
         cursor = item_records(items, cursor, size, trace_id, span_id, out)
         return cursor << 2 | start_sent << 1 | end_sent, done
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, tasks_only: bool = False) -> None:
+        """The app raised; ``tasks_only`` as for the middleware's app (see
+        BACKGROUND_MIN_NS): a cancellation after its response, while it unwinds, is then
+        no background work unless it queued a background task."""
         attrs: dict[str, Any]
         if isinstance(exc, Exception):
             attrs = {"error": True, "exception.type": type(exc).__qualname__}
@@ -567,7 +643,8 @@ class _HTTPRecording(Recording):
         if self.complete and exc is not self.handling:
             # The response went out fine; what failed is the work after it.
             self._end(self.end_extra)
-            self._background(attrs)
+            if "error" in attrs or not tasks_only or getattr(self, "deferred", False):
+                self._background(attrs)
         else:
             if self.end_extra:
                 attrs.update(self.end_extra)
@@ -778,11 +855,15 @@ class _WebSocketRecorder(Sink):
     It is also the sink of the connection's context, passing records on to the real
     one: a framework that keeps its route off the scope (Quart) hands it over through
     the context (:func:`hopscope.tracing.inject._note_route`), as for HTTP requests.
+    And so it sees the log records the connection emits: Quart catches the exception of
+    a WebSocket handler, logs it and closes normally (1000), so the exception is only
+    known from that log record (see :meth:`emit`).
     """
 
     __slots__ = (
         "accepted",
         "app",
+        "caught",
         "close_code",
         "close_reason",
         "connect_ts",
@@ -811,9 +892,25 @@ class _WebSocketRecorder(Sink):
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.route: str | None = None
+        self.caught: BaseException | None = None
 
     def emit(self, record: Any) -> None:
         self.sink.emit(record)
+        if (
+            record[0] == "p"
+            and record[4] == "log"
+            and self.caught is None
+            and type(attrs := record[5]) is dict
+            and "exception.stacktrace" in attrs
+            and attrs.get("level") == "ERROR"
+            and str(attrs.get("message")).startswith(_FRAMEWORK_WS_ERRORS)
+        ):
+            # The framework logs the handler's exception while it handles it (in its
+            # ``except`` block): that one is the exception being handled now.
+            caught = _exception()
+            if isinstance(caught, Exception):
+                self.caught = caught
+                self.sink.emit(exception_event(self.trace_id, self.span_id, caught))
 
     async def run(self, receive: Receive, send: Send) -> Any:
         scope = self.scope
@@ -852,12 +949,18 @@ class _WebSocketRecorder(Sink):
             return await self.app(scope, receive_, send_)
         except BaseException as exc:
             if isinstance(exc, Exception):
-                self.sink.emit(exception_event(trace_id, span_id, exc))
+                if exc is not self.caught:  # (its event is there already)
+                    self.sink.emit(exception_event(trace_id, span_id, exc))
                 end_attrs["error"] = True
                 end_attrs["exception.type"] = type(exc).__qualname__
             raise
         finally:
             current.reset(token)
+            caught = self.caught
+            if caught is not None and "error" not in end_attrs:
+                end_attrs["error"] = True
+                end_attrs["exception.type"] = type(caught).__qualname__
+            self.caught = None  # (its traceback holds the handler's frames)
             end_attrs.update(
                 {
                     "websocket.accepted": self.accepted,
