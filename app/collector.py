@@ -34,6 +34,7 @@ __all__ = [
     "Collector",
     "CollectorError",
     "EventWriter",
+    "OutputFileError",
     "tune_gc",
     "wait_quiet",
 ]
@@ -67,6 +68,26 @@ class CollectorError(Exception):
     """The collector cannot run (bad address, port in use); the message is one line."""
 
 
+class OutputFileError(CollectorError):
+    """The collector's ``-o`` file cannot be written: the address is not the problem,
+    so a caller's "pick another address" hint does not belong with it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{self.prefix(path)}{reason}")
+        self.path = path
+
+    @staticmethod
+    def prefix(path: str) -> str:
+        """How the message starts; a collector in a child process says only its line
+        (``Error: cannot write PATH: ...``), and :meth:`said` tells it from the others."""
+        return f"cannot write {path}: "
+
+    @classmethod
+    def said(cls, path: str | None, line: str) -> bool:
+        """Whether ``line`` (a child collector's one-line error) is this error for ``path``."""
+        return path is not None and line.removeprefix("Error: ").startswith(cls.prefix(path))
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -85,7 +106,7 @@ class EventWriter:
         try:
             self._writer = TraceFileWriter.create(self.path)
         except OSError as exc:
-            raise CollectorError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise OutputFileError(self.path, str(exc.strerror or exc)) from None
 
     def write(self, events: list[Event]) -> None:
         # Written per batch (no buffer) so that ``hopscope tail FILE`` on a live file sees

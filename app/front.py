@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .child import ChildError, ChildProcess, ParentLink
+from .listener import raise_open_files_limit
 from .proxy import ProxyError
 
 __all__ = ["Front", "FrontProcess", "main"]
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         options["server_timing"] = True
     if args.insecure:
         options["insecure"] = True
+    raise_open_files_limit()  # a proxy holds two descriptors per client
     try:
         front = Front(socket.socket(fileno=args.fd), args.upstream, args.sink, **options)
     except (ProxyError, OSError) as exc:

@@ -8,12 +8,14 @@ cancelled for every response, message dicts checked header by header).  On a 2-C
 machine at 16 concurrent clients that CPU turns into queueing, and the proxy's added
 median latency went past its 1 ms budget.
 
-What stays uvicorn's: the server frame (sockets, lifespan, signals, graceful shutdown
-through ``server_state``), so :class:`HttpListener` takes the constructor uvicorn gives
-an ``http=`` protocol class.  What it does itself: keep-alive with one idle timer per
+What stays uvicorn's: the server frame (lifespan, signals, graceful shutdown through
+``server_state``), so :class:`HttpListener` takes the constructor uvicorn gives an
+``http=`` protocol class; accepting is :class:`Acceptor`'s (no more clients than
+descriptors allow, see there).  What it does itself: keep-alive with one idle timer per
 connection (moved, not re-armed per response), pipelining (later requests wait, reading
 paused), request bodies (Content-Length or chunked) with flow control, ``Expect:
-100-continue``, HTTP/1.0 (no chunked coding to it), client disconnects, a limit on a
+100-continue``, HTTP/1.0 (no chunked coding to it; kept alive when it asks and a
+length frames the body, as nginx does), client disconnects, a limit on a
 request head's size (:data:`MAX_HEAD`), a malformed request answered after the
 pipelined ones before it, and a whole small response written in one go
 (:meth:`Request.write_whole`).  What it does not: a WebSocket ``Upgrade`` request
@@ -28,7 +30,12 @@ and the uvicorn-based fallback path write through them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import functools
 import logging
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, MutableMapping
@@ -38,8 +45,18 @@ from urllib.parse import unquote
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.server import Server
 
-__all__ = ["ClientConnection", "CorkedWrites", "HttpListener", "Request"]
+__all__ = [
+    "Acceptor",
+    "ClientConnection",
+    "CorkedWrites",
+    "GatedServer",
+    "HttpListener",
+    "Request",
+    "client_budget",
+    "raise_open_files_limit",
+]
 
 #: Request body bytes held before the client's socket stops being read (uvicorn's).
 HIGH_WATER = 65536
@@ -53,6 +70,7 @@ LINGER = 2.0
 
 _FIELD_JOIN = b": ".join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_KEEP_ALIVE = b"connection: keep-alive\r\n"
 _DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
 #: Request fields the parser callbacks note (llhttp reads both Connection fields).
 _NOTED = frozenset({b"expect", b"connection", b"proxy-connection"})
@@ -183,7 +201,7 @@ def _whole_response(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     head_only: bool,
-    keep_alive: bool,
+    keep_alive: bool | None,
     default_headers: list[tuple[bytes, bytes]],
     block: bytes | None = None,
     length: Any = SCAN,
@@ -196,7 +214,9 @@ def _whole_response(
     ``headers`` (None: there is none) when the caller knows it matches ``body`` (the
     proxy's upstream parser framed the body by it), so neither is searched nor
     checked here.  ``until_close``: a body without a length is framed by the connection's
-    end, not chunked (for an HTTP/1.0 client, as :meth:`Request.send` frames it)."""
+    end, not chunked (for an HTTP/1.0 client, as :meth:`Request.send` frames it).
+    ``keep_alive`` None: an HTTP/1.0 client asked for keep-alive (see
+    :attr:`Request.keep_alive`): kept with a length, else None is returned."""
     if not 200 <= status < 600 or status == 204 or status == 304:
         return None
     if length is SCAN:
@@ -215,6 +235,8 @@ def _whole_response(
     if keep_alive and block and length is not None and not head_only and not default_headers:
         # The usual one (what the branches below make of it, in one call).
         return b"".join((STATUS_LINE[status], block, b"\r\n\r\n", body))
+    if keep_alive is None and length is None and not head_only:
+        return None  # (HTTP/1.0: no length, no keep-alive; the ordinary path says so)
     content = [STATUS_LINE[status]]
     if default_headers:
         content.append(b"\r\n".join(map(_FIELD_JOIN, default_headers)))
@@ -223,7 +245,7 @@ def _whole_response(
         content.append(b"\r\n".join(map(_FIELD_JOIN, headers)) if block is None else block)
         content.append(b"\r\n")
     if not keep_alive:
-        content.append(b"connection: close\r\n")
+        content.append(b"connection: close\r\n" if keep_alive is False else _KEEP_ALIVE)
     if head_only or (length is None and until_close):
         content.append(b"\r\n")
         if not head_only:
@@ -343,7 +365,12 @@ class Request:
     #: target goes upstream byte for byte: ``/p?`` keeps its ``?``, which the scope's
     #: ``raw_path`` and ``query_string`` cannot say).
     target: bytes
-    keep_alive: bool
+    #: None until the response's head is made, for an HTTP/1.0 client that asked for
+    #: keep-alive: kept alive when the response has a length (answered ``Connection:
+    #: keep-alive``, as nginx answers it), closed when its end must frame it.  (None,
+    #: not another field: every request sets every field, and this way the HTTP/1.1
+    #: paths test nothing more.)
+    keep_alive: bool | None
     waiting_for_100_continue: bool
     head_only: bool
     body: bytes
@@ -426,7 +453,14 @@ class Request:
                 content.append(_FIELD_JOIN((name, value)))
                 content.append(b"\r\n")
             if not self.keep_alive and not close:
-                content.append(b"connection: close\r\n")
+                if self.keep_alive is None and (
+                    chunked is False or self.head_only or status == 204 or status == 304
+                ):
+                    self.keep_alive = True  # (HTTP/1.0 asking, and a length frames it)
+                    content.append(_KEEP_ALIVE)
+                else:
+                    self.keep_alive = False
+                    content.append(b"connection: close\r\n")
             if status == 204 or status == 304:
                 # No body, whatever a Content-Length says (a 304's is the length the
                 # full response would have, RFC 9110 8.6): framed as a HEAD's answer.
@@ -503,6 +537,8 @@ class Request:
             )  # fmt: skip
             if data is None:
                 return False
+            if keep_alive is None:  # (HTTP/1.0 asking, and a length frames it)
+                keep_alive = self.keep_alive = True
         transport = listener.transport
         transport.write(data)
         self.response_started = True
@@ -847,7 +883,8 @@ class HttpListener(asyncio.Protocol):
         }
         conn = self.conn
         conn.requests += 1
-        keep_alive = alive and version != "1.0" and method != "CONNECT"
+        # (None: an HTTP/1.0 client asking for keep-alive, see Request.keep_alive.)
+        keep_alive = alive and method != "CONNECT" and (version != "1.0" or None)
         absolute = not origin_form and url != b"*"
         # (Every field of a Request is set here: it has no __init__.)
         request = Request()
@@ -1175,3 +1212,184 @@ class HttpListener(asyncio.Protocol):
             transport.resume_reading()
         if data:
             protocol.data_received(data)
+
+
+# -- accepting: no more clients than descriptors allow ---------------------------------------
+
+#: Descriptors left for what is not a client's connection or its upstream one (the
+#: collector's apps, the sink, files, a moment of slack).
+RESERVED_FDS = 32
+#: Seconds between looks at the open connections while accepting is paused.
+PAUSE_CHECK = 0.02
+#: With room for this many clients or more, the loop's own server accepts them (in C, a
+#: burst at a time): only more than that many clients at once could use up the
+#: descriptors, and :class:`Acceptor` costs a connection some 60,000 instructions more
+#: (``bench/proxy_hotpath.py --callgrind -n 320``).  Twice the proxy's listen backlog.
+ACCEPT_ALL = 4096
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does for
+    every program.  Why: a proxy holds two descriptors per client (its connection and
+    the upstream's), and a shell's soft limit (often 1024, 256 on macOS) is reached long
+    before the machine's.  Never lowered; nothing is said when it cannot be raised."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def client_budget() -> int:
+    """How many client connections may be open at once: half of the descriptors not in
+    use yet, less :data:`RESERVED_FDS` (each client may need one upstream too)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # pragma: no cover
+        return 1 << 30
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no /proc
+        used = 16
+    return max(1, (soft - used - RESERVED_FDS) // 2)
+
+
+class Acceptor:
+    """Accepts clients on a listening socket while fewer than ``limit`` are open, and
+    stops accepting (the kernel's backlog holds the rest, as with nginx at its
+    ``worker_connections``) until some have gone.
+
+    Why: with the loop's own server, under ``ulimit -n 256`` and 400 clients, the proxy
+    accepted until no descriptor was left for any upstream connection and answered every
+    request 502 until the load stopped; past the limit uvloop (libuv) accepts what is
+    pending and closes it at once.  Neither asyncio's nor uvloop's server can stop
+    accepting without closing its socket, and both accept a burst at a time, so the
+    limit is looked at here before each accept.  It costs per connection (a task hands
+    the socket to the loop), nothing per request.  Stands in uvicorn's ``servers``.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        connections: set[Any],
+        limit: int,
+        ssl: Any = None,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.connections = connections
+        self.limit = limit
+        #: Accepting starts again below this many (an eighth less: not for every one).
+        self.resume_at = max(1, limit - limit // 8)
+        self.ssl = ssl
+        #: Accepted, not handed to the loop yet (not in ``connections`` yet).
+        self.pending = 0
+        self.paused = False
+        #: Times accepting was paused (for tests and curious readers).
+        self.pauses = 0
+        self._closed = False
+        self._check: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        # One per call (the loop calls again while more wait): a second accept would
+        # mostly find none, and its BlockingIOError cost more than the loop's turn.
+        if len(self.connections) + self.pending >= self.limit:
+            self._pause()
+            return
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._pause()  # out of descriptors all the same: wait for some
+                return
+            raise
+        self.pending += 1
+        task = self.loop.create_task(self._hand_over(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl)
+        except OSError:  # gone already
+            conn.close()
+        finally:
+            self.pending -= 1
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+            self.loop.remove_reader(self.sock.fileno())
+        self._check = self.loop.call_later(PAUSE_CHECK, self._resume)
+
+    def _resume(self) -> None:
+        self._check = None
+        if self._closed:
+            return
+        if len(self.connections) + self.pending >= self.resume_at:
+            self._check = self.loop.call_later(PAUSE_CHECK, self._resume)
+            return
+        self.paused = False
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting (the socket is its owner's to close)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._check is not None:
+            self._check.cancel()
+        if not self.paused:
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_reader(self.sock.fileno())
+
+    async def wait_closed(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+
+
+class GatedServer(Server):
+    """uvicorn's server, accepting on the sockets it is given through :class:`Acceptor`
+    when the descriptors leave room for fewer than :data:`ACCEPT_ALL` clients (else, or
+    with no sockets given, uvicorn's own way)."""
+
+    acceptors: list[Acceptor] = []
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        limit = client_budget()
+        if sockets is None or limit >= ACCEPT_ALL:
+            await super().startup(sockets)
+            return
+        await super().startup(sockets=[])
+        if not self.started:  # pragma: no cover - uvicorn exits on a failed startup
+            return
+        config = self.config
+        protocol: Any = config.http_protocol_class  # (uvicorn's http= constructor)
+        factory = functools.partial(
+            protocol,
+            config=config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        loop = asyncio.get_running_loop()
+        connections = self.server_state.connections
+        self.acceptors = [
+            Acceptor(loop, sock, factory, connections, limit, config.ssl) for sock in sockets
+        ]
+        self.servers = list(self.acceptors)  # type: ignore[arg-type]  # (close, wait_closed)

@@ -92,7 +92,15 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from .collector import tune_gc
-from .listener import LOWERED, SCAN, ClientConnection, CorkedWrites, HttpListener, Request
+from .listener import (
+    LOWERED,
+    SCAN,
+    ClientConnection,
+    CorkedWrites,
+    HttpListener,
+    Request,
+    raise_open_files_limit,
+)
 from .upstream import (
     HOP_BY_HOP,
     ClientGone,
@@ -1869,19 +1877,29 @@ class _LocalSink(_BatchingSink):
 
 
 @contextlib.contextmanager
-def _quiet_signals() -> Iterator[None]:
+def _quiet_signals(server: Any) -> Iterator[None]:
     """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it
-    found: make that one a no-op, so SIGTERM ends the proxy as cleanly as Ctrl+C (the
-    last records delivered, the trace file closed, the summary printed)."""
+    found: make that one only ask ``server`` to stop, so SIGTERM ends the proxy as
+    cleanly as Ctrl+C (the last records delivered, the trace file closed, the summary
+    printed).  Asking, not nothing: a signal that comes before uvicorn has set its own
+    handlers (it starts the lifespan first) was lost, and the proxy served on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(*_: Any) -> None:
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: Said after a collector's error about its address (port in use, bad address), and only then.
+_ADDRESS_HINT = "--collector picks another address"
 
 
 class _Recording:
@@ -1903,7 +1921,7 @@ class _InProcess(_Recording):
     def __init__(
         self, address: str, output: str | None, sink_kind: str, out: TextIO | None
     ) -> None:
-        from .collector import BackgroundCollector, CollectorError
+        from .collector import BackgroundCollector, CollectorError, OutputFileError
         from .tail import Tail
 
         self.tail = tail = Tail(out)
@@ -1921,8 +1939,10 @@ class _InProcess(_Recording):
             self.background = BackgroundCollector(
                 address, consume, output=output, records=take
             ).start()
+        except OutputFileError as exc:
+            raise ProxyError(str(exc)) from None
         except CollectorError as exc:
-            raise ProxyError(f"{exc}; --collector picks another address") from None
+            raise ProxyError(f"{exc}; {_ADDRESS_HINT}") from None
         self.url = self.background.url
         if sink_kind == "socket":
             self.sink = SocketSink(self.url)
@@ -1959,6 +1979,7 @@ class _ChildProcess(_Recording):
         import subprocess
 
         from .child import ChildError, spawn, wait_line
+        from .collector import OutputFileError
 
         argv = [sys.executable, "-m", "hopscope.app", "tail", "--listen", address]
         if output is not None:
@@ -1976,8 +1997,10 @@ class _ChildProcess(_Recording):
             self._said += self._stop()
             said = self._said.decode(errors="replace").strip().splitlines()
             reason = (first or (said[-1] if said else "")).strip().removeprefix("Error: ")
+            if OutputFileError.said(output, reason):
+                raise ProxyError(reason)
             reason = reason or "the collector did not start"
-            raise ProxyError(f"{reason}; --collector picks another address")
+            raise ProxyError(f"{reason}; {_ADDRESS_HINT}")
         self.url = match
         self.sink = SocketSink(self.url)
 
@@ -2004,8 +2027,12 @@ class _ChildProcess(_Recording):
 def proxy_server(app: ProxyApp) -> Any:
     """A ``uvicorn.Server`` for the proxy (every command that serves it uses this one):
     the observing httptools protocol, no headers of uvicorn's own (a proxy adds no
-    Server or Date), no X-Forwarded-* trust (the proxy sets them for its upstream)."""
+    Server or Date), no X-Forwarded-* trust (the proxy sets them for its upstream), and
+    on the sockets it is given no more clients than descriptors allow
+    (:class:`~hopscope.app.listener.GatedServer`)."""
     import uvicorn
+
+    from .listener import GatedServer
 
     config = uvicorn.Config(
         app,
@@ -2019,7 +2046,7 @@ def proxy_server(app: ProxyApp) -> Any:
         proxy_headers=False,
         timeout_graceful_shutdown=5,
     )
-    return uvicorn.Server(config)
+    return GatedServer(config)
 
 
 def run_proxy(
@@ -2066,6 +2093,7 @@ def run_proxy(
         server_timing=server_timing,
         insecure=insecure,
     )
+    raise_open_files_limit()  # (after the recording child started: it keeps the shell's)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     print(
@@ -2077,7 +2105,7 @@ def run_proxy(
     server = proxy_server(app)
     tune_gc()
     try:
-        with _quiet_signals():
+        with _quiet_signals(server):
             server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass

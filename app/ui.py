@@ -25,7 +25,7 @@ from hopscope.tracing.tracefile import TraceFileError
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.source import PlaybackSource, QueueSource, notice, open_file
 
-from .collector import CollectorError
+from .collector import CollectorError, OutputFileError
 from .feed import CollectorFeed
 
 __all__ = [
@@ -222,6 +222,9 @@ def build_proxy_app(
         try:
             source, feed = live_source(stack, collector, "proxy", output=output, otlp=otlp)
         except CollectorError as exc:
+            # The collector runs in a child: its error comes back as one line, not a type.
+            if isinstance(exc, OutputFileError) or OutputFileError.said(output, str(exc)):
+                raise ProxyError(str(exc)) from None
             raise ProxyError(f"{exc} (choose another with --collector)") from None
         front = FrontProcess(
             sock,
