@@ -446,7 +446,8 @@ class ProxyHttpProtocol(HttpListener):
             "http_version": version,
             "method": method.decode("latin-1") if method is not None else "-",
             "scheme": self.scheme,
-            "path": raw_path.decode("latin-1"),
+            # (UTF-8 as uvicorn decodes a path, what is not UTF-8 as \xNN: never mojibake)
+            "path": raw_path.decode("utf-8", "backslashreplace"),
             "raw_path": raw_path,
             "query_string": query,
             "headers": kept,
