@@ -209,3 +209,52 @@ def test_replay_to_a_socket(uds: Path, tmp_path: Path, serve_asgi: Any) -> None:
     (client,) = trace.by_hop("client")
     assert client.attrs["server.address"] == str(uds)
     assert client.attrs["url.full"] == "http://localhost/replayed"
+
+
+def test_the_uis_replay_suggests_and_reaches_the_socket(uds: Path) -> None:
+    from hopscope.tui.replay_view import ComparisonScreen, TargetScreen
+    from test_tui_replay import run_app, select_first, ui_with
+    from textual.pilot import Pilot
+    from textual.widgets import Input
+    from uitools import wait_for
+
+    with proxy_to(f"unix:{uds}") as proxy:
+        assert httpx.get(f"{proxy.url}/again").status_code == 200
+        events = proxy.sink.events()
+    app = ui_with(events)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await select_first(app, pilot)
+        await pilot.press("r")
+        prompt = await wait_for(
+            pilot, lambda: isinstance(app.screen, TargetScreen) and app.screen, "the prompt"
+        )
+        prompt.query_one("#target-input", Input).value = f"unix:{uds}"
+        await pilot.press("enter")
+        screen = await wait_for(
+            pilot, lambda: isinstance(app.screen, ComparisonScreen) and app.screen, "result"
+        )
+        (result,) = screen.results
+        assert result.error is None, result.error
+        assert result.status == 200
+        assert result.request.url == "http://localhost/again"
+        await pilot.press("escape")
+
+    run_app(app, scenario)
+
+
+def test_a_trace_sent_to_a_socket_suggests_the_socket() -> None:
+    # A client span whose server is a Unix socket (hopscope replay --target unix:PATH -o):
+    # the UI's replay prompt suggested "http:///PATH".
+    from hopscope.tracing.model import assemble
+    from hopscope.tracing.records import new_span_id, new_trace_id, to_events
+    from hopscope.tui.resend import original_target
+
+    trace_id, span_id = new_trace_id(), new_span_id()
+    attrs = {"http.request.method": "GET", "url.path": "/x", "server.address": "/run/app.sock"}
+    records = [
+        ("s", 1, trace_id, span_id, 0, "client", "GET /x", 1, attrs),
+        ("e", 2, trace_id, span_id, {"http.response.status_code": 200}),
+    ]
+    (trace,) = assemble([e for r in records for e in to_events(r)])
+    assert original_target(trace) == "unix:/run/app.sock"

@@ -29,7 +29,7 @@ class TargetScreen(PromptScreen):
     def __init__(self, target: str, count: int) -> None:
         what = "the request" if count == 1 else f"{count} requests"
         super().__init__(
-            f"Replay {what} against (http://HOST:PORT):",
+            f"Replay {what} against (http://HOST:PORT or unix:PATH):",
             # A Host header's control characters shown, not sent: such a target is refused.
             formatting.printable(target),
             accept="send",
@@ -127,7 +127,7 @@ class EditScreen(ModalScreen[Outgoing | None]):
         )
         text = self.query_one("#edit-body", TextArea).text
         body = request.body if text == self._shown["edit-body"] else text.encode("utf-8")
-        return Outgoing(method or "GET", url, headers, body)
+        return Outgoing(method or "GET", url, headers, body, request.uds)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()

@@ -34,6 +34,9 @@ class Outgoing:
     url: str
     headers: list[tuple[str, str]]
     body: bytes
+    #: The Unix socket to send to (a ``unix:PATH`` target: the URL then names
+    #: ``localhost``, as nginx names such an upstream), else None.
+    uds: str | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +61,8 @@ def original_target(trace: Trace) -> str:
     for span in spans:
         host = span.attrs.get("server.address")
         if isinstance(host, str) and host and "http.request.method" in span.attrs:
+            if host.startswith("/"):  # a Unix socket (a proxy's ``--upstream unix:PATH``)
+                return f"unix:{host}"
             scheme = span.attrs.get("url.scheme")
             scheme = scheme if scheme in ("http", "https") else "http"
             port = span.attrs.get("server.port")
@@ -80,9 +85,15 @@ class TargetError(ValueError):
 
 def check_target(text: str) -> str:
     """The target typed in the replay prompt, as a base URL: ``localhost:8000`` means
-    ``http://localhost:8000``.  Anything else that is not ``http(s)://HOST[:PORT]`` (and
-    an optional path prefix) raises :class:`TargetError`, before anything is sent."""
+    ``http://localhost:8000``; ``unix:PATH`` is a server bound to a Unix socket (as
+    ``hopscope replay --target unix:PATH``).  Anything else that is not
+    ``http(s)://HOST[:PORT]`` (and an optional path prefix) raises :class:`TargetError`,
+    before anything is sent."""
     target = text.strip()
+    if target.startswith("unix:"):
+        if not target[5:] or any(ch.isspace() for ch in target):
+            raise TargetError(f"not a target: {text!r}; give unix:PATH to a socket")
+        return target
     if "://" not in target:
         target = "http://" + target
     try:
@@ -103,9 +114,11 @@ def outgoing(captured: CapturedRequest, target: str) -> Outgoing:
     sends them: no Host, framing or hop-by-hop ones, redacted values withheld)."""
     safe = "/!$&'()*+,;=:@~" + ("%" if captured.path_encoded else "")
     path = quote(captured.path.encode("utf-8", "surrogateescape"), safe=safe)
-    url = target.rstrip("/") + path + (f"?{captured.query}" if captured.query else "")
+    uds = target[5:] if target.startswith("unix:") else None
+    base = "http://localhost" if uds is not None else target.rstrip("/")
+    url = base + path + (f"?{captured.query}" if captured.query else "")
     headers, _withheld = replay_headers(captured.headers)
-    return Outgoing(captured.method, url, headers, captured.body)
+    return Outgoing(captured.method, url, headers, captured.body, uds)
 
 
 def _encode(text: str) -> bytes:
@@ -144,7 +157,10 @@ def send(
 
     start = 0
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        transport = None if request.uds is None else httpx.HTTPTransport(uds=request.uds)
+        with httpx.Client(
+            timeout=timeout, follow_redirects=False, trust_env=False, transport=transport
+        ) as client:
             # The captured headers, not httpx's defaults.
             for name in ("accept", "accept-encoding", "user-agent"):
                 del client.headers[name]
@@ -166,7 +182,8 @@ def send(
                 response.close()
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         result.unreachable = True
-        result.error = f"cannot reach {request.url}: {_reason(exc)}"
+        where = request.url if request.uds is None else f"unix:{request.uds}"
+        result.error = f"cannot reach {where}: {_reason(exc)}"
     except httpx.TimeoutException:
         result.error = f"timed out after {timeout:g}s"
     except Exception as exc:  # a bad URL or header typed in the edit screen
