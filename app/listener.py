@@ -716,7 +716,9 @@ class HttpListener(asyncio.Protocol):
         one: the head is measured against :data:`MAX_HEAD`.  Why not on every read: a
         head within one read shorter than the limit cannot be too long, and counting
         each field cost every request."""
-        continued = self._begin != 0
+        # (A made head of _read_upgrade_body's is no head the client sent: its body is
+        # not counted as one, nor the head behind it.)
+        continued = self._begin != 0 and self._resume is None
         self._counting = True
         upgraded = None
         try:

@@ -287,13 +287,16 @@ def _watch_group(pgid: int) -> None:
             stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # (no Ctrl+C, no SIGHUP from the terminal)
         )  # fmt: skip
-        helper.wait(10)  # (the intermediate: it exits at once)
     except (OSError, subprocess.SubprocessError):
         os.close(write)
         return
     finally:
         os.close(read)
+    # Kept from here on, whatever the wait below says: a watchdog that got its pipe
+    # takes the write end's close for hopscope's death (and stops the server).
     _watchdogs[pgid] = write
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        helper.wait(10)  # (the intermediate: it exits at once)
 
 
 def _release_watchdog(pgid: int) -> None:

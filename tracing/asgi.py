@@ -60,7 +60,8 @@ FIRST_CHUNKS = 4
 BACKGROUND_MIN_NS = 10_000_000
 #: Modules whose apps do no work of their own after the response but run it as background
 #: tasks, which hopscope recognises (Starlette's ``BackgroundTask``, which FastAPI's
-#: ``BackgroundTasks`` use), or have none that runs in the request (Django's ASGI handler,
+#: ``BackgroundTasks`` use, and FastAPI's dependencies with ``yield``, closed after the
+#: response), or have none that runs in the request (Django's ASGI handler,
 #: Quart's ``add_background_task``): the time they take to return after the response is
 #: their own unwinding, however long a loaded machine makes it.
 _TASK_FRAMEWORKS = ("starlette.", "fastapi.", "quart.", "django.core.handlers.")
@@ -310,22 +311,26 @@ def _runs_background_tasks(app: Any) -> bool:
     )
 
 
-_watched = False
+def _defer() -> None:
+    """Tell the request running here (if any) that work of its own follows its response."""
+    context = current.get()
+    if context is not None and type(context[0]) is _HTTPRecording:
+        context[0].deferred = True
 
 
 def _watch_background_tasks() -> None:
     """Have each Starlette ``BackgroundTask`` made while a request runs (each of FastAPI's
-    ``BackgroundTasks`` is one) tell that request it has one, once per process.
+    ``BackgroundTasks`` is one) tell that request it has one, once per process; and
+    each FastAPI dependency with ``yield`` (see :func:`_watch_fastapi_dependencies`).
 
     Its ``__init__`` is wrapped, not its ``__call__``: what the task runs, raises and how
     long it takes are untouched, its traceback has no frame of hopscope's, and it is
     still an async callable to whoever asks.  A task is made in the request that queues
     it (in the view, or FastAPI's ``add_task``): its context is the request's."""
-    global _watched
+    _watch_fastapi_dependencies()
     module = sys.modules.get("starlette.background")
-    if _watched or module is None:
+    if module is None:
         return
-    _watched = True
     task_class = module.BackgroundTask
     init = task_class.__init__
     if getattr(init, "__hopscope_wrapped__", False):
@@ -334,12 +339,30 @@ def _watch_background_tasks() -> None:
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        context = current.get()
-        if context is not None and type(context[0]) is _HTTPRecording:
-            context[0].deferred = True
+        _defer()
 
     __init__.__hopscope_wrapped__ = True  # type: ignore[attr-defined]
     task_class.__init__ = __init__
+
+
+def _watch_fastapi_dependencies() -> None:
+    """Have each FastAPI dependency with ``yield`` tell its request, as a background task
+    does.  Why: FastAPI closes them after the response went out (``db.close()`` after
+    ``yield db``), work of the app's own that is a background span.  The function that
+    enters one is wrapped to mark the request, then hands back FastAPI's own coroutine
+    (no frame of hopscope's in a traceback); a FastAPI without it is left alone."""
+    module = sys.modules.get("fastapi.dependencies.utils")
+    solve = getattr(module, "_solve_generator", None)
+    if solve is None or getattr(solve, "__hopscope_wrapped__", False):
+        return
+
+    @functools.wraps(solve)
+    def _solve_generator(*args: Any, **kwargs: Any) -> Any:
+        _defer()
+        return solve(*args, **kwargs)
+
+    _solve_generator.__hopscope_wrapped__ = True  # type: ignore[attr-defined]
+    module._solve_generator = _solve_generator  # type: ignore[union-attr]
 
 
 class BodyCapture:
