@@ -1133,21 +1133,27 @@ class HttpListener(asyncio.Protocol):
         elif self._resume is not None:
             self._read_upgrade_body(data[offset:])
         elif self.parser.get_method() != b"CONNECT" and offset < len(data):
-            # A loop, not a call per request: a read can hold a thousand pipelined
-            # Upgrade requests, and one nested call each ran out of stack.
-            if self._feeding:  # (the loop below, up the stack, parses it next)
-                self._rest = data[offset:]
-                return
-            self._feeding = True
-            rest: bytes | None = data[offset:]
-            try:
-                while rest is not None:
-                    self._rest = None
-                    self.data_received(rest)
-                    rest = self._rest
-            finally:
-                self._feeding = False
+            self._feed(data[offset:])
+
+    def _feed(self, rest: bytes) -> None:
+        """Parse ``rest``, what follows a request the parser stopped at, as a new read.
+
+        A loop, not a call per request: a read can hold a thousand pipelined Upgrade
+        requests, and one nested call each ran out of stack.  Called again from inside
+        the loop (the next of them), it leaves ``rest`` for the loop up the stack."""
+        if self._feeding:
+            self._rest = rest
+            return
+        self._feeding = True
+        more: bytes | None = rest
+        try:
+            while more is not None:
                 self._rest = None
+                self.data_received(more)
+                more = self._rest
+        finally:
+            self._feeding = False
+            self._rest = None
 
     def _read_upgrade_body(self, rest: bytes) -> None:
         """Read the body of an Upgrade request answered as a plain one (``curl --http2
@@ -1168,19 +1174,7 @@ class HttpListener(asyncio.Protocol):
             self._resume = self  # (answered already: the body is read and dropped)
         made = b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n"
         self._begin = _now()  # (data_received then feeds it on the counting path)
-        if self._feeding:  # (a loop up the stack parses it next: see below)
-            self._rest = made + rest
-            return
-        self._feeding = True
-        more: bytes | None = made + rest
-        try:
-            while more is not None:
-                self._rest = None
-                self.data_received(more)
-                more = self._rest
-        finally:
-            self._feeding = False
-            self._rest = None
+        self._feed(made + rest)
 
     def _body_resumed(self) -> None:
         """The made head of :meth:`_read_upgrade_body` is parsed: its body is the
