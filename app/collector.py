@@ -258,7 +258,9 @@ class Collector:
         deadline = loop.time() + self.handshake_timeout
         async with asyncio.timeout_at(deadline):
             first = await reader.readexactly(1)
-        magic = await self._complete(reader, first, len(WIRE_MAGIC), "the handshake", deadline)
+        magic = await self._complete(
+            reader, first, len(WIRE_MAGIC), "the handshake", deadline, self.handshake_timeout
+        )
         if magic != WIRE_MAGIC:
             self._reject("did not start with the hopscope handshake (not a hopscope app?)")
             return
@@ -271,12 +273,14 @@ class Collector:
             except asyncio.IncompleteReadError:
                 return  # closed between frames: nothing lost
             deadline = loop.time() + frame_timeout
-            head = await self._complete(reader, first, _LENGTH.size, "a frame", deadline)
+            head = await self._complete(
+                reader, first, _LENGTH.size, "a frame", deadline, frame_timeout
+            )
             (length,) = _LENGTH.unpack(head)
             if length > self.max_frame or length == 0:
                 self._reject(f"sent a frame of {length} bytes (at most {self.max_frame})")
                 return
-            payload = await self._complete(reader, b"", length, "a frame", deadline)
+            payload = await self._complete(reader, b"", length, "a frame", deadline, frame_timeout)
             try:
                 info, dropped, records = decode_frame(payload)
             except Exception:  # marshal raises ValueError, EOFError, TypeError...
@@ -290,17 +294,23 @@ class Collector:
             self._deliver(info, dropped, records)
 
     async def _complete(
-        self, reader: asyncio.StreamReader, start: bytes, size: int, what: str, deadline: float
+        self,
+        reader: asyncio.StreamReader,
+        start: bytes,
+        size: int,
+        what: str,
+        deadline: float,
+        limit: float,
     ) -> bytes:
         """The rest of ``what`` (``size`` bytes in all, ``start`` read already), by
-        ``deadline`` (loop time), or the peer is dropped and said (:meth:`_handle`)."""
+        ``deadline`` (loop time: ``limit`` seconds after it began), or the peer is
+        dropped and said (:meth:`_handle`)."""
         try:
             async with asyncio.timeout_at(deadline):
                 return start + await reader.readexactly(size - len(start))
         except asyncio.IncompleteReadError:
             raise _Broken("closed the connection in the middle of " + what) from None
         except TimeoutError:
-            limit = self.handshake_timeout if what == "the handshake" else self.frame_timeout
             raise _Broken(f"began {what} and did not end it within {limit:g} s") from None
 
     def _reject(self, reason: str) -> None:
