@@ -21,12 +21,12 @@ import pytest
 from hopscope.tracing import MemorySink, wrap
 from hopscope.tui.app import HopscopeApp
 from hopscope.tui.keymap import ENV
-from hopscope.tui.source import QueueSource
 from rich.syntax import Syntax
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from test_tui_user import run, screen_lines
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
 from uitools import text_of, wait_for
@@ -64,34 +64,6 @@ def traced(
 
     asyncio.run(main())
     return sink.events()
-
-
-def screen_lines(app: HopscopeApp) -> list[str]:
-    """Every line of the screen as the terminal would get it, without styles."""
-    update = app.screen._compositor.render_full_update()
-    return ["".join(segment.text for segment in strip) for strip in update.strips]
-
-
-def run(
-    events: list[Event],
-    scenario: Callable[[HopscopeApp, Pilot[None]], Awaitable[None]],
-    *,
-    size: tuple[int, int] = SIZE,
-    **options: Any,
-) -> HopscopeApp:
-    """``scenario`` on an app that was fed ``events`` (all of them in, before it runs)."""
-    source = QueueSource("user test")
-    app = HopscopeApp(source, keymap={}, **options)
-    requests = len({event["trace_id"] for event in events})
-
-    async def main() -> None:
-        async with app.run_test(size=size, notifications=True) as pilot:
-            source.push(events)
-            await wait_for(pilot, lambda: app.store.total >= requests, "the requests")
-            await scenario(app, pilot)
-
-    asyncio.run(main())
-    return app
 
 
 # -- invisible characters --------------------------------------------------------------------
