@@ -6,6 +6,7 @@ what happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -469,19 +470,18 @@ async def django_echo(request: Any) -> Any:
     return JsonResponse({"method": request.method, "size": len(request.body)})
 
 
-@pytest.fixture(scope="module")
-def django_app() -> Iterator[Any]:
+@contextlib.contextmanager
+def django_asgi(module: str, routes: list[tuple[str, Any]]) -> Iterator[Any]:
+    """Django's ASGI application serving ``routes`` (route, view) from a URL module of
+    its own (``module``), settings configured once per process as Django allows."""
     import django
     from django.conf import settings
     from django.core.asgi import get_asgi_application
     from django.test.utils import override_settings
     from django.urls import path
 
-    urls = types.ModuleType("hopscope_test_django_urls")
-    urls.urlpatterns = [  # type: ignore[attr-defined]
-        path("hello/<str:name>", django_hello),
-        path("echo", django_echo),
-    ]
+    urls = types.ModuleType(module)
+    urls.urlpatterns = [path(route, view) for route, view in routes]  # type: ignore[attr-defined]
     sys.modules[urls.__name__] = urls
     if not settings.configured:
         settings.configure(SECRET_KEY="test", USE_TZ=True, INSTALLED_APPS=[])
@@ -492,6 +492,13 @@ def django_app() -> Iterator[Any]:
     with overrides:
         yield get_asgi_application()
     del sys.modules[urls.__name__]
+
+
+@pytest.fixture(scope="module")
+def django_app() -> Iterator[Any]:
+    routes = [("hello/<str:name>", django_hello), ("echo", django_echo)]
+    with django_asgi("hopscope_test_django_urls", routes) as app:
+        yield app
 
 
 def test_django_sync_view(django_app: Any) -> None:

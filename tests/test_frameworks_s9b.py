@@ -10,9 +10,7 @@ machine's load is played by a server whose last write, or a close, takes 30 ms.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from test_frameworks_asgi import django_asgi
 
 SLOW = 0.03  # longer than asgi.BACKGROUND_MIN_NS
 
@@ -191,24 +190,8 @@ def django_view(request: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def django_app() -> Iterator[Any]:
-    import django
-    from django.conf import settings
-    from django.core.asgi import get_asgi_application
-    from django.test.utils import override_settings
-    from django.urls import path
-
-    urls = types.ModuleType("hopscope_test_s9b_urls")
-    urls.urlpatterns = [path("d", django_view)]  # type: ignore[attr-defined]
-    sys.modules[urls.__name__] = urls
-    if not settings.configured:
-        settings.configure(SECRET_KEY="test", USE_TZ=True, INSTALLED_APPS=[])
-        django.setup()
-    overrides = override_settings(
-        ROOT_URLCONF=urls.__name__, ALLOWED_HOSTS=["*"], DEBUG=False, MIDDLEWARE=[]
-    )
-    with overrides:
-        yield get_asgi_application()
-    del sys.modules[urls.__name__]
+    with django_asgi("hopscope_test_s9b_urls", [("d", django_view)]) as app:
+        yield app
 
 
 def test_django_closing_its_response_slowly_is_no_background_work(django_app: Any) -> None:
