@@ -695,7 +695,8 @@ def proxy(
     Each request's client and proxy hops join the app's own spans in one trace.  The
     UI shows them (--headless: one line each); q or Ctrl+C stops the proxy.
     """
-    from .proxy import ProxyError, run_proxy
+    from .proxy_command import run_proxy
+    from .proxy_config import ProxyError
 
     options: dict[str, Any] = {
         "listen": listen, "output": output, "collector": collector,

@@ -21,7 +21,7 @@ from typing import Any
 
 from .child import ChildError, ChildProcess, ParentLink
 from .listener import raise_open_files_limit
-from .proxy import ProxyError
+from .proxy_config import ProxyError
 
 __all__ = ["Front", "FrontProcess", "main"]
 
@@ -36,7 +36,8 @@ class Front:
     def __init__(self, sock: socket.socket, upstream: str, sink_url: str, **options: Any) -> None:
         from hopscope.tracing.sinks import SocketSink
 
-        from .proxy import ProxyApp, proxy_server
+        from .proxy import ProxyApp
+        from .proxy_command import proxy_server
 
         self.sink = SocketSink(sink_url)
         self.app = ProxyApp(upstream, self.sink, **options)

@@ -27,7 +27,9 @@ the collector, ``tail`` and trace files treat the proxy's records like an app's.
 middlewares do, each request is one :class:`~hopscope.tracing.sinks.Recording` (the
 exchange itself): its path appends timestamps and compact tuples, and it travels as one
 ``"r"`` record that the collector expands (:mod:`hopscope.tracing.proxyrecord`).  The
-command runs that collector and tail in a child process (why: :class:`_ChildProcess`).
+command (:mod:`hopscope.app.proxy_command`) runs that collector and tail in a child
+process.  What the proxy is told (upstream, listen address, timeouts) is parsed in
+:mod:`hopscope.app.proxy_config`.
 
 Upstreams may be ``https://`` (the default TLS context: system CAs, SNI and hostname
 checks against the upstream's host; ``insecure`` skips verification for a development
@@ -48,21 +50,13 @@ than WebSocket (h2c) is answered as a plain request, as nginx answers it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import math
-import os
 import re
-import signal
-import socket
 import ssl
-import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from operator import itemgetter
-from typing import Any, NamedTuple, TextIO
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 from hopscope.tracing.asgi import BodyCapture
 from hopscope.tracing.exceptions import exception_event
@@ -83,7 +77,7 @@ from hopscope.tracing.proxyrecord import (
 )
 from hopscope.tracing.records import BODY_LIMIT, Record, new_trace_id
 from hopscope.tracing.records import random_bits as _getrandbits
-from hopscope.tracing.sinks import Recording, Sink, SocketSink, _BatchingSink
+from hopscope.tracing.sinks import Recording, Sink
 from hopscope.tracing.traceparent import parse_traceparent
 from uvicorn.protocols.http.httptools_impl import (
     STATUS_LINE,
@@ -91,7 +85,6 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from .collector import tune_gc
 from .listener import (
     LOWERED,
     SCAN,
@@ -99,8 +92,8 @@ from .listener import (
     CorkedWrites,
     HttpListener,
     Request,
-    raise_open_files_limit,
 )
+from .proxy_config import ProxyError, Upstream, check_timeout, parse_upstream, tls_context
 from .upstream import (
     HOP_BY_HOP,
     ClientGone,
@@ -119,12 +112,7 @@ __all__ = [
     "ProxyHttpProtocol",
     "Upstream",
     "UvicornProxyProtocol",
-    "check_timeout",
-    "parse_listen",
     "parse_upstream",
-    "proxy_server",
-    "run_proxy",
-    "tls_context",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -216,10 +204,6 @@ _ADDED = {
 _ADDED_XFF_HOST = _ADDED[True, True, False]
 
 
-class ProxyError(Exception):
-    """The proxy cannot start (bad upstream, port in use); the message is one line."""
-
-
 #: Why a request whose target names a host is refused (the proxy forwards only to its
 #: upstream: it is never an open proxy).
 ABSOLUTE_REFUSED = "absolute-form request targets are refused (not an open proxy)"
@@ -233,99 +217,6 @@ class RequestRefused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
-
-
-# --------------------------------------------------------------------------------------
-# Where the upstream is
-# --------------------------------------------------------------------------------------
-
-
-class Upstream:
-    """The one place this proxy forwards to (it is never an open proxy).
-
-    ``unix`` is the path of a Unix socket to connect to instead of ``host:port`` (a
-    gunicorn or uvicorn bound to ``unix:PATH``, as they are behind nginx in production).
-    The upstream is then ``localhost`` in its Host header and URLs, as nginx names it,
-    and the socket's path is its ``host`` (``server.address`` in traces, as OpenTelemetry
-    names a Unix socket), with no port.
-    """
-
-    __slots__ = ("host", "host_header", "origin", "port", "prefix", "scheme", "unix", "url")
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        prefix: str = "",
-        scheme: str = "http",
-        unix: str | None = None,
-    ) -> None:
-        self.host = host if unix is None else unix
-        self.port: int | None = port if unix is None else None
-        self.scheme = scheme
-        self.unix = unix
-        self.prefix = prefix.rstrip("/")
-        shown = f"[{host}]" if ":" in host else host
-        default = 443 if scheme == "https" else 80
-        self.host_header = shown if port == default else f"{shown}:{port}"
-        self.origin = f"{scheme}://{self.host_header}"
-        self.url = f"{self.origin}{self.prefix}"
-
-    def __str__(self) -> str:
-        return f"unix:{self.unix}" if self.unix is not None else self.url
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "https"
-
-
-def parse_upstream(url: str) -> Upstream:
-    """``http[s]://HOST[:PORT][/PREFIX]`` or ``unix:PATH`` -> :class:`Upstream` (raises
-    :class:`ProxyError`)."""
-    if url.startswith("unix:"):
-        path = url[5:]
-        if not path:
-            raise ProxyError(f"--upstream unix: needs a socket path, got {url!r}")
-        return Upstream("localhost", 80, unix=os.path.abspath(path))
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ProxyError(f"invalid --upstream {url!r}: {exc}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProxyError(
-            f"--upstream must look like http://HOST:PORT, https://HOST or unix:PATH, got {url!r}"
-        )
-    if parts.query or parts.fragment:
-        raise ProxyError(f"--upstream cannot have a query or fragment, got {url!r}")
-    default = 443 if parts.scheme == "https" else 80
-    return Upstream(parts.hostname, port or default, parts.path, parts.scheme)
-
-
-def tls_context(insecure: bool = False) -> ssl.SSLContext:
-    """The client context for an https upstream: the system's CAs and hostname checks,
-    or (``insecure``, for a dev server's self-signed certificate) no verification."""
-    context = ssl.create_default_context()
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def check_timeout(option: str, seconds: float) -> float:
-    """``seconds`` when it is a usable timeout (raises :class:`ProxyError`): NaN or
-    infinity would reach the event loop's timers, and every request fail there."""
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ProxyError(f"{option} must be a positive number of seconds, got {seconds!r}")
-    return seconds
-
-
-def parse_listen(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``:PORT`` (loopback) -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ProxyError(f"--listen must be HOST:PORT, got {address!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 # --------------------------------------------------------------------------------------
@@ -1829,288 +1720,3 @@ async def _gone(*_: Any) -> Any:
 
 
 _NO_SCOPE: Scope = {}
-
-
-# --------------------------------------------------------------------------------------
-# Running it: ``hopscope proxy``
-# --------------------------------------------------------------------------------------
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise ProxyError(f"cannot listen on {where}: address already in use") from None
-        raise ProxyError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-class _LocalSink(_BatchingSink):
-    """Hands batches to the in-process collector's loop, skipping the socket round trip.
-
-    A batching sink like the others (bounded queue, drain thread, requests taken as
-    recordings); its "write" delivers the batch on the collector's loop exactly as a
-    SocketSink batch would arrive there.
-    """
-
-    def __init__(
-        self,
-        deliver: Callable[[dict[str, Any], int, list[Record]], None],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        from hopscope.tracing.records import process_info
-
-        self._deliver = deliver
-        self._loop = loop
-        self._info = process_info(os.getpid())
-        super().__init__()
-
-    def _write(self, batch: list[Record], dropped: int) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, self._info, dropped, batch)
-
-
-@contextlib.contextmanager
-def _quiet_signals(server: Any) -> Iterator[None]:
-    """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it
-    found: make that one only ask ``server`` to stop, so SIGTERM ends the proxy as
-    cleanly as Ctrl+C (the last records delivered, the trace file closed, the summary
-    printed).  Asking, not nothing: a signal that comes before uvicorn has set its own
-    handlers (it starts the lifespan first) was lost, and the proxy served on."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(*_: Any) -> None:
-        server.should_exit = True
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-#: Said after a collector's error about its address (port in use, bad address), and only then.
-_ADDRESS_HINT = "--collector picks another address"
-
-
-class _Recording:
-    """The collector and tail the proxy's records go to: started here, stopped here."""
-
-    url: str
-    sink: Sink
-
-    def stop(self) -> str:
-        """Stop; returns the end-of-run summary."""
-        raise NotImplementedError
-
-
-class _InProcess(_Recording):
-    """Collector and tail on a thread of this process; ``sink_kind`` says how the proxy's
-    records reach them: ``local`` (handed to the collector's loop) or ``socket`` (a
-    SocketSink to the collector's port, as an app would)."""
-
-    def __init__(
-        self, address: str, output: str | None, sink_kind: str, out: TextIO | None
-    ) -> None:
-        from .collector import BackgroundCollector, CollectorError, OutputFileError
-        from .tail import Tail
-
-        self.tail = tail = Tail(out)
-
-        def consume(events: list[dict[str, Any]]) -> None:
-            with contextlib.suppress(BrokenPipeError):
-                tail.feed(events)
-
-        def take(records: list[Any], info: dict[str, Any], dropped: int) -> int:
-            with contextlib.suppress(BrokenPipeError):
-                return tail.feed_records(records, info, dropped)
-            return 0
-
-        try:
-            self.background = BackgroundCollector(
-                address, consume, output=output, records=take
-            ).start()
-        except OutputFileError as exc:
-            raise ProxyError(str(exc)) from None
-        except CollectorError as exc:
-            raise ProxyError(f"{exc}; {_ADDRESS_HINT}") from None
-        self.url = self.background.url
-        if sink_kind == "socket":
-            self.sink = SocketSink(self.url)
-        else:
-            loop = self.background._loop
-            assert loop is not None
-            self.sink = _LocalSink(self.background.collector._deliver, loop)
-
-    def stop(self) -> str:
-        self.sink.flush()
-        time.sleep(0.1)  # the last batch of an app upstream, if it is still on its way
-        self.sink.close()
-        self.background.stop()
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            self.tail.close()  # lines still held for late spans
-        dropped = self.background.collector.dropped + self.sink.dropped
-        note = f", {dropped} events dropped" if dropped else ""
-        return f"hopscope proxy: stopped after {self.tail.printed} request(s){note}"
-
-
-class _ChildProcess(_Recording):
-    """``hopscope tail --listen`` in a child process, fed by a SocketSink.
-
-    Why (measured with ``bench/proxy.py --variants`` on a 2-CPU machine): decoding records
-    and folding them into tail lines costs about as much CPU per request as proxying it.
-    On a thread of the proxy's process that work holds the GIL in 5 ms slices, and the
-    proxy's p99 latency doubled; in a child process throughput was the same or better
-    and p99 halved, and where a spare core exists the work runs in parallel.  The child
-    ignores SIGINT so that Ctrl+C in a terminal stops the proxy first: the proxy then
-    delivers its last records and stops the child with SIGTERM.
-    """
-
-    def __init__(self, address: str, output: str | None, otlp: str | None = None) -> None:
-        import subprocess
-
-        from .child import ChildError, spawn, wait_line
-        from .collector import OutputFileError
-
-        argv = [sys.executable, "-m", "hopscope.app", "tail", "--listen", address]
-        if output is not None:
-            argv += ["-o", output]
-        if otlp is not None:
-            argv += ["--otlp", otlp]
-        try:
-            self.proc = spawn(argv, stderr=subprocess.PIPE, with_parent=True)
-        except ChildError as exc:
-            raise ProxyError(str(exc)) from None
-        assert self.proc.stderr is not None
-        first, self._said = wait_line(self.proc, self.proc.stderr.fileno(), timeout=30)
-        match = (first or "").partition("listening on ")[2].partition(";")[0]
-        if not match:
-            self._said += self._stop()
-            said = self._said.decode(errors="replace").strip().splitlines()
-            reason = (first or (said[-1] if said else "")).strip().removeprefix("Error: ")
-            if OutputFileError.said(output, reason):
-                raise ProxyError(reason)
-            reason = reason or "the collector did not start"
-            raise ProxyError(f"{reason}; {_ADDRESS_HINT}")
-        self.url = match
-        self.sink = SocketSink(self.url)
-
-    def _stop(self) -> bytes:
-        """Stop the child (SIGTERM, then SIGKILL) and return the rest of its stderr."""
-        from .child import stop
-
-        stop(self.proc, 10.0, signal.SIGTERM)
-        assert self.proc.stderr is not None
-        with self.proc.stderr:
-            return self.proc.stderr.read()
-
-    def stop(self) -> str:
-        self.sink.flush()
-        time.sleep(0.1)
-        self.sink.close()
-        err = (self._said + self._stop()).decode(errors="replace")
-        lines = err.strip().splitlines() or [""]
-        # The child's stderr is only read now: its --otlp warning and summary come here.
-        said = [line for line in lines[:-1] if "OTLP" in line] + lines[-1:]
-        return "\n".join(line.replace("hopscope: ", "hopscope proxy: ", 1) for line in said)
-
-
-def proxy_server(app: ProxyApp) -> Any:
-    """A ``uvicorn.Server`` for the proxy (every command that serves it uses this one):
-    the observing httptools protocol, no headers of uvicorn's own (a proxy adds no
-    Server or Date), no X-Forwarded-* trust (the proxy sets them for its upstream), and
-    on the sockets it is given no more clients than descriptors allow
-    (:class:`~hopscope.app.listener.GatedServer`)."""
-    import uvicorn
-
-    from .listener import GatedServer
-
-    config = uvicorn.Config(
-        app,
-        http=ProxyHttpProtocol,
-        ws="websockets-sansio",
-        lifespan="on",
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-    )
-    return GatedServer(config)
-
-
-def run_proxy(
-    upstream: str,
-    *,
-    listen: str = "127.0.0.1:8080",
-    output: str | None = None,
-    collector: str = "127.0.0.1:7401",
-    connect_timeout: float = 5.0,
-    read_timeout: float = 60.0,
-    sink_kind: str = "process",
-    out: TextIO | None = None,
-    server_timing: bool = False,
-    otlp: str | None = None,
-    insecure: bool = False,
-) -> None:
-    """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
-
-    Starts the collector (apps upstream send their spans to it), so the proxy's spans
-    and the app's meet in one tail and one ``-o`` file.  ``sink_kind`` picks where it
-    runs: ``process`` (the default, see :class:`_ChildProcess`), or in this process with
-    records handed over (``local``) or sent to its port (``socket``, see
-    :class:`_InProcess`).  Raises :class:`ProxyError` with a one-line reason.
-    """
-    target = parse_upstream(upstream)
-    host, port = parse_listen(listen)
-    check_timeout("--connect-timeout", connect_timeout)
-    check_timeout("--read-timeout", read_timeout)
-    sock = _bind(host, port)
-    recording: _Recording
-    try:
-        if sink_kind == "process":
-            recording = _ChildProcess(collector, output, otlp)
-        else:
-            recording = _InProcess(collector, output, sink_kind, out)
-    except BaseException:
-        sock.close()
-        raise
-    app = ProxyApp(
-        target,
-        recording.sink,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        server_timing=server_timing,
-        insecure=insecure,
-    )
-    raise_open_files_limit()  # (after the recording child started: it keeps the shell's)
-    bound = sock.getsockname()
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    print(
-        f"hopscope proxy: http://{shown}:{bound[1]} -> {target}; "
-        f"apps send traces to HOPSCOPE_SINK={recording.url} (Ctrl+C to stop)",
-        file=sys.stderr,
-        flush=True,
-    )
-    server = proxy_server(app)
-    tune_gc()
-    try:
-        with _quiet_signals(server):
-            server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sock.close()
-        summary = recording.stop()
-    print(summary, file=sys.stderr)

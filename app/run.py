@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .child import ChildError, spawn, wait_line
 from .collector import BackgroundCollector, CollectorError, wait_quiet
 from .front import Front, FrontProcess
-from .proxy import ProxyError
+from .proxy_config import ProxyError
 from .tail import Tail
 
 if TYPE_CHECKING:

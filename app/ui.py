@@ -211,13 +211,13 @@ def build_proxy_app(
     Raises :class:`~hopscope.app.proxy.ProxyError` with a one-line reason.
     """
     from .front import FrontProcess
-    from .proxy import ProxyError, _bind, parse_listen, parse_upstream
+    from .proxy_config import ProxyError, bind, parse_listen, parse_upstream
 
     target = parse_upstream(upstream)
     host, port = parse_listen(listen)
     stack = contextlib.ExitStack()
     try:
-        sock = stack.enter_context(_bind(host, port))
+        sock = stack.enter_context(bind(host, port))
         bound = sock.getsockname()
         try:
             source, feed = live_source(stack, collector, "proxy", output=output, otlp=otlp)

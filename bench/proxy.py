@@ -109,7 +109,7 @@ def start_hopscope(upstream: int, variant: str = "", baseline: str = "") -> Targ
             name, note = "hopscope-baseline", f"the same, from {baseline}"
     elif variant in ("socket", "local"):
         code = (
-            "from hopscope.app.proxy import run_proxy; "
+            "from hopscope.app.proxy_command import run_proxy; "
             f"run_proxy({url!r}, listen='{HOST}:{port}', collector='{HOST}:{collector}', "
             f"sink_kind={variant!r})"
         )

@@ -144,7 +144,8 @@ def _hello_server() -> Any:
 def serve_variant(variant: str, n: int, frames: list[bytes]) -> float:
     """Run ``n`` requests (after a warm-up) inside ``functools.reduce``; CPU s/request."""
     import uvloop
-    from hopscope.app.proxy import ProxyApp, proxy_server
+    from hopscope.app.proxy import ProxyApp
+    from hopscope.app.proxy_command import proxy_server
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -176,7 +176,7 @@ def test_in_process_recording_kinds(
     port, collector = free_port(), free_port()
     output = tmp_path / "trace.jsonl"
     code = (
-        "from hopscope.app.proxy import run_proxy; "
+        "from hopscope.app.proxy_command import run_proxy; "
         f"run_proxy({upstream.url!r}, listen='{HOST}:{port}', collector='{HOST}:{collector}', "
         f"sink_kind={sink_kind!r}, output={str(output)!r})"
     )

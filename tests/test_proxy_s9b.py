@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from hopscope.app import listener
 from hopscope.app.front import Front, FrontProcess
-from hopscope.app.proxy import ProxyError, run_proxy
+from hopscope.app.proxy_command import run_proxy
+from hopscope.app.proxy_config import ProxyError
 from hopscope.app.ui import build_proxy_app
 from test_proxy import serve, wait_until
 
@@ -404,7 +405,7 @@ def test_a_signal_before_uvicorn_listens_for_it_still_stops_the_proxy() -> None:
     # waited 15 s for it, then killed it).
     import signal
 
-    from hopscope.app.proxy import _quiet_signals
+    from hopscope.app.proxy_command import _quiet_signals
 
     class Server:
         should_exit = False

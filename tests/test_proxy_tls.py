@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hopscope.app.proxy import ProxyError, parse_upstream
+from hopscope.app.proxy_config import ProxyError, parse_upstream
 from hopscope.tracing import MemorySink, load
 from hopscope.tracing.model import Span
 from test_proxy import (

@@ -25,7 +25,7 @@ from hopscope.tracing.sinks import SocketSink
 
 from ..child import ParentLink
 from ..front import Front
-from ..proxy import ProxyError
+from ..proxy_config import ProxyError
 from .traffic import Traffic, TrafficError
 
 __all__ = ["Demo", "DemoError", "listen", "main"]
