@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .accept import raise_open_files_limit
 from .child import ChildError, ChildProcess, ParentLink
-from .listener import raise_open_files_limit
 from .proxy_config import ProxyError
 
 __all__ = ["Front", "FrontProcess", "main"]

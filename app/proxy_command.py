@@ -22,8 +22,8 @@ from typing import Any, TextIO
 from hopscope.tracing.records import Record
 from hopscope.tracing.sinks import Sink, SocketSink, _BatchingSink
 
+from .accept import raise_open_files_limit
 from .collector import tune_gc
-from .listener import raise_open_files_limit
 from .proxy import ProxyApp, ProxyHttpProtocol
 from .proxy_config import ProxyError, bind, check_timeout, parse_listen, parse_upstream
 
@@ -207,10 +207,10 @@ def proxy_server(app: ProxyApp) -> Any:
     the observing httptools protocol, no headers of uvicorn's own (a proxy adds no
     Server or Date), no X-Forwarded-* trust (the proxy sets them for its upstream), and
     on the sockets it is given no more clients than descriptors allow
-    (:class:`~hopscope.app.listener.GatedServer`)."""
+    (:class:`~hopscope.app.accept.GatedServer`)."""
     import uvicorn
 
-    from .listener import GatedServer
+    from .accept import GatedServer
 
     config = uvicorn.Config(
         app,

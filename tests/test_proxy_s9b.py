@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hopscope.app import listener
+from hopscope.app import accept
 from hopscope.app.front import Front, FrontProcess
 from hopscope.app.proxy_command import run_proxy
 from hopscope.app.proxy_config import ProxyError
@@ -258,7 +258,7 @@ def test_the_proxy_under_the_ui_raises_its_limit_too() -> None:
 def test_accepting_pauses_at_the_budget_and_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
     """In process, with a budget of 4 clients: 20 connected at once are all served, never
     more than 4 accepted at a time, and accepting was paused and resumed."""
-    monkeypatch.setattr(listener, "client_budget", lambda: 4)
+    monkeypatch.setattr(accept, "client_budget", lambda: 4)
     most = 0
     with serve(_hello) as upstream:
         sock = socket.create_server((HOST, 0))
