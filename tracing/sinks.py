@@ -911,14 +911,11 @@ class SocketSink(_BatchingSink):
 
     def _finish_pending(self, deadline: float) -> None:
         """With the drain lock held: wait (up to ``deadline``) until the socket took all."""
-        poller = select.poll()
         while self._pending and (sock := self._sock) is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            poller.register(sock, select.POLLOUT)
-            poller.poll(left * 1000)
-            poller.unregister(sock)
+            _wait_writable(sock, left)
             try:
                 self._push(sock)
             except OSError:
@@ -948,6 +945,25 @@ class SocketSink(_BatchingSink):
 
 
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds until ``sock`` takes more bytes.
+
+    ``select.poll`` where there is one (it takes any descriptor number); eventlet's
+    monkey-patching removes it, and its green ``select.select`` (no descriptor limit:
+    its hub waits) is what is left there.  Looked up at each call: a program may
+    monkey-patch after this module was imported."""
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        try:
+            select.select((), (sock,), (), timeout)
+        except (OSError, ValueError):  # a descriptor past a plain select()'s limit
+            time.sleep(min(timeout, 0.005))
+        return
+    poller = poll()
+    poller.register(sock, select.POLLOUT)
+    poller.poll(timeout * 1000)
 
 
 def _peer_closed(sock: socket.socket) -> bool:
