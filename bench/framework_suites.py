@@ -3,8 +3,10 @@
 hopscope's middleware must not change what an app does.  The frameworks' own suites are
 the widest check of that there is: their test clients call the app the way hopscope's
 framework patches see it (``Flask.__call__``, Django's handlers, ``Starlette.__call__``,
-which FastAPI's ends in, ``Quart.__call__``), uvicorn's run its real server through
-hopscope's wrap point and protocol classes, and they assert bytes, headers, streaming,
+which FastAPI's ends in, ``Quart.__call__``; Django's test ``Client`` through its
+``ClientHandler``), uvicorn's run its real server through hopscope's wrap point and
+protocol classes, Werkzeug's its development server (``run_simple``, in subprocesses:
+see ``resets_pythonpath``), and they assert bytes, headers, streaming,
 exceptions and warnings-as-errors.  Each suite runs twice in the same virtualenv, once bare and once
 under ``hopscope run --headless``, and every test whose outcome differs is listed: each
 one is a hopscope bug, or a test that asserts something no middleware can keep, listed
@@ -56,6 +58,10 @@ class Suite:
     extras: tuple[str, ...] = ()  # of ``dist``, e.g. starlette[full]
     #: Where the tests are when the sdist has none (``--source NAME=DIR`` takes a checkout).
     repository: str = ""
+    #: The suite starts servers with a PYTHONPATH of its own, which drops hopscope's
+    #: bootstrap: in the hopscope run, a ``.pth`` file of the venv puts it back (see
+    #: :data:`BOOTSTRAP_PTH`).
+    resets_pythonpath: bool = False
 
     def version(self) -> str:
         try:
@@ -76,6 +82,19 @@ DJANGO_LABELS = (
     "staticfiles_tests",
     "test_client",
     "test_client_regress",
+    # Request and response handling through Django's handlers and test client.
+    "file_uploads",
+    "view_tests",
+    "conditional_processing",
+    "csrf_tests",
+    "sessions_tests",
+    "generic_views",
+    "responses",
+    "httpwrappers",
+    "signed_cookies_tests",
+    "messages_tests",
+    "decorators",
+    "urlpatterns_reverse",
 )
 
 SUITES: dict[str, Suite] = {
@@ -85,6 +104,32 @@ SUITES: dict[str, Suite] = {
         # Flask 3.1's tests import pytest internals that pytest 9 removed.
         requirements=("werkzeug", "pytest==8.4.2", "pytest-timeout", "asgiref", "python-dotenv"),
         args=("tests",),
+    ),
+    "werkzeug": Suite(
+        dist="werkzeug",
+        pin="3.1.9",
+        # Its dev_server tests run real servers (live_apps/run.py: run_simple) in
+        # subprocesses, which the bootstrap reaches: the server wrap point runs there.
+        requirements=(
+            "pytest==8.4.2",
+            "pytest-timeout",
+            "watchdog",
+            "ephemeral-port-reserve",
+            "cryptography",
+            "cffi",
+        ),
+        args=(
+            "tests",
+            "--timeout",
+            "120",
+            # The watchdog reloader watches sys.path recursively, the interpreter's
+            # own library too: on a machine where other Pythons run it overflows
+            # inotify's queue and reconciles forever (bare as well).
+            "--deselect",
+            "tests/test_serving.py::test_reloader_sys_path[watchdog]",
+        ),
+        # Its dev_server fixture sets PYTHONPATH to the test's folder.
+        resets_pythonpath=True,
     ),
     "starlette": Suite(
         dist="starlette",
@@ -237,6 +282,16 @@ EXPECTED: dict[str, dict[str, str]] = {
         ),
     },
 }
+
+
+#: Run by ``site`` in every Python of a suite's venv (before ``sitecustomize`` is
+#: imported): in the hopscope run only, the bootstrap's folder goes first on ``sys.path``
+#: again when a suite's subprocess lost it from PYTHONPATH, as ``hopscope run`` had it.
+BOOTSTRAP_PTH = (
+    "import os, sys; "
+    "folder = os.environ.get('HOPSCOPE_SUITE_BOOTSTRAP'); "
+    "folder and folder not in sys.path and sys.path.insert(0, folder)\n"
+)
 
 
 class SetupError(Exception):
@@ -419,8 +474,23 @@ def run_suite(
             f"--junitxml={report}",
         ]
     trace = work / f"{name}-trace.jsonl"
+    if suite.resets_pythonpath:
+        site_packages = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        (Path(site_packages) / "hopscope-suite-bootstrap.pth").write_text(BOOTSTRAP_PTH)
     if hopscope:
         trace.unlink(missing_ok=True)
+        if suite.resets_pythonpath:  # the folder ``hopscope run`` puts on PYTHONPATH
+            env["HOPSCOPE_SUITE_BOOTSTRAP"] = subprocess.run(
+                [str(python), "-c", "from hopscope.app.run import BOOTSTRAP_DIR as d; print(d)"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         command = [
             str(python),
             "-m",

@@ -123,6 +123,8 @@ class ASGIMiddleware:
             request = recording.request = _REQUEST_FIELDS(scope)
         except KeyError:
             request = recording.request = _request_fields(scope)
+        if request[7].__class__ is not list:  # (servers send a list: see _plain)
+            request = recording.request = _plain(scope)
         # (``in`` then a subscript only when it is there: no method call on most requests.)
         if "hopscope" in scope and (server := scope["hopscope"]) is not None:
             trace_id = recording.trace_id = server["trace_id"]
@@ -182,6 +184,8 @@ class ASGIMiddleware:
         # What returned() and seal() do, inlined: two calls less on every request.
         if recording.complete:
             if recording.end_at < 0:
+                if recording.handling is not None:
+                    recording._handled()
                 recording._end(recording.end_extra)
             if _now() - recording.end_ts > BACKGROUND_MIN_NS and (
                 not self.tasks_only
@@ -295,6 +299,47 @@ def _mount(scope: Scope, root_path: Any) -> str | None:
     if not isinstance(prefix, str) or not prefix.startswith(root_path):
         return None
     return prefix[len(root_path) :] or None
+
+
+def _plain(scope: Scope) -> tuple[Any, ...]:
+    """The request's fields, once the scope's headers, client and server are lists and
+    tuples.  ASGI allows any iterables there, and Falcon's test client sends iterators
+    (of iterators, for the header pairs): read for a ``traceparent`` they would be used
+    up before the app reads them, and a sink could not send them.  Put back into the
+    scope as lists and tuples of the same values, they read the same for the app."""
+    headers = scope.get("headers")
+    if headers is not None:
+        pairs = headers if type(headers) is list or type(headers) is tuple else list(headers)
+        if not all(type(pair) is tuple or type(pair) is list for pair in pairs):
+            pairs = [tuple(pair) for pair in pairs]
+        if pairs is not headers:
+            scope["headers"] = pairs
+    for key in ("client", "server"):
+        value = scope.get(key)
+        if value is not None and type(value) is not tuple and type(value) is not list:
+            scope[key] = tuple(value)
+    return _request_fields(scope)
+
+
+def _template(scope: Scope) -> str | None:
+    """The route template Litestar leaves in the scope once it routed the request
+    (``/items/{item_id}``); read where the response ends, only for requests without a
+    Starlette route."""
+    template = scope.get("path_template")
+    return template if type(template) is str and template else None
+
+
+def _listed(message: Message, headers: Any) -> tuple[Message, Any]:
+    """The message as the server gets it, and its headers as recorded.  ASGI allows any
+    iterable of header pairs: one the server would use up (Sanic sends a generator) is
+    made a list first, in a copy of the message (the app's own is left as it is), so the
+    server and the recording both see every header.  Lists and tuples are kept."""
+    if headers is None or type(headers) is tuple:
+        return message, headers
+    headers = list(headers)
+    copy = dict(message)
+    copy["headers"] = headers
+    return copy, headers
 
 
 def _runs_background_tasks(app: Any) -> bool:
@@ -512,6 +557,23 @@ class _HTTPRecording(Recording):
                 )
             )
 
+    def _handled(self) -> None:
+        """The app returned after it sent a server error page while it handled an
+        exception, which it then swallowed (Litestar's exception middleware, a Starlette
+        exception handler): nothing logged it, so that exception is recorded here, as if
+        the app had raised it.  (Only on this rare path: error pages below 500 are the
+        app's answers, a 404 for a route Litestar raised as an exception.)"""
+        exc = self.handling
+        status = self.status
+        if isinstance(exc, Exception) and type(status) is int and status >= 500:
+            self.items.append(
+                exception_event(self.trace_id, self.span_id, exc, phase="before_response")
+            )
+            extra = dict(self.end_extra or ())
+            extra["error"] = True
+            extra["exception.type"] = type(exc).__qualname__
+            self.end_extra = extra
+
     # -- end -------------------------------------------------------------------
     def _complete(self, extra: dict[str, Any] | None, handed: int) -> None:
         """The response is fully sent: the span ends here, unless it is an error page."""
@@ -545,8 +607,11 @@ class _HTTPRecording(Recording):
                 self.route = path
             else:
                 self.route = _route(scope, self.request[8])
-        elif self.route is None and scope.get("root_path") is not self.request[8]:
-            self.route = _mount(scope, self.request[8])
+        elif self.route is None:
+            if scope.get("root_path") is not self.request[8]:
+                self.route = _mount(scope, self.request[8])
+            elif "path_template" in scope:
+                self.route = _template(scope)
         request = self.request_body
         if request is not None:
             request.kept()
@@ -727,6 +792,15 @@ async def _send(channels: _Channels, message: Message) -> None:
     except (KeyError, TypeError):  # not a message: the server's to refuse
         kind = None
     if kind == "http.response.start":
+        # Read before the server has the message: headers may be any iterable, and a
+        # generator (Sanic's) is used up by the server (see _listed).
+        try:
+            headers = message["headers"]
+        except KeyError:
+            headers = None
+        else:
+            if headers.__class__ is not list:
+                message, headers = _listed(message, headers)
         try:
             await send(message)
         except OSError:
@@ -740,10 +814,6 @@ async def _send(channels: _Channels, message: Message) -> None:
         except KeyError:
             status = 0
         recording.status = status
-        try:
-            headers = message["headers"]
-        except KeyError:
-            headers = None
         recording.response_headers = headers
         if "trailers" in message and message["trailers"]:  # noqa: RUF019 (see above)
             recording.trailers = True
@@ -819,12 +889,11 @@ async def _send(channels: _Channels, message: Message) -> None:
                 recording.route = path
             else:
                 recording.route = _route(scope, root_path)
-        elif (
-            recording.route is None
-            and "root_path" in scope
-            and scope["root_path"] is not recording.request[8]
-        ):
-            recording.route = _mount(scope, recording.request[8])
+        elif recording.route is None:
+            if "root_path" in scope and scope["root_path"] is not recording.request[8]:
+                recording.route = _mount(scope, recording.request[8])
+            elif "path_template" in scope:
+                recording.route = _template(scope)
         recording.end_at = len(recording.items)  # publishes the end: written last
         return
     if body:
@@ -938,6 +1007,8 @@ class _WebSocketRecorder(Sink):
     async def run(self, receive: Receive, send: Send) -> Any:
         scope = self.scope
         start = _now()
+        if scope.get("headers").__class__ is not list:
+            _plain(scope)
         trace_id, parent_id = _ids(scope)
         self.trace_id = trace_id
         self.span_id = span_id = new_span_id()
@@ -997,7 +1068,12 @@ class _WebSocketRecorder(Sink):
             )
             if self.status is not None:
                 end_attrs["http.response.status_code"] = self.status
-            route = _route(scope, self.root_path) or self.route or _mount(scope, self.root_path)
+            route = (
+                _route(scope, self.root_path)
+                or self.route
+                or _mount(scope, self.root_path)
+                or _template(scope)
+            )
             if route is not None:
                 end_attrs["http.route"] = route
             self.sink.emit(("e", _now(), trace_id, span_id, end_attrs))

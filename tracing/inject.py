@@ -10,15 +10,19 @@ import, and nothing is imported that the program would not import itself.
 Two kinds of wrap points, as checked in the server-hooks notes:
 
 * The server's: where a server gets the app it will call (uvicorn ``Config.load``,
-  gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``).  The app is
-  wrapped with :func:`hopscope.tracing.wrap`, unless the user's code wraps it already,
+  gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``, Werkzeug
+  ``run_simple``).  The app is wrapped with :func:`hopscope.tracing.wrap`, unless the
+  user's code wraps it already,
   maybe under middleware of their own (:func:`hopscope.tracing.wrap.is_traced`), and the
   server hop is added where the server allows it: hopscope's uvicorn protocol classes,
   gunicorn's request hooks (chained to the user's, never replacing them).
-* The framework's, for servers without a hook (``flask run``, Django's ``runserver``,
+* The framework's, for servers without a hook (Django's ``runserver``,
   waitress, granian, daphne) and test clients that call the app directly:
-  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler``, ``Starlette.__call__``
-  (FastAPI's ends in Starlette's) and ``Quart.__call__``.  They record only when no
+  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` (and its test ``Client``'s
+  ``ClientHandler``), ``Starlette.__call__``
+  (FastAPI's ends in Starlette's) and ``Quart.__call__``; likewise Litestar's, Falcon's
+  (WSGI and ASGI), Sanic's ASGI app, Bottle's and Pyramid's ``Router``.  Sanic's own
+  server calls none of them: starting it says so.  They record only when no
   server wrap point fired in the process and no hopscope span is current, so they never
   add a second app span.
   Patching the handler's call rather than ``get_wsgi_application`` is why: under
@@ -27,9 +31,10 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   (:class:`_Result`): Django's handler returns the ``HttpResponse``, and code that calls
   it directly uses more of it than a server does.
 
-Quart and Django keep the route they matched on their request objects, which the
+Quart, Django and Falcon keep the route they matched on their request objects, which the
 middlewares do not see: a hook where each has just matched it hands it to the request's
-span (:func:`_note_route`); :data:`ROUTE_PATCHES` are these alone, for ``hopscope run
+span (:func:`_note_route`; Falcon's WSGI app also hands over the exception it answered
+500 for, :func:`_note_error`); :data:`ROUTE_PATCHES` are these alone, for ``hopscope run
 TARGET``, which wraps the app itself.
 
 Tracing never stops the program: a patch that fails says why on stderr in one line
@@ -402,6 +407,35 @@ def _patch_hypercorn(module: ModuleType) -> None:
     module.__dict__["load_application"] = patched_load_application
 
 
+# -- werkzeug ----------------------------------------------------------------------------
+
+
+def _patch_werkzeug(module: ModuleType) -> None:
+    """``run_simple``, Werkzeug's development server: ``flask run``, ``app.run()`` and
+    plain Werkzeug apps all end in it, which no framework patch reaches for the last.
+
+    The app is wrapped as it is handed in, inside the debugger and static files that
+    ``run_simple`` adds, so the span sees the app's own exceptions and responses.  Each
+    request runs in the middleware's context on the thread that serves it, so the
+    framework patches stand aside without :data:`_served`, which stays as it was: a test
+    that starts a server leaves the process's test clients traced.
+    """
+    run_simple = module.run_simple
+
+    @functools.wraps(run_simple)
+    def patched_run_simple(*args: Any, **kwargs: Any) -> Any:
+        global _served
+        served = _served
+        if "application" in kwargs:
+            kwargs["application"] = _wrap(kwargs["application"], "the app", "wsgi")
+        elif len(args) > 2:
+            args = (*args[:2], _wrap(args[2], "the app", "wsgi"), *args[3:])
+        _served = served
+        return run_simple(*args, **kwargs)
+
+    module.__dict__["run_simple"] = patched_run_simple
+
+
 # -- frameworks, for servers without a hook ----------------------------------------------
 
 _MIDDLEWARE = "_hopscope_middleware"
@@ -489,6 +523,28 @@ def _app_result(body: Any) -> Any:
     return (_SizedResult if hasattr(result, "__len__") else _Result)(body, result)
 
 
+#: The own dicts of apps whose class has none (``__slots__``: Litestar, Falcon, Sanic):
+#: id -> (the app, its dict).  Holding the app keeps its id from being reused; few apps
+#: serve requests in a process, and past 64 the oldest is let go.
+_SLOTTED: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _own(app: Any) -> dict[str, Any]:
+    """Where the framework patches keep an app's middleware: its ``__dict__``, or one
+    kept here for an app without (:data:`_SLOTTED`)."""
+    entry = _SLOTTED.get(id(app))
+    if entry is not None and entry[0] is app:
+        return entry[1]
+    try:
+        own: dict[str, Any] = app.__dict__
+    except AttributeError:
+        if len(_SLOTTED) >= 64:
+            del _SLOTTED[next(iter(_SLOTTED))]
+        own = {}
+        _SLOTTED[id(app)] = (app, own)
+    return own
+
+
 def _patch_wsgi_call(cls: type) -> None:
     """Make ``cls.__call__`` record its requests when no hopscope span is current."""
     from .context import current
@@ -499,12 +555,13 @@ def _patch_wsgi_call(cls: type) -> None:
     def __call__(self: Any, environ: Any, start_response: Any) -> Any:
         if _served or current.get() is not None:
             return call(self, environ, start_response)
-        middleware = self.__dict__.get(_MIDDLEWARE)
+        own = _own(self)
+        middleware = own.get(_MIDDLEWARE)
         if middleware is None:
             from .wrap import is_traced
             from .wsgi import WSGIMiddleware
 
-            middleware = self.__dict__.setdefault(
+            middleware = own.setdefault(
                 _MIDDLEWARE,
                 is_traced(self) or WSGIMiddleware(functools.partial(call, self)),
             )
@@ -526,12 +583,13 @@ def _patch_asgi_call(cls: type) -> None:
     async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> Any:
         if _served or current.get() is not None:
             return await call(self, scope, receive, send)
-        middleware = self.__dict__.get(_MIDDLEWARE)
+        own = _own(self)
+        middleware = own.get(_MIDDLEWARE)
         if middleware is None:
             from .asgi import ASGIMiddleware
             from .wrap import is_traced
 
-            middleware = self.__dict__.setdefault(
+            middleware = own.setdefault(
                 _MIDDLEWARE,
                 is_traced(self) or ASGIMiddleware(functools.partial(call, self)),
             )
@@ -587,6 +645,58 @@ def _patch_django_base(module: ModuleType) -> None:
     base_class.resolve_request = resolve_request
 
 
+def _ignore_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+    return None
+
+
+def _no_close() -> None:
+    pass
+
+
+def _patch_django_test_client(module: ModuleType) -> None:
+    """Django's test ``Client`` calls its ``ClientHandler`` with the environ alone and
+    reads the ``HttpResponse`` it returns: not WSGI, so ``WSGIHandler``'s patch never
+    sees those requests.  The handler's call is recorded here as a WSGI app's would be:
+    status and headers as ``WSGIHandler`` sends them, and the content of a response the
+    handler has in full (a streaming one is the client's to read later: its span ends
+    without its body).  The client gets the handler's own response, or its exception,
+    even if recording failed.  (``AsyncClient``'s handler is not recorded.)
+    """
+    from .context import current
+
+    handler_class = module.ClientHandler
+    call = handler_class.__call__
+
+    @functools.wraps(call)
+    def __call__(self: Any, environ: Any) -> Any:
+        if _served or current.get() is not None:
+            return call(self, environ)
+        from .wsgi import WSGIMiddleware
+
+        responses: list[Any] = []
+
+        def app(environ: Any, start_response: Any) -> Any:
+            response = call(self, environ)
+            responses.append(response)
+            cookies = [("Set-Cookie", c.output(header="")) for c in response.cookies.values()]
+            start_response(
+                f"{response.status_code} {response.reason_phrase}", [*response.items(), *cookies]
+            )
+            return () if response.streaming else (response.content,)
+
+        try:
+            body = WSGIMiddleware(app)(environ, _ignore_start_response)
+            for _ in body:  # the span's body, then its end: nothing of the response's runs
+                pass
+            getattr(body, "close", _no_close)()
+        except Exception:
+            if not responses:  # the handler's own exception
+                raise
+        return responses[0]
+
+    handler_class.__call__ = __call__
+
+
 def _patch_starlette(module: ModuleType) -> None:
     # FastAPI's __call__ ends in Starlette's, so FastAPI apps are covered too.
     _patch_asgi_call(module.Starlette)
@@ -618,6 +728,23 @@ def _note_route(context: Any, route: Any) -> None:
         and context.span_id == recording.span_id  # (not a span of the user's)
     ):
         recording.route = route  # type: ignore[union-attr]
+
+
+def _note_error(context: Any, error: Any) -> None:
+    """Record on the request's WSGI app span the exception its framework caught and
+    answered with an error page, as if the app had raised it (see :func:`_note_route`
+    for whose span that is)."""
+    from .wsgi import _Exchange
+
+    recording = context.sink
+    if (
+        isinstance(error, Exception)
+        and isinstance(recording, _Exchange)
+        and context.span_id == recording.span_id
+        and recording.error is None
+        and recording.end_at < 0
+    ):
+        recording.failed(error)
 
 
 def _quart_route(context: Any, request_context: Any, kind: str) -> None:
@@ -658,11 +785,103 @@ def _patch_quart_routes_only(module: ModuleType) -> None:
     _patch_quart_route(module.Quart)
 
 
+def _patch_falcon_routes(module: ModuleType) -> None:
+    """Note the URI template Falcon matched (``/items/{item_id:int}``), WSGI or ASGI,
+    HTTP or WebSocket: it keeps it on its request (``req.uri_template``), which the
+    middlewares do not see, so its router's answer is handed over as it is made.
+
+    And the exception a WSGI app's handler raised: Falcon answers 500 and writes the
+    traceback to ``wsgi.errors`` only (its ASGI app logs it, which hopscope records), so
+    its default handler hands it to the request's span (:func:`_note_error`)."""
+    from .context import current
+
+    app_class = module.App
+    get_responder = app_class._get_responder
+    error_handler = app_class._python_error_handler
+
+    @functools.wraps(error_handler)
+    def _python_error_handler(self: Any, req: Any, resp: Any, error: Any, params: Any) -> Any:
+        context = current.get()
+        if context is not None:
+            try:
+                _note_error(context, error)
+            except Exception:  # tracing never fails a request
+                pass
+        return error_handler(self, req, resp, error, params)
+
+    # (Set before the user's App() exists: its __init__ registers the bound method.)
+    app_class._python_error_handler = _python_error_handler
+
+    @functools.wraps(get_responder)
+    def _get_responder(self: Any, req: Any) -> Any:
+        found = get_responder(self, req)
+        context = current.get()
+        if context is not None:
+            try:
+                _note_route(context, found[3])
+            except Exception:  # tracing never fails a request
+                pass
+        return found
+
+    app_class._get_responder = _get_responder
+
+
+def _patch_falcon(module: ModuleType) -> None:
+    _patch_falcon_routes(module)
+    _patch_wsgi_call(module.App)  # (falcon.asgi.App has a __call__ of its own)
+
+
+def _patch_falcon_asgi(module: ModuleType) -> None:
+    _patch_asgi_call(module.App)
+
+
+def _patch_litestar(module: ModuleType) -> None:
+    _patch_asgi_call(module.Litestar)
+
+
+def _patch_bottle(module: ModuleType) -> None:
+    _patch_wsgi_call(module.Bottle)
+
+
+def _patch_pyramid(module: ModuleType) -> None:
+    _patch_wsgi_call(module.Router)
+
+
+def _patch_sanic(module: ModuleType) -> None:
+    """Sanic's own server calls its app by no interface hopscope wraps: say so, and how
+    to get traces (Sanic's ASGI app under uvicorn or hypercorn is traced), when the
+    command starts it, rather than serve it untraced without a word."""
+    sanic_class = module.Sanic
+
+    def patch(name: str) -> None:
+        import inspect
+
+        serve = inspect.getattr_static(sanic_class, name, None)  # (on a mixin of Sanic's)
+        if not isinstance(serve, classmethod):
+            return
+        function = serve.__func__
+
+        @functools.wraps(function)
+        def patched(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            _say(
+                "Sanic's own server cannot be traced: serve the app as ASGI instead, "
+                "e.g. hopscope run -- uvicorn MODULE:app"
+            )
+            return function(cls, *args, **kwargs)
+
+        setattr(sanic_class, name, classmethod(patched))
+
+    patch("serve")
+    patch("serve_single")
+    _patch_asgi_call(sanic_class)  # its ASGI app, under an ASGI server without a hook
+
+
 #: The patches that only hand the middlewares the route a framework keeps on its
 #: request: for a process that wraps the app itself (``hopscope run TARGET``).
 ROUTE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "quart.app": _patch_quart_routes_only,
     "django.core.handlers.base": _patch_django_base,
+    "falcon.app": _patch_falcon_routes,
 }
 
 #: Module name -> the patch applied right after that module first runs.
@@ -671,12 +890,20 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "uvicorn.supervisors.basereload": _patch_uvicorn_reload,
     "gunicorn.app.wsgiapp": _patch_gunicorn,
     "hypercorn.utils": _patch_hypercorn,
+    "werkzeug.serving": _patch_werkzeug,
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
     "django.core.handlers.base": _patch_django_base,
+    "django.test.client": _patch_django_test_client,
     "starlette.applications": _patch_starlette,
     "quart.app": _patch_quart,
+    "falcon.app": _patch_falcon,
+    "falcon.asgi.app": _patch_falcon_asgi,
+    "litestar.app": _patch_litestar,
+    "sanic.app": _patch_sanic,
+    "bottle": _patch_bottle,
+    "pyramid.router": _patch_pyramid,
 }
 
 

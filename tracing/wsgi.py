@@ -440,6 +440,7 @@ class _Exchange(Recording):
             write = self._server_start_response(status, headers)
         else:
             write = self._server_start_response(status, headers, exc_info)
+            self.error_page(exc_info)
         self._server_write = write
         try:
             code = _CODES[status]
@@ -487,6 +488,18 @@ class _Exchange(Recording):
         self.items.append(exception_event(self.trace_id, self.span_id, exc, phase=self.phase()))
         if self.error is None:
             self.error = type(exc).__qualname__
+
+    def error_page(self, exc_info: Any) -> None:
+        """The app answers with an error page for an exception it caught: PEP 3333's
+        ``exc_info`` says which (Bottle's 500 page).  The app swallows it, and may only
+        have written it to ``wsgi.errors``, so it is recorded here, as if raised."""
+        exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+        if isinstance(exc, Exception):
+            self.items.append(
+                exception_event(self.trace_id, self.span_id, exc, phase="before_response")
+            )
+            if self.error is None:
+                self.error = type(exc).__qualname__
 
     def disconnected(self) -> None:
         """The server closed the body before the app finished it: the client left."""
@@ -571,10 +584,12 @@ class _Exchange(Recording):
 
 
 def _route(environ: WSGIEnvironment) -> str | None:
-    """The URL rule Flask (Werkzeug) matched, if it left its request in the environ."""
+    """The URL rule Flask (Werkzeug) matched, if it left its request in the environ, or
+    Bottle's route (it leaves the route it matched there, once the app ran)."""
     request = environ.get("werkzeug.request")
     if request is None:
-        return None
+        rule = getattr(environ.get("bottle.route"), "rule", None)
+        return rule if isinstance(rule, str) else None
     rule = getattr(getattr(request, "url_rule", None), "rule", None)
     return rule if isinstance(rule, str) else None
 

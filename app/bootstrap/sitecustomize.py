@@ -19,12 +19,36 @@ This is package data, not a module of hopscope: it is only ever imported as
 ``sitecustomize``.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 
+TYPE_CHECKING = False  # (no typing import at start-up; mypy knows the name)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
 #: Top-level packages whose first import installs hopscope's hooks: those of the modules
 #: in ``hopscope.tracing.inject.PATCHES`` (a test keeps the two in step).
-TRIGGERS = frozenset({"django", "flask", "gunicorn", "hypercorn", "quart", "starlette", "uvicorn"})
+TRIGGERS = frozenset(
+    {
+        "bottle",
+        "django",
+        "falcon",
+        "flask",
+        "gunicorn",
+        "hypercorn",
+        "litestar",
+        "pyramid",
+        "quart",
+        "sanic",
+        "starlette",
+        "uvicorn",
+        "werkzeug",
+    }
+)
 
 
 def _hopscope_first_to_say(key: str) -> bool:
@@ -60,12 +84,22 @@ def _hopscope_install() -> None:
 
 
 class _HopscopeTrigger:
-    """A ``sys.meta_path`` entry that finds nothing: it only notices the first import of
-    a trigger package, installs hopscope's hooks, and lets that import go on."""
+    """A ``sys.meta_path`` entry that finds nothing of its own: it only notices the first
+    import of a trigger package, installs hopscope's hooks, and lets that import go on
+    (through the hooks, for a trigger they patch)."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname in TRIGGERS:
             _hopscope_install()
+            # The hooks just went first in ``sys.meta_path``, a place this very import has
+            # gone past: a module they patch that is itself a trigger (``bottle`` is one
+            # module) is handed to them here, or it would load unpatched.
+            hooks = sys.meta_path[0] if sys.meta_path else None
+            if hooks is not None and type(hooks).__name__ == "_PatchingFinder":
+                return hooks.find_spec(fullname, path, target)
+        return None
 
     def invalidate_caches(self) -> None:
         pass
