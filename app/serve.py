@@ -135,6 +135,7 @@ def _ready_writer(fd: int | None) -> Callable[[str], None]:
 def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> int:
     import uvicorn
     from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
+    from hopscope.tracing.servers.uvicorn_ws import ws_protocol
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -143,7 +144,11 @@ def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> i
                 ready("asgi uvicorn")
 
     config = uvicorn.Config(
-        _traced(app), http=HttpToolsProtocol, log_level="warning", access_log=False
+        _traced(app),
+        http=HttpToolsProtocol,
+        ws=ws_protocol() or "none",  # uvicorn's "auto", with the server hop
+        log_level="warning",
+        access_log=False,
     )
     server = Server(config)
     try:

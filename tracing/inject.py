@@ -197,6 +197,22 @@ def _uvicorn_protocol(setting: Any, chosen: Any) -> Any:
     return getattr(uvicorn_protocols, name)
 
 
+def _uvicorn_ws_protocol(setting: Any, chosen: Any) -> Any:
+    """hopscope's subclass of the WebSocket protocol uvicorn chose (``--ws``), unless the
+    user chose a class of their own or none; uvicorn's own when it cannot be hooked."""
+    if not isinstance(setting, str) or setting not in _UVICORN_WS or chosen is None:
+        return chosen
+    try:
+        from .servers.uvicorn_ws import traced_ws_protocol
+
+        return traced_ws_protocol(chosen)
+    except Exception:  # (the app span is recorded all the same)
+        return chosen
+
+
+_UVICORN_WS = ("auto", "websockets", "websockets-sansio", "wsproto")
+
+
 def _uvicorn_load_failure(config: Any) -> str:
     return f"uvicorn could not load {_describe(config.app)}: nothing to trace"
 
@@ -253,6 +269,7 @@ def _patch_uvicorn(module: ModuleType) -> None:
         try:
             self.loaded_app = _inside_uvicorn(self.loaded_app)
             self.http_protocol_class = _uvicorn_protocol(self.http, self.http_protocol_class)
+            self.ws_protocol_class = _uvicorn_ws_protocol(self.ws, self.ws_protocol_class)
         except Exception as exc:
             _say(f"cannot trace uvicorn's server hop: {type(exc).__name__}: {exc}")
 

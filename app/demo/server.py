@@ -1,7 +1,8 @@
 """The demo app's process: uvicorn serving the instrumented demo app on a given socket.
 
-uvicorn runs with hopscope's protocol class, so each request's trace has the server hop
-(and the queue time the proxy in front reports) around the app's own span.
+uvicorn runs with hopscope's protocol classes (HTTP and WebSocket), so each request's
+and each WebSocket's trace has the server hop (and the queue time the proxy in front
+reports) around the app's own span.
 
 ``hopscope demo`` binds the listening socket itself and hands it down by file
 descriptor, so the port is known (and its errors reported) before this process starts,
@@ -16,6 +17,7 @@ import socket
 
 import uvicorn
 from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
+from hopscope.tracing.servers.uvicorn_ws import ws_protocol
 
 from .webapp import create_app
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         create_app(),
         http=HttpToolsProtocol,
+        ws=ws_protocol() or "none",  # uvicorn's "auto", with the server hop
         log_level=args.log_level,
         access_log=False,
         lifespan="off",

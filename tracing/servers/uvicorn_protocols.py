@@ -7,7 +7,8 @@ Use them as ``uvicorn --http hopscope.tracing.servers.uvicorn_protocols:HttpTool
 (or ``:H11Protocol``), or ``uvicorn.run(app, http=HttpToolsProtocol)``.
 
 The app span joins the server span through ``scope["hopscope"]``, set before the app
-task first runs.  Queue time comes from ``X-Request-Start`` when a web server in front
+task first runs.  WebSockets leave these classes at the upgrade: their server span is
+:mod:`.uvicorn_ws`'s.  Queue time comes from ``X-Request-Start`` when a web server in front
 sets it.  ``HOPSCOPE_SERVER_TIMING=1`` adds a ``Server-Timing`` header to responses.
 """
 
