@@ -525,6 +525,11 @@ def _listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Before listen(): a connection accepted into the backlog before the server sets
+        # TCP_NODELAY itself (gunicorn does, once its worker is up) keeps Nagle's
+        # algorithm, and gunicorn's head and body writes then wait out the peer's
+        # delayed ACK, some 40 ms every request of a connection the proxy keeps alive.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
