@@ -22,11 +22,12 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from .encoding import decode_content
+from .encoding import decode_content, decode_prefix
 from .model import Event, Span, Trace, assemble
 from .redact import REDACTED, is_sensitive, redact_headers, redact_query, redact_url
 from .replay import declared_length
@@ -435,14 +436,30 @@ def _response_cookies(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
         for param in params:
             pname, _, pvalue = param.strip().partition("=")
             lowered = pname.lower()
-            if lowered in ("path", "domain", "expires"):
+            if lowered in ("path", "domain"):
                 cookie[lowered] = pvalue
+            elif lowered == "expires":
+                cookie["expires"] = _cookie_expires(pvalue)
+            elif lowered == "samesite":
+                cookie["sameSite"] = pvalue  # (not in HAR 1.2; Chromium's HARs carry it)
             elif lowered == "httponly":
                 cookie["httpOnly"] = True
             elif lowered == "secure":
                 cookie["secure"] = True
         cookies.append(cookie)
     return cookies
+
+
+def _cookie_expires(value: str) -> str:
+    """A Set-Cookie ``Expires`` date as HAR 1.2 writes it (ISO 8601, as browsers export
+    it); a date that does not parse goes on as it came."""
+    try:
+        moment = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return value
+    if moment.tzinfo is None:  # (RFC 6265 dates are GMT)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def _redact_cookies(cookies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -518,6 +535,7 @@ def _content(ex: Exchange, redact: bool) -> dict[str, Any]:
     size = ex.response_body_size if ex.response_body_size is not None else len(ex.response_body)
     content: dict[str, Any] = {"size": size, "mimeType": mime}
     data = ex.response_body
+    decoded_cut = ""
     if data:
         coding = header_value(ex.response_headers, "content-encoding")
         if coding and not ex.response_truncated:
@@ -526,12 +544,39 @@ def _content(ex: Exchange, redact: bool) -> dict[str, Any]:
                 content["size"] = len(plain)
                 content["compression"] = len(plain) - len(data)
                 data = plain
+        elif coding:
+            # A compressed body cut at the capture limit: its start, decoded as far as it
+            # goes, as the UI's Response tab shows it (the raw gzip bytes would read as
+            # garbage under a text mimeType).  Its decoded size is not known: ``size``
+            # stays what was sent.
+            plain, said = decode_prefix(data, coding, _CUT_DECODE_LIMIT)
+            if said is not None and said.startswith("decoded"):
+                data, decoded_cut = _whole_characters(plain), said
         if redact and not ex.response_truncated:  # a login's {"access_token": ...}
             data = redact_body(data, mime)
         content.update(_text_or_base64(data))
     if ex.response_truncated:
-        content["comment"] = _truncation_note(len(ex.response_body), ex.response_body_size)
+        note = _truncation_note(len(ex.response_body), ex.response_body_size)
+        if decoded_cut:
+            note += f"; the text is their start, {decoded_cut} ({len(data)} bytes)"
+        content["comment"] = note
     return content
+
+
+#: How much of a cut compressed body an export decodes at most (64 KiB of gzip can hold
+#: far more).
+_CUT_DECODE_LIMIT = 1024 * 1024
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character cut at its end (a decoded prefix stops
+    anywhere), so that text stays text."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
+            return data[: exc.start]
+    return data
 
 
 def _entry(trace: Trace, ex: Exchange, redact: bool) -> dict[str, Any]:
