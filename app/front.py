@@ -76,12 +76,15 @@ class FrontProcess:
         on_exit: Callable[[str], None] | None = None,
         server_timing: bool = False,
         insecure: bool = False,
+        keep_host: bool = False,
     ) -> None:
         args = ["--fd", str(sock.fileno()), "--upstream", upstream, "--sink", sink_url]
         if server_timing:
             args.append("--server-timing")
         if insecure:
             args.append("--insecure")
+        if keep_host:
+            args.append("--keep-host")
         if connect_timeout is not None:
             args += ["--connect-timeout", repr(connect_timeout)]
         if read_timeout is not None:
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-timeout", type=float)
     parser.add_argument("--server-timing", action="store_true")
     parser.add_argument("--insecure", action="store_true", help="no TLS verification upstream")
+    parser.add_argument("--keep-host", action="store_true", help="the client's Host upstream")
     args = parser.parse_args(argv)
     link = ParentLink()
     options: dict[str, Any] = {
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         options["server_timing"] = True
     if args.insecure:
         options["insecure"] = True
+    if args.keep_host:
+        options["keep_host"] = True
     raise_open_files_limit()  # a proxy holds two descriptors per client
     try:
         front = Front(socket.socket(fileno=args.fd), args.upstream, args.sink, **options)

@@ -457,6 +457,7 @@ class ProxyApp:
         max_idle: int = 64,
         server_timing: bool = False,
         insecure: bool = False,
+        keep_host: bool = False,
     ) -> None:
         self.upstream = upstream if isinstance(upstream, Upstream) else parse_upstream(upstream)
         check_timeout("--connect-timeout", connect_timeout)
@@ -471,6 +472,11 @@ class ProxyApp:
         self.max_idle = max_idle
         self._pool: UpstreamPool | None = None
         self._host_header = self.upstream.host_header.encode("ascii")
+        #: Send the client's Host upstream (nginx's ``proxy_set_header Host $http_host``,
+        #: mitmproxy's ``keep_host_header``) rather than the upstream's own: an app that
+        #: checks a form's Origin against its Host (Django's CSRF) or builds absolute URLs
+        #: then sees the address the browser uses.  X-Forwarded-Host is sent either way.
+        self.keep_host = keep_host
         self._prefix = self.upstream.prefix.encode("ascii")
         #: What a Location naming the upstream itself starts with (see :meth:`relocated`).
         self._own_url = f"{self.upstream.url}/".encode("ascii")
@@ -594,15 +600,16 @@ class ProxyApp:
         proto = _encoded(scheme) or _latin1(scheme)
         start = request_start // 1000
         template = _ADDED[xff is not None, original_host is not None, trailers]
+        host = original_host if self.keep_host and original_host else self._host_header
         if xff is None:
             if original_host is None:
-                values: tuple[Any, ...] = (self._host_header, proto, start, trace_id, span_id)
+                values: tuple[Any, ...] = (host, proto, start, trace_id, span_id)
             else:
-                values = (self._host_header, proto, original_host, start, trace_id, span_id)
+                values = (host, proto, original_host, start, trace_id, span_id)
         elif original_host is None:
-            values = (self._host_header, xff, proto, start, trace_id, span_id)
+            values = (host, xff, proto, start, trace_id, span_id)
         else:
-            values = (self._host_header, xff, proto, original_host, start, trace_id, span_id)
+            values = (host, xff, proto, original_host, start, trace_id, span_id)
         added = template % values
         # tuple.__new__ with every field: the class's generated __new__ is a Python
         # function, a frame per request (about a tenth of this method's work).
@@ -940,8 +947,8 @@ class _Exchange(Recording):
             # (Without a Host: refused for HTTP/1.1, the general way below.)
             address = _encoded(client[0]) or _latin1(client[0])
             proto = _encoded(scheme) or _latin1(scheme)
-            values = (app._host_header, address, proto, original_host, head_ts // 1000,
-                      trace_id, proxy_id)  # fmt: skip
+            values = (original_host if app.keep_host else app._host_header, address, proto,
+                      original_host, head_ts // 1000, trace_id, proxy_id)  # fmt: skip
             added = _ADDED_XFF_HOST % values
             forwarded = _new_tuple(Forwarded, (out, len(out), [], None, False, False, added))
         else:

@@ -240,6 +240,7 @@ def run_proxy(
     server_timing: bool = False,
     otlp: str | None = None,
     insecure: bool = False,
+    keep_host: bool = False,
 ) -> None:
     """Serve the proxy until SIGINT/SIGTERM, printing a tail line per request.
 
@@ -270,6 +271,7 @@ def run_proxy(
         read_timeout=read_timeout,
         server_timing=server_timing,
         insecure=insecure,
+        keep_host=keep_host,
     )
     raise_open_files_limit()  # (after the recording child started: it keeps the shell's)
     bound = sock.getsockname()

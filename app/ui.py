@@ -205,6 +205,7 @@ def build_proxy_app(
     server_timing: bool = False,
     otlp: str | None = None,
     insecure: bool = False,
+    keep_host: bool = False,
 ) -> Session:
     """``hopscope proxy`` with the UI: the proxy and the collector in helper processes.
 
@@ -234,6 +235,7 @@ def build_proxy_app(
             read_timeout=read_timeout,
             server_timing=server_timing,
             insecure=insecure,
+            keep_host=keep_host,
             on_exit=lambda reason: source.push(
                 [notice(f"hopscope's proxy stopped: {reason}", "error")]
             ),

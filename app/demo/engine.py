@@ -110,7 +110,9 @@ class Demo:
             sock.close()  # the app process has its own copy
         stack.callback(_stop_process, self.proc)
         try:
-            front = Front(public, self.app_url, collector_url, server_timing=server_timing)
+            front = Front(
+                public, self.app_url, collector_url, server_timing=server_timing, keep_host=True
+            )
         except ProxyError as exc:
             raise DemoError(str(exc)) from None
         stack.callback(front.stop)
