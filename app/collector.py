@@ -24,7 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 from hopscope.tracing.records import event_count, to_events
-from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame, dropped_event, parse_address
+from hopscope.tracing.sinks import (
+    MAX_FRAME,
+    WIRE_MAGIC,
+    decode_frame,
+    dropped_event,
+    parse_address,
+)
 from hopscope.tracing.tracefile import TraceFileWriter
 
 __all__ = [
@@ -45,8 +51,9 @@ Consumer = Callable[[list[Event]], None]
 RecordConsumer = Callable[[list[Any], dict[str, Any], int], int]
 
 DEFAULT_ADDRESS = "127.0.0.1:7401"
-#: A frame past this closes its connection: no honest batch comes near it.
-MAX_FRAME = 64 * 1024 * 1024
+# MAX_FRAME (from the sinks): a frame past it closes its connection; no honest batch
+# comes near it, and a SocketSink splits one that would.
+
 #: A peer that connects but does not say the magic within this long is dropped.
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a frame may take from its first byte to its last.  Why: a peer that stops in

@@ -405,18 +405,30 @@ def test_encode_and_decode_frame_round_trip() -> None:
         pytest.param(marshal.dumps((1, [], 0, [])), id="info-not-dict"),
         pytest.param(marshal.dumps((1, {}, "0", [])), id="dropped-not-int"),
         pytest.param(marshal.dumps((1, {}, 0, ())), id="batch-not-list"),
-        pytest.param(marshal.dumps((1, {}, 0, [["p", 1, 1, 1, "x", None]])), id="list-record"),
-        pytest.param(marshal.dumps((1, {}, 0, [()])), id="empty-record"),
-        pytest.param(marshal.dumps((1, {}, 0, [("x", 1)])), id="unknown-shape"),
-        pytest.param(marshal.dumps((1, {}, 0, [(["s"], 1)])), id="unhashable-shape"),
-        pytest.param(marshal.dumps((1, {}, 0, [("s", 1, 2, 3)])), id="short-record"),
-        pytest.param(marshal.dumps((1, {}, 0, [("p", 1, 1, 1, "x", None, 0)])), id="long-record"),
-        pytest.param(marshal.dumps((1, {}, 0, [("r", 1, 2, 3, 0, 9, "asgi")])), id="short-r"),
     ],
 )
 def test_decode_frame_rejects_malformed_payloads(payload: bytes) -> None:
     with pytest.raises(ValueError, match=r"hopscope batch|malformed record"):
         decode_frame(payload)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(["p", 1, 1, 1, "x", None], id="list-record"),
+        pytest.param((), id="empty-record"),
+        pytest.param(("x", 1), id="unknown-shape"),
+        pytest.param((["s"], 1), id="unhashable-shape"),
+        pytest.param(("s", 1, 2, 3), id="short-record"),
+        pytest.param(("p", 1, 1, 1, "x", None, 0), id="long-record"),
+        pytest.param(("r", 1, 2, 3, 0, 9, "asgi"), id="short-r"),
+    ],
+)
+def test_decode_frame_leaves_out_and_counts_a_record_of_no_known_shape(record: Any) -> None:
+    # One such record costs itself, not the batch of other requests it came with.
+    good = ("p", 3, 2**127, 3, "x", {})
+    payload = marshal.dumps((1, {}, 2, [good, record, good]))
+    assert decode_frame(payload) == ({}, 3, [good, good])
 
 
 # -- user spans ---------------------------------------------------------------------

@@ -48,7 +48,10 @@ def _emit(ctx: Any, record: logging.LogRecord) -> None:
     try:
         message = record.getMessage()
     except Exception:  # a bad format string is the app's bug; the app's handler reports it
-        message = str(record.msg)
+        try:
+            message = str(record.msg)
+        except Exception:  # a msg whose __str__ raises: the app's handler reports that too
+            message = f"<unrepresentable {type(record.msg).__qualname__}>"
     attrs: dict[str, Any] = {
         "level": record.levelname,
         "logger": record.name,

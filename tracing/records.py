@@ -117,7 +117,26 @@ def _text(value: Any) -> str:
         return value  # type: ignore[no-any-return]
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("latin-1")
-    return str(value)
+    if isinstance(value, str):
+        return str.__str__(value)  # a subclass's own __str__ is the app's code
+    try:
+        return str(value)
+    except Exception:
+        return unshowable(value)
+
+
+def unshowable(value: Any) -> str:
+    """What stands for a value whose ``repr`` (or ``str``) raises or recurses without
+    end: the app's object, not hopscope's to fix, and one attribute of one request is
+    all it may cost (the rest of its request and its batch are kept)."""
+    return f"<unrepresentable {type(value).__qualname__}>"
+
+
+def safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a raising __repr__, or a structure too deep for it
+        return unshowable(value)
 
 
 def _headers(pairs: Any) -> list[list[str]]:
@@ -168,10 +187,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {k if type(k) is str else _text(k): _plain(v) for k, v in value.items()}
     if value is None or isinstance(value, str | int | float | bool):
         return value
-    return repr(value)
+    return safe_repr(value)
 
 
 #: Bodies are cut to their limit by whoever records them (the middleware knows its own
@@ -198,18 +217,47 @@ def normalise_attrs(attrs: dict[str, Any] | None, body_limit: int = BODY_CAP) ->
         return {}
     out: dict[str, Any] = {}
     kinds = _KEY_KINDS
-    for key, value in attrs.items():
+    try:
+        for key, value in attrs.items():
+            if value is None:
+                continue
+            kind = kinds.get(key)
+            if kind is None:
+                kind = _key_kind(key)
+            if kind == _PLAIN_KEY:
+                out[key] = value if type(value) in _AS_IS else _plain(value)
+            elif kind == _HEADERS_KEY:
+                out[key] = _headers(value)
+            else:
+                out[key] = _body(value, body_limit)
+    except Exception:
+        # One value that cannot be made plain (a self-referencing list, one nested too
+        # deep, odd header pairs): the others are kept, and it becomes a placeholder.
+        return _normalise_each(attrs, body_limit)
+    return out
+
+
+def _normalise_each(attrs: dict[str, Any], body_limit: int) -> dict[str, Any]:
+    """:func:`normalise_attrs`, one attribute at a time (only after one failed): a value
+    that fails becomes its ``repr`` or a placeholder, or, for headers and bodies (whose
+    readers expect their shapes), is left out."""
+    out: dict[str, Any] = {}
+    for key, value in list(attrs.items()):
         if value is None:
             continue
-        kind = kinds.get(key)
-        if kind is None:
-            kind = _key_kind(key)
-        if kind == _PLAIN_KEY:
-            out[key] = value if type(value) in _AS_IS else _plain(value)
-        elif kind == _HEADERS_KEY:
-            out[key] = _headers(value)
-        else:
-            out[key] = _body(value, body_limit)
+        if type(key) is not str:
+            key = _text(key)
+        kind = _key_kind(key)
+        try:
+            if kind == _PLAIN_KEY:
+                out[key] = _plain(value)
+            elif kind == _HEADERS_KEY:
+                out[key] = _headers(value)
+            else:
+                out[key] = _body(value, body_limit)
+        except Exception:
+            if kind == _PLAIN_KEY:
+                out[key] = safe_repr(value)  # a cycle's repr says "[...]"; too deep: a placeholder
     return out
 
 
@@ -260,6 +308,10 @@ def _start(
     attrs: dict[str, Any] | None,
     process: dict[str, Any] | None,
 ) -> Event:
+    if type(name) is not str and name is not None:
+        # A user span's name is the app's value (``span(obj)``): text, as readers
+        # expect (one that is a list cost its request its line in ``hopscope tail``).
+        name = _text(name)
     return _started(
         ts, trace_id, span_id, parent_id, hop, name, tid, normalise_attrs(attrs), process
     )
@@ -758,7 +810,10 @@ def _request_events(record: Record, process: dict[str, Any] | None) -> list[Even
         return [event for each in expand_proxy(record) for event in to_events(each, process)]
     make_start, make_end = _INTERFACES[interface]
     quick_start, quick_end = _QUICK[interface]
-    started = quick_start(request)
+    try:
+        started = quick_start(request)
+    except Exception:  # odd values: the general path keeps what it can of them
+        started = None
     if started is None:
         name, attrs = make_start(request)
         attrs = normalise_attrs(attrs)
@@ -773,7 +828,10 @@ def _request_events(record: Record, process: dict[str, Any] | None) -> list[Even
         if lead is not None:
             _item_events(lead, 0, 1, ids, process, events)
         stop = _item_events(items, 0, end_at, ids, process, events)
-        ended = quick_end(end)
+        try:
+            ended = quick_end(end)
+        except Exception:
+            ended = None
         if ended is None:
             end_ts, end_attrs = make_end(end)
             end_attrs = normalise_attrs(end_attrs)

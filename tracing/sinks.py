@@ -37,7 +37,9 @@ from .records import (
     process_info,
     request_end,
     request_start,
+    safe_repr,
     to_events,
+    unshowable,
 )
 from .tracefile import TraceFileWriter
 
@@ -78,6 +80,9 @@ MAX_PENDING = 8 << 20
 
 WIRE_MAGIC = b"HOPSCOPE/1\n"
 _FRAME = struct.Struct("!I")
+#: Bytes a frame's payload may have: a collector closes the connection of a peer that
+#: sends more (no honest batch comes near it), so a sink never does.
+MAX_FRAME = 64 * 1024 * 1024
 
 
 class Sink:
@@ -352,8 +357,20 @@ class MemorySink(Sink):
         return out
 
     def events(self) -> list[dict[str, Any]]:
+        """The wire events of what was recorded so far; a record that cannot be made
+        into events is left out and counted in a leading ``dropped`` event, as the
+        other sinks write it (the rest are returned)."""
         info = process_info(os.getpid())
-        return [event for record in self.records() for event in to_events(record, info)]
+        events: list[dict[str, Any]] = []
+        unreadable = 0
+        for record in self.records():
+            try:
+                events += to_events(record, info)
+            except Exception:
+                unreadable += 1
+        if unreadable:
+            events.insert(0, dropped_event(unreadable, info))
+        return events
 
     def traces(self) -> list[Any]:
         """The traces recorded so far, assembled (oldest first)."""
@@ -623,9 +640,21 @@ class FileSink(_BatchingSink):
 
     def _write(self, batch: list[Record], dropped: int) -> None:
         info = process_info(os.getpid())
-        events = [dropped_event(dropped, info)] if dropped else []
+        events: list[dict[str, Any]] = []
+        unreadable = 0
         for record in batch:
-            events += to_events(record, info)
+            try:
+                events += to_events(record, info)
+            except Exception:
+                # A record that cannot be made into events is dropped, and counted in
+                # this batch's line: the other requests of the batch are written.
+                unreadable += 1
+        if unreadable:
+            with self._drop_lock:
+                self.dropped += unreadable
+            dropped += unreadable
+        if dropped:
+            events.insert(0, dropped_event(dropped, info))
         self._writer.write(events)
 
     def _closed_hook(self) -> None:
@@ -770,13 +799,32 @@ class SocketSink(_BatchingSink):
         if self._pending and self._pending_bytes >= self._max_pending:
             self._lost(len(batch), dropped)  # not even marshalled
             return
-        frame = encode_frame(batch, dropped, self._info)
+        frame, unsent = _encode_frame(batch, dropped, self._info)
+        if len(frame) - _FRAME.size > MAX_FRAME:
+            # A collector refuses such a frame, and the connection with it: a record
+            # with a huge attribute would cost every other request of its batch.
+            frames, unsent = _frames_within(batch, dropped, self._info, MAX_FRAME)
+        else:
+            frames = [(frame, len(batch) - unsent, dropped + unsent)]
+        if unsent:  # reported in a frame: counted here, not again with the next
+            with self._drop_lock:
+                self.dropped += unsent
+        bound = True
+        for frame, count, carried in frames:
+            self._send_frame(sock, frame, count, carried, bound)
+            bound = False  # the rest of a split batch is kept as its one frame would be
+
+    def _send_frame(
+        self, sock: socket.socket, frame: bytes, count: int, carried: int, bound: bool
+    ) -> None:
+        """Send ``frame`` (``count`` records, ``carried`` drops reported) or keep it
+        (within ``max_pending`` if ``bound``)."""
         if self._pending:
             # Frames go out whole and in order: this one waits behind the others.
-            if self._pending_bytes + len(frame) > self._max_pending:
-                self._lost(len(batch), dropped)
+            if bound and self._pending_bytes + len(frame) > self._max_pending:
+                self._lost(count, carried)
             else:
-                self._pending.append((memoryview(frame), len(batch)))
+                self._pending.append((memoryview(frame), count))
                 self._pending_bytes += len(frame)
             return
         try:
@@ -785,12 +833,12 @@ class SocketSink(_BatchingSink):
             sent = 0
         if sent < len(frame):
             if sent == 0 and len(frame) > self._max_pending:
-                self._lost(len(batch), dropped)
+                self._lost(count, carried)
                 return
             # Begun frames must be finished, or the stream would be garbage: the rest
             # is kept even past max_pending (so at most one frame over it).
             rest = memoryview(frame)[sent:]
-            self._pending.append((rest, len(batch)))
+            self._pending.append((rest, count))
             self._pending_bytes += len(rest)
 
     def _push(self, sock: socket.socket) -> bool:
@@ -978,27 +1026,81 @@ def _peer_closed(sock: socket.socket) -> bool:
 
 
 def encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> bytes:
+    return _encode_frame(batch, dropped, info)[0]
+
+
+def _encode_frame(batch: list[Record], dropped: int, info: dict[str, Any]) -> tuple[bytes, int]:
+    """The frame of ``batch`` and how many of its records it could not carry (counted
+    in the frame's dropped count).  Marshalled whole (nearly always); when that fails,
+    record by record, so that one record the app filled with what marshal refuses
+    costs that record's odd values (or, at worst, that record), never the batch."""
     try:
         payload = marshal.dumps((1, info, dropped, batch))
-    except ValueError:
-        payload = marshal.dumps((1, info, dropped, [_marshallable(r) for r in batch]))
-    return _FRAME.pack(len(payload)) + payload
+    except Exception:  # ValueError: unmarshallable or too deep
+        records = [_marshallable(r) for r in batch]
+        kept = [r for r in records if r is not None]
+        lost = len(records) - len(kept)
+        payload = marshal.dumps((1, info, dropped + lost, kept))
+        return _FRAME.pack(len(payload)) + payload, lost
+    return _FRAME.pack(len(payload)) + payload, 0
+
+
+def _frames_within(
+    batch: list[Record], dropped: int, info: dict[str, Any], limit: int
+) -> tuple[list[tuple[bytes, int, int]], int]:
+    """``batch`` as frames of at most ``limit`` bytes each, ``(frame, records,
+    dropped reported)``, and how many records went in none: those that alone are past
+    the limit, or cannot be marshalled (only after the batch's frame was too big)."""
+    room = limit - 64 * 1024  # for the envelope and the process info
+    chunks: list[list[Record]] = []
+    chunk: list[Record] = []
+    size = unsent = 0
+    for record in batch:
+        safe = _marshallable(record)
+        length = len(marshal.dumps(safe)) if safe is not None else room + 1
+        if safe is None or length > room:
+            unsent += 1
+            continue
+        if chunk and size + length > room:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(safe)
+        size += length
+    chunks.append(chunk)
+    frames = []
+    carried = dropped + unsent
+    for chunk in chunks:
+        payload = marshal.dumps((1, info, carried, chunk))
+        frames.append((_FRAME.pack(len(payload)) + payload, len(chunk), carried))
+        carried = 0
+    return frames, unsent
 
 
 _EXACT = (bool, int, float, str, bytes)
 _ARITY = {"s": 9, "e": 5, "p": 6, "c": 10, "r": 11}
+#: Containers :func:`_safe` follows inside a record (a request's ``"r"`` record is four
+#: deep before its user spans' attributes); deeper ones become their repr or a
+#: placeholder, well within marshal's own limit and the collector's recursion limit.
+_SAFE_DEPTH = 64
 
 
-def _marshallable(record: Record) -> Record:
-    """User attributes may hold any object: fall back to its repr for the wire."""
+def _marshallable(record: Record) -> Record | None:
+    """User attributes may hold any object: fall back to its repr for the wire (None
+    when even that cannot be marshalled: the record is then dropped, and counted)."""
     try:
-        marshal.dumps(record)
+        marshal.dumps([[record]])  # as deep as in a frame: marshal limits the depth
         return record
-    except ValueError:
-        return tuple(_safe(item) for item in record)
+    except Exception:
+        pass
+    try:
+        safe = tuple(_safe(item, _SAFE_DEPTH) for item in record)
+        marshal.dumps([[safe]])
+    except Exception:
+        return None
+    return safe
 
 
-def _safe(value: Any) -> Any:
+def _safe(value: Any, depth: int = _SAFE_DEPTH) -> Any:
     if value is None or type(value) in _EXACT:
         return value
     # marshal refuses subclasses such as IntEnum (http.HTTPStatus) and StrEnum.
@@ -1008,17 +1110,33 @@ def _safe(value: Any) -> Any:
         return float(value)
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
+    if depth <= 0:
+        return safe_repr(value)
+    if type(value) is tuple:
+        # Kept a tuple: the collector tells a record's parts by their types.
+        return tuple([_safe(v, depth - 1) for v in value])
     if isinstance(value, list | tuple):
-        return [_safe(v) for v in value]
+        return [_safe(v, depth - 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _safe(v) for k, v in value.items()}
-    return repr(value)
+        return {
+            k if type(k) is str else _safe_key(k): _safe(v, depth - 1) for k, v in value.items()
+        }
+    return safe_repr(value)
+
+
+def _safe_key(key: Any) -> str:
+    try:
+        return str(key)
+    except Exception:
+        return unshowable(key)
 
 
 def decode_frame(payload: bytes) -> tuple[dict[str, Any], int, list[Record]]:
-    """Inverse of :func:`encode_frame`, with the shape checked (marshal data is untrusted)."""
+    """Inverse of :func:`encode_frame`, with the shape checked (marshal data is untrusted):
+    a payload that is no batch raises ValueError; a record of no known shape in a batch
+    is left out, and counted in the dropped count returned."""
     try:
         data = marshal.loads(payload)
     except (EOFError, ValueError, TypeError):
@@ -1031,8 +1149,16 @@ def decode_frame(payload: bytes) -> tuple[dict[str, Any], int, list[Record]]:
     for record in batch:
         shape = record[0] if isinstance(record, tuple) and record else None
         if not isinstance(shape, str) or _ARITY.get(shape) != len(record):
-            raise ValueError("malformed record in batch")
+            # One record of no known shape costs that record (counted as dropped), not
+            # the batch of other requests it came with (nor the connection).
+            kept = [r for r in batch if _well_shaped(r)]
+            return info, dropped + len(batch) - len(kept), kept
     return info, dropped, batch
+
+
+def _well_shaped(record: Any) -> bool:
+    shape = record[0] if isinstance(record, tuple) and record else None
+    return isinstance(shape, str) and _ARITY.get(shape) == len(record)
 
 
 def sink_from_url(url: str) -> Sink:

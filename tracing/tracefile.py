@@ -353,10 +353,20 @@ def load(path: str | os.PathLike[str], *, strict: bool = False) -> list[Trace]:
 
 # -- writing -------------------------------------------------------------------------
 
-#: ``json.dumps(event, separators=(",", ":"), default=repr)`` without a new encoder per
-#: line.  ASCII only (``ensure_ascii``), so a line's length in characters is its length
-#: in bytes: the writer counts offsets without encoding line by line.
-_slow_encode = json.JSONEncoder(separators=(",", ":"), default=repr).encode
+
+def _default(value: Any) -> str:
+    """What the encoder writes for a value JSON has no type for: its repr, or a
+    placeholder when that raises (an app's object: one value is all it may cost)."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__qualname__}>"
+
+
+#: ``json.dumps(event, separators=(",", ":"), default=_default)`` without a new encoder
+#: per line.  ASCII only (``ensure_ascii``), so a line's length in characters is its
+#: length in bytes: the writer counts offsets without encoding line by line.
+_slow_encode = json.JSONEncoder(separators=(",", ":"), default=_default).encode
 
 
 def _make_encode() -> Callable[[Any], str]:
@@ -368,7 +378,7 @@ def _make_encode() -> Callable[[Any], str]:
     if make is None:  # a Python without the C accelerator
         return _slow_encode
     try:
-        fast = make(None, repr, json.encoder.encode_basestring_ascii, None, ":", ",",
+        fast = make(None, _default, json.encoder.encode_basestring_ascii, None, ":", ",",
                     False, False, True)  # fmt: skip
         sample = {"a": [1, 2.5, "\u00e9\0", None, True, float("inf"), (3,)], "b": {}}
         if "".join(fast(sample, 0)) != _slow_encode(sample):
@@ -387,6 +397,47 @@ def _make_encode() -> Callable[[Any], str]:
 
 
 _encode = _make_encode()
+
+
+def _encoded(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """``events`` and their lines, after one of them failed to encode (an int past
+    Python's digit limit, a structure too deep): each is encoded on its own, one that
+    fails again with its unencodable values as placeholders, and one that still fails
+    is left out, so the others of the batch are written."""
+    kept: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for event in events:
+        try:
+            line = _encode(event)
+        except Exception:
+            try:
+                event = _scrubbed(event, 64)
+                line = _encode(event)
+            except Exception:
+                continue
+        kept.append(event)
+        lines.append(line)
+    return kept, lines
+
+
+def _scrubbed(value: Any, depth: int) -> Any:
+    if isinstance(value, dict):
+        if depth <= 0:
+            return _default(value)
+        return {
+            key if type(key) is str else _default(key): _scrubbed(item, depth - 1)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        if depth <= 0:
+            return _default(value)
+        return [_scrubbed(item, depth - 1) for item in value]
+    try:
+        _encode(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__qualname__}>"
+    return value
+
 
 #: How a summary line starts, exactly: :class:`SummaryScan` finds them by it.
 SUMMARY_PREFIX = b'{"kind":"summary",'
@@ -505,7 +556,11 @@ class TraceFileWriter:
         """Append ``events``, then the summaries that are due.  Raises OSError."""
         events = list(events)
         if events:
-            lines = [_encode(event) for event in events]
+            try:
+                lines = [_encode(event) for event in events]
+            except Exception:
+                events, lines = _encoded(events)
+        if events:
             offset = self._append("\n".join(lines) + "\n")
             if self.summaries:
                 self._fold(events, lines, offset)
