@@ -145,7 +145,11 @@ def serve_variant(variant: str, n: int, frames: list[bytes]) -> float:
     """Run ``n`` requests (after a warm-up) inside ``functools.reduce``; CPU s/request."""
     import uvloop
     from hopscope.app.proxy import ProxyApp
-    from hopscope.app.proxy_command import proxy_server
+
+    try:
+        from hopscope.app.proxy_command import proxy_server
+    except ImportError:  # a --baseline tree from before the command had its own module
+        from hopscope.app.proxy import proxy_server  # type: ignore[attr-defined,no-redef]
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
