@@ -1,7 +1,8 @@
 """``hopscope tail``: one line per finished request, like an access log with hops.
 
 Events are folded into traces as they come; a trace's line is printed ``hold`` seconds
-after its root span ends, and the trace is then forgotten, so memory stays bounded
+after its root span ends (up to ``wait`` seconds more while a span below still runs:
+see :class:`Tail`), and the trace is then forgotten, so memory stays bounded
 however long the tail runs.  The hold is there because one request's spans come from
 several processes, each sending in batches: the proxy's client span ends last but its
 records can arrive before the app's, and a background task is recorded after the
@@ -276,6 +277,11 @@ def _end_attrs(extra: dict[str, Any] | None, status: Any) -> dict[str, Any]:
     return normalise_attrs(attrs)
 
 
+def _normalised(value: Any) -> Any:
+    """``value`` as a point event's attribute after ``to_events`` normalised it."""
+    return normalise_attrs({"value": value}).get("value")
+
+
 def _inherited(process: dict[str, Any] | None) -> dict[str, Any] | None:
     """The line attributes a process's info gives every span start it sends (none, from
     hopscope's own recorders)."""
@@ -284,11 +290,17 @@ def _inherited(process: dict[str, Any] | None) -> dict[str, Any] | None:
     return _kept(process) or None
 
 
+#: The events that carry a response head's status, and the attribute holding it
+#: (``TraceInfo``'s: a running span's status is its first head's).
+_HEAD_EVENTS = {"response.start": "status", "response.head": "http.response.status_code"}
+
+
 class _Span:
     """What a line needs of a span: its place in the tree, its times, a few attributes
-    (:data:`_KEYS`) and the exception types of its ``exception`` events, in order."""
+    (:data:`_KEYS`), the exception types of its ``exception`` events, in order, and the
+    status of its first response head (:data:`_HEAD_EVENTS`)."""
 
-    __slots__ = ("attrs", "end", "hop", "name", "parent_id", "raised", "start")
+    __slots__ = ("attrs", "end", "head", "hop", "name", "parent_id", "raised", "start")
 
     def __init__(self) -> None:
         # The defaults of tracing.model.Span: a span known only by an event or its end.
@@ -299,6 +311,7 @@ class _Span:
         self.end: int | None = None
         self.attrs: dict[str, Any] = {}
         self.raised: list[Any] | None = None
+        self.head: Any = None
 
 
 class _Trace:
@@ -385,7 +398,10 @@ class _Trace:
             kept = _kept(attrs)
             if kept:
                 span.attrs.update(kept)
-        elif event.get("name", "") == "exception":
+        elif (name := event.get("name", "")) in _HEAD_EVENTS:
+            if span.head is None:
+                span.head = attrs.get(_HEAD_EVENTS[name])
+        elif name == "exception":
             raised = attrs.get("exception.type")
             if raised:
                 if span.raised is None:
@@ -482,7 +498,8 @@ class _Trace:
         method = path = status = route = start = None
         method_at = path_at = status_at = route_at = no
         error = gone = raised = False
-        # Each hop's outermost spans, then user spans by name: (total ns, count).
+        # Each hop's outermost spans, then user spans by name: (total ns, count of
+        # finished spans, count of spans still running).
         hops: dict[Any, list[int]] = {}
         user: dict[Any, list[int]] = {}
         for span in spans.values():
@@ -491,24 +508,31 @@ class _Trace:
             if first is not None:
                 if start is None or first < start:
                     start = first
-                if last is not None:
-                    kind = attrs.get("span.kind") if attrs else None
-                    if kind == "user":
-                        bucket = user.setdefault(span.name or "span", [0, 0])
-                    elif span.name == "background":
-                        bucket = user.setdefault("background", [0, 0])
-                    elif kind == "queue":
-                        # Waiting in front of the server is not the server's time.
-                        bucket = hops.setdefault("queue", [0, 0])
-                    elif self._top_level(span):
-                        bucket = hops.setdefault(span.hop, [0, 0])
-                    else:
-                        bucket = None
-                    if bucket is not None:
+                kind = attrs.get("span.kind") if attrs else None
+                if kind == "user":
+                    bucket = user.setdefault(span.name or "span", [0, 0, 0])
+                elif span.name == "background":
+                    bucket = user.setdefault("background", [0, 0, 0])
+                elif kind == "queue":
+                    # Waiting in front of the server is not the server's time.
+                    bucket = hops.setdefault("queue", [0, 0, 0])
+                elif self._top_level(span):
+                    bucket = hops.setdefault(span.hop, [0, 0, 0])
+                else:
+                    bucket = None
+                if bucket is not None:
+                    if last is not None:
                         bucket[0] += last - first
                         bucket[1] += 1
+                    else:  # still running when the line is made (see Tail's wait)
+                        bucket[2] += 1
             if span.raised:
                 raised = True
+            if last is None and span.head is not None and "http.response.status_code" not in attrs:
+                # A running span whose response head went out (a stream): its status.
+                at = (_RANK.get(span.hop, 4) if type(span.hop) is str else 4, first or 0)
+                if at < status_at:
+                    status, status_at = span.head, at
             if not attrs:
                 continue
             if attrs.get("error"):
@@ -556,8 +580,15 @@ class _Trace:
             items = sorted(hops.items(), key=lambda item: (order(item[0], _LAST_HOP), item[0]))
         else:
             items = list(hops.items())
-        for name, (total, count) in (*items, *user.items()):
-            parts.append(f"{name}={total / 1e6:.1f}ms" + (f"x{count}" if count > 1 else ""))
+        for name, (total, count, running) in (*items, *user.items()):
+            if not count:
+                parts.append(f"{name}=running")
+            else:
+                parts.append(
+                    f"{name}={total / 1e6:.1f}ms"
+                    + (f"x{count}" if count > 1 else "")
+                    + ("+running" if running else "")
+                )
         types = self.exception_types() if raised else []
         if types or error:
             parts.append("error" + (f"={','.join(types)}" if types else ""))
@@ -575,6 +606,14 @@ class _Trace:
         elif safe:
             return line
         return " ".join(parts)
+
+    def running(self) -> bool:
+        """Whether a span that started has not ended (not asked of a :attr:`quick`
+        trace: both its spans ended)."""
+        for span in self._spans.values():
+            if span.end is None and span.start is not None:
+                return True
+        return False
 
     def _top_level(self, span: _Span) -> bool:
         """True when no ancestor of ``span`` in this trace belongs to the same hop."""
@@ -615,6 +654,11 @@ def format_line(trace: Trace, color: bool = False) -> str:
             if e.name == "exception" and e.attrs.get("exception.type")
         ]
         kept.raised = raised or None
+        for event in span.events:
+            key = _HEAD_EVENTS.get(event.name)
+            if key is not None and event.attrs.get(key) is not None:
+                kept.head = event.attrs[key]
+                break
     return slim.line(color)
 
 
@@ -624,6 +668,13 @@ class Tail:
     ``max_in_flight`` caps unfinished traces (the oldest are forgotten, counted in
     :attr:`evicted`); ``remember`` is how many printed trace ids are kept to ignore
     their stragglers.
+
+    A line is due ``hold`` seconds after its root span ends.  When a span of the trace
+    is still running then (the client left early and the app has not noticed yet; a
+    background task), the line waits up to ``wait`` seconds more for it, and is printed
+    as soon as nothing runs: whoever reads the log wants every hop's time that is known
+    within that window.  What still runs after it is printed as ``app=running``.  A
+    tail with no hold does not wait either.
     """
 
     def __init__(
@@ -635,6 +686,7 @@ class Tail:
         remember: int = 10_000,
         hold: float = 0.3,
         live: bool = True,
+        wait: float = 2.0,
     ) -> None:
         self.out = out if out is not None else sys.stdout
         if color is None:
@@ -648,12 +700,15 @@ class Tail:
         self._done: set[str] = set()
         self._done_order: deque[str] = deque()
         self._held: dict[str, _Trace] = {}
-        #: ``(end, n, trace_id, trace)`` of held traces, soonest due first (see
-        #: :meth:`_due_held`); entries whose trace moved on are skipped when popped.
-        self._due_heap: list[tuple[int, int, str, _Trace]] = []
+        #: ``(due, n, trace_id, trace, end)`` of held traces, soonest due first (see
+        #: :meth:`_due_held`): ``due`` is the root's ``end``, or ``end`` plus the wait
+        #: for a trace found with spans running; entries whose trace moved on are
+        #: skipped when popped.
+        self._due_heap: list[tuple[int, int, str, _Trace, int]] = []
         self._pushes = itertools.count()
         self._remember = remember
         self._hold_ns = int(hold * 1e9)
+        self._wait_ns = int(wait * 1e9) if self._hold_ns else 0
         self._live = live
         self._newest = 0
         self._lock = threading.RLock()
@@ -750,7 +805,7 @@ class Tail:
                 end = trace.end
             if end is not None:
                 held[trace_id] = trace
-                heapq.heappush(heap, (end, next(pushes), trace_id, trace))
+                heapq.heappush(heap, (end, next(pushes), trace_id, trace, end))
         lines = notes + self._due_held()
         self._write(lines)
         return lines
@@ -898,6 +953,11 @@ class Tail:
                 if code != REQUEST_BODY and not proxy_known:  # (the client span exists)
                     trace.span(proxy_id)
                     proxy_known = True
+                if code == RESPONSE_START:
+                    span = trace.span(proxy_id)
+                    if span.head is None:
+                        head = item[2]  # (as to_events normalises it)
+                        span.head = head if type(head) is int else _normalised(head)
             else:
                 self._fold(whole[index], touched, [])
         if ended:
@@ -931,20 +991,26 @@ class Tail:
         them at every batch and tick cost more than folding the requests themselves.
         Each time a trace is folded and has an end, it is pushed with that end, so the
         heap always has an entry with a held trace's current end.  They come off it in
-        the order :meth:`_due` sorts them to (by end), and due as it judges them.
+        the order :meth:`_due` sorts them to (by end), and due as it judges them.  One
+        with spans still running goes back in, due ``wait`` later (the next event
+        folded into it pushes it with its end again).
         """
         now = max(self._newest, time.time_ns()) if self._live else self._newest
         limit = now - self._hold_ns
         heap, held, traces = self._due_heap, self._held, self._traces
+        wait = self._wait_ns
         ready: list[tuple[str, _Trace]] = []
         while heap and heap[0][0] <= limit:
-            end, _, trace_id, trace = heapq.heappop(heap)
+            _, n, trace_id, trace, end = heapq.heappop(heap)
             if held.get(trace_id) is not trace:
                 continue  # printed, forgotten, or pushed again with its new end
             current = trace._end
             if current is _UNKNOWN:
                 current = trace.end
             if current != end:
+                continue
+            if wait and end + wait > limit and trace.quick is None and trace.running():
+                heapq.heappush(heap, (end + wait, n, trace_id, trace, end))
                 continue
             del held[trace_id]  # (its line is made below; a stale duplicate is skipped)
             if traces.get(trace_id) is not trace:
@@ -965,7 +1031,11 @@ class Tail:
             end = trace.end
             if end is None:
                 continue
-            if flush or end + self._hold_ns <= now:
+            due = end + self._hold_ns
+            if flush or (
+                due <= now
+                and (due + self._wait_ns <= now or trace.quick is not None or not trace.running())
+            ):
                 ready.append((end, trace_id, trace))
         ready.sort(key=_END)
         for _, trace_id, _ in ready:

@@ -3,8 +3,9 @@
 ``Tail`` folds events into slim per-span summaries instead of ``tracing.model`` traces,
 for speed; these tests hold it to the model: the reference below is the formatting the
 tail used to do on full :class:`~hopscope.tracing.model.Trace` objects, and the timing
-rule (a line is due ``hold`` after its root span ends, measured against the newest event)
-is replayed on a :class:`~hopscope.tracing.model.TraceBuilder`.
+rule (a line is due ``hold`` after its root span ends, measured against the newest event,
+or up to ``wait`` later while a span still runs) is replayed on a
+:class:`~hopscope.tracing.model.TraceBuilder`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 DEMO = Path(__file__).parent / "data" / "demo-trace.jsonl"
 HOLD = 0.3
 HOLD_NS = int(HOLD * 1e9)
+WAIT_NS = 2 * 10**9  # Tail's default wait for spans still running after the root's end
 T0 = 1_700_000_000_000_000_000
 
 Event = dict[str, Any]
@@ -57,28 +59,36 @@ def _top_level(trace: Trace, span: Span) -> bool:
     return True
 
 
-def _hop_times(trace: Trace) -> list[tuple[str, int, int]]:
+def _hop_times(trace: Trace) -> list[tuple[str, int, int, int]]:
+    """``(name, total ns, finished spans, running spans)`` per hop, then per user span."""
     hops: dict[str, list[int]] = {}
     user: dict[str, list[int]] = {}
     for span in trace.spans.values():
-        duration = span.duration_ns
-        if duration is None:
+        if span.start is None:
             continue
         if span.attrs.get("span.kind") == "user":
-            bucket = user.setdefault(span.name or "span", [0, 0])
+            bucket = user.setdefault(span.name or "span", [0, 0, 0])
         elif span.name == "background":
-            bucket = user.setdefault("background", [0, 0])
+            bucket = user.setdefault("background", [0, 0, 0])
         elif span.attrs.get("span.kind") == "queue":
-            bucket = hops.setdefault("queue", [0, 0])
+            bucket = hops.setdefault("queue", [0, 0, 0])
         elif _top_level(trace, span):
-            bucket = hops.setdefault(span.hop, [0, 0])
+            bucket = hops.setdefault(span.hop, [0, 0, 0])
         else:
             continue
-        bucket[0] += duration
-        bucket[1] += 1
+        duration = span.duration_ns
+        if duration is None:
+            bucket[2] += 1
+        else:
+            bucket[0] += duration
+            bucket[1] += 1
     order = {hop: index for index, hop in enumerate(_HOP_ORDER)}
     ordered = sorted(hops.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
-    return [(n, t, c) for n, (t, c) in ordered] + [(n, t, c) for n, (t, c) in user.items()]
+    return [(n, *b) for n, b in ordered] + [(n, *b) for n, b in user.items()]  # type: ignore[misc]
+
+
+def _running(trace: Trace) -> bool:
+    return any(s.start is not None and s.end is None for s in trace.spans.values())
 
 
 def _exception_types(trace: Trace) -> list[str]:
@@ -115,8 +125,15 @@ def reference_line(trace: Trace, color: bool = False) -> str:
         status_text = click.style(status_text, fg=colours.get(status // 100), bold=True)
     parts.append(status_text)
     parts.append(_ms(trace.duration_ns))
-    for name, total, count in _hop_times(trace):
-        parts.append(f"{name}={_ms(total)}" + (f"x{count}" if count > 1 else ""))
+    for name, total, count, running in _hop_times(trace):
+        if not count:
+            parts.append(f"{name}=running")
+        else:
+            parts.append(
+                f"{name}={_ms(total)}"
+                + (f"x{count}" if count > 1 else "")
+                + ("+running" if running else "")
+            )
     types = _exception_types(trace)
     if types or trace.error:
         parts.append("error" + (f"={','.join(types)}" if types else ""))
@@ -136,7 +153,14 @@ def reference_batches(batches: list[list[Event]]) -> list[list[str]]:
         ready = [
             t
             for t in builder.traces.values()
-            if t.end is not None and (flush or t.end + HOLD_NS <= newest)
+            if t.end is not None
+            and (
+                flush
+                or (
+                    t.end + HOLD_NS <= newest
+                    and (not _running(t) or t.end + HOLD_NS + WAIT_NS <= newest)
+                )
+            )
         ]
         lines = []
         for trace in ready:

@@ -772,6 +772,21 @@ def _cut_note(body: dict[str, Any]) -> bool:
     return str(body.get("comment", "")).startswith("hopscope kept only")
 
 
+def _decoded_text(body: bytes, headers: list[list[str]]) -> bool:
+    """Whether ``body``, a HAR's text, is the body with the content coding its headers
+    name already undone: HAR 1.2 says a text is decoded, and browsers and hopscope's
+    export write it so, while the headers still say ``gzip``.  Readers (the Response
+    tab) must then not undo it again; the headers stay as they were sent.  Bytes that
+    still decode as that coding, or start as gzip does, are not marked (hopscope's
+    export writes a body it could not decode as it was captured)."""
+    coding = header_value(((name, value) for name, value in headers), "content-encoding")
+    if not body or not coding or not coding.strip() or coding.strip().lower() == "identity":
+        return False
+    if "gzip" in coding.lower() and body[:2] == b"\x1f\x8b":
+        return False  # gzip's magic: never the start of a decoded text
+    return decode_content(body, coding) is None
+
+
 def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     post = request.get("postData")
@@ -783,6 +798,8 @@ def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
             sent = "&".join(f"{quote(k)}={quote(v)}" for k, v in pairs).encode("ascii")
         attrs["http.request.body"] = base64.b64encode(sent).decode("ascii")
         attrs["http.request.body.size"] = len(sent)
+        if _decoded_text(sent, _name_values(request.get("headers"))):
+            attrs["http.request.body.decoded"] = True  # see the response's below
         # A body cut at capture (hopscope's own export says so; any HAR says it by a
         # bodySize larger than the text) must never be replayed as if whole.
         size = request.get("bodySize")
@@ -806,6 +823,8 @@ def _end_attrs(request: dict[str, Any], response: dict[str, Any]) -> dict[str, A
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         received = _body_bytes(content["text"], content.get("encoding"))
         attrs["http.response.body"] = base64.b64encode(received).decode("ascii")
+        if _decoded_text(received, attrs["http.response.headers"]):
+            attrs["http.response.body.decoded"] = True
         size = content.get("size")
         valid = isinstance(size, int) and not isinstance(size, bool) and size >= 0
         if REDACTED.encode() in received and not _cut_note(content):

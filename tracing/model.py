@@ -348,8 +348,15 @@ class TraceInfo:
                 method, method_at = attrs["http.request.method"], at
             if "url.path" in attrs and at < path_at:
                 path, path_at = attrs["url.path"], at
-            if "http.response.status_code" in attrs and at < status_at:
-                status, status_at = attrs["http.response.status_code"], at
+            if "http.response.status_code" in attrs:
+                if at < status_at:
+                    status, status_at = attrs["http.response.status_code"], at
+            elif stop is None and span.events and at < status_at:
+                # A running span (a stream, a long download) whose response head went
+                # out: its status is known before its end attributes carry it.
+                head = _head_status(span.events)
+                if head is not None:
+                    status, status_at = head, at
             if "http.route" in attrs and at < route_at:
                 route, route_at = attrs["http.route"], at
             if "http.request.headers" in attrs:
@@ -400,6 +407,22 @@ class TraceInfo:
             self.header_text, self.odd_headers = text, None
         self.bodies = tuple(bodies)
         self.hops = tuple(chain.from_iterable(hops.items()))
+
+
+#: The events that carry a response head's status, and the attribute holding it: the
+#: app's and the proxy's ``response.start``, the server hop's ``response.head``.
+_HEAD_EVENTS = {"response.start": "status", "response.head": "http.response.status_code"}
+
+
+def _head_status(events: list[Event]) -> Any:
+    """The status of the first response head among ``events`` (None if none was sent)."""
+    for event in events:
+        key = _HEAD_EVENTS.get(event.name)
+        if key is not None:
+            value = event.attrs.get(key)
+            if value is not None:
+                return value
+    return None
 
 
 def _text_pairs(headers: Any) -> list[tuple[str, str]]:

@@ -4,7 +4,8 @@ A body is shown as JSON (indented and highlighted), form fields, text, or a hex 
 decided from its content type and then from the bytes themselves, because apps often
 send JSON as ``text/plain`` and binary as ``application/octet-stream`` or nothing.
 Compressed bodies (gzip, deflate) are shown decompressed; a cut-off body decompresses as
-far as its captured bytes go.
+far as its captured bytes go; a HAR's body is stored decoded already (its headers still
+name the coding), so it is shown as stored.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def render_body(captured: Body) -> RenderableType:
         notes.append(captured.content_type)
     if captured.truncated:
         notes.append(f"showing the first {len(data):,} bytes captured")
-    if captured.content_encoding:
+    if captured.content_encoding and captured.decoded:
+        notes.append(f"decoded from {captured.content_encoding} by the file's writer")
+    elif captured.content_encoding:
         data, note = decode_prefix(data, captured.content_encoding, TEXT_LIMIT)
         if note:
             notes.append(note)

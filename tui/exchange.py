@@ -69,17 +69,22 @@ class Body:
     sent: int | None = None
     """A request body the app did not read: the bytes its ``Content-Length`` says were
     sent (-1: sent chunked, size unknown).  None: read, or nothing says otherwise."""
+    decoded: bool = False
+    """``data`` is the body with ``content_encoding`` already undone (a HAR's text)."""
 
 
 def body(trace: Trace, direction: str) -> Body:
     key = f"http.{direction}.body"
     span = http_span(trace, key)
     data = b""
+    decoded = False
     if span is not None:
         try:
             data = base64.b64decode(span.attrs[key] or b"")
         except (binascii.Error, TypeError, ValueError):
             data = b""
+        # A HAR's text comes with its content coding undone (``tracing.har``).
+        decoded = span.attrs.get(f"{key}.decoded") is True
     size = attr(trace, f"{key}.size")
     pairs = headers(trace, direction)
     sent = None
@@ -100,6 +105,7 @@ def body(trace: Trace, direction: str) -> Body:
         content_type=header(pairs, "content-type") or "",
         content_encoding=header(pairs, "content-encoding") or "",
         sent=sent,
+        decoded=decoded,
     )
 
 

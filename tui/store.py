@@ -7,7 +7,8 @@ events fold into a :class:`~hopscope.tracing.TraceBuilder` bounded at ``max_requ
 list in arrival order so the list widget can index it in O(1).
 
 A filter is re-evaluated for every trace an ingested batch touched, because whether a
-request matches can change while it runs (its status arrives at the end).
+request matches can change while it runs (its status arrives with its response head,
+its duration grows).
 
 Besides wire events, a source may hand over whole traces it assembled in its own thread
 (:data:`TRACE`): that is how a big file opens without the UI thread folding a million
@@ -88,7 +89,9 @@ def _status_key(info: TraceInfo, trace: Trace) -> str:
 
 
 def status_class(trace: Trace) -> str | None:
-    """``"2xx"``..``"5xx"``, ``"err"`` for a failed request with no status, None if running."""
+    """``"2xx"``..``"5xx"``, ``"err"`` for a failed request with no status, None for a
+    running one with no status yet (a running stream's is known once its head went out:
+    the counts, which take only finished requests, call this once it ended)."""
     status = trace.status
     if status is not None:
         return f"{status // 100}xx" if 100 <= status < 600 else "err"
