@@ -519,9 +519,13 @@ HOOKLESS = {
         ["granian", "--interface", "asgi", "s10app:app"],
         "/items/{item_id}",
     ),
-    "sanic": (SANIC_APP, ["granian", "--interface", "asgi", "s10app:app"], None),
+    "sanic": (
+        SANIC_APP,
+        ["granian", "--interface", "asgi", "s10app:app"],
+        "/items/<item_id:int>",
+    ),
     "falcon": (FALCON_APP, ["python", "serve.py", "s10app"], "/items/{item_id:int}"),
-    "pyramid": (PYRAMID_APP, ["python", "serve.py", "s10app"], None),
+    "pyramid": (PYRAMID_APP, ["python", "serve.py", "s10app"], "/items/{item_id}"),
     "bottle": (BOTTLE_APP, ["python", "run.py"], "/items/<item_id:int>"),
 }
 

@@ -31,11 +31,12 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   (:class:`_Result`): Django's handler returns the ``HttpResponse``, and code that calls
   it directly uses more of it than a server does.
 
-Quart, Django and Falcon keep the route they matched on their request objects, which the
-middlewares do not see: a hook where each has just matched it hands it to the request's
-span (:func:`_note_route`; Falcon's WSGI app also hands over the exception it answered
-500 for, :func:`_note_error`); :data:`ROUTE_PATCHES` are these alone, for ``hopscope run
-TARGET``, which wraps the app itself.
+Quart, Django, Falcon, Sanic and Pyramid keep the route they matched on their request
+objects, which the middlewares do not see: a hook where each has just matched it hands
+it to the request's span (:func:`_note_route`; Falcon's WSGI app also hands over the
+exception it answered 500 for, :func:`_note_error`); :data:`ROUTE_PATCHES` are these
+alone, for ``hopscope run TARGET``, which wraps the app itself.  ``wrap(app)`` in code
+installs none of them: there, these five frameworks' spans have no route.
 
 Tracing never stops the program: a patch that fails says why on stderr in one line
 starting with ``hopscope:``, once per ``hopscope run`` however many workers meet the same
@@ -843,6 +844,59 @@ def _patch_falcon_routes(module: ModuleType) -> None:
     app_class._get_responder = _get_responder
 
 
+def _patch_sanic_routes(module: ModuleType) -> None:
+    """Note the route Sanic's router matched (``/items/<item_id:int>``, in Sanic's syntax,
+    as ``request.uri_template`` gives it): Sanic keeps it on its request
+    (``request.route``), which the middlewares do not see.  ``Router.get`` is what
+    ``Sanic.handle_request`` asks once per request (HTTP or WebSocket), before any of the
+    app's middleware may answer; its cache stays Sanic's."""
+    from .context import current
+
+    router_class = module.Router
+    get = router_class.get
+
+    @functools.wraps(get)
+    def patched_get(self: Any, *args: Any, **kwargs: Any) -> Any:
+        found = get(self, *args, **kwargs)
+        context = current.get()
+        if context is not None:
+            try:
+                path = found[0].path
+                _note_route(context, "/" + path if isinstance(path, str) else None)
+            except Exception:  # tracing never fails a request
+                pass
+        return found
+
+    router_class.get = patched_get
+
+
+def _patch_pyramid_routes(module: ModuleType) -> None:
+    """Note the route pattern Pyramid's URL dispatch matched (``/items/{item_id}``, as
+    ``request.matched_route.pattern``): its router asks the routes mapper once per
+    request, before the view or any tween after it runs, and keeps the route on its
+    request, which the middlewares do not see.  (Traversal matches no route: none.)"""
+    from .context import current
+
+    mapper_class = module.RoutesMapper
+    call = mapper_class.__call__
+
+    @functools.wraps(call)
+    def __call__(self: Any, request: Any) -> Any:
+        info = call(self, request)
+        context = current.get()
+        if context is not None:
+            try:
+                pattern = info["route"].pattern if info["route"] is not None else None
+                if isinstance(pattern, str) and not pattern.startswith("/"):
+                    pattern = "/" + pattern  # (Pyramid matches "items/{id}" as "/items/{id}")
+                _note_route(context, pattern)
+            except Exception:  # tracing never fails a request
+                pass
+        return info
+
+    mapper_class.__call__ = __call__
+
+
 def _patch_falcon(module: ModuleType) -> None:
     _patch_falcon_routes(module)
     _patch_wsgi_call(module.App)  # (falcon.asgi.App has a __call__ of its own)
@@ -899,6 +953,8 @@ ROUTE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "quart.app": _patch_quart_routes_only,
     "django.core.handlers.base": _patch_django_base,
     "falcon.app": _patch_falcon_routes,
+    "sanic.router": _patch_sanic_routes,
+    "pyramid.urldispatch": _patch_pyramid_routes,
 }
 
 #: Module name -> the patch applied right after that module first runs.
@@ -919,8 +975,10 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "falcon.asgi.app": _patch_falcon_asgi,
     "litestar.app": _patch_litestar,
     "sanic.app": _patch_sanic,
+    "sanic.router": _patch_sanic_routes,
     "bottle": _patch_bottle,
     "pyramid.router": _patch_pyramid,
+    "pyramid.urldispatch": _patch_pyramid_routes,
 }
 
 
