@@ -571,6 +571,17 @@ _TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
     help="Import TARGET's module from DIR.",
 )  # fmt: skip
 @click.option("--no-proxy", is_flag=True, help="Serve TARGET without hopscope's proxy in front.")
+@click.option(
+    "--reload", is_flag=True,
+    help="Serve TARGET anew when a *.py file changes, as uvicorn --reload does, on the "
+    "same port: requests wait meanwhile; the proxy, the recording and the UI go on.  A "
+    "change that does not load is one line, and the next save recovers.  Not with -- "
+    "COMMAND (pass --reload to your server instead).",
+)  # fmt: skip
+@click.option(
+    "--reload-dir", "reload_dirs", multiple=True, metavar="DIR",
+    help="With --reload: watch DIR (repeatable; default: --app-dir).",
+)  # fmt: skip
 @click.option("-o", "--output", metavar="FILE", help="Also save the traces to a trace file.")
 @_otlp_option
 @_server_timing_option
@@ -584,6 +595,8 @@ def run(
     factory: bool,
     app_dir: str,
     no_proxy: bool,
+    reload: bool,
+    reload_dirs: tuple[str, ...],
     output: str | None,
     ui: bool | None,
     max_requests: int,
@@ -594,6 +607,7 @@ def run(
 
     \b
       hopscope run main:app            ASGI apps under uvicorn, WSGI apps under gunicorn
+      hopscope run main:app --reload   served anew when a .py file changes
       hopscope run -- uvicorn main:app --workers 2
       hopscope run -- gunicorn -w 4 main:app
       hopscope run -- flask --app main run
@@ -612,6 +626,13 @@ def run(
     )
 
     command = ctx.meta.get("hopscope.run.command")
+    if command is not None and (reload or reload_dirs):
+        # One line, not click's usage text: the fix is in the command.
+        option = "--reload" if reload else "--reload-dir"
+        click.echo(f"Error: {option} applies to TARGET: pass it to your server instead", err=True)
+        ctx.exit(2)
+    if reload_dirs and not reload:
+        raise click.UsageError("--reload-dir applies with --reload")
     if command is not None and target is not None:
         raise click.UsageError("give TARGET or -- COMMAND, not both")
     if command is None and target is None:
@@ -624,6 +645,7 @@ def run(
     served: dict[str, Any] = {
         "host": host, "port": port, "factory": factory, "app_dir": app_dir,
         "output": output, "proxy": not no_proxy, "otlp": otlp, "server_timing": server_timing,
+        "reload_dirs": (list(reload_dirs) or [app_dir]) if reload else None,
     }  # fmt: skip
     extra: dict[str, Any] = {"otlp": otlp, "server_timing": server_timing}
     try:

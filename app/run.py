@@ -353,16 +353,30 @@ def _stop_strays(pgid: int) -> None:
         _release_watchdog(pgid)
 
 
+def _read_ready(fd: int, pending: bytes, timeout: float) -> tuple[bytes, bool]:
+    """``pending`` and what came on the ready pipe within ``timeout``; True once a whole
+    line came or the pipe closed."""
+    if not select.select([fd], [], [], timeout)[0]:
+        return pending, False
+    data = os.read(fd, 512)
+    pending += data
+    return pending, not data or b"\n" in pending
+
+
 def _supervise(
     proc: Any,
     signals: _Signals,
     ready_fd: int | None = None,
     on_ready: Callable[[str], None] | None = None,
+    restart: Callable[[], bool] | None = None,
 ) -> tuple[int, bool]:
     """Wait for the child; returns (exit status, whether it was stopped by a signal we
-    passed on).  ``on_ready`` gets the line the child writes on ``ready_fd``."""
+    passed on).  ``on_ready`` gets the line the child writes on ``ready_fd``.
+    ``restart`` (``--reload``) is asked every tenth of a second: once it says yes, the
+    child is stopped as a Ctrl+C stops it (SIGTERM, then the group's SIGTERM and
+    SIGKILL), and a signal that comes meanwhile only marks the stop as the user's."""
     pgid = proc.pid  # start_new_session: the child leads its own group
-    stopping = False
+    stopping = restarting = False
     term_at: float | None = None
     kill_at: float | None = None
     pending = b""
@@ -372,6 +386,8 @@ def _supervise(
                 signum = signals.received.pop(0)
                 if not stopping:
                     stopping = True
+                    if restarting:  # its SIGTERM is sent: the same staged stop goes on
+                        continue
                     # SIGHUP means our terminal went away: ask for a normal stop.
                     with contextlib.suppress(ProcessLookupError):
                         proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
@@ -379,6 +395,12 @@ def _supervise(
                     kill_at = time.monotonic() + STOP_GRACE
                 else:  # asked twice: no more waiting
                     _signal_group(pgid, signal.SIGKILL)
+            if restart is not None and not (stopping or restarting) and restart():
+                restarting = True
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                term_at = time.monotonic() + ESCALATE_AFTER
+                kill_at = time.monotonic() + STOP_GRACE
             now = time.monotonic()
             if term_at is not None and now > term_at:
                 _signal_group(pgid, signal.SIGTERM)
@@ -390,14 +412,20 @@ def _supervise(
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(0.1)
                 continue
-            readable, _, _ = select.select([ready_fd], [], [], 0.1)
-            if readable:
-                data = os.read(ready_fd, 512)
-                pending += data
-                if not data or b"\n" in pending:
-                    ready_fd = None  # said, or the child closed it: the caller closes it
-                    if b"\n" in pending and on_ready is not None:
-                        on_ready(pending.partition(b"\n")[0].decode(errors="replace"))
+            pending, said = _read_ready(ready_fd, pending, 0.1)
+            if said:
+                ready_fd = None  # said, or the child closed it: the caller closes it
+                if b"\n" in pending and on_ready is not None:
+                    on_ready(pending.partition(b"\n")[0].decode(errors="replace"))
+        if ready_fd is not None and on_ready is not None and restart is not None:
+            # Said just before it exited (a failure to load, under --reload).
+            for _ in range(64):  # (what a pipe holds: no waiting, the child is gone)
+                before = len(pending)
+                pending, said = _read_ready(ready_fd, pending, 0)
+                if said or len(pending) == before:
+                    break
+            if b"\n" in pending:
+                on_ready(pending.partition(b"\n")[0].decode(errors="replace"))
     finally:
         if proc.poll() is None:  # we are leaving on an error of our own
             _signal_group(pgid, signal.SIGKILL)
@@ -576,6 +604,7 @@ class _Target:
         proxy: bool,
         separate: bool = False,
         server_timing: bool = False,
+        reload_dirs: list[str] | None = None,
     ) -> None:
         module, sep, attribute = target.partition(":")
         if not sep or not module or not attribute:
@@ -584,12 +613,17 @@ class _Target:
             )
         if not os.path.isdir(app_dir):
             raise RunError(f"--app-dir {app_dir}: no such directory", 2)
+        for folder in reload_dirs or ():
+            if not os.path.isdir(folder):
+                raise RunError(f"--reload-dir {folder}: no such directory", 2)
         self.target = target
+        #: Under --reload the socket stays open here, for each new child.
+        self.reload = reload_dirs is not None
         # Without the proxy the app takes the user's address; with it, the proxy does.
         public = stack.enter_context(_listen(host, port)) if proxy else None
         self.sock = stack.enter_context(_listen("127.0.0.1", 0) if proxy else _listen(host, port))
         self.pipe = _Pipe()
-        stack.callback(self.pipe.close)
+        stack.callback(lambda: self.pipe.close())  # (the last child's, under --reload)
         sink_url = start_recording()
         self.app_url = self.url = _url(self.sock)
         self.proxied = public is not None
@@ -605,18 +639,33 @@ class _Target:
             if separate:
                 public.close()  # the proxy's process has its own copy
         argv = [sys.executable, "-P", "-m", "hopscope.app.serve", target, "--app-dir", app_dir]
-        argv += ["--fd", str(self.sock.fileno()), "--ready-fd", str(self.pipe.write)]
         if factory:
             argv.append("--factory")
+        if self.reload:
+            argv.append("--hand-over")
         self.argv = argv
         self.env = dict(os.environ, HOPSCOPE_SINK=sink_url)
         if server_timing:  # read by hopscope's uvicorn/gunicorn hooks in the child
             self.env["HOPSCOPE_SERVER_TIMING"] = "1"
 
     def spawn(self, **streams: Any) -> Any:
-        proc = _spawn(self.argv, self.env, (self.sock.fileno(), self.pipe.write), **streams)
-        # The child has its own copies; ours would keep the port and the pipe open.
-        self.sock.close()
+        return self._spawn(self.argv, streams)
+
+    def respawn(self, **streams: Any) -> Any:
+        """A new child after a change (``--reload``), on the same listening socket: what
+        connects meanwhile waits in its backlog.  A failure to load is one line on the
+        ready pipe (see :mod:`hopscope.app.serve`), said by the caller."""
+        self.pipe.close()
+        self.pipe = _Pipe()
+        return self._spawn([*self.argv, "--brief-errors"], streams)
+
+    def _spawn(self, argv: list[str], streams: dict[str, Any]) -> Any:
+        argv = [*argv, "--fd", str(self.sock.fileno()), "--ready-fd", str(self.pipe.write)]
+        proc = _spawn(argv, self.env, (self.sock.fileno(), self.pipe.write), **streams)
+        # The child has its own copies; ours would keep the port and the pipe open
+        # (the port is kept under --reload: the next child serves it).
+        if not self.reload:
+            self.sock.close()
         self.pipe.close_write()
         return proc
 
@@ -639,9 +688,12 @@ def run_target(
     out: TextIO | None = None,
     otlp: str | None = None,
     server_timing: bool = False,
+    reload_dirs: list[str] | None = None,
 ) -> int:
     """Serve ``target`` (``module:attribute``) until it exits or is stopped; returns its
-    exit status.  Raises :class:`RunError` when it cannot start."""
+    exit status.  ``reload_dirs`` (``--reload``): serve it anew after each change of a
+    Python file there (see :class:`_Reloader`).  Raises :class:`RunError` when it
+    cannot start."""
     with contextlib.ExitStack() as stack:
 
         def start_recording() -> str:
@@ -659,14 +711,24 @@ def run_target(
             app_dir=app_dir,
             proxy=proxy,
             server_timing=server_timing,
+            reload_dirs=reload_dirs,
         )
+        reloader = None
+        if reload_dirs is not None:
+            watcher = _Watcher(reload_dirs, _tell_stderr)
+            stack.callback(watcher.stop)
+            reloader = _Reloader(plan, watcher, _tell_stderr, {"stdin": None})
+        watching = f"reloading on changes in {_folders(reload_dirs)}; " if reload_dirs else ""
 
         def ready(line: str) -> None:
-            _say(f"{plan.serving(line)} (Ctrl+C to stop)")
+            _say(f"{plan.serving(line)} ({watching}Ctrl+C to stop)")
 
         with _Signals() as signals:
             proc = plan.spawn(stdin=None)  # a breakpoint() reads the terminal
-            status, stopped = _supervise(proc, signals, plan.pipe.read, ready)
+            if reloader is not None:
+                status, stopped = reloader.run(proc, signals, ready)
+            else:
+                status, stopped = _supervise(proc, signals, plan.pipe.read, ready)
         if status and not stopped:
             _say(f"{target} exited with status {status}")
         return status
@@ -688,6 +750,186 @@ class _Pipe:
         if self.read >= 0:
             os.close(self.read)
             self.read = -1
+
+
+# -- hopscope run TARGET --reload ----------------------------------------------------------
+
+#: How a message is said: (text, severity): on stderr, or as a notice in the UI.
+_Tell = Callable[[str, str], None]
+
+
+def _tell_stderr(message: str, severity: str) -> None:
+    _say(message)
+
+
+class _Watcher:
+    """The ``--reload`` folders, watched on a thread with watchfiles, as ``uvicorn
+    --reload`` watches them: Python files (``*.py``; not hidden files, editors' swap
+    files, ``__pycache__``, ``.git`` or virtualenvs).  watchfiles groups a burst of
+    events (an editor's save, a ``git checkout``) into one change, reported once nothing
+    moved for 50 ms: :meth:`take` then says which files changed."""
+
+    def __init__(self, dirs: list[str], tell: _Tell) -> None:
+        try:
+            import watchfiles  # noqa: F401 (used on the thread)
+        except ImportError:
+            raise RunError(
+                "--reload needs watchfiles (pip install watchfiles, or uvicorn[standard])"
+            ) from None
+        self.dirs = [os.path.abspath(d) for d in dict.fromkeys(dirs)]
+        self._tell = tell
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._changed: dict[str, None] = {}  # (in the order they came)
+        self._thread = threading.Thread(target=self._run, name="hopscope-reload", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from watchfiles import Change, DefaultFilter, watch
+
+        class PythonFiles(DefaultFilter):
+            def __call__(self, change: Change, path: str) -> bool:
+                name = os.path.basename(path)
+                return (
+                    name.endswith(".py")
+                    and not name.startswith(".")
+                    and super().__call__(change, path)
+                )
+
+        try:
+            for changes in watch(
+                *self.dirs,
+                watch_filter=PythonFiles(),
+                stop_event=self._stop,
+                raise_interrupt=False,
+                ignore_permission_denied=True,
+            ):
+                with self._lock:
+                    self._changed.update(dict.fromkeys(path for _, path in changes))
+        except Exception as exc:  # (out of inotify watches, a folder removed)
+            if not self._stop.is_set():
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                self._tell(f"--reload stopped watching for changes: {reason}", "error")
+
+    def take(self) -> str | None:
+        """What changed since the last call, as said (``app.py changed``), or None."""
+        with self._lock:
+            paths, self._changed = list(self._changed), {}
+        if not paths:
+            return None
+        names = [_shown(path) for path in paths]
+        if len(names) > 3:
+            return f"{', '.join(names[:2])} and {len(names) - 2} more files changed"
+        return f"{', '.join(names)} changed"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)  # (watchfiles looks at the event every 50 ms)
+
+
+def _folders(dirs: list[str]) -> str:
+    return ", ".join(_shown(os.path.abspath(d)) for d in dict.fromkeys(dirs))
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the current folder when it is below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+class _Reloader:
+    """``run TARGET --reload``: the child supervised as without it, then, after each
+    change, stopped as Ctrl+C stops it and started again on the same listening socket
+    (:meth:`_Target.respawn`).  The proxy, the collector and the UI or tail go on.  An
+    app that then fails to load, or exits, is one line, and the next change starts it
+    again; only the first start failing ends the run, as without ``--reload`` (a typo in
+    TARGET should not leave hopscope waiting)."""
+
+    def __init__(
+        self, plan: _Target, watcher: _Watcher, tell: _Tell, streams: dict[str, Any]
+    ) -> None:
+        self.plan = plan
+        self.watcher = watcher
+        self.tell = tell
+        self.streams = streams
+        self._asked = False  # this child was stopped for a change
+        self._failed = False  # the last child could not load: say when one serves again
+        self._line: str | None = None
+        self._loading = False  # a child started after a change has not said ready yet
+        self._first: Callable[[str], None] | None = None
+
+    def _restart(self) -> bool:
+        why = self.watcher.take()
+        if why is None:
+            return False
+        self.tell(f"reloading: {why}", "information")
+        self._asked = True
+        return True
+
+    def _ready(self, line: str) -> None:
+        self._line = line
+        self._loading = False
+        if line.startswith("failed "):
+            return
+        if self._first is not None:
+            first, self._first = self._first, None
+            first(line)
+        elif self._failed:
+            self.tell(f"serving {self.plan.target} again: open {self.plan.url}", "information")
+        self._failed = False
+
+    def _wait(self, signals: _Signals) -> bool:
+        """Until a change (True) or a stop (False), with no child running."""
+        while not signals.received:
+            if self._restart():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def run(
+        self, proc: Any, signals: _Signals, first: Callable[[str], None] | None = None
+    ) -> tuple[int, bool]:
+        """Like :func:`_supervise`, over each child in turn.  ``first`` gets the first
+        child's ready line (None: it was said already, the UI waited for it)."""
+        self._first = first
+        target = self.plan.target
+        while True:
+            self._asked = False
+            self._line = None
+            status, stopped = _supervise(
+                proc, signals, self.plan.pipe.read, self._ready, self._restart
+            )
+            if stopped:
+                # Stopped while a change stopped the app (its status is that of our
+                # SIGTERM: uvicorn dies of it, 143), or while it loaded again (130):
+                # the user stopped a server that ran, as after any Ctrl+C.
+                return (0 if self._asked or self._loading else status), True
+            if not self._asked:
+                line = self._line or ""
+                if self._first is not None:  # never served: as without --reload
+                    if line.startswith("failed "):  # (started again during its first load)
+                        self.tell(f"cannot load {target}: {line[7:]}", "error")
+                    return status, False
+                if line.startswith("failed "):
+                    self.tell(f"cannot load {target}: {line[7:]}; waiting for a change", "error")
+                else:
+                    exited = f"{target} exited with status {status}"
+                    self.tell(f"{exited}; waiting for a change", "error")
+                self._failed = True
+                if not self._wait(signals):
+                    return 0, True
+            while True:
+                if signals.received:
+                    return 0, True
+                try:
+                    proc = self.plan.respawn(**self.streams)
+                    self._loading = True
+                    break
+                except RunError as exc:
+                    self.tell(f"{exc}; waiting for a change", "error")
+                    self._failed = True
+                    if not self._wait(signals):
+                        return 0, True
 
 
 # -- with the UI ---------------------------------------------------------------------------
@@ -741,18 +983,30 @@ class _Background:
     """The child supervised from a thread, because the UI has the main thread (and the
     keys): :meth:`stop` asks for the same staged stop a Ctrl+C starts without the UI."""
 
-    def __init__(self, proc: Any, shown: str, source: Any, output: _Output) -> None:
+    def __init__(
+        self,
+        proc: Any,
+        shown: str,
+        source: Any,
+        output: _Output,
+        reloader: _Reloader | None = None,
+    ) -> None:
         self.proc = proc
         self.shown = shown
         self.source = source
         self.output = output
+        self.reloader = reloader
         self.signals = _Signals()  # never entered: the UI, not a signal, asks to stop
         self.result = (0, False)
         self.thread = threading.Thread(target=self._run, name="hopscope-run", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        self.result = status, stopped = _supervise(self.proc, self.signals)
+        if self.reloader is not None:
+            self.result = self.reloader.run(self.proc, self.signals)
+        else:
+            self.result = _supervise(self.proc, self.signals)
+        status, stopped = self.result
         if not stopped:
             message = f"{self.shown} exited with status {status}: {self.output.last()}"
             from hopscope.tui.source import notice
@@ -776,13 +1030,14 @@ def _ui_session(
     recording: str | None,
     max_requests: int,
     urls: dict[str, str],
+    reloader: _Reloader | None = None,
 ) -> Session:
     """The session for a supervised child: its exit status becomes hopscope's."""
     from hopscope.tui.app import HopscopeApp
 
     from .ui import Session
 
-    background = _Background(proc, shown, source, output)
+    background = _Background(proc, shown, source, output, reloader)
     app = HopscopeApp(source, title=title, max_requests=max_requests, recording=recording)
     session = Session(app, stack, urls)
 
@@ -809,12 +1064,16 @@ def _live_source(
         raise RunError(str(exc)) from None
 
 
-def _captured(stack: contextlib.ExitStack, start: Callable[..., Any]) -> tuple[Any, _Output]:
-    """Start a child whose output is held while the UI owns the terminal (shown after)."""
+def _captured(
+    stack: contextlib.ExitStack, start: Callable[..., Any], keep: bool = False
+) -> tuple[Any, _Output]:
+    """Start a child whose output is held while the UI owns the terminal (shown after);
+    ``keep``: the pipe stays open for the next children (``--reload``)."""
     out = _Output()
     stack.callback(out.close)
     proc = start(stdout=out.write, stderr=out.write)
-    out.close_write()
+    if not keep:
+        out.close_write()
     return proc, out
 
 
@@ -861,10 +1120,12 @@ def build_run_target_app(
     max_requests: int = 50_000,
     otlp: str | None = None,
     server_timing: bool = False,
+    reload_dirs: list[str] | None = None,
 ) -> Session:
     """``hopscope run TARGET`` with the UI: a :class:`~hopscope.app.ui.Session`, built
     once the app serves (an app that fails to load fails here, with its own output on
-    stderr, before any UI).  Raises :class:`RunError`."""
+    stderr, before any UI).  Under ``--reload`` each reload, and each failure to load
+    after a change, is a notice.  Raises :class:`RunError`."""
     stack = contextlib.ExitStack()
     try:
         box: list[Any] = []
@@ -876,9 +1137,22 @@ def build_run_target_app(
         plan = _Target(
             stack, target, start_recording, host=host, port=port, factory=factory,
             app_dir=app_dir, proxy=proxy, separate=True, server_timing=server_timing,
+            reload_dirs=reload_dirs,
         )  # fmt: skip
         source, feed = box
-        proc, out = _captured(stack, plan.spawn)
+        reloader = None
+        if reload_dirs is not None:
+            from hopscope.tui.source import notice  # (the UI's: not imported without it)
+
+            def tell(message: str, severity: str) -> None:
+                source.push([notice(message, severity)])
+
+            watcher = _Watcher(reload_dirs, tell)
+            stack.callback(watcher.stop)
+        proc, out = _captured(stack, plan.spawn, keep=reload_dirs is not None)
+        if reload_dirs is not None:
+            streams = {"stdout": out.write, "stderr": out.write}
+            reloader = _Reloader(plan, watcher, tell, streams)
         line = _wait_ready(proc, plan.pipe.read)
         if line is None:
             status = proc.wait()
@@ -896,8 +1170,9 @@ def build_run_target_app(
         if plan.proxied:
             urls["proxy"] = plan.url
         return _ui_session(
-            stack, proc, target, source, out, "hopscope run", output, max_requests, urls
-        )
+            stack, proc, target, source, out, "hopscope run", output, max_requests, urls,
+            reloader,
+        )  # fmt: skip
     except BaseException:
         stack.close()
         raise

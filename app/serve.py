@@ -16,18 +16,32 @@ does, and nothing here imports a module the user could shadow (``tracing``, ``ap
 Ctrl+C before the server runs (while hopscope or the app still imports) ends this process
 quietly with the status of an interrupt, as the servers do once they run: hence the
 imports of hopscope inside the functions, under :func:`main`'s ``except``.
+
+Under ``hopscope run --reload`` the processes started after a change get
+``--brief-errors``: an app that fails to load (a syntax error half-way through an edit)
+is then one line on ``--ready-fd`` (``failed app.py:7: SyntaxError: ...``), which the
+parent says before it waits for the next change, instead of a traceback per save.  And
+every process gets ``--hand-over``: the listening socket outlives it (the parent keeps
+it for the next one), so on SIGTERM what uvicorn accepted just before it stopped
+accepting is served rather than closed unread (see :data:`HAND_OVER_GRACE`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
-import os
-import socket
 import sys
-from collections.abc import Callable
-from typing import Any
+
+try:  # Ctrl+C while this process starts: quietly, as in main (see above)
+    import argparse
+    import contextlib
+    import importlib
+    import inspect
+    import os
+    import socket
+    import traceback
+    from collections.abc import Callable
+    from typing import Any
+except KeyboardInterrupt:
+    sys.exit(130)
 
 __all__ = ["ServeError", "load_target", "main"]
 
@@ -37,6 +51,11 @@ WSGI_THREADS = 8
 LOAD_FAILED = 1
 #: Exit status after Ctrl+C before the server ran (a shell's for SIGINT).
 INTERRUPTED = 130
+#: Seconds uvicorn, under ``--hand-over``, waits between closing its listening socket and
+#: closing its idle connections: a connection it accepted in its last moments, whose
+#: request was not read yet, counts as idle, and closing it loses a request the next
+#: process would have answered (the proxy retries only on a kept-alive connection).
+HAND_OVER_GRACE = 0.1
 
 
 class ServeError(Exception):
@@ -112,6 +131,33 @@ def _traced(app: Any) -> Any:
     return app if is_traced(app) else wrap(app)
 
 
+def _load_error(exc: BaseException) -> str:
+    """What stopped the app from loading, in one line: where (the innermost frame in the
+    app's folder, else the innermost one) and the exception, as ``file:line: Type: text``."""
+    if isinstance(exc, ServeError):
+        return str(exc)
+    text = " ".join(str(exc.msg if isinstance(exc, SyntaxError) else exc).split())
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    where: tuple[str, int | None] | None = None
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = (exc.filename, exc.lineno)
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename[:1] != "<"]
+        home = sys.path[0] + os.sep
+        mine = [f for f in frames if os.path.abspath(f.filename).startswith(home)]
+        if mine or frames:
+            frame = (mine or frames)[-1]
+            where = (frame.filename, frame.lineno)
+    if where is None:
+        return what
+    path = os.path.abspath(where[0])
+    with contextlib.suppress(ValueError):  # (another drive)
+        relative = os.path.relpath(path)
+        if not relative.startswith(os.pardir + os.sep):
+            path = relative
+    return f"{path}:{where[1]}: {what}" if where[1] else f"{path}: {what}"
+
+
 def _ready_writer(fd: int | None) -> Callable[[str], None]:
     """Says once on ``fd`` that the server is up, then closes it (workers forked later
     must not hold the pipe open)."""
@@ -132,7 +178,11 @@ def _ready_writer(fd: int | None) -> Callable[[str], None]:
     return ready
 
 
-def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> int:
+def serve_asgi(
+    app: Any, sock: socket.socket, ready: Callable[[str], None], hand_over: bool = False
+) -> int:
+    import asyncio
+
     import uvicorn
     from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
     from hopscope.tracing.servers.uvicorn_ws import ws_protocol
@@ -142,6 +192,13 @@ def serve_asgi(app: Any, sock: socket.socket, ready: Callable[[str], None]) -> i
             await super().startup(sockets=sockets)
             if self.started:
                 ready("asgi uvicorn")
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if hand_over and not self.force_exit:
+                for server in self.servers:
+                    server.close()  # no more accepts: the backlog is the next process's
+                await asyncio.sleep(HAND_OVER_GRACE)  # (the last ones read their request)
+            await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(
         _traced(app),
@@ -219,6 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, help="a pipe to say 'ready' on")
     parser.add_argument("--app-dir", default=".", help="where to import the module from")
     parser.add_argument("--factory", action="store_true", help="TARGET makes the app")
+    parser.add_argument(
+        "--brief-errors",
+        action="store_true",
+        help="an app that fails to load is one line on --ready-fd ('failed REASON')",
+    )
+    parser.add_argument(
+        "--hand-over",
+        action="store_true",
+        help="another process serves the socket next: serve what was accepted",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.app_dir))
     ready = _ready_writer(args.ready_fd)
@@ -227,9 +294,15 @@ def main(argv: list[str] | None = None) -> int:
         from hopscope.tracing.wrap import is_asgi
 
         install(ROUTE_PATCHES)  # Quart's and Django's routes, kept on their requests
-        app = load_target(args.target, args.factory)
+        try:
+            app = load_target(args.target, args.factory)
+        except Exception as exc:
+            if not args.brief_errors:
+                raise
+            ready("failed " + _load_error(exc))
+            return LOAD_FAILED
         if is_asgi(app):
-            return serve_asgi(app, socket.socket(fileno=args.fd), ready)
+            return serve_asgi(app, socket.socket(fileno=args.fd), ready, args.hand_over)
         return serve_wsgi(app, args.fd, ready)
     except ServeError as exc:
         print(f"hopscope: {exc}", file=sys.stderr)
@@ -239,4 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # (before main's own try: parsing its arguments)
+        sys.exit(INTERRUPTED)
