@@ -630,8 +630,11 @@ class _Target:
         if public is not None:  # started first: if it fails, there is no child to stop
             self.url = _url(public)
             try:
+                # The client's Host goes to the app (as without the proxy, --no-proxy):
+                # the app's address is one hopscope chose, and apps that check the Host
+                # (Django's CSRF Origin check) or build URLs from it see the one in use.
                 front = (FrontProcess if separate else Front)(
-                    public, self.app_url, sink_url, server_timing=server_timing
+                    public, self.app_url, sink_url, server_timing=server_timing, keep_host=True
                 )
             except ProxyError as exc:
                 raise RunError(str(exc)) from None

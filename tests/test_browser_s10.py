@@ -12,11 +12,9 @@ test_browser_user.py do not already try.
   decoded, as the UI's Response tab shows it, and says so.
 * A page navigating away while its fetch waits: client gone before the response, the
   upstream connection dropped, the app's span still ended, no socket left open.
-* Django's admin login through the proxy: a known difference, marked xfail (strict, so
-  the fix turns it into a failure to remove the mark): the proxy sends the upstream's
-  Host, Django's CSRF check compares the browser's Origin with that Host and refuses the
-  login POST with a 403.  The fix belongs in the proxy's request path (the client's Host
-  passed upstream, as nginx's ``proxy_set_header Host $http_host``).
+* Django's admin login through ``hopscope run``: the proxy sent the upstream's Host, and
+  Django's CSRF check, comparing the browser's Origin with that Host, refused the login
+  POST with a 403; ``hopscope run`` now keeps the client's Host (``keep_host``).
 
 One Chromium (Debian's, driven by Playwright) serves the module; each test has its own
 context (cookies, cache).
@@ -548,11 +546,6 @@ def _admin_login(browser: Any, url: str) -> tuple[str, str]:
         context.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the proxy sends the upstream's Host, so Django's CSRF Origin check refuses the "
-    "login POST (403, 'Origin checking failed'); needs the client's Host passed upstream",
-)
 def test_django_admin_login_through_hopscope_run(browser: Any, django_site: _Django) -> None:
     """The same admin login bare (gunicorn) and through ``hopscope run`` (gunicorn behind
     hopscope's proxy): the browser must land on the admin index both times."""
