@@ -332,6 +332,8 @@ class MemorySink(Sink):
         self._records: deque[Record | Recording] = deque()
         self._max = max_records
         self.dropped = 0
+        #: Requests left out because no record could be made of them (see records()).
+        self._unrecordable = 0
 
     def emit(self, record: Record) -> None:
         if len(self._records) < self._max:
@@ -347,23 +349,40 @@ class MemorySink(Sink):
 
     def records(self) -> list[Record]:
         """What was recorded so far; a request appears as it would at a drain now: one
-        ``"r"`` record once it is over, its start and events so far while it runs."""
+        ``"r"`` record once it is over, its start and events so far while it runs.
+
+        A request no record can be made of (raw values from an odd server) is left out
+        and counted as dropped, once, as a draining sink loses it: the others are
+        returned."""
         out: list[Record] = []
         for item in list(self._records):
             if isinstance(item, Recording):
-                out.extend(item.snapshot())
+                try:
+                    out.extend(item.snapshot())
+                except Exception:
+                    self._unrecordable_request(item)
             else:
                 out.append(item)
         return out
 
+    def _unrecordable_request(self, recording: Recording) -> None:
+        try:
+            self._records.remove(recording)
+        except ValueError:
+            return  # another call (or clear()) let it go already
+        self.dropped += 1
+        self._unrecordable += 1
+
     def events(self) -> list[dict[str, Any]]:
         """The wire events of what was recorded so far; a record that cannot be made
-        into events is left out and counted in a leading ``dropped`` event, as the
-        other sinks write it (the rest are returned)."""
+        into events (or a request no record can be made of) is left out and counted in
+        a leading ``dropped`` event, as the other sinks write it (the rest are
+        returned)."""
         info = process_info(os.getpid())
         events: list[dict[str, Any]] = []
-        unreadable = 0
-        for record in self.records():
+        records = self.records()
+        unreadable = self._unrecordable  # requests records() left out, so far
+        for record in records:
             try:
                 events += to_events(record, info)
             except Exception:
@@ -381,6 +400,7 @@ class MemorySink(Sink):
     def clear(self) -> None:
         self._records.clear()
         self.dropped = 0
+        self._unrecordable = 0
 
 
 _live_sinks: weakref.WeakSet[_BatchingSink] = weakref.WeakSet()
@@ -708,8 +728,10 @@ class SocketSink(_BatchingSink):
     events so far), reach the collector within 1.5 intervals; it is also the only
     thread that connects, with exponential backoff, so a request never waits for a
     connection.  While the collector is unreachable records wait in the bounded queue
-    (then drop, counted).  :meth:`flush` and :meth:`close` (at exit too) do wait for
-    the socket, up to their timeout.
+    (then drop, counted); frames still waiting when a connection fails are counted as
+    dropped, and the drops they reported go with the first frame on the next one.
+    :meth:`flush` and :meth:`close` (at exit too) do wait for the socket, up to their
+    timeout.
     """
 
     def __init__(
@@ -724,8 +746,9 @@ class SocketSink(_BatchingSink):
         self.family, self.address = parse_address(address)
         self._sock: socket.socket | None = None
         # Frames (or the unsent end of one) the socket did not take yet, oldest first,
-        # each with the number of records it carries (counted as dropped if it is lost).
-        self._pending: deque[tuple[memoryview, int]] = deque()
+        # each with the number of records it carries and the drops it reports: if it is
+        # lost, its records are counted as dropped and its drops reported again.
+        self._pending: deque[tuple[memoryview, int, int]] = deque()
         self._pending_bytes = 0
         self._max_pending = max_pending
         self._flush_at = flush_at or FLUSH_AT
@@ -811,7 +834,16 @@ class SocketSink(_BatchingSink):
                 self.dropped += unsent
         bound = True
         for frame, count, carried in frames:
-            self._send_frame(sock, frame, count, carried, bound)
+            try:
+                self._send_frame(sock, frame, count, carried, bound)
+            except OSError:
+                # Nothing of this frame went (send raises only then), and the frames
+                # before it went whole: this one and the rest are lost, nothing more.
+                at = [entry[0] for entry in frames].index(frame)
+                for _, count, carried in frames[at:]:
+                    self._lost(count, carried)
+                self._failed()
+                return
             bound = False  # the rest of a split batch is kept as its one frame would be
 
     def _send_frame(
@@ -824,7 +856,7 @@ class SocketSink(_BatchingSink):
             if bound and self._pending_bytes + len(frame) > self._max_pending:
                 self._lost(count, carried)
             else:
-                self._pending.append((memoryview(frame), count))
+                self._pending.append((memoryview(frame), count, carried))
                 self._pending_bytes += len(frame)
             return
         try:
@@ -838,7 +870,7 @@ class SocketSink(_BatchingSink):
             # Begun frames must be finished, or the stream would be garbage: the rest
             # is kept even past max_pending (so at most one frame over it).
             rest = memoryview(frame)[sent:]
-            self._pending.append((rest, count))
+            self._pending.append((rest, count, carried))
             self._pending_bytes += len(rest)
 
     def _push(self, sock: socket.socket) -> bool:
@@ -846,33 +878,40 @@ class SocketSink(_BatchingSink):
         pending = self._pending
         while pending:
             try:
-                sent = sock.sendmsg([view for view, _ in list(pending)[:64]], (), _NOSIGNAL)
+                sent = sock.sendmsg([entry[0] for entry in list(pending)[:64]], (), _NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 return False
             while sent:
-                view, count = pending[0]
+                view, count, carried = pending[0]
                 if sent >= len(view):
                     pending.popleft()
                     sent -= len(view)
                     self._pending_bytes -= len(view)
                 else:
-                    pending[0] = (view[sent:], count)
+                    pending[0] = (view[sent:], count, carried)
                     self._pending_bytes -= sent
                     sent = 0
         return True
 
     def _failed(self) -> None:
+        """The connection failed: what is pending never arrives whole (the collector
+        throws away a frame cut short), so its records are counted as dropped and the
+        drops its frames reported go with the first frame on the next connection.  A
+        frame the socket took whole is the kernel's: it is not counted again."""
         if self._sock is not None:
             try:
                 self._sock.close()
             except OSError:
                 pass
             self._sock = None
-        lost = sum(count for _, count in self._pending)
+        records = reported = 0
+        for _, count, carried in self._pending:
+            records += count
+            reported += carried
         self._pending.clear()
         self._pending_bytes = 0
-        if lost:
-            self._count_dropped(lost)
+        if records or reported:
+            self._lost(records, reported)
         self._next_try = time.monotonic() + self._backoff
 
     # -- the background thread ----------------------------------------------------
@@ -964,6 +1003,11 @@ class SocketSink(_BatchingSink):
             if left <= 0:
                 return
             _wait_writable(sock, left)
+            if _peer_closed(sock):
+                # A collector that stopped: the first send to it would succeed, and the
+                # frames vanish uncounted (see _drain_locked).
+                self._failed()
+                return
             try:
                 self._push(sock)
             except OSError:

@@ -1,0 +1,306 @@
+"""Dropped records are counted when a collector dies with frames waiting (session 10).
+
+Each frame a :class:`SocketSink` sends reports the drops since the frame before it.
+When the collector stops reading, frames wait in the sink; when it is then killed (or
+restarted), those frames never arrive whole, so their records are counted as dropped,
+and the drops they reported must go with the first frame to the next collector.  They
+did not: the collector never heard of them.  The collectors here are real processes on
+a real socket (a raw frame reader, so that one can read nothing for a while), killed
+and started again on the same address; the check is the one a user makes: records
+received plus drops reported is what the app emitted, and ``sink.dropped`` agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hopscope.tracing import MemorySink, SocketSink
+from hopscope.tracing.sinks import WIRE_MAGIC, Recording, decode_frame
+
+#: A collector: ``hold`` accepts one connection and reads nothing until a line comes on
+#: its stdin, then reads what the socket has (until it is quiet), reports and waits to
+#: be killed; ``read`` accepts one connection and reads it to its end, then reports.
+#: The report: the ids of the records of whole frames, the drops they carried, and the
+#: bytes of a frame cut short (thrown away, as ``hopscope tail --listen`` does).
+COLLECTOR = r"""
+import json, os, socket, struct, sys
+from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame
+
+mode, where = sys.argv[1], sys.argv[2]
+if where.startswith("unix:"):
+    if os.path.exists(where[5:]):
+        os.unlink(where[5:])
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(where[5:])
+else:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", int(where)))
+    where = str(listener.getsockname()[1])
+listener.listen()
+print(where, flush=True)
+listener.settimeout(20)
+conn, _ = listener.accept()
+if mode == "hold":
+    sys.stdin.readline()
+conn.settimeout(0.5 if mode == "hold" else 20)
+data = bytearray()
+while True:
+    try:
+        chunk = conn.recv(1 << 20)
+    except TimeoutError:
+        break
+    if not chunk:
+        break
+    data += chunk
+assert data[: len(WIRE_MAGIC)] == WIRE_MAGIC
+at, ids, dropped = len(WIRE_MAGIC), [], 0
+while at + 4 <= len(data):
+    (length,) = struct.unpack_from("!I", data, at)
+    if at + 4 + length > len(data):
+        break
+    info, count, batch = decode_frame(bytes(data[at + 4 : at + 4 + length]))
+    dropped += count
+    ids += [record[1] for record in batch]
+    at += 4 + length
+print(json.dumps({"ids": ids, "dropped": dropped, "cut": len(data) - at}), flush=True)
+if mode == "hold":
+    sys.stdin.readline()
+"""
+
+#: Records before the socket's buffers are full, at most (some 80 MB): a bound only.
+FILL_LIMIT = 20_000
+#: Queued records at most: a small queue, so that a send in progress makes drops.
+MAX_QUEUE = 64
+PAD = "x" * 4000
+
+
+class _Collector:
+    def __init__(self, mode: str, where: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", COLLECTOR, mode, where],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.where = self.proc.stdout.readline().strip()
+        assert self.where, "the collector did not start"
+
+    @property
+    def url(self) -> str:
+        return self.where if self.where.startswith("unix:") else f"tcp://127.0.0.1:{self.where}"
+
+    def report(self) -> dict[str, Any]:
+        """(``hold``) Read what the socket has now and report it."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self.proc.stdout.readline()))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+    def final(self) -> dict[str, Any]:
+        """(``read``) What it read once the connection ended."""
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out))
+
+
+def _record(n: int, pad: str = "") -> tuple[Any, ...]:
+    return ("p", n, 1, 1, "tick", {"pad": pad} if pad else None)
+
+
+def _frames_wait_with_drops(sink: SocketSink) -> int:
+    """Fill the socket (the collector reads nothing) until frames wait in the sink, then
+    drop records while a send is in progress, so that the next frame, which waits too,
+    reports drops.  How many records were emitted."""
+    sink.emit(_record(0))
+    deadline = time.monotonic() + 10
+    while sink.connects == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.connects == 1
+    emitted = 1
+    # flush_at=1: each record sends the one before it, as a frame of its own.
+    while not sink._pending and emitted < FILL_LIMIT:
+        sink.emit(_record(emitted, PAD))
+        emitted += 1
+    assert sink._pending, "the socket never filled up"
+    # A send in progress (another thread's, whose socket is full): a request never waits
+    # for it, so past a full queue its records are dropped.
+    with sink._drain_lock:
+        for _ in range(MAX_QUEUE + 10):
+            sink.emit(_record(emitted))
+            emitted += 1
+    drops = sink.dropped
+    assert drops >= 10
+    sink.emit(_record(emitted))  # sends the queue: a frame that reports those drops
+    emitted += 1
+    assert len(sink._pending) >= 2 and sink.dropped == drops
+    return emitted
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+@pytest.mark.parametrize("resume", ["flush", "emit-then-flush"])
+def test_drops_reported_by_frames_lost_with_a_killed_collector_reach_the_next(
+    family: str, resume: str, short_dir: Path
+) -> None:
+    """The frames waiting when the collector was killed were counted as dropped, but
+    not the drops they reported: the next collector heard of fewer drops than the app
+    made, and ``sink.dropped`` disagreed with it.  With ``flush`` (what close and exit
+    do) the frames were even sent into the dead connection first, where they vanished
+    without being counted at all."""
+    first = _Collector("hold", "0" if family == "tcp" else f"unix:{short_dir}/c.sock")
+    second: _Collector | None = None
+    sink = SocketSink(first.url, interval=60, flush_at=1, max_queue=MAX_QUEUE)
+    try:
+        emitted = _frames_wait_with_drops(sink)
+        # It reads what its socket holds before it is killed: bytes the kernel took
+        # and a killed collector never read are lost where no sink can count them.
+        before = first.report()
+        first.kill()
+        second = _Collector("read", first.where)
+        if resume == "emit-then-flush":
+            sink.emit(_record(emitted))  # a request finds the connection gone
+            emitted += 1
+        sink.flush(10)
+        assert sink.connects == 2
+    except BaseException:
+        if second is not None:
+            second.kill()
+        raise
+    finally:
+        sink.close()
+        first.kill()
+    after = second.final()
+    received = before["ids"] + after["ids"]
+    assert len(set(received)) == len(received)  # nothing twice
+    heard = before["dropped"] + after["dropped"]
+    assert after["dropped"] > 10  # what waited, and the drops it reported
+    assert len(received) + heard == emitted  # nothing vanished uncounted
+    assert sink.dropped == heard
+
+
+class _KeepOpen:
+    """An in-test collector that keeps every connection open after reading it to its
+    end (so the sink cannot tell from its socket that one is over), decoding frames."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.url = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.ids: list[Any] = []
+        self.dropped = 0
+        self.ended = 0
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        file = conn.makefile("rb")
+        assert file.read(len(WIRE_MAGIC)) == WIRE_MAGIC
+        while len(head := file.read(4)) == 4:
+            _, dropped, batch = decode_frame(file.read(struct.unpack("!I", head)[0]))
+            self.dropped += dropped
+            self.ids += [record[1] for record in batch]
+        self.ended += 1
+
+    def wait(self, what: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(timeout=5)
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_a_send_that_fails_counts_each_dropped_record_once() -> None:
+    """The connection fails at the very send of a batch holding a record that cannot be
+    marshalled (counted, and reported in the batch's frame): the batch's records were
+    counted again on top, that one twice, so ``sink.dropped`` said more than the
+    collector then heard.  Only what the failed send lost is counted now."""
+    collector = _KeepOpen()
+    sink = SocketSink(collector.url, interval=60)  # sends at flush() only
+    try:
+        sink.emit(_record(0))
+        collector.wait(lambda: sink.connects == 1)
+        sink.flush(5)
+        collector.wait(lambda: collector.ids == [0])
+        assert sink._sock is not None
+        # The connection breaks for the sink (its next send fails) while the collector
+        # says nothing (its end stays open): what a dead link looks like.
+        sink._sock.shutdown(socket.SHUT_WR)
+        collector.wait(lambda: collector.ended == 1)
+        sink.emit(object())  # no record at all: marshal refuses it, and its repr fallback
+        sink.emit(_record(1))
+        sink.emit(_record(2))
+        sink.flush(5)
+        assert sink.connects == 2
+    finally:
+        sink.close()
+        collector.wait(lambda: collector.ended == 2)
+        collector.stop()
+    assert collector.ids == [0]
+    assert collector.dropped == 3  # the odd one, and the two its batch lost
+    assert sink.dropped == 3
+
+
+class _Unrecordable(Recording):
+    """A request whose raw fields no start record can be made of (a client that is no
+    pair): what an odd server could hand over."""
+
+    interface = "asgi"
+
+    def __init__(self, sink: MemorySink) -> None:
+        self.sink = sink
+        self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id = 1, 2, 3, 0, 4
+        self.request = ("GET", "http", "1.1", "/", b"", 42, None, [], "")
+        self.items = []
+        self.end_at = -1
+        self.done = False
+        self._state = -1
+
+
+def test_memory_sink_records_leave_out_and_count_a_request_that_cannot_be_recorded() -> None:
+    """``records()`` raised (and so ``events()`` and ``traces()``) for every request
+    when one of them could not be recorded; that one is left out and counted now."""
+    sink = MemorySink()
+    sink.emit(_record(1))
+    assert sink.start_live(_Unrecordable(sink))
+    sink.emit(_record(2))
+    assert [record[1] for record in sink.records()] == [1, 2]
+    assert sink.dropped == 1
+    assert [record[1] for record in sink.records()] == [1, 2]
+    assert sink.dropped == 1  # counted once, not at each look
+    events = sink.events()
+    assert [e["count"] for e in events if e["kind"] == "dropped"] == [1]
+    assert len([e for e in events if e["kind"] == "event"]) == 2
+    sink.traces()
+    sink.clear()
+    assert sink.records() == [] and sink.events() == [] and sink.dropped == 0
