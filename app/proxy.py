@@ -1284,7 +1284,9 @@ class _Exchange(Recording):
         items = self.items
         while True:
             if conn is None:
-                conn = pool.take_idle()
+                # (A retry connects anew: the other idle ones may be as stale as the
+                # first, when the upstream closed them all, restarting.)
+                conn = None if retried else pool.take_idle()
                 reused = conn is not None
                 if conn is None:
                     connect_start = _now()
