@@ -409,17 +409,23 @@ PATHS = ["GET /items/3", "GET /stream", "GET /nope", "GET /boom", "HEAD /items/3
 
 
 def _served(
-    tmp_path: Path, runs: Callable[..., Run], command: list[str], port: int
+    tmp_path: Path,
+    runs: Callable[..., Run],
+    command: list[str],
+    port: int,
+    paths: list[str] = PATHS,
+    ready: str = "/items/1",
 ) -> tuple[dict[str, bytes], dict[str, bytes], Run]:
-    """The answers of ``command`` bare, then under ``hopscope run``."""
-    url = f"http://127.0.0.1:{port}/items/1"
+    """The answers of ``command`` bare, then under ``hopscope run -- command`` (once
+    ``ready`` answers, then ``paths``)."""
+    url = f"http://127.0.0.1:{port}{ready}"
     with _bare(command, tmp_path, url):
-        bare = _exchanges(port, PATHS)
+        bare = _exchanges(port, paths)
     run = runs(tmp_path, "--headless", "--", *command)
     try:
         run.wait_for(_answers(url), "the app to answer")
-        traced = _exchanges(port, PATHS)
-        run.wait_for(lambda: len(LINE.findall(run.out)) >= len(PATHS) + 1, "the tail lines")
+        traced = _exchanges(port, paths)
+        run.wait_for(lambda: len(LINE.findall(run.out)) >= len(paths) + 1, "the tail lines")
     finally:
         run.stop()
     return bare, traced, run

@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 from hopscope.tracing import MemorySink, wrap
-from test_frameworks_s9 import LINE, _answers, _app_spans, _bare, _exchanges, _write
+from test_frameworks_s9 import LINE, _answers, _app_spans, _exchanges, _write
+from test_frameworks_s10 import _served
 from test_run import Run, _free_port
 
 SANIC_APP = """
@@ -83,23 +84,6 @@ def _routes(run: Run) -> dict[str, object]:
     return {span.name: span.attrs.get("http.route") for span in _app_spans(run.trace)}
 
 
-def _served(
-    tmp_path: Path, runs: Callable[..., Run], command: list[str], port: int, paths: list[str]
-) -> tuple[dict[str, bytes], dict[str, bytes], Run]:
-    """The answers of ``command`` bare, then under ``hopscope run -- command``."""
-    url = f"http://127.0.0.1:{port}/static"
-    with _bare(command, tmp_path, url):
-        bare = _exchanges(port, paths)
-    run = runs(tmp_path, "--headless", "--", *command)
-    try:
-        run.wait_for(_answers(url), "the app to answer")
-        traced = _exchanges(port, paths)
-        run.wait_for(lambda: len(LINE.findall(run.out)) >= len(paths) + 1, "the tail lines")
-    finally:
-        run.stop()
-    return bare, traced, run
-
-
 def _target(tmp_path: Path, runs: Callable[..., Run], module: str, paths: list[str]) -> Run:
     """``hopscope run MODULE:app`` (no proxy, so the app's own port), ``paths`` asked."""
     port = _free_port()
@@ -124,7 +108,7 @@ def test_sanic_asgi_under_hopscope_run_uvicorn_is_named_by_its_route(
     port = _free_port()
     paths = [*PATHS, "GET /boom"]
     command = ["uvicorn", "--port", str(port), "sroutes:app"]
-    bare, traced, run = _served(tmp_path, runs, command, port, paths)
+    bare, traced, run = _served(tmp_path, runs, command, port, paths, ready="/static")
     assert traced == bare
     assert "cannot instrument" not in run.err
     routes = _routes(run)
@@ -182,7 +166,7 @@ def test_pyramid_under_hopscope_run_gunicorn_is_named_by_its_route_pattern(
     port = _free_port()
     paths = [*PATHS, "GET /users/ann"]
     command = ["gunicorn", "-k", "gthread", "-b", f"127.0.0.1:{port}", "proutes:app"]
-    bare, traced, run = _served(tmp_path, runs, command, port, paths)
+    bare, traced, run = _served(tmp_path, runs, command, port, paths, ready="/static")
     assert traced == bare
     assert "cannot instrument" not in run.err
     routes = _routes(run)
