@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import httpx
 import pytest
 from hopscope.tracing import load
-from test_browser import _chromium, _env, _free_port
+from test_browser import _chromium, _env, _free_port, _wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -178,15 +177,7 @@ def _huge_text() -> str:
 
 
 def _until(what: str, ready: Callable[[], Any], proc: subprocess.Popen[bytes], err: Path) -> Any:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        result = ready()
-        if result:
-            return result
-        if proc.poll() is not None:
-            pytest.fail(f"exited ({proc.returncode}) before {what}:\n{err.read_text()}")
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}:\n{err.read_text()}")
+    return _wait(proc, ready, what, err)  # (test_browser's, the question first)
 
 
 def _answers(url: str) -> bool:
