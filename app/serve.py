@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         from hopscope.tracing.inject import ROUTE_PATCHES, install
         from hopscope.tracing.wrap import is_asgi
 
-        install(ROUTE_PATCHES)  # Quart's and Django's routes, kept on their requests
+        install(ROUTE_PATCHES)  # the routes Quart, Django, Falcon, Sanic, Pyramid keep
         try:
             app = load_target(args.target, args.factory)
         except Exception as exc:
