@@ -195,19 +195,23 @@ class _Servers:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
-        port = _free_port()
-        bare_err = root / "bare.err"
-        argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
-        bare = self._start(argv, bare_err)
-        self.bare = f"http://127.0.0.1:{port}"
-        _until("bare uvicorn", lambda: _answers(self.bare + "/ack?n=x"), bare, bare_err)
-        self.trace = root / "trace.jsonl"
-        self.err = root / "hopscope.err"
-        argv = [*HOPSCOPE_RUN, "app:app", "--port", "0", "--headless", "-o", str(self.trace)]
-        self.run = self._start(argv, self.err)
-        found = _until("the URL", lambda: URL.search(self.err.read_text()), self.run, self.err)
-        self.url: str = found.group(1)
-        _until("hopscope", lambda: _answers(self.url + "/ack?n=x"), self.run, self.err)
+        try:  # (a start that fails stops what it started: nothing outlives the test)
+            port = _free_port()
+            bare_err = root / "bare.err"
+            argv = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
+            bare = self._start(argv, bare_err)
+            self.bare = f"http://127.0.0.1:{port}"
+            _until("bare uvicorn", lambda: _answers(self.bare + "/ack?n=x"), bare, bare_err)
+            self.trace = root / "trace.jsonl"
+            self.err = root / "hopscope.err"
+            argv = [*HOPSCOPE_RUN, "app:app", "--port", "0", "--headless", "-o", str(self.trace)]
+            self.run = self._start(argv, self.err)
+            found = _until("the URL", lambda: URL.search(self.err.read_text()), self.run, self.err)
+            self.url: str = found.group(1)
+            _until("hopscope", lambda: _answers(self.url + "/ack?n=x"), self.run, self.err)
+        except BaseException:
+            self.close()
+            raise
 
     def _start(self, argv: list[str], err: Path) -> subprocess.Popen[bytes]:
         with open(err, "wb") as stderr:
@@ -422,19 +426,23 @@ class _Django:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
-        port = _free_port()
-        self.bare = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}"]
-        bare_err = root / "bare.err"
-        bare = self._start([*argv, "mysite.wsgi:application"], bare_err)
-        _until("bare gunicorn", lambda: _answers(self.bare + "/admin/login/"), bare, bare_err)
-        self.trace = root / "trace.jsonl"
-        self.err = root / "hopscope.err"
-        argv = [*HOPSCOPE_RUN, "mysite.wsgi:application", "--port", "0", "--headless"]
-        self.run = self._start([*argv, "-o", str(self.trace)], self.err)
-        found = _until("the URL", lambda: URL.search(self.err.read_text()), self.run, self.err)
-        self.url: str = found.group(1)
-        _until("hopscope", lambda: _answers(self.url + "/admin/login/"), self.run, self.err)
+        try:  # (a start that fails stops what it started: nothing outlives the test)
+            port = _free_port()
+            self.bare = f"http://127.0.0.1:{port}"
+            argv = [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}"]
+            bare_err = root / "bare.err"
+            bare = self._start([*argv, "mysite.wsgi:application"], bare_err)
+            _until("bare gunicorn", lambda: _answers(self.bare + "/admin/login/"), bare, bare_err)
+            self.trace = root / "trace.jsonl"
+            self.err = root / "hopscope.err"
+            argv = [*HOPSCOPE_RUN, "mysite.wsgi:application", "--port", "0", "--headless"]
+            self.run = self._start([*argv, "-o", str(self.trace)], self.err)
+            found = _until("the URL", lambda: URL.search(self.err.read_text()), self.run, self.err)
+            self.url: str = found.group(1)
+            _until("hopscope", lambda: _answers(self.url + "/admin/login/"), self.run, self.err)
+        except BaseException:
+            self.close()
+            raise
 
     _start = _Servers._start
     close = _Servers.close
