@@ -272,9 +272,18 @@ def test_uvicorn_reload_wraps_each_new_child_once(tmp_path: Path, runs: Callable
     run.wait_serving(base)
     pids = {0: _get(base, 0)["pid"]}
     assert pids[0] != run.proc.pid and pids[0] not in _children(run.proc.pid)  # not the reloader
-    with open(tmp_path / "app.py", "a") as source:
-        source.write("\n# edited\n")
-    run.wait_for(lambda: _answers_from_another(base, pids[0]), "the reloaded child")
+
+    def reloaded() -> bool:
+        # Saved again until uvicorn reloads: its watcher can start after the first child
+        # answers, and an edit made before then goes unseen (on a loaded machine).
+        if _answers_from_another(base, pids[0]):
+            return True
+        with open(tmp_path / "app.py", "a") as source:
+            source.write("\n# edited\n")
+        time.sleep(3)
+        return _answers_from_another(base, pids[0])
+
+    run.wait_for(reloaded, "the reloaded child", timeout=60)
     pids[1] = _get(base, 1)["pid"]
     assert pids[1] != pids[0]
     _check_traces(run, pids, server=True)
