@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from hopscope.tracing import FileSink, MemorySink, wrap
+from hopscope.tracing.copyas import as_curl
 from hopscope.tracing.exceptions import exception_event
 from hopscope.tracing.model import TraceBuilder, assemble
 from hopscope.tracing.records import Record, new_span_id, new_trace_id, to_events
@@ -29,7 +30,7 @@ from hopscope.tui.app import HopscopeApp
 from hopscope.tui.body_view import render_body
 from hopscope.tui.commands import PALETTE, HopscopeCommands
 from hopscope.tui.detail import render_errors, render_logs, render_raw
-from hopscope.tui.exchange import Body, curl
+from hopscope.tui.exchange import Body
 from hopscope.tui.help import HelpScreen
 from hopscope.tui.save import SaveScreen
 from hopscope.tui.source import FileSource, Inbox, QueueSource
@@ -292,18 +293,34 @@ def test_logs_errors_and_raw_tabs_render_what_the_trace_holds() -> None:
     assert "No errors" in text_of(render_errors(quiet))
 
 
-def test_curl_command_repeats_the_request() -> None:
+def test_copy_curl_is_what_export_prints_with_the_secrets_left_out() -> None:
+    """The UI's ``y`` once had a curl of its own that put Authorization on the clipboard
+    while ``hopscope export --curl`` left it out: both now give the same text."""
     events = request_events(
-        7, method="POST", request_body=b'{"qty": 2}', extra_headers=((b"x-token", b"it's"),)
+        7,
+        method="POST",
+        request_body=b'{"qty": 2}',
+        extra_headers=((b"x-note", b"it's"), (b"authorization", b"Bearer s3cret")),
     )
     (trace,) = assemble(events)
-    command, warnings = curl(trace)
-    assert command.startswith("curl -X POST 'http://testserver/items/7?n=7'")
-    assert "-H 'content-type: application/json'" in command
-    assert "-H 'x-token: it'\"'\"'s'" in command
-    assert "--data-binary '{\"qty\": 2}'" in command
-    assert "host:" not in command
-    assert warnings == []
+
+    async def scenario(app: HopscopeApp, pilot: Pilot[None], source: QueueSource) -> None:
+        source.push(events)
+        await wait_for(pilot, lambda: len(app.store) == 1, "the row")
+        await pilot.press("up", "y")
+        command = app.clipboard
+        assert command == as_curl(trace)
+        assert "curl -X POST" not in command  # a body makes it a POST: no -X needed
+        assert "curl 'http://testserver/items/7?n=7'" in command
+        assert "-H 'content-type: application/json'" in command
+        assert "-H 'x-note: it'\"'\"'s'" in command
+        assert "--data-binary '{\"qty\": 2}'" in command
+        assert "s3cret" not in command
+        assert "# header authorization is left out (secret)" in command
+        (note,) = [n for n in app._notifications if n.title == "Copied as curl"]
+        assert note.severity == "warning"  # something was left out: said so
+
+    run(scenario)
 
 
 def test_every_palette_entry_runs_an_app_action() -> None:

@@ -30,7 +30,7 @@ from textual.widgets import Footer, Input, Static, Tabs
 from . import formatting
 from .commands import HopscopeCommands, bindings, keys_of
 from .detail import DetailPane
-from .exchange import attr, curl
+from .exchange import attr
 from .header import HeaderBar
 from .help import HelpScreen
 from .keymap import dialog_bindings, dialog_keymap, in_order, load_keymap, remap
@@ -507,32 +507,28 @@ class HopscopeApp(App[None]):
         self.detail.tabs.active = tab
 
     def action_copy_curl(self) -> None:
-        trace = self._selected_trace
-        if trace is None:
-            self.notify("Select a request first.", severity="warning")
-            return
-        command, warnings = curl(trace)
-        self.copy_to_clipboard(command)
-        message = command if len(command) <= 300 else command[:299] + "…"
-        if warnings:
-            message += "\nNote: " + "; ".join(warnings)
-        self.notify(
-            message, title="Copied as curl", severity="warning" if warnings else "information"
-        )
+        self.action_copy_as("curl")
 
     def action_copy_as(self, form: str) -> None:
-        """Copy the selected request as an HTTPie command or an httpx script (the same
-        text ``hopscope export --httpie/--httpx`` prints, secrets left out)."""
+        """Copy the selected request as a curl or HTTPie command or an httpx script: the
+        same text ``hopscope export --curl/--httpie/--httpx`` prints, secrets left out
+        and what could not be reproduced said in comments at the top."""
         trace = self._selected_trace
         if trace is None:
             self.notify("Select a request first.", severity="warning")
             return
-        from hopscope.tracing.copyas import CopyError, as_httpie, as_httpx
+        from hopscope.tracing.copyas import CopyError, as_curl, as_httpie, as_httpx
 
-        make = {"httpie": as_httpie, "httpx": as_httpx}.get(form)
-        if make is None:
+        forms = {
+            "curl": (as_curl, "curl"),
+            "httpie": (as_httpie, "HTTPie"),
+            "httpx": (as_httpx, "httpx"),
+        }
+        chosen = forms.get(form)
+        if chosen is None:
             self.notify(f"Unknown copy form {form!r}.", severity="error")
             return
+        make, name = chosen
         try:
             text = make(trace)
         except CopyError as exc:  # a trace without an HTTP request (spans only)
@@ -540,7 +536,10 @@ class HopscopeApp(App[None]):
             return
         self.copy_to_clipboard(text)
         shown = text if len(text) <= 300 else text[:299] + "…"
-        self.notify(shown, title=f"Copied as {'HTTPie' if form == 'httpie' else 'httpx'}")
+        noted = text.startswith("#")  # something could not be reproduced: say so
+        self.notify(
+            shown, title=f"Copied as {name}", severity="warning" if noted else "information"
+        )
 
     def action_save(self, filtered: bool = False) -> None:
         rows: list[Row] | None = list(self.store.view) if filtered else None

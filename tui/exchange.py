@@ -1,4 +1,4 @@
-"""The HTTP exchange inside a trace: URL, headers, bodies, and a curl command for it.
+"""The HTTP exchange inside a trace, as the detail pane shows it: URL, headers, bodies.
 
 Several hops may describe the same request (a proxy and the app both see its headers);
 like the model, the outermost hop that recorded an attribute wins, because it saw the
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import shlex
 from dataclasses import dataclass
 from typing import Any
 
 from hopscope.tracing.model import Span, Trace
 
-__all__ = ["Body", "attr", "body", "curl", "headers", "http_span", "url"]
+__all__ = ["Body", "attr", "body", "headers", "http_span", "url"]
 
 _HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
-
-#: Headers curl works out itself, or that only make sense on the original connection.
-_CURL_SKIP = frozenset({"host", "content-length", "connection", "transfer-encoding"})
 
 
 def _outer_first(span: Span) -> tuple[int, int]:
@@ -119,53 +115,3 @@ def url(trace: Trace) -> str:
     path = attr(trace, "url.path") or trace.path or "/"
     query = attr(trace, "url.query")
     return f"{scheme}://{host}{path}" + (f"?{query}" if query else "")
-
-
-def _ansi_c_quote(data: bytes) -> str:
-    """Bash's ``$'...'`` quoting: any byte survives a copy and paste."""
-    out = []
-    for byte in data:
-        char = chr(byte)
-        if char == "\\" or char == "'":
-            out.append("\\" + char)
-        elif 32 <= byte < 127:
-            out.append(char)
-        elif char == "\n":
-            out.append("\\n")
-        elif char == "\t":
-            out.append("\\t")
-        elif char == "\r":
-            out.append("\\r")
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "$'" + "".join(out) + "'"
-
-
-def curl(trace: Trace) -> tuple[str, list[str]]:
-    """A curl command that sends the request again, and what it could not reproduce."""
-    warnings: list[str] = []
-    method = trace.method or "GET"
-    parts = ["curl"]
-    if method == "HEAD":
-        parts.append("--head")
-    elif method != "GET":
-        parts += ["-X", shlex.quote(method)]
-    parts.append(shlex.quote(url(trace)))
-    for name, value in headers(trace, "request"):
-        if name.lower() in _CURL_SKIP or name.startswith(":"):
-            continue
-        parts += ["-H", shlex.quote(f"{name}: {value}")]
-    request_body = body(trace, "request")
-    if request_body.data:
-        try:
-            text = request_body.data.decode("utf-8")
-            printable = all(ch.isprintable() or ch in "\n\r\t" for ch in text)
-        except UnicodeDecodeError:
-            printable = False
-        quoted = shlex.quote(text) if printable else _ansi_c_quote(request_body.data)
-        parts += ["--data-binary", quoted]
-    if request_body.truncated:
-        warnings.append(f"the body was cut at {len(request_body.data):,} bytes")
-    elif request_body.size and not request_body.data:
-        warnings.append("the body was not captured")
-    return " ".join(parts), warnings
