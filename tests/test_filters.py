@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hopscope.tracing import filters
 from hopscope.tracing.filters import Filter, FilterError, help_markdown, help_table, parse
-from hopscope.tracing.model import QUEUE, Event, Span, Trace, TraceBuilder, _outer_first
+from hopscope.tracing.model import QUEUE, Event, Span, Trace, TraceBuilder, outer_first
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -817,7 +817,7 @@ def _text_pairs(headers: Any) -> list[tuple[str, str]]:
 
 def _reference_host(trace: Trace) -> str | None:
     """The host the slow, obvious way: the outermost span that knows one."""
-    for span in sorted(trace.spans.values(), key=_outer_first):
+    for span in sorted(trace.spans.values(), key=outer_first):
         for name, value in _text_pairs(span.attrs.get("http.request.headers")):
             if name == "host" or name == ":authority":
                 if value.startswith("["):
@@ -843,13 +843,13 @@ def test_one_pass_summary_agrees_with_a_walk_over_the_spans(trace: Trace) -> Non
         if not (s.parent_id is not None and s.parent_id in trace.spans)
         and s.attrs.get("span.kind") != "queue"
     ]
-    root = min(roots, key=_outer_first) if roots else None
+    root = min(roots, key=outer_first) if roots else None
     assert info.root_id == (root.span_id if root else None)
     assert info.end == (root.end if root else None)
-    assert info.method == trace._attr("http.request.method")
-    assert info.path == trace._attr("url.path")
-    assert info.status == trace._attr("http.response.status_code")
-    assert info.route == trace._attr("http.route")
+    assert info.method == trace.attr("http.request.method")
+    assert info.path == trace.attr("url.path")
+    assert info.status == trace.attr("http.response.status_code")
+    assert info.route == trace.attr("http.route")
     assert info.host == _reference_host(trace)
     assert info.error == any(s.attrs.get("error") for s in spans)
     assert info.failed == any(

@@ -38,7 +38,7 @@ from functools import cached_property
 from operator import attrgetter
 from typing import Any, ClassVar
 
-from .model import _HOP_ORDER, QUEUE, Trace, TraceInfo
+from .model import HOP_ORDER, QUEUE, Trace, TraceInfo
 
 __all__ = [
     "And",
@@ -535,7 +535,7 @@ class Body(FieldFilter):
         return f"body contains {self.text!r}"
 
 
-_HOPS = (*_HOP_ORDER, "queue")
+_HOPS = (*HOP_ORDER, "queue")
 
 
 class Hop(FieldFilter):

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from .encoding import decode_content, decode_prefix
-from .model import Event, Span, Trace, assemble
+from .model import Event, Span, Trace, assemble, outer_first
 from .redact import REDACTED, is_sensitive, redact_headers, redact_query, redact_url
 from .replay import declared_length
 from .tracefile import GZIP_MAGIC
@@ -42,6 +42,7 @@ __all__ = [
     "har_events_from",
     "har_timings",
     "har_to_events",
+    "header_pairs",
     "header_value",
     "load_har",
     "redact_body",
@@ -55,7 +56,6 @@ __all__ = [
 HAR_VERSION = "1.2"
 _READABLE_VERSIONS = ("1.1", "1.2")
 
-_HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 #: Entry fields kept as span attributes when a HAR is loaded.
@@ -70,21 +70,9 @@ class HarError(ValueError):
 # The HTTP exchange inside a trace
 
 
-def _outer_first(span: Span) -> tuple[int, int]:
-    return (_HOP_ORDER.get(span.hop, 4), span.start or 0)
-
-
-def _outermost(trace: Trace, key: str) -> Span | None:
-    found = [span for span in trace.spans.values() if key in span.attrs]
-    return min(found, key=_outer_first) if found else None
-
-
-def _attr(trace: Trace, key: str) -> Any:
-    span = _outermost(trace, key)
-    return span.attrs[key] if span is not None else None
-
-
-def _pairs(value: Any) -> list[tuple[str, str]]:
+def header_pairs(value: Any) -> list[tuple[str, str]]:
+    """A recorded header list as text pairs, in order, repeats kept.  A trace file can
+    hold anything: what is not a pair is left out rather than a crash."""
     if not isinstance(value, list):
         return []
     return [
@@ -112,10 +100,10 @@ def _decode_body(value: Any) -> bytes:
 def _body_of(trace: Trace, direction: str) -> tuple[bytes, int | None, bool]:
     """The captured bytes, total size and cut flag of the request or response body."""
     key = f"http.{direction}.body"
-    size = _attr(trace, f"{key}.size")
+    size = trace.attr(f"{key}.size")
     valid = isinstance(size, int) and not isinstance(size, bool)
-    truncated = bool(_attr(trace, f"{key}.truncated"))
-    return _decode_body(_attr(trace, key)), size if valid else None, truncated
+    truncated = bool(trace.attr(f"{key}.truncated"))
+    return _decode_body(trace.attr(key)), size if valid else None, truncated
 
 
 @dataclass(slots=True)
@@ -154,13 +142,13 @@ class Exchange:
 def exchange(trace: Trace) -> Exchange | None:
     """The trace's HTTP request and response, or None when it has no request (a span
     recorded on its own)."""
-    method = _attr(trace, "http.request.method")
+    method = trace.attr("http.request.method")
     if not isinstance(method, str) or not method:
         return None
-    path_span = _outermost(trace, "url.path")
+    path_span = trace.outermost("url.path")
     attrs = path_span.attrs if path_span is not None else {}
-    request_headers = _pairs(_attr(trace, "http.request.headers"))
-    scheme = str(attrs.get("url.scheme") or _attr(trace, "url.scheme") or "http")
+    request_headers = header_pairs(trace.attr("http.request.headers"))
+    scheme = str(attrs.get("url.scheme") or trace.attr("url.scheme") or "http")
     path = str(attrs.get("url.path") or "/")
     query = attrs.get("url.query")
     full = attrs.get("url.full")
@@ -168,16 +156,16 @@ def exchange(trace: Trace) -> Exchange | None:
     if not authority and isinstance(full, str):
         authority = urlsplit(full).netloc
     if not authority:
-        address = attrs.get("server.address") or _attr(trace, "server.address") or "localhost"
-        port = attrs.get("server.port") or _attr(trace, "server.port")
+        address = attrs.get("server.address") or trace.attr("server.address") or "localhost"
+        port = attrs.get("server.port") or trace.attr("server.port")
         shown = f"[{address}]" if ":" in str(address) else str(address)
         default = _DEFAULT_PORTS.get(scheme)
         authority = shown + (f":{port}" if port and port != default else "")
-    status = _attr(trace, "http.response.status_code")
-    if status is None and _attr(trace, "websocket.accepted") is True:
+    status = trace.attr("http.response.status_code")
+    if status is None and trace.attr("websocket.accepted") is True:
         status = 101  # an app span's WebSocket: HAR viewers show 0 as a failed request
-    status_text = _attr(trace, "http.response.status_text")
-    version = _attr(trace, "network.protocol.version")
+    status_text = trace.attr("http.response.status_text")
+    version = trace.attr("network.protocol.version")
     request_body, request_size, request_truncated = _body_of(trace, "request")
     declared = declared_length(request_headers)
     redacted = REDACTED.encode() in request_body  # an exporter changed its length
@@ -199,7 +187,7 @@ def exchange(trace: Trace) -> Exchange | None:
         request_headers=request_headers,
         status=status if isinstance(status, int) and not isinstance(status, bool) else None,
         status_text=str(status_text) if status_text else "",
-        response_headers=_pairs(_attr(trace, "http.response.headers")),
+        response_headers=header_pairs(trace.attr("http.response.headers")),
         request_body=request_body,
         request_body_size=request_size,
         request_truncated=request_truncated,
@@ -359,7 +347,7 @@ def har_timings(trace: Trace) -> dict[str, float]:
     end = root.end if root is not None and root.end is not None else max(stamps)
     end = max(end, start)
     front = sorted(
-        (s for s in trace.spans.values() if s.hop in ("client", "proxy")), key=_outer_first
+        (s for s in trace.spans.values() if s.hop in ("client", "proxy")), key=outer_first
     )
     cursor = start
     sent_ts: int | None = None
@@ -369,7 +357,7 @@ def har_timings(trace: Trace) -> dict[str, float]:
         sent = _first_event(front, ("request.sent",))
         sent_ts = sent.ts if sent is not None else None
     else:
-        for span in sorted(trace.spans.values(), key=_outer_first):
+        for span in sorted(trace.spans.values(), key=outer_first):
             head = _first_event([span], ("response.start",))
             if head is not None:
                 sent_ts = _last_request_chunk(span)
@@ -638,7 +626,7 @@ def _entry(trace: Trace, ex: Exchange, redact: bool) -> dict[str, Any]:
         "timings": timings,
         "_traceId": trace.trace_id,
     }
-    peer = _attr(trace, "network.peer.address")
+    peer = trace.attr("network.peer.address")
     if isinstance(peer, str) and peer:
         entry["serverIPAddress"] = peer
     if trace.error:

@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-__all__ = ["QUEUE", "Event", "Span", "Trace", "TraceBuilder", "TraceInfo", "assemble"]
+__all__ = [
+    "HOP_ORDER",
+    "QUEUE",
+    "Event",
+    "Span",
+    "Trace",
+    "TraceBuilder",
+    "TraceInfo",
+    "assemble",
+    "outer_first",
+]
 
 
 @dataclass(slots=True)
@@ -139,13 +149,18 @@ class Trace:
     def by_hop(self, hop: str) -> list[Span]:
         return [s for s in self.spans.values() if s.hop == hop]
 
-    def _attr(self, key: str) -> Any:
-        """``key`` as the outermost hop recorded it (the reference :class:`TraceInfo`
-        agrees with; it sorts, so it is not what the properties use)."""
-        for span in sorted(self.spans.values(), key=_outer_first):
-            if key in span.attrs:
-                return span.attrs[key]
-        return None
+    def outermost(self, key: str) -> Span | None:
+        """The outermost span that recorded attribute ``key``: where several hops saw
+        the same request (a proxy and the app both see its headers), the outermost saw
+        it closest to how the client sent it.  (:class:`TraceInfo`, which the list and
+        filters read, agrees with it without a sort per lookup.)"""
+        found = [span for span in list(self.spans.values()) if key in span.attrs]
+        return min(found, key=outer_first) if found else None
+
+    def attr(self, key: str) -> Any:
+        """Attribute ``key`` as the outermost hop recorded it (None when none did)."""
+        span = self.outermost(key)
+        return span.attrs[key] if span is not None else None
 
     @property
     def method(self) -> str | None:
@@ -172,11 +187,15 @@ class Trace:
         return self.info.error
 
 
-_HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
+#: The hops from the client inwards.
+HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
 
 
-def _outer_first(span: Span) -> tuple[int, int]:
-    return (_HOP_ORDER.get(span.hop, 4), span.start or 0)
+def outer_first(span: Span) -> tuple[int, int]:
+    """Sort key: the outermost hop first (unknown hops last), then the earliest (a
+    start that is not a number, from a file, as 0)."""
+    start = span.start
+    return (HOP_ORDER.get(span.hop, 4), start if type(start) is int else 0)
 
 
 #: The key :attr:`TraceInfo.hops` files queue spans under (no hop name equals it).
@@ -323,7 +342,7 @@ class TraceInfo:
         return info
 
     def _sum_up(self, spans: dict[str, Span]) -> None:
-        order = _HOP_ORDER.get
+        order = HOP_ORDER.get
         first = end = root_id = host = method = path = status = route = None
         # (rank, start) of the span each value came from: the outermost hop, earliest.
         no = (99, 0)

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .encoding import decode_content
-from .model import _HOP_ORDER, Span, Trace
+from .model import Span, Trace, outer_first
 from .redact import REDACTED, is_redacted, is_sensitive, redact_url
 
 __all__ = [
@@ -132,9 +132,9 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
     ]
     if not spans:
         return None
-    outer = min(spans, key=_outer_key)
+    outer = min(spans, key=outer_first)
     apps = [s for s in spans if s.hop == "app" and not _inside_app_request(trace, s)]
-    source = min(apps, key=_outer_key) if apps else outer
+    source = min(apps, key=outer_first) if apps else outer
     attrs = source.attrs
 
     body, body_ok = _decoded(attrs.get("http.request.body"))
@@ -187,11 +187,6 @@ def captured_request(trace: Trace) -> CapturedRequest | None:
     )
 
 
-def _outer_key(span: Span) -> tuple[int, int]:
-    start = span.start if isinstance(span.start, int) else 0
-    return (_HOP_ORDER.get(span.hop, 4), start)
-
-
 def _inside_app_request(trace: Trace, span: Span) -> bool:
     """True when an ancestor is itself an app span with a request: ``span`` is then a
     downstream service's request made while handling that one, not the one to replay."""
@@ -207,7 +202,7 @@ def _inside_app_request(trace: Trace, span: Span) -> bool:
 
 
 def _outer_status(trace: Trace) -> int | None:
-    for span in sorted(trace.spans.values(), key=_outer_key):
+    for span in sorted(trace.spans.values(), key=outer_first):
         if "http.response.status_code" in span.attrs:
             return _as_int(span.attrs["http.response.status_code"])
     return None

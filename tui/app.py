@@ -30,7 +30,6 @@ from textual.widgets import Footer, Input, Static, Tabs
 from . import formatting
 from .commands import HopscopeCommands, bindings, keys_of
 from .detail import DetailPane
-from .exchange import attr
 from .header import HeaderBar
 from .help import HelpScreen
 from .keymap import dialog_bindings, dialog_keymap, in_order, load_keymap, remap
@@ -83,7 +82,7 @@ def _requests(count: int) -> str:
 
 
 def _search_text(trace: Trace) -> str:
-    query = attr(trace, "url.query")
+    query = trace.attr("url.query")
     return " ".join(
         str(part)
         for part in (

@@ -14,7 +14,7 @@ import json
 from urllib.parse import parse_qsl
 
 from hopscope.tracing.encoding import decode_prefix
-from hopscope.tracing.model import Trace
+from hopscope.tracing.model import Trace, outer_first
 from rich.cells import cell_len
 from rich.console import Group, RenderableType
 from rich.syntax import Syntax
@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import formatting
-from .exchange import Body, _outer_first, attr, body, headers, http_span, url
+from .exchange import Body, body, headers, url
 
 __all__ = ["highlighted", "render_body", "render_message", "render_websocket"]
 
@@ -175,7 +175,7 @@ def render_body(captured: Body) -> RenderableType:
 
 
 def _is_websocket(trace: Trace) -> bool:
-    return bool(attr(trace, "network.protocol.name") == "websocket")
+    return bool(trace.attr("network.protocol.name") == "websocket")
 
 
 def render_websocket(trace: Trace) -> RenderableType:
@@ -188,9 +188,9 @@ def render_websocket(trace: Trace) -> RenderableType:
         for span in list(trace.spans.values())
         if any(event.name == "websocket.message" for event in span.events)
     ]
-    span = min(spans, key=_outer_first) if spans else http_span(trace, "websocket.messages_in")
-    counts = [attr(trace, f"websocket.{key}") for key in ("messages_in", "messages_out")]
-    sizes = [attr(trace, f"websocket.{key}") for key in ("bytes_in", "bytes_out")]
+    span = min(spans, key=outer_first) if spans else trace.outermost("websocket.messages_in")
+    counts = [trace.attr(f"websocket.{key}") for key in ("messages_in", "messages_out")]
+    sizes = [trace.attr(f"websocket.{key}") for key in ("bytes_in", "bytes_out")]
     heading = _title("Messages")
     if all(isinstance(count, int) for count in counts):
         summary = f"  {counts[0]:,} in, {counts[1]:,} out"
@@ -238,10 +238,10 @@ def render_websocket(trace: Trace) -> RenderableType:
             parts.append(
                 Text(f"(the first of each way recorded: {shown_count} of {total:,})", style="dim")
             )
-    code = attr(trace, "websocket.close_code")
+    code = trace.attr("websocket.close_code")
     if code is not None:
         closed = formatting.plain(f"closed {code}", style="dim")
-        reason = attr(trace, "websocket.close_reason")
+        reason = trace.attr("websocket.close_reason")
         if reason:
             closed.append(formatting.printable(f" {reason}"), style="dim")
         parts += [Text(), closed]
@@ -252,7 +252,7 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
     """The ``request`` or ``response`` of ``trace`` as one renderable."""
     parts: list[RenderableType] = []
     if direction == "request":
-        version = attr(trace, "network.protocol.version")
+        version = trace.attr("network.protocol.version")
         line = formatting.plain(f"{trace.method or '?'} ", style="bold")
         line.append(formatting.printable(formatting.clip(url(trace))))
         if version:
@@ -271,7 +271,7 @@ def render_message(trace: Trace, direction: str) -> RenderableType:
     parts.append(_title(f"Headers ({len(pairs)})"))
     parts.append(_pairs_table(pairs) if pairs else Text("(none)", style="dim"))
     if direction == "request":
-        query = attr(trace, "url.query")
+        query = trace.attr("url.query")
         if query:
             parts += [
                 Text(),

@@ -1,8 +1,8 @@
 """The HTTP exchange inside a trace, as the detail pane shows it: URL, headers, bodies.
 
-Several hops may describe the same request (a proxy and the app both see its headers);
-like the model, the outermost hop that recorded an attribute wins, because it saw the
-request closest to how the client sent it.
+Several hops may describe the same request (a proxy and the app both see its headers):
+the outermost hop that recorded an attribute wins (:meth:`Trace.outermost`), because it
+saw the request closest to how the client sent it.
 """
 
 from __future__ import annotations
@@ -10,47 +10,17 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Any
 
-from hopscope.tracing.model import Span, Trace
+from hopscope.tracing.har import header_pairs, header_value
+from hopscope.tracing.model import Trace
 
-__all__ = ["Body", "attr", "body", "headers", "http_span", "url"]
-
-_HOP_ORDER = {"client": 0, "proxy": 1, "server": 2, "app": 3}
-
-
-def _outer_first(span: Span) -> tuple[int, int]:
-    return (_HOP_ORDER.get(span.hop, 4), span.start or 0)
-
-
-def http_span(trace: Trace, key: str) -> Span | None:
-    """The outermost span that recorded ``key``."""
-    found = [span for span in list(trace.spans.values()) if key in span.attrs]
-    return min(found, key=_outer_first) if found else None
-
-
-def attr(trace: Trace, key: str) -> Any:
-    span = http_span(trace, key)
-    return span.attrs[key] if span is not None else None
+__all__ = ["Body", "body", "headers", "url"]
 
 
 def headers(trace: Trace, direction: str, kind: str = "headers") -> list[tuple[str, str]]:
     """``direction`` is ``request`` or ``response``; pairs in their order, repeats kept
     (``kind`` ``trailers``: the response's trailer fields)."""
-    value = attr(trace, f"http.{direction}.{kind}")
-    if not isinstance(value, list):
-        return []
-    # A file can hold anything: a pair that is not one is left out, not a crash.
-    return [
-        (str(pair[0]), str(pair[1]))
-        for pair in value
-        if isinstance(pair, list | tuple) and len(pair) == 2
-    ]
-
-
-def header(pairs: list[tuple[str, str]], name: str) -> str | None:
-    name = name.lower()
-    return next((value for key, value in pairs if key.lower() == name), None)
+    return header_pairs(trace.attr(f"http.{direction}.{kind}"))
 
 
 @dataclass(slots=True)
@@ -71,7 +41,7 @@ class Body:
 
 def body(trace: Trace, direction: str) -> Body:
     key = f"http.{direction}.body"
-    span = http_span(trace, key)
+    span = trace.outermost(key)
     data = b""
     decoded = False
     if span is not None:
@@ -81,7 +51,7 @@ def body(trace: Trace, direction: str) -> Body:
             data = b""
         # A HAR's text comes with its content coding undone (``tracing.har``).
         decoded = span.attrs.get(f"{key}.decoded") is True
-    size = attr(trace, f"{key}.size")
+    size = trace.attr(f"{key}.size")
     pairs = headers(trace, direction)
     sent = None
     if direction == "request" and not data and not size:
@@ -97,21 +67,21 @@ def body(trace: Trace, direction: str) -> Body:
     return Body(
         data=data,
         size=size if isinstance(size, int) else None,
-        truncated=bool(attr(trace, f"{key}.truncated")),
-        content_type=header(pairs, "content-type") or "",
-        content_encoding=header(pairs, "content-encoding") or "",
+        truncated=bool(trace.attr(f"{key}.truncated")),
+        content_type=header_value(pairs, "content-type") or "",
+        content_encoding=header_value(pairs, "content-encoding") or "",
         sent=sent,
         decoded=decoded,
     )
 
 
 def url(trace: Trace) -> str:
-    scheme = attr(trace, "url.scheme") or "http"
-    host = header(headers(trace, "request"), "host")
+    scheme = trace.attr("url.scheme") or "http"
+    host = header_value(headers(trace, "request"), "host")
     if not host:
-        address = attr(trace, "server.address")
-        port = attr(trace, "server.port")
+        address = trace.attr("server.address")
+        port = trace.attr("server.port")
         host = f"{address or 'localhost'}" + (f":{port}" if port else "")
-    path = attr(trace, "url.path") or trace.path or "/"
-    query = attr(trace, "url.query")
+    path = trace.attr("url.path") or trace.path or "/"
+    query = trace.attr("url.query")
     return f"{scheme}://{host}{path}" + (f"?{query}" if query else "")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hopscope.tracing.model import Trace
+from hopscope.tracing.model import Trace, outer_first
 from rich.cells import cell_len, set_cell_size
 from rich.segment import Segment
 from rich.style import Style
@@ -30,7 +30,6 @@ from textual.strip import Strip
 
 from . import formatting
 from .commands import bindings
-from .exchange import _outer_first
 from .messages import RequestSelected
 from .store import Change, RequestStore, Row
 from .waterfall import axis, bar, hop_stretches
@@ -99,7 +98,7 @@ def _row_attr(trace: Trace, key: str) -> object:
     """``exchange.attr`` from the trace's outline: a row drawn from a file's summary
     does not read the trace's events (the outline carries the attributes rows show)."""
     found = [span for span in trace.outline() if key in span.attrs]
-    return min(found, key=_outer_first).attrs[key] if found else None
+    return min(found, key=outer_first).attrs[key] if found else None
 
 
 def row_axis(rows: list[Row], now: int) -> tuple[int, int]:
