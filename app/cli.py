@@ -555,7 +555,7 @@ class _RunCommand(click.Command):
         return ["[OPTIONS]", "TARGET | -- COMMAND [ARGS]..."]
 
 
-_TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
+_TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy", "ws")
 
 
 @main.command(cls=_RunCommand)
@@ -571,6 +571,11 @@ _TARGET_ONLY = ("port", "host", "factory", "app_dir", "no_proxy")
     help="Import TARGET's module from DIR.",
 )  # fmt: skip
 @click.option("--no-proxy", is_flag=True, help="Serve TARGET without hopscope's proxy in front.")
+@click.option(
+    "--ws", type=click.Choice(["auto", "none", "websockets", "websockets-sansio", "wsproto"]),
+    default="auto", show_default=True,
+    help="uvicorn's WebSocket implementation for an ASGI TARGET, its server hop recorded.",
+)  # fmt: skip
 @click.option(
     "--reload", is_flag=True,
     help="Serve TARGET anew when a *.py file changes, as uvicorn --reload does, on the "
@@ -595,6 +600,7 @@ def run(
     factory: bool,
     app_dir: str,
     no_proxy: bool,
+    ws: str,
     reload: bool,
     reload_dirs: tuple[str, ...],
     output: str | None,
@@ -645,7 +651,7 @@ def run(
     served: dict[str, Any] = {
         "host": host, "port": port, "factory": factory, "app_dir": app_dir,
         "output": output, "proxy": not no_proxy, "otlp": otlp, "server_timing": server_timing,
-        "reload_dirs": (list(reload_dirs) or [app_dir]) if reload else None,
+        "reload_dirs": (list(reload_dirs) or [app_dir]) if reload else None, "ws": ws,
     }  # fmt: skip
     extra: dict[str, Any] = {"otlp": otlp, "server_timing": server_timing}
     try:

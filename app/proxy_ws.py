@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hopscope.tracing.exceptions import exception_event
 from hopscope.tracing.records import new_span_id
 from websockets.asyncio.client import connect
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.uri import WebSocketURI
 
@@ -79,17 +80,50 @@ class _TargetURI(WebSocketURI):
 
 class _Connect(connect):
     """websockets' ``connect`` to the upstream as the proxy needs it: the client's
-    target (:class:`_TargetURI`), and a redirect relayed to the client rather than
-    followed (a proxy that followed one would open a WebSocket wherever the upstream
-    pointed, and the client would never see the 3xx)."""
+    target (:class:`_TargetURI`), the client's Host when ``host`` is given (``keep_host``),
+    and a redirect relayed to the client rather than followed (a proxy that followed one
+    would open a WebSocket wherever the upstream pointed, and the client would never see
+    the 3xx)."""
 
-    def __init__(self, uri: str, target: str, **kwargs: Any) -> None:
+    def __init__(self, uri: str, target: str, host: str | None = None, **kwargs: Any) -> None:
         super().__init__(uri, **kwargs)
         fields = {f.name: getattr(self.ws_uri, f.name) for f in dataclasses.fields(WebSocketURI)}
         self.ws_uri = _TargetURI(**fields, target=target)
+        if host is not None:
+            self.factory = _with_host(self.factory, host)
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         return exc
+
+
+def _with_host(factory: Any, host: str) -> Any:
+    """``connect``'s connection factory, its handshake request carrying ``host`` as its
+    Host, where the upstream's was, the rest as websockets makes it.
+
+    Why not ``additional_headers``: websockets adds those to the Host it sets from the
+    URI, and the upstream would get two.  Nor a URI with the client's host in it: the
+    TCP connection and the TLS name follow the URI, and websockets writes the Host from
+    its parts (``example.com:80`` would lose its port), not as the client sent it."""
+
+    def made(uri: Any) -> Any:
+        connection = factory(uri)
+        protocol = connection.protocol
+        request_of = protocol.connect
+
+        def connect_() -> Any:
+            request = request_of()
+            request.headers = Headers(
+                [
+                    (name, host if name.lower() == "host" else value)
+                    for name, value in request.headers.raw_items()
+                ]
+            )
+            return request
+
+        protocol.connect = connect_
+        return connection
+
+    return made
 
 
 class _WebSocketRelay:
@@ -191,6 +225,10 @@ class _WebSocketRelay:
         extra = [
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _HANDSHAKE
         ]
+        # (With keep_host, the Host the proxy sends is the client's: see _with_host.)
+        host = None
+        if self.app.keep_host:
+            host = next((v.decode("latin-1") for k, v in headers if k == b"host"), None)
         began = _now()
         unix = self.app.upstream.unix
         where: dict[str, Any] = {} if unix is None else {"unix": True, "path": unix}
@@ -198,6 +236,7 @@ class _WebSocketRelay:
             upstream = await _Connect(
                 self.origin + "/",  # (the target goes as it is: see _TargetURI)
                 self.target,
+                host,
                 additional_headers=extra,
                 subprotocols=self.scope.get("subprotocols") or None,
                 open_timeout=self.app.connect_timeout,

@@ -605,6 +605,7 @@ class _Target:
         separate: bool = False,
         server_timing: bool = False,
         reload_dirs: list[str] | None = None,
+        ws: str = "auto",
     ) -> None:
         module, sep, attribute = target.partition(":")
         if not sep or not module or not attribute:
@@ -646,6 +647,8 @@ class _Target:
             argv.append("--factory")
         if self.reload:
             argv.append("--hand-over")
+        if ws != "auto":  # (uvicorn's --ws; serve refuses a library for a WSGI app)
+            argv += ["--ws", ws]
         self.argv = argv
         self.env = dict(os.environ, HOPSCOPE_SINK=sink_url)
         if server_timing:  # read by hopscope's uvicorn/gunicorn hooks in the child
@@ -692,11 +695,13 @@ def run_target(
     otlp: str | None = None,
     server_timing: bool = False,
     reload_dirs: list[str] | None = None,
+    ws: str = "auto",
 ) -> int:
     """Serve ``target`` (``module:attribute``) until it exits or is stopped; returns its
     exit status.  ``reload_dirs`` (``--reload``): serve it anew after each change of a
-    Python file there (see :class:`_Reloader`).  Raises :class:`RunError` when it
-    cannot start."""
+    Python file there (see :class:`_Reloader`).  ``ws``: uvicorn's ``--ws`` for an ASGI
+    app (hopscope's traced class of it).  Raises :class:`RunError` when it cannot
+    start."""
     with contextlib.ExitStack() as stack:
 
         def start_recording() -> str:
@@ -715,6 +720,7 @@ def run_target(
             proxy=proxy,
             server_timing=server_timing,
             reload_dirs=reload_dirs,
+            ws=ws,
         )
         reloader = None
         if reload_dirs is not None:
@@ -1124,6 +1130,7 @@ def build_run_target_app(
     otlp: str | None = None,
     server_timing: bool = False,
     reload_dirs: list[str] | None = None,
+    ws: str = "auto",
 ) -> Session:
     """``hopscope run TARGET`` with the UI: a :class:`~hopscope.app.ui.Session`, built
     once the app serves (an app that fails to load fails here, with its own output on
@@ -1140,7 +1147,7 @@ def build_run_target_app(
         plan = _Target(
             stack, target, start_recording, host=host, port=port, factory=factory,
             app_dir=app_dir, proxy=proxy, separate=True, server_timing=server_timing,
-            reload_dirs=reload_dirs,
+            reload_dirs=reload_dirs, ws=ws,
         )  # fmt: skip
         source, feed = box
         reloader = None

@@ -179,7 +179,11 @@ def _ready_writer(fd: int | None) -> Callable[[str], None]:
 
 
 def serve_asgi(
-    app: Any, sock: socket.socket, ready: Callable[[str], None], hand_over: bool = False
+    app: Any,
+    sock: socket.socket,
+    ready: Callable[[str], None],
+    hand_over: bool = False,
+    ws: str = "auto",
 ) -> int:
     import asyncio
 
@@ -200,10 +204,15 @@ def serve_asgi(
                 await asyncio.sleep(HAND_OVER_GRACE)  # (the last ones read their request)
             await super().shutdown(sockets=sockets)
 
+    try:  # uvicorn's --ws setting, its class with the server hop
+        ws_class = ws_protocol(ws)
+    except ImportError as exc:  # (wsproto, websockets: not installed)
+        need = f"the {exc.name} package (pip install {exc.name})" if exc.name else str(exc)
+        raise ServeError(f"--ws {ws} needs {need}") from None
     config = uvicorn.Config(
         _traced(app),
         http=HttpToolsProtocol,
-        ws=ws_protocol() or "none",  # uvicorn's "auto", with the server hop
+        ws=ws_class or "none",
         log_level="warning",
         access_log=False,
     )
@@ -281,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="an app that fails to load is one line on --ready-fd ('failed REASON')",
     )
+    parser.add_argument("--ws", default="auto", help="uvicorn's --ws (ASGI apps)")
     parser.add_argument(
         "--hand-over",
         action="store_true",
@@ -302,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             ready("failed " + _load_error(exc))
             return LOAD_FAILED
         if is_asgi(app):
-            return serve_asgi(app, socket.socket(fileno=args.fd), ready, args.hand_over)
+            sock = socket.socket(fileno=args.fd)
+            return serve_asgi(app, sock, ready, args.hand_over, args.ws)
+        if args.ws not in ("auto", "none"):
+            raise ServeError(
+                f"--ws {args.ws} applies to ASGI apps (uvicorn): {args.target} is a WSGI "
+                "app, served by gunicorn, which has no WebSockets"
+            )
         return serve_wsgi(app, args.fd, ready)
     except ServeError as exc:
         print(f"hopscope: {exc}", file=sys.stderr)

@@ -7,12 +7,21 @@ the HTTP protocol classes of :mod:`.uvicorn_protocols`, so those never see a Web
 the upgrade request's head handed over by the HTTP protocol, the app called, the
 handshake's answer (101, or the 403 / ``websocket.http.response`` that denied it), and
 the close: its code and who started it (``client``, ``app``, or ``server`` for uvicorn's
-own closes: after the app ended, at shutdown, on a keep-alive timeout or protocol error).
+own closes: after the app ended, at shutdown, on a keep-alive timeout or protocol error,
+a message over ``--ws-max-size``).
 
-Nothing per message: the hooks are methods uvicorn calls once per connection, and the
-two that watch the handshake's answer on the WebSocket library's connection object
-remove themselves once it is sent.  Every hook calls uvicorn's own method with the same
-arguments, so the bytes on the wire, the close codes and the errors stay uvicorn's.
+An upgrade the WebSocket library refuses itself, before uvicorn calls the app (no
+``Sec-WebSocket-Key``, a ``Sec-WebSocket-Version`` it does not speak), gets a span too:
+the library's answer (400, 426) and what it found wrong (``error``, ``exception.type``,
+``exception.message``), and no ``app.call``: the app never saw it.  All three
+implementations write that answer through a method watched here.
+
+Nothing per message: the hooks are methods uvicorn calls once per connection, the two
+that watch the handshake's answer on the WebSocket library's connection object remove
+themselves once it is sent, and wsproto's close-frame writer (watched for the code of
+the close uvicorn sends: wsproto keeps none) is called once, at the close.  Every hook
+calls uvicorn's own method with the same arguments, so the bytes on the wire, the close
+codes and the errors stay uvicorn's.
 A uvicorn whose classes lack a method a hook needs gets its own class back (the app
 span is still recorded, without the server hop).
 
@@ -25,11 +34,13 @@ demo`` install it themselves.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from ..sinks import Sink, default_sink
-from .hop import open_server_span
+from .hop import ServerSpan, open_server_span
 
 __all__ = ["traced_ws_protocol", "ws_protocol"]
 
@@ -53,7 +64,14 @@ class _WSHop(_Base):  # type: ignore[misc]
 
     scope: Any
     close_sent: Any
+    client: Any
     _hs_span: tuple[Sink, int, int] | None = None
+    #: The HTTP protocol that handed the upgrade over, until the app is called: where the
+    #: request's path and headers are when the library refuses it before uvicorn has a scope.
+    _hs_http: Any = None
+    _hs_called = False
+    #: What the library found wrong with a handshake it refused itself.
+    _hs_failed: dict[str, Any] | None = None
     _hs_handover = 0
     _hs_begin = 0
     _hs_connection: dict[str, Any] | None = None
@@ -76,6 +94,8 @@ class _WSHop(_Base):  # type: ignore[misc]
         super().connection_made(transport)
 
     async def run_asgi(self, *args: Any, **kwargs: Any) -> Any:
+        self._hs_called = True
+        self._hs_http = None
         try:
             self._hs_open()
         except Exception:
@@ -107,7 +127,7 @@ class _WSHop(_Base):  # type: ignore[misc]
         """The HTTP protocol hands the upgrade over: it is still the transport's protocol
         now, and hopscope's knows when the request began and its connection."""
         now = self._hs_handover = _now()
-        http = transport.get_protocol()
+        http = self._hs_http = transport.get_protocol()
         begin = getattr(http, "_hs_begin", 0)
         self._hs_begin = begin if type(begin) is int and 0 < begin <= now else now
         accepted = getattr(http, "_hs_accepted", 0)
@@ -124,30 +144,70 @@ class _WSHop(_Base):  # type: ignore[misc]
         now = _now()
         if not self._hs_handover:  # (connection_made's part failed: now is all there is)
             self._hs_handover = self._hs_begin = now
+        client = scope.get("client") or (None,)
+        sink, (trace_id, span_id, queue_ns) = self._hs_start(
+            scope.get("path", ""), scope.get("headers") or (), client[0], now
+        )
+        scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
+        sink.emit(("p", now, trace_id, span_id, "app.call", None))
+        if self._hs_lost:  # (gone before the app's task first ran)
+            self._hs_close_event()
+
+    def _hs_start(self, path: str, headers: Any, client: Any, now: int) -> tuple[Sink, ServerSpan]:
+        """Open the span (``now``: when the request is known) and record the handover."""
         sink = default_sink()
-        path = scope.get("path", "")
         attrs: dict[str, Any] = {
             "server.protocol": type(self).__name__,
             **(self._hs_connection or {}),
             "http.request.method": "GET",
             "url.path": path,
-            "client.address": (scope.get("client") or (None,))[0],
+            "client.address": client,
             "network.protocol.name": "websocket",
         }
-        trace_id, span_id, queue_ns = open_server_span(
-            sink, scope.get("headers") or (), f"WS {path}", self._hs_begin, now, attrs
-        )
-        scope["hopscope"] = {"trace_id": trace_id, "parent_id": span_id, "queue_ns": queue_ns}
-        self._hs_span = (sink, trace_id, span_id)
-        sink.emit(("p", self._hs_handover, trace_id, span_id, "request.head", None))
-        sink.emit(("p", now, trace_id, span_id, "app.call", None))
-        if self._hs_lost:  # (gone before the app's task first ran)
-            self._hs_close_event()
+        opened = open_server_span(sink, headers, f"WS {path}", self._hs_begin, now, attrs)
+        self._hs_span = (sink, opened.trace_id, opened.span_id)
+        sink.emit(("p", self._hs_handover, opened.trace_id, opened.span_id, "request.head", None))
+        return sink, opened
+
+    def _hs_refused(self) -> None:
+        """The library answers the upgrade itself, before uvicorn calls the app (a
+        malformed handshake): the span the app's call would have opened, from the request
+        the HTTP protocol parsed, with what the library found wrong.  It ends with the
+        connection (there is no app to wait for)."""
+        http, self._hs_http = self._hs_http, None
+        if not self._hs_handover:
+            self._hs_handover = self._hs_begin = _now()
+        scope = getattr(http, "scope", None)
+        scope = scope if isinstance(scope, dict) else {}
+        path = scope.get("path")  # (h11's protocol has it; httptools' keeps the target)
+        if not isinstance(path, str):
+            url = getattr(http, "url", None)
+            target = url.partition(b"?")[0] if isinstance(url, bytes) else b""
+            path = getattr(self, "root_path", "") + unquote(target.decode("latin-1"))
+        client = getattr(self, "client", None) or (None,)
+        self._hs_start(path, scope.get("headers") or (), client[0], _now())
+        failed: dict[str, Any] = {"error": True}
+        exc = self._hs_refusal()
+        if isinstance(exc, Exception):
+            failed["exception.type"] = type(exc).__name__
+            failed["exception.message"] = str(exc)
+        self._hs_failed = failed
+        self._hs_app_done = True
+
+    def _hs_refusal(self) -> BaseException | None:
+        """Why the library refused the handshake: legacy ``websockets`` and ``wsproto``
+        write their answer while handling the exception."""
+        return sys.exc_info()[1]
 
     def _hs_response(self, status: int) -> None:
         """The handshake's answer is on its way: 101, or the response that denied it."""
         if self._hs_status is None:
             self._hs_status = status
+        if self._hs_span is None and not self._hs_called:
+            try:
+                self._hs_refused()
+            except Exception:  # (tracing never changes what the server does)
+                pass
         span = self._hs_span
         if span is not None:
             sink, trace_id, span_id = span
@@ -170,6 +230,7 @@ class _WSHop(_Base):  # type: ignore[misc]
 
     def _hs_gone(self, closed: tuple[int | None, str] | None) -> None:
         self._hs_unwatch()
+        self._hs_http = None
         if closed is None:
             status = self._hs_status
             if status is not None and status != 101:
@@ -207,6 +268,8 @@ class _WSHop(_Base):  # type: ignore[misc]
             attrs["websocket.close_code"] = code
         if by == "client" and code == 1006:
             attrs["disconnected"] = True  # gone without a close frame, as HTTP's client
+        if self._hs_failed:
+            attrs.update(self._hs_failed)
         sink.emit(("e", _now(), trace_id, span_id, attrs))
 
     # -- what each implementation fills in ---------------------------------------------
@@ -252,6 +315,10 @@ class _SansIOHop(_WSHop):
     def _hs_unwatch(self) -> None:
         self.conn.__dict__.pop("send_response", None)
 
+    def _hs_refusal(self) -> BaseException | None:
+        exc: BaseException | None = self.conn.handshake_exc  # (what accept() found)
+        return exc
+
     def _hs_closing(self) -> tuple[int | None, str] | None:
         return _frames_closing(self.conn, self._hs_server_close)
 
@@ -266,10 +333,16 @@ class _SansIOHop(_WSHop):
 
 class _WSProtoHop(_WSHop):
     """``wsproto``: the answer is an event through ``conn.send``, watched until it goes;
-    the close codes come from the close events uvicorn handles."""
+    the close codes come from the close events uvicorn handles, and, for a close uvicorn
+    sends (the app's, a message over ``--ws-max-size``'s 1009), from the close frame
+    itself: wsproto keeps no code, and uvicorn's send of it is inline, so the frame
+    writer's ``close``, called once per connection, is watched from the 101 on."""
 
     conn: Any
     close_timer: Any
+    #: The code of the close frame sent (wsproto's frame writer is watched for it).
+    _hs_sent_code: int | None = None
+    _hs_writer: Any = None
 
     def _hs_watch(self) -> None:
         from wsproto.events import AcceptConnection, RejectConnection
@@ -281,6 +354,7 @@ class _WSProtoHop(_WSHop):
             data: bytes = send(event)
             if isinstance(event, AcceptConnection):
                 self._hs_unwatch()
+                self._hs_watch_close()
                 self._hs_response(101)
             elif isinstance(event, RejectConnection):
                 self._hs_unwatch()
@@ -291,13 +365,37 @@ class _WSProtoHop(_WSHop):
 
     def _hs_unwatch(self) -> None:
         self.conn.__dict__.pop("send", None)
+        writer, self._hs_writer = self._hs_writer, None
+        if writer is not None:
+            writer.__dict__.pop("close", None)
+
+    def _hs_watch_close(self) -> None:
+        """Watch the close frame wsproto writes (``FrameProtocol.close``: once per
+        connection, never per message); a wsproto without it leaves the code unknown."""
+        writer: Any = getattr(self.conn.connection, "_proto", None)
+        close = getattr(writer, "close", None)
+        if not callable(close):
+            return
+        self._hs_writer = writer
+
+        def close_(*args: Any, **kwargs: Any) -> Any:
+            frame = close(*args, **kwargs)
+            writer.__dict__.pop("close", None)
+            self._hs_writer = None
+            # (A server's frame is unmasked, its payload short: the code is bytes 2-3.)
+            if len(frame) >= 4 and frame[1] & 0x7F >= 2:
+                self._hs_sent_code = int.from_bytes(frame[2:4], "big")
+            return frame
+
+        writer.close = close_
 
     def _hs_closing(self) -> tuple[int | None, str] | None:
         if self._hs_close is not None:
             return self._hs_close
         if self.close_sent and self._hs_status == 101:  # a close that got no answer
             pending = self.close_timer is not None  # (the app's close waits for one)
-            return None, "app" if pending and not self._hs_server_close else "server"
+            by = "app" if pending and not self._hs_server_close else "server"
+            return self._hs_sent_code, by
         return None
 
     def handle_close(self, event: Any, *args: Any, **kwargs: Any) -> Any:
@@ -305,8 +403,10 @@ class _WSProtoHop(_WSHop):
             code = int(event.code)
             if not self.close_sent:
                 self._hs_close = (code, "client")
-            else:  # the client's answer to ours: the code we sent, echoed
-                self._hs_close = (code, "server" if self._hs_server_close else "app")
+            else:  # the client's answer to ours: the code we sent (usually echoed)
+                sent = self._hs_sent_code
+                by = "server" if self._hs_server_close else "app"
+                self._hs_close = (code if sent is None else sent, by)
         return super().handle_close(event, *args, **kwargs)
 
     def keepalive_timeout(self, *args: Any, **kwargs: Any) -> Any:
