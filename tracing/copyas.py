@@ -16,8 +16,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from .har import exchange, header_value, redact_body, redact_header_values, redact_query
-from .model import Trace
+from .har import exchange, redact_body, redact_header_values, redact_query
+from .model import Trace, header_value
 from .redact import is_redacted, is_sensitive
 
 __all__ = ["CopyError", "ReplayRequest", "as_curl", "as_httpie", "as_httpx", "replay_request"]

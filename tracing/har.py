@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from .encoding import decode_content, decode_prefix
-from .model import Event, Span, Trace, assemble, outer_first
+from .model import Event, Span, Trace, assemble, header_pairs, header_value, outer_first
 from .redact import REDACTED, is_sensitive, redact_headers, redact_query, redact_url
 from .replay import declared_length
 from .tracefile import GZIP_MAGIC
@@ -42,8 +42,6 @@ __all__ = [
     "har_events_from",
     "har_timings",
     "har_to_events",
-    "header_pairs",
-    "header_value",
     "load_har",
     "redact_body",
     "redact_header_values",
@@ -68,24 +66,6 @@ class HarError(ValueError):
 
 # --------------------------------------------------------------------------------------
 # The HTTP exchange inside a trace
-
-
-def header_pairs(value: Any) -> list[tuple[str, str]]:
-    """A recorded header list as text pairs, in order, repeats kept.  A trace file can
-    hold anything: what is not a pair is left out rather than a crash."""
-    if not isinstance(value, list):
-        return []
-    return [
-        (str(pair[0]), str(pair[1]))
-        for pair in value
-        if isinstance(pair, list | tuple) and len(pair) == 2
-    ]
-
-
-def header_value(pairs: Iterable[tuple[str, str]], name: str) -> str | None:
-    """The first value of header ``name`` (any case), or None."""
-    name = name.lower()
-    return next((value for key, value in pairs if key.lower() == name), None)
 
 
 def _decode_body(value: Any) -> bytes:

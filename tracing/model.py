@@ -23,6 +23,8 @@ __all__ = [
     "TraceBuilder",
     "TraceInfo",
     "assemble",
+    "header_pairs",
+    "header_value",
     "outer_first",
 ]
 
@@ -185,6 +187,24 @@ class Trace:
     @property
     def error(self) -> bool:
         return self.info.error
+
+
+def header_pairs(value: Any) -> list[tuple[str, str]]:
+    """A recorded header list as text pairs, in order, repeats kept.  A trace file can
+    hold anything: what is not a pair is left out rather than a crash."""
+    if not isinstance(value, list):
+        return []
+    return [
+        (str(pair[0]), str(pair[1]))
+        for pair in value
+        if isinstance(pair, list | tuple) and len(pair) == 2
+    ]
+
+
+def header_value(pairs: Iterable[tuple[str, str]], name: str) -> str | None:
+    """The first value of header ``name`` (any case), or None."""
+    name = name.lower()
+    return next((value for key, value in pairs if key.lower() == name), None)
 
 
 #: The hops from the client inwards.

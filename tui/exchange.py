@@ -11,8 +11,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from hopscope.tracing.har import header_pairs, header_value
-from hopscope.tracing.model import Trace
+from hopscope.tracing.model import Trace, header_pairs, header_value
 
 __all__ = ["Body", "body", "headers", "url"]
 
