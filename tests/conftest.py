@@ -8,14 +8,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from servers import uvicorn_thread
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,28 +26,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @contextlib.contextmanager
 def _uvicorn_thread(app: Any, **options: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread; yields its base URL (``https://`` when
-    ``options``, more of uvicorn's settings, give a certificate)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, **{"log_level": "warning", "lifespan": "off", "access_log": False, **options}
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    try:
-        scheme = "https" if options.get("ssl_certfile") else "http"
-        yield f"{scheme}://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    ``options``, more of uvicorn's settings, give a certificate).  See
+    :func:`servers.uvicorn_thread`."""
+    with uvicorn_thread(app, **options) as served:
+        yield served.url
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from hopscope.app.cli import main
 from hopscope.app.proxy import ProxyApp, ProxyHttpProtocol
@@ -30,6 +27,7 @@ from hopscope.tracing.har import HarError, exchange, load_har, traces_to_har
 from hopscope.tracing.model import Trace, assemble
 from hopscope.tracing.redact import REDACTED
 from hopscope.tracing.tracefile import header_line
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
@@ -270,30 +268,14 @@ def test_round_trip_keeps_method_url_status_headers_and_bodies(
 
 @contextlib.contextmanager
 def proxy_in_front(upstream: str, sink: MemorySink) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    config = uvicorn.Config(
+    with uvicorn_thread(
         ProxyApp(upstream, sink),
         http=ProxyHttpProtocol,
         lifespan="on",
         log_level="critical",
-        access_log=False,
         timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    ) as served:
+        yield served.url
 
 
 def test_timings_through_the_proxy_come_from_the_client_hop(app_server: Recorded) -> None:

@@ -32,6 +32,7 @@ from hopscope.tracing.asgi import ASGIMiddleware
 from hopscope.tracing.model import Span, Trace, assemble
 from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
 from hopscope.tracing.sinks import Sink
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -199,24 +200,9 @@ class Running:
 
 @contextlib.contextmanager
 def serve(app: Any, **options: Any) -> Iterator[Running]:
-    sock = socket.socket()
-    sock.bind((HOST, 0))
-    sock.listen(128)
-    options.setdefault("lifespan", "off")
-    config = uvicorn.Config(
-        app, log_level="critical", access_log=False, timeout_graceful_shutdown=2, **options
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive())
-    assert server.started
-    try:
-        yield Running(f"http://{HOST}:{sock.getsockname()[1]}", server)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    options = {"log_level": "critical", "timeout_graceful_shutdown": 2, **options}
+    with uvicorn_thread(app, **options) as served:
+        yield Running(served.url, served.server)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from frames import read_frames
 from hopscope.tracing import sinks
 from hopscope.tracing.context import SpanContext, current, span
 from hopscope.tracing.exceptions import exception_event
@@ -188,12 +189,8 @@ class Collector:
         conn.settimeout(None)
         file = conn.makefile("rb")
         self.magics.append(file.read(len(WIRE_MAGIC)))
-        while True:
-            head = file.read(4)
-            if len(head) < 4:
-                return
-            (length,) = struct.unpack("!I", head)
-            self.frames.append(decode_frame(file.read(length)))
+        for frame in read_frames(file):
+            self.frames.append(frame)  # one at a time: wait_for() watches them come
 
     def wait_for(self, count: int, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout

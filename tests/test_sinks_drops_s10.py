@@ -12,11 +12,7 @@ received plus drops reported is what the app emitted, and ``sink.dropped`` agree
 
 from __future__ import annotations
 
-import json
 import socket
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,99 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from frames import ProcessCollector, read_frames
 from hopscope.tracing import MemorySink, SocketSink
-from hopscope.tracing.sinks import WIRE_MAGIC, Recording, decode_frame
-
-#: A collector: ``hold`` accepts one connection and reads nothing until a line comes on
-#: its stdin, then reads what the socket has (until it is quiet), reports and waits to
-#: be killed; ``read`` accepts one connection and reads it to its end, then reports.
-#: The report: the ids of the records of whole frames, the drops they carried, and the
-#: bytes of a frame cut short (thrown away, as ``hopscope tail --listen`` does).
-COLLECTOR = r"""
-import json, os, socket, struct, sys
-from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame
-
-mode, where = sys.argv[1], sys.argv[2]
-if where.startswith("unix:"):
-    if os.path.exists(where[5:]):
-        os.unlink(where[5:])
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(where[5:])
-else:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", int(where)))
-    where = str(listener.getsockname()[1])
-listener.listen()
-print(where, flush=True)
-listener.settimeout(20)
-conn, _ = listener.accept()
-if mode == "hold":
-    sys.stdin.readline()
-conn.settimeout(0.5 if mode == "hold" else 20)
-data = bytearray()
-while True:
-    try:
-        chunk = conn.recv(1 << 20)
-    except TimeoutError:
-        break
-    if not chunk:
-        break
-    data += chunk
-assert data[: len(WIRE_MAGIC)] == WIRE_MAGIC
-at, ids, dropped = len(WIRE_MAGIC), [], 0
-while at + 4 <= len(data):
-    (length,) = struct.unpack_from("!I", data, at)
-    if at + 4 + length > len(data):
-        break
-    info, count, batch = decode_frame(bytes(data[at + 4 : at + 4 + length]))
-    dropped += count
-    ids += [record[1] for record in batch]
-    at += 4 + length
-print(json.dumps({"ids": ids, "dropped": dropped, "cut": len(data) - at}), flush=True)
-if mode == "hold":
-    sys.stdin.readline()
-"""
+from hopscope.tracing.sinks import WIRE_MAGIC, Recording
 
 #: Records before the socket's buffers are full, at most (some 80 MB): a bound only.
 FILL_LIMIT = 20_000
 #: Queued records at most: a small queue, so that a send in progress makes drops.
 MAX_QUEUE = 64
 PAD = "x" * 4000
-
-
-class _Collector:
-    def __init__(self, mode: str, where: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", COLLECTOR, mode, where],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.where = self.proc.stdout.readline().strip()
-        assert self.where, "the collector did not start"
-
-    @property
-    def url(self) -> str:
-        return self.where if self.where.startswith("unix:") else f"tcp://127.0.0.1:{self.where}"
-
-    def report(self) -> dict[str, Any]:
-        """(``hold``) Read what the socket has now and report it."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        return dict(json.loads(self.proc.stdout.readline()))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate(timeout=10)
-
-    def final(self) -> dict[str, Any]:
-        """(``read``) What it read once the connection ended."""
-        out, _ = self.proc.communicate(timeout=30)
-        return dict(json.loads(out))
 
 
 def _record(n: int, pad: str = "") -> tuple[Any, ...]:
@@ -162,8 +74,8 @@ def test_drops_reported_by_frames_lost_with_a_killed_collector_reach_the_next(
     made, and ``sink.dropped`` disagreed with it.  With ``flush`` (what close and exit
     do) the frames were even sent into the dead connection first, where they vanished
     without being counted at all."""
-    first = _Collector("hold", "0" if family == "tcp" else f"unix:{short_dir}/c.sock")
-    second: _Collector | None = None
+    first = ProcessCollector("hold", "0" if family == "tcp" else f"unix:{short_dir}/c.sock")
+    second: ProcessCollector | None = None
     sink = SocketSink(first.url, interval=60, flush_at=1, max_queue=MAX_QUEUE)
     try:
         emitted = _frames_wait_with_drops(sink)
@@ -171,7 +83,7 @@ def test_drops_reported_by_frames_lost_with_a_killed_collector_reach_the_next(
         # and a killed collector never read are lost where no sink can count them.
         before = first.report()
         first.kill()
-        second = _Collector("read", first.where)
+        second = ProcessCollector("read", first.where)
         if resume == "emit-then-flush":
             sink.emit(_record(emitted))  # a request finds the connection gone
             emitted += 1
@@ -221,8 +133,7 @@ class _KeepOpen:
     def _read(self, conn: socket.socket) -> None:
         file = conn.makefile("rb")
         assert file.read(len(WIRE_MAGIC)) == WIRE_MAGIC
-        while len(head := file.read(4)) == 4:
-            _, dropped, batch = decode_frame(file.read(struct.unpack("!I", head)[0]))
+        for _, dropped, batch in read_frames(file):
             self.dropped += dropped
             self.ids += [record[1] for record in batch]
         self.ended += 1

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from hopscope.tracing import MemorySink, Span, Trace, load, wrap
 from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
 from hopscope.tracing.servers.uvicorn_ws import ws_protocol
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -79,30 +78,15 @@ def served(request: pytest.FixtureRequest, hop_sink: MemorySink) -> Iterator[str
         warnings.simplefilter("ignore")
         ws = ws_protocol(request.param)
     assert ws.__module__ == "hopscope.tracing.servers.uvicorn_ws"
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(
+    with uvicorn_thread(
         _app(hop_sink),
+        scheme="ws",
         http=HttpToolsProtocol,
         ws=ws,
         log_level="critical",
-        lifespan="off",
         ws_ping_interval=None,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"ws://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    ) as served:
+        yield served.url
 
 
 def _finished(sink: MemorySink, path: str) -> Trace:

@@ -24,6 +24,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -412,8 +413,18 @@ def _reset_after_fork() -> None:
 
 
 def _close_all() -> None:
+    """At exit: close every sink (each delivers what it can, up to its timeout), and say
+    on stderr, in one line per sink, how many dropped records no collector will hear of
+    (see :meth:`SocketSink.exit_note`): at exit nobody else can read ``dropped``."""
     for sink in list(_live_sinks):
         sink.close()
+        note = sink.exit_note()
+        if note:
+            try:
+                sys.stderr.write(note + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):  # stderr closed or gone
+                pass
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -625,6 +636,16 @@ class _BatchingSink(Sink):
     def _closed_hook(self) -> None:
         pass
 
+    @property
+    def unreported(self) -> int:
+        """Of the records counted in ``dropped``, how many no frame or line has reported
+        yet (after :meth:`close`: how many nobody will hear of)."""
+        return self._unreported
+
+    def exit_note(self) -> str:
+        """The line to say at exit about drops nobody heard of ("" for none)."""
+        return ""
+
 
 class FileSink(_BatchingSink):
     """Writes a versioned JSON Lines trace file (mode 0600).
@@ -731,7 +752,9 @@ class SocketSink(_BatchingSink):
     (then drop, counted); frames still waiting when a connection fails are counted as
     dropped, and the drops they reported go with the first frame on the next one.
     :meth:`flush` and :meth:`close` (at exit too) do wait for the socket, up to their
-    timeout.
+    timeout; what :meth:`close` could not deliver by then (frames still waiting, records
+    still queued) is counted as dropped too, in ``dropped`` and ``unreported``, and at
+    exit said in one ``hopscope:`` line on stderr (see :meth:`exit_note`).
     """
 
     def __init__(
@@ -758,6 +781,9 @@ class SocketSink(_BatchingSink):
         self._info: dict[str, Any] = {}
         self._connect_lock = threading.Lock()
         self.connects = 0
+        #: This process connected at least once (``connects`` counts the parent's too).
+        self._connected_here = False
+        self._url = address
         super().__init__(interval=interval, **kwargs)
         # A small queue must be sent before it is full, or a busy app would drop records
         # while the collector listens.
@@ -964,6 +990,7 @@ class SocketSink(_BatchingSink):
             self._info = process_info(os.getpid())
             self._backoff = 0.05
             self.connects += 1
+            self._connected_here = True
             self._sock = sock
             return True
         finally:
@@ -1025,15 +1052,65 @@ class SocketSink(_BatchingSink):
         self._pending_bytes = 0
         self._next_try = 0.0
         self._last_drain = 0.0
+        self._connected_here = False
 
     def _closed_hook(self) -> None:
         self._next_try = float("inf")  # closed for good: never connect again
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-            self._sock = None
+        # Close's last delivery is over (or gave up after its 5 s): what is still here
+        # never reaches a collector.  With the drain lock, so that no request's send is
+        # under way (one that starts now finds the sink closed).
+        locked = self._drain_lock.acquire(timeout=2.0)
+        try:
+            if self._sock is not None:
+                try:
+                    self._sock.close()
+                except OSError:
+                    pass
+                self._sock = None
+            if locked:
+                self._abandon()
+        finally:
+            if locked:
+                self._drain_lock.release()
+
+    def _abandon(self) -> None:
+        """Count as dropped the records of the frames still pending (a frame cut short
+        is thrown away by the collector), of the queue and of the requests still
+        running, as a failed connection counts its frames: so that records received
+        plus drops counted is what the app recorded, also when the collector stopped
+        reading or went away before the end."""
+        records = reported = 0
+        for _, count, carried in self._pending:
+            records += count
+            reported += carried
+        self._pending.clear()
+        self._pending_bytes = 0
+        left: list[Record] = []
+        inflight, self._inflight = self._inflight, []
+        for recording in inflight:
+            self._take(recording, left)
+        queue = self._queue
+        while queue:
+            item = queue.popleft()
+            if isinstance(item, Recording):
+                self._take(item, left)
+            else:
+                left.append(item)
+        records += len(left)
+        if records or reported:
+            self._lost(records, reported)
+
+    def exit_note(self) -> str:
+        """One ``hopscope:`` line when records were dropped that no collector heard of
+        while this process had found one (it went away, or stopped reading, before the
+        app exited).  A process that never found one says nothing: nobody was
+        listening, as when no viewer runs."""
+        if not (self._unreported and self._connected_here):
+            return ""
+        return (
+            f"hopscope: {self._unreported} record(s) were dropped that the collector at "
+            f"{self._url} never heard of (it went away or stopped reading before exit)"
+        )
 
 
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
