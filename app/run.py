@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import os
 import select
 import shutil
@@ -56,7 +57,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypedDict, Unpack
 
 from .child import ChildError, spawn, wait_line
 from .collector import BackgroundCollector, CollectorError, wait_quiet
@@ -72,6 +73,7 @@ __all__ = [
     "ESCALATE_AFTER",
     "STOP_GRACE",
     "RunError",
+    "TargetOptions",
     "build_run_command_app",
     "build_run_target_app",
     "run_command",
@@ -584,25 +586,46 @@ def _url(sock: socket.socket) -> str:
     return f"http://{_host(host)}:{port}"
 
 
+class TargetOptions(TypedDict, total=False):
+    """How ``hopscope run TARGET`` serves (its command-line options), given by keyword
+    to :func:`run_target` and to :func:`build_run_target_app` alike; one left out takes
+    its default in :class:`_Target`.  Why one list: each option reached both entry
+    points, and the plan between them, written out again in each."""
+
+    host: str
+    port: int
+    factory: bool
+    app_dir: str
+    output: str | None
+    proxy: bool
+    otlp: str | None
+    server_timing: bool
+    reload_dirs: list[str] | None
+    ws: str
+
+
 class _Target:
     """What ``run TARGET`` starts before its child, the same with or without the UI:
-    the sockets, the ready pipe, the recording (``start_recording`` returns its sink URL)
-    and the proxy (in a process of its own when ``separate``, see
-    :mod:`hopscope.app.front`).  Everything is registered on ``stack`` to be stopped in
-    reverse."""
+    the sockets, the ready pipe, the recording (``start_recording`` returns its sink
+    URL; it reads ``output`` and ``otlp`` here) and the proxy (in a process of its own
+    when ``separate``, see :mod:`hopscope.app.front`); under ``--reload``, what watches
+    for changes (:meth:`reloader`).  Everything is registered on ``stack`` to be stopped
+    in reverse."""
 
     def __init__(
         self,
         stack: contextlib.ExitStack,
         target: str,
-        start_recording: Callable[[], str],
+        start_recording: Callable[[_Target], str],
         *,
-        host: str,
-        port: int,
-        factory: bool,
-        app_dir: str,
-        proxy: bool,
         separate: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        factory: bool = False,
+        app_dir: str = ".",
+        output: str | None = None,
+        proxy: bool = True,
+        otlp: str | None = None,
         server_timing: bool = False,
         reload_dirs: list[str] | None = None,
         ws: str = "auto",
@@ -618,6 +641,10 @@ class _Target:
             if not os.path.isdir(folder):
                 raise RunError(f"--reload-dir {folder}: no such directory", 2)
         self.target = target
+        self.output = output
+        self.otlp = otlp
+        self.reload_dirs = reload_dirs
+        self._stack = stack
         #: Under --reload the socket stays open here, for each new child.
         self.reload = reload_dirs is not None
         # Without the proxy the app takes the user's address; with it, the proxy does.
@@ -625,7 +652,7 @@ class _Target:
         self.sock = stack.enter_context(_listen("127.0.0.1", 0) if proxy else _listen(host, port))
         self.pipe = _Pipe()
         stack.callback(lambda: self.pipe.close())  # (the last child's, under --reload)
-        sink_url = start_recording()
+        sink_url = start_recording(self)
         self.app_url = self.url = _url(self.sock)
         self.proxied = public is not None
         if public is not None:  # started first: if it fails, there is no child to stop
@@ -645,8 +672,8 @@ class _Target:
         argv = [sys.executable, "-P", "-m", "hopscope.app.serve", target, "--app-dir", app_dir]
         if factory:
             argv.append("--factory")
-        if self.reload:
-            argv.append("--hand-over")
+        if self.reload:  # (a failure to load: one line on the ready pipe, said by the parent)
+            argv += ["--hand-over", "--brief-errors"]
         if ws != "auto":  # (uvicorn's --ws; serve refuses a library for a WSGI app)
             argv += ["--ws", ws]
         self.argv = argv
@@ -663,7 +690,7 @@ class _Target:
         ready pipe (see :mod:`hopscope.app.serve`), said by the caller."""
         self.pipe.close()
         self.pipe = _Pipe()
-        return self._spawn([*self.argv, "--brief-errors"], streams)
+        return self._spawn(self.argv, streams)
 
     def _spawn(self, argv: list[str], streams: dict[str, Any]) -> Any:
         argv = [*argv, "--fd", str(self.sock.fileno()), "--ready-fd", str(self.pipe.write)]
@@ -681,56 +708,43 @@ class _Target:
         via = f" behind hopscope's proxy (app on {self.app_url})" if self.proxied else ""
         return f"serving {self.target} ({kind.upper()}, {server}){via}: open {self.url}"
 
+    def reloader(
+        self, tell: _Tell, streams: dict[str, Any], pending: Callable[[], None] | None = None
+    ) -> _Reloader | None:
+        """Under ``--reload``, the :class:`_Reloader` of the children, its watcher started
+        now (before the first child: a change while it loads counts); else None."""
+        if self.reload_dirs is None:
+            return None
+        watcher = _Watcher(self.reload_dirs, tell)
+        self._stack.callback(watcher.stop)
+        return _Reloader(self, watcher, tell, streams, pending)
 
-def run_target(
-    target: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    factory: bool = False,
-    app_dir: str = ".",
-    output: str | None = None,
-    proxy: bool = True,
-    out: TextIO | None = None,
-    otlp: str | None = None,
-    server_timing: bool = False,
-    reload_dirs: list[str] | None = None,
-    ws: str = "auto",
-) -> int:
+
+def run_target(target: str, *, out: TextIO | None = None, **options: Unpack[TargetOptions]) -> int:
     """Serve ``target`` (``module:attribute``) until it exits or is stopped; returns its
-    exit status.  ``reload_dirs`` (``--reload``): serve it anew after each change of a
-    Python file there (see :class:`_Reloader`).  ``ws``: uvicorn's ``--ws`` for an ASGI
-    app (hopscope's traced class of it).  Raises :class:`RunError` when it cannot
-    start."""
+    exit status; the tail's lines go to ``out``.  ``reload_dirs`` (``--reload``): serve
+    it anew after each change of a Python file there (see :class:`_Reloader`).  ``ws``:
+    uvicorn's ``--ws`` for an ASGI app (hopscope's traced class of it).  Raises
+    :class:`RunError` when it cannot start."""
     with contextlib.ExitStack() as stack:
 
-        def start_recording() -> str:
-            live = _Live(output, out, otlp)
+        def start_recording(plan: _Target) -> str:
+            live = _Live(plan.output, out, plan.otlp)
             stack.callback(live.stop)
             return live.url
 
-        plan = _Target(
-            stack,
-            target,
-            start_recording,
-            host=host,
-            port=port,
-            factory=factory,
-            app_dir=app_dir,
-            proxy=proxy,
-            server_timing=server_timing,
-            reload_dirs=reload_dirs,
-            ws=ws,
-        )
-        reloader = None
-        if reload_dirs is not None:
-            watcher = _Watcher(reload_dirs, _tell_stderr)
-            stack.callback(watcher.stop)
-            reloader = _Reloader(plan, watcher, _tell_stderr, {"stdin": None})
-        watching = f"reloading on changes in {_folders(reload_dirs)}; " if reload_dirs else ""
+        plan = _Target(stack, target, start_recording, **options)
+        dirs = plan.reload_dirs
+        watching = f"reloading on changes in {_folders(dirs)}; " if dirs else ""
 
         def ready(line: str) -> None:
             _say(f"{plan.serving(line)} ({watching}Ctrl+C to stop)")
+
+        def pending() -> None:  # (the first start failed: said after why)
+            served = f"{target} is not served until it loads: {plan.url} answers 502 meanwhile"
+            _say(f"{served} ({watching}Ctrl+C to stop)")
+
+        reloader = plan.reloader(_tell_stderr, {"stdin": None}, pending)
 
         with _Signals() as signals:
             proc = plan.spawn(stdin=None)  # a breakpoint() reads the terminal
@@ -821,11 +835,14 @@ class _Watcher:
                 self._tell(f"--reload stopped watching for changes: {reason}", "error")
 
     def take(self) -> str | None:
-        """What changed since the last call, as said (``app.py changed``), or None."""
+        """What changed since the last call, as said (``app.py changed``), or None; the
+        changed files' cached bytecode is removed first (see :func:`_forget_bytecode`)."""
         with self._lock:
             paths, self._changed = list(self._changed), {}
         if not paths:
             return None
+        for path in paths:
+            _forget_bytecode(path)
         names = [_shown(path) for path in paths]
         if len(names) > 3:
             return f"{', '.join(names[:2])} and {len(names) - 2} more files changed"
@@ -834,6 +851,23 @@ class _Watcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(1.0)  # (watchfiles looks at the event every 50 ms)
+
+
+def _forget_bytecode(path: str) -> None:
+    """Remove the ``__pycache__`` files of the changed ``path``, before the next child
+    imports it.
+
+    Why: a ``.pyc`` is taken as current when the source's mtime, in whole seconds, and
+    size match what it recorded.  An edit that keeps the size (one character changed),
+    saved within the second the ``.pyc`` was written, then loads the old code; removed,
+    the new code is compiled again."""
+    for optimization in ("", 1, 2):  # (PYTHONOPTIMIZE in the child's environment)
+        try:
+            cached = importlib.util.cache_from_source(path, optimization=optimization)
+        except (NotImplementedError, ValueError):  # (no cache tag: no bytecode cached)
+            return
+        with contextlib.suppress(OSError):
+            os.remove(cached)
 
 
 def _folders(dirs: list[str]) -> str:
@@ -846,23 +880,98 @@ def _shown(path: str) -> str:
     return path if relative.startswith(os.pardir) else relative
 
 
+class _Unavailable:
+    """While no app runs under ``--reload`` (it failed to load, or exited), hopscope
+    answers on the app's listening socket itself: each connection gets a 502 whose body
+    is the line said on stderr (``cannot load app:app: app.py:7: SyntaxError: ...``).
+
+    Why: nothing else accepts there meanwhile, so a request would wait in the backlog
+    until the proxy gives up (a 504 after its read timeout, 60 s) or, with
+    ``--no-proxy``, until the next good save.  Stopped before the next child starts:
+    what connects after that waits in the backlog for it, as during any reload."""
+
+    #: Seconds a connection may take to send its request head, and to close after.
+    TIMEOUT = 2.0
+
+    def __init__(self, sock: socket.socket, why: str) -> None:
+        self._sock = sock
+        body = f"hopscope: {why}\n".encode()
+        self._head = (
+            b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        self._body = body
+        # The children share the socket's file status (O_NONBLOCK): put back as found.
+        self._blocking = os.get_blocking(sock.fileno())
+        os.set_blocking(sock.fileno(), False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hopscope-502", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not select.select([self._sock], [], [], 0.05)[0]:
+                    continue
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # (taken back by the client before we accepted it)
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(self.TIMEOUT)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            body = b"" if head.startswith(b"HEAD ") else self._body
+            conn.sendall(self._head + body)
+            conn.shutdown(socket.SHUT_WR)
+            # What the client still sends (a request body) is read, not left unread: a
+            # close with unread data resets the connection, and the reset can reach
+            # the client before the answer.
+            deadline = time.monotonic() + self.TIMEOUT
+            while conn.recv(65536) and time.monotonic() < deadline:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+        os.set_blocking(self._sock.fileno(), self._blocking)
+
+
 class _Reloader:
     """``run TARGET --reload``: the child supervised as without it, then, after each
     change, stopped as Ctrl+C stops it and started again on the same listening socket
     (:meth:`_Target.respawn`).  The proxy, the collector and the UI or tail go on.  An
-    app that then fails to load, or exits, is one line, and the next change starts it
-    again; only the first start failing ends the run, as without ``--reload`` (a typo in
-    TARGET should not leave hopscope waiting)."""
+    app that fails to load, or exits, is one line, the first start too (as under
+    ``uvicorn --reload``), requests meanwhile get a 502 that says why
+    (:class:`_Unavailable`), and the next change starts it again.  Only a TARGET whose
+    module does not exist ends the run at the first start, as without ``--reload``: a
+    typo in the command, which no edit of a watched file fixes."""
 
     def __init__(
-        self, plan: _Target, watcher: _Watcher, tell: _Tell, streams: dict[str, Any]
+        self,
+        plan: _Target,
+        watcher: _Watcher,
+        tell: _Tell,
+        streams: dict[str, Any],
+        pending: Callable[[], None] | None = None,
     ) -> None:
         self.plan = plan
         self.watcher = watcher
         self.tell = tell
         self.streams = streams
+        #: Called once when the first start fails (headless: where to send requests).
+        self.pending = pending
         self._asked = False  # this child was stopped for a change
         self._failed = False  # the last child could not load: say when one serves again
+        self._served = False  # a child said it serves
         self._line: str | None = None
         self._loading = False  # a child started after a change has not said ready yet
         self._first: Callable[[str], None] | None = None
@@ -878,33 +987,60 @@ class _Reloader:
     def _ready(self, line: str) -> None:
         self._line = line
         self._loading = False
-        if line.startswith("failed "):
+        if line.startswith(("failed ", "missing ")):
             return
         if self._first is not None:
             first, self._first = self._first, None
             first(line)
+        elif not self._served and self._failed:  # (the UI: its first start failed)
+            self.tell(self.plan.serving(line), "information")
         elif self._failed:
             self.tell(f"serving {self.plan.target} again: open {self.plan.url}", "information")
         self._failed = False
+        self._served = True
 
-    def _wait(self, signals: _Signals) -> bool:
-        """Until a change (True) or a stop (False), with no child running."""
-        while not signals.received:
-            if self._restart():
-                return True
-            time.sleep(0.1)
-        return False
+    def _wait(self, signals: _Signals, why: str) -> bool:
+        """Until a change (True) or a stop (False), with no child running: requests
+        are answered 502, ``why`` in the body."""
+        unavailable = _Unavailable(self.plan.sock, why)
+        try:
+            while not signals.received:
+                if self._restart():
+                    return True
+                time.sleep(0.1)
+            return False
+        finally:
+            unavailable.stop()
+
+    def _failure(self, status: int) -> str | None:
+        """What to say when a child ended on its own; None: the run ends (TARGET's
+        module does not exist, and nothing ever served)."""
+        line = self._line or ""
+        target = self.plan.target
+        if line.startswith("missing ") and not self._served:
+            self.tell(f"cannot load {target}: {line[8:]}", "error")
+            return None
+        if line.startswith(("failed ", "missing ")):
+            return f"cannot load {target}: {line.partition(' ')[2]}; waiting for a change"
+        return f"{target} exited with status {status}; waiting for a change"
 
     def run(
-        self, proc: Any, signals: _Signals, first: Callable[[str], None] | None = None
+        self,
+        proc: Any,
+        signals: _Signals,
+        first: Callable[[str], None] | None = None,
+        said: str | None = None,
     ) -> tuple[int, bool]:
         """Like :func:`_supervise`, over each child in turn.  ``first`` gets the first
-        child's ready line (None: it was said already, the UI waited for it)."""
+        ready line of a child that serves (None: it is told as a notice); ``said``: the
+        first child's line when it was read already (the UI waited for it)."""
         self._first = first
-        target = self.plan.target
         while True:
             self._asked = False
             self._line = None
+            if said is not None:
+                self._ready(said)
+                said = None
             status, stopped = _supervise(
                 proc, signals, self.plan.pipe.read, self._ready, self._restart
             )
@@ -914,18 +1050,14 @@ class _Reloader:
                 # the user stopped a server that ran, as after any Ctrl+C.
                 return (0 if self._asked or self._loading else status), True
             if not self._asked:
-                line = self._line or ""
-                if self._first is not None:  # never served: as without --reload
-                    if line.startswith("failed "):  # (started again during its first load)
-                        self.tell(f"cannot load {target}: {line[7:]}", "error")
+                why = self._failure(status)
+                if why is None:
                     return status, False
-                if line.startswith("failed "):
-                    self.tell(f"cannot load {target}: {line[7:]}; waiting for a change", "error")
-                else:
-                    exited = f"{target} exited with status {status}"
-                    self.tell(f"{exited}; waiting for a change", "error")
+                self.tell(why, "error")
+                if not self._served and not self._failed and self.pending is not None:
+                    self.pending()
                 self._failed = True
-                if not self._wait(signals):
+                if not self._wait(signals, why):
                     return 0, True
             while True:
                 if signals.received:
@@ -935,9 +1067,10 @@ class _Reloader:
                     self._loading = True
                     break
                 except RunError as exc:
-                    self.tell(f"{exc}; waiting for a change", "error")
+                    why = f"{exc}; waiting for a change"
+                    self.tell(why, "error")
                     self._failed = True
-                    if not self._wait(signals):
+                    if not self._wait(signals, why):
                         return 0, True
 
 
@@ -999,12 +1132,14 @@ class _Background:
         source: Any,
         output: _Output,
         reloader: _Reloader | None = None,
+        said: str | None = None,
     ) -> None:
         self.proc = proc
         self.shown = shown
         self.source = source
         self.output = output
         self.reloader = reloader
+        self.said = said
         self.signals = _Signals()  # never entered: the UI, not a signal, asks to stop
         self.result = (0, False)
         self.thread = threading.Thread(target=self._run, name="hopscope-run", daemon=True)
@@ -1012,7 +1147,7 @@ class _Background:
 
     def _run(self) -> None:
         if self.reloader is not None:
-            self.result = self.reloader.run(self.proc, self.signals)
+            self.result = self.reloader.run(self.proc, self.signals, said=self.said)
         else:
             self.result = _supervise(self.proc, self.signals)
         status, stopped = self.result
@@ -1040,13 +1175,15 @@ def _ui_session(
     max_requests: int,
     urls: dict[str, str],
     reloader: _Reloader | None = None,
+    said: str | None = None,
 ) -> Session:
-    """The session for a supervised child: its exit status becomes hopscope's."""
+    """The session for a supervised child: its exit status becomes hopscope's.  ``said``
+    (``--reload``): the child's ready line, read already."""
     from hopscope.tui.app import HopscopeApp
 
     from .ui import Session
 
-    background = _Background(proc, shown, source, output, reloader)
+    background = _Background(proc, shown, source, output, reloader, said)
     app = HopscopeApp(source, title=title, max_requests=max_requests, recording=recording)
     session = Session(app, stack, urls)
 
@@ -1118,53 +1255,39 @@ def build_run_command_app(
 
 
 def build_run_target_app(
-    target: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    factory: bool = False,
-    app_dir: str = ".",
-    output: str | None = None,
-    proxy: bool = True,
-    max_requests: int = 50_000,
-    otlp: str | None = None,
-    server_timing: bool = False,
-    reload_dirs: list[str] | None = None,
-    ws: str = "auto",
+    target: str, *, max_requests: int = 50_000, **options: Unpack[TargetOptions]
 ) -> Session:
     """``hopscope run TARGET`` with the UI: a :class:`~hopscope.app.ui.Session`, built
     once the app serves (an app that fails to load fails here, with its own output on
-    stderr, before any UI).  Under ``--reload`` each reload, and each failure to load
-    after a change, is a notice.  Raises :class:`RunError`."""
+    stderr, before any UI).  Under ``--reload`` each reload, and each failure to load,
+    the first one too, is a notice (only a TARGET whose module does not exist fails
+    here).  Raises :class:`RunError`."""
     stack = contextlib.ExitStack()
     try:
         box: list[Any] = []
 
-        def start_recording() -> str:
-            box[:] = _live_source(stack, target, output, otlp)
+        def start_recording(plan: _Target) -> str:
+            box[:] = _live_source(stack, target, plan.output, plan.otlp)
             return str(box[1].url)
 
-        plan = _Target(
-            stack, target, start_recording, host=host, port=port, factory=factory,
-            app_dir=app_dir, proxy=proxy, separate=True, server_timing=server_timing,
-            reload_dirs=reload_dirs, ws=ws,
-        )  # fmt: skip
+        plan = _Target(stack, target, start_recording, separate=True, **options)
         source, feed = box
-        reloader = None
-        if reload_dirs is not None:
-            from hopscope.tui.source import notice  # (the UI's: not imported without it)
+        from hopscope.tui.source import notice  # (the UI's: not imported without it)
 
-            def tell(message: str, severity: str) -> None:
-                source.push([notice(message, severity)])
+        def tell(message: str, severity: str) -> None:
+            source.push([notice(message, severity)])
 
-            watcher = _Watcher(reload_dirs, tell)
-            stack.callback(watcher.stop)
-        proc, out = _captured(stack, plan.spawn, keep=reload_dirs is not None)
-        if reload_dirs is not None:
-            streams = {"stdout": out.write, "stderr": out.write}
-            reloader = _Reloader(plan, watcher, tell, streams)
+        reloader = plan.reloader(tell, {})
+        proc, out = _captured(stack, plan.spawn, keep=reloader is not None)
+        if reloader is not None:  # (the next children write where the first one does)
+            reloader.streams = {"stdout": out.write, "stderr": out.write}
         line = _wait_ready(proc, plan.pipe.read)
-        if line is None:
+        serves = line is not None and not line.startswith(("failed ", "missing "))
+        if line is not None and line.startswith("missing "):  # (a typo in TARGET)
+            proc.wait()
+            _stop_strays(proc.pid)
+            raise RunError(f"cannot load {target}: {line[8:]}")
+        if line is None and reloader is None:
             status = proc.wait()
             _stop_strays(proc.pid)
             out.close()
@@ -1173,15 +1296,14 @@ def build_run_target_app(
             status = 128 - status if status < 0 else status
             raise RunError(f"{target} exited with status {status}", status or 1)
         source.description = f"run {target} {plan.url}"
-        from hopscope.tui.source import notice  # (the UI's: not imported without it)
-
-        source.push([notice(plan.serving(line))])
+        if serves:  # (else, under --reload, the reloader says why, and waits for a change)
+            source.push([notice(plan.serving(str(line)))])
         urls = {"app": plan.app_url, "collector": feed.url}
         if plan.proxied:
             urls["proxy"] = plan.url
         return _ui_session(
-            stack, proc, target, source, out, "hopscope run", output, max_requests, urls,
-            reloader,
+            stack, proc, target, source, out, "hopscope run", plan.output, max_requests,
+            urls, reloader, line,
         )  # fmt: skip
     except BaseException:
         stack.close()

@@ -20,7 +20,9 @@ imports of hopscope inside the functions, under :func:`main`'s ``except``.
 Under ``hopscope run --reload`` the processes started after a change get
 ``--brief-errors``: an app that fails to load (a syntax error half-way through an edit)
 is then one line on ``--ready-fd`` (``failed app.py:7: SyntaxError: ...``), which the
-parent says before it waits for the next change, instead of a traceback per save.  And
+parent says before it waits for the next change, instead of a traceback per save; a
+module that does not exist at all is ``missing REASON`` instead (at the first start, a
+typo in TARGET: the parent ends the run rather than wait for a file no edit makes).  And
 every process gets ``--hand-over``: the listening socket outlives it (the parent keeps
 it for the next one), so on SIGTERM what uvicorn accepted just before it stopped
 accepting is served rather than closed unread (see :data:`HAND_OVER_GRACE`).
@@ -62,6 +64,10 @@ class ServeError(Exception):
     """The app cannot be served; the message is one line."""
 
 
+class ModuleMissing(ServeError):
+    """TARGET's module does not exist (not an import inside it that fails)."""
+
+
 def load_target(target: str, factory: bool = False) -> Any:
     """Import ``module:attribute`` (the attribute may be dotted); call it if ``factory``."""
     module_name, sep, attribute = target.partition(":")
@@ -73,7 +79,7 @@ def load_target(target: str, factory: bool = False) -> Any:
         # Only the module itself missing is the user's typo; a missing import inside it
         # is their app's error, with its traceback.
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
-            raise ServeError(
+            raise ModuleMissing(
                 f"cannot import {module_name!r}: no module named {exc.name!r} "
                 f"(looked in {sys.path[0]} and the installed packages; see --app-dir)"
             ) from None
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--brief-errors",
         action="store_true",
-        help="an app that fails to load is one line on --ready-fd ('failed REASON')",
+        help="an app that fails to load is one line on --ready-fd ('failed REASON', or "
+        "'missing REASON': no such module)",
     )
     parser.add_argument("--ws", default="auto", help="uvicorn's --ws (ASGI apps)")
     parser.add_argument(
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             if not args.brief_errors:
                 raise
-            ready("failed " + _load_error(exc))
+            said = "missing " if isinstance(exc, ModuleMissing) else "failed "
+            ready(said + _load_error(exc))
             return LOAD_FAILED
         if is_asgi(app):
             sock = socket.socket(fileno=args.fd)

@@ -99,12 +99,17 @@ def _until(run: Run, check: Callable[[], object], what: str, save: Callable[[], 
 
 
 def _until_version(run: Run, base: str, version: str, save: Callable[[], None]) -> int:
-    """Save ``version``, then ask until it answers; returns the pid that did."""
+    """Save ``version``, then ask until it answers; returns the pid that did (a 502
+    meanwhile: the last save did not load, and no app serves until this one does)."""
     save()
 
     def answered() -> int | None:
-        seen, pid = _answer(base)
-        return pid if seen == version else None
+        response = httpx.get(base + "/", timeout=30)
+        if response.status_code == 502 and "waiting for a change" in response.text:
+            return None
+        assert response.status_code == 200, response.text
+        seen, pid = response.text.split()
+        return int(pid) if seen == version else None
 
     return int(str(_until(run, answered, f"{version} to answer", save)))
 
