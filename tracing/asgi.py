@@ -24,6 +24,7 @@ from typing import Any
 
 from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
+from .forking import watch as watch_forks
 from .logs import install_log_capture
 from .records import (
     ASGI_REQUEST,
@@ -102,6 +103,8 @@ class ASGIMiddleware:
             _watch_background_tasks()
         if capture_logs:
             install_log_capture()
+        # A worker forked in C (uWSGI) ran no at-fork hooks: see forking.
+        watch_forks()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> Any:
         # The request's whole life is in this one coroutine (no ``run`` of a recorder to
@@ -162,22 +165,24 @@ class ASGIMiddleware:
             recording.handling, recording.end_extra, recording.route, recording.request_body,
             recording.response_chunks, recording.done, recording.trailers,
             recording.complete, recording.end_ts, recording.response_count,
-            recording.response_size, recording.response_ts,
+            recording.response_size, recording.response_ts, recording.logged,
         ) = (
-            -1, -1, None, None, None, None, None, None, None, False, False, False, 0, 0, 0, 0
+            -1, -1, None, None, None, None, None, None, None, False, False, False, 0, 0, 0, 0,
+            None,
         )  # fmt: skip
-        if sink.start_live(recording):
-            context_sink: Sink = recording
-        else:
+        # The recording is the context's sink either way (a sink without a drain gets
+        # each record as the recording's eager items make it): a log or a background
+        # task then tells the recording, whatever the sink.
+        if not sink.start_live(recording):
             recording.end_at = -2  # its end pushes the records (see _not_plain)
-            context_sink = recording.go_eager()
-        token = current.set(_context(SpanContext, (context_sink, trace_id, span_id)))
+            recording.go_eager()
+        token = current.set(_context(SpanContext, (recording, trace_id, span_id)))
         try:
             # The server's channels are bound into what the app gets (see _receive).
             channels = (recording, receive, send)
             result = await self.app(scope, _method(_receive, channels), _method(_send, channels))
         except BaseException as exc:
-            recording.failed(exc, self.tasks_only and context_sink is recording)
+            recording.failed(exc, self.tasks_only)
             raise
         finally:
             current.reset(token)
@@ -188,20 +193,18 @@ class ASGIMiddleware:
                     recording._handled()
                 recording._end(recording.end_extra)
             if _now() - recording.end_ts > BACKGROUND_MIN_NS and (
-                not self.tasks_only
-                or context_sink is not recording  # (a task could not say so: as before)
-                or getattr(recording, "deferred", False)
+                not self.tasks_only or getattr(recording, "deferred", False)
             ):
                 recording._background(None)
         elif recording.end_at < 0:
             # The app returned without finishing its response (or without one at all).
             recording._end({"response.incomplete": True})
         recording.scope = _NO_SCOPE
-        recording.handling = None
+        recording.handling = recording.logged = None
         recording.done = True
         items = recording.items
         items.append(None)
-        if context_sink is not recording:  # eager items (see Recording.seal)
+        if type(items) is not list:  # eager items (see Recording.seal)
             items._recording = None  # type: ignore[attr-defined]
         return result
 
@@ -483,6 +486,7 @@ class _HTTPRecording(Recording):
         "end_ts",
         "handling",
         "limit",
+        "logged",
         "request_body",
         "response_chunks",
         "response_count",
@@ -505,6 +509,9 @@ class _HTTPRecording(Recording):
     end_ts: int
     handling: BaseException | None
     limit: int
+    #: The first exception the app logged at ERROR while it answered (see logs): Django's
+    #: and Quart's 500 for a view that raised is sent after the exception was handled.
+    logged: Exception | None
     request_body: BodyCapture | None
     response_chunks: Any  # the first kept chunk, then a list of them
     response_count: int
@@ -535,7 +542,7 @@ class _HTTPRecording(Recording):
         # for: its traceback holds the app's frames (the request, whatever the view had),
         # which the app expects freed once it returned, not at the sink's next drain.
         self.scope = _NO_SCOPE
-        self.handling = None
+        self.handling = self.logged = None
         Recording.seal(self)
 
     def _background(self, attrs: dict[str, Any] | None) -> None:
@@ -560,9 +567,10 @@ class _HTTPRecording(Recording):
     def _handled(self) -> None:
         """The app returned after it sent a server error page while it handled an
         exception, which it then swallowed (Litestar's exception middleware, a Starlette
-        exception handler): nothing logged it, so that exception is recorded here, as if
-        the app had raised it.  (Only on this rare path: error pages below 500 are the
-        app's answers, a 404 for a route Litestar raised as an exception.)"""
+        exception handler), or after it logged one it caught (Django, Quart): that
+        exception is recorded here, as if the app had raised it.  (Only on this rare
+        path: error pages below 500 are the app's answers, a 404 for a route Litestar
+        raised as an exception.)"""
         exc = self.handling
         status = self.status
         if isinstance(exc, Exception) and type(status) is int and status >= 500:
@@ -808,7 +816,8 @@ async def _send(channels: _Channels, message: Message) -> None:
             raise
         # An app (Starlette's ServerErrorMiddleware) may send an error page while it
         # handles an exception that it then re-raises: remember which, see _complete.
-        handling = recording.handling = _exception()
+        # (Or after it handled one it logged: Django's and Quart's 500, see logs.)
+        handling = recording.handling = _exception() or recording.logged
         try:
             status = message["status"]
         except KeyError:

@@ -5,6 +5,12 @@ root logger would change what the app does (``logging.basicConfig()`` does nothi
 the root has a handler, and Python's last-resort stderr output stops).  The factory
 sees every record a logger lets through, and outside a request it costs one contextvar
 lookup per log call.
+
+A record at ERROR or above that carries an exception is also offered to the request's
+recording (``logged``): Flask, Django and Quart catch a view's exception, log it and
+answer 500, so the exception never reaches the middleware.  The middlewares record the
+first such exception as the request's error when its response is a 5xx (see
+``_Exchange.finish`` and ``_HTTPRecording._handled``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,13 @@ def _emit(ctx: Any, record: logging.LogRecord) -> None:
         "logger": record.name,
         "message": message[:MESSAGE_LIMIT],
     }
-    if record.exc_info and record.exc_info[1] is not None:
-        attrs["exception.stacktrace"] = "".join(traceback.format_exception(record.exc_info[1]))
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None:
+        attrs["exception.stacktrace"] = "".join(traceback.format_exception(exc))
+        if record.levelno >= logging.ERROR and isinstance(exc, Exception):
+            try:
+                if ctx.sink.logged is None:
+                    ctx.sink.logged = exc
+            except AttributeError:  # not a request's recording (a sink of its own)
+                pass
     ctx.sink.emit(("p", int(record.created * 1e9), ctx.trace_id, ctx.span_id, "log", attrs))

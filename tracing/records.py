@@ -87,9 +87,15 @@ def new_span_id() -> int:
     return _getrandbits(64) or 1
 
 
+#: The process the generator was seeded in (see hopscope.tracing.forking).
+_seed_pid = os.getpid()
+
+
 def _reseed_after_fork() -> None:
     # Forked workers would otherwise draw the same ids as their siblings.
+    global _seed_pid
     _rand.seed()
+    _seed_pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_reseed_after_fork)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .context import SpanContext, current, server_parent
 from .exceptions import exception_event
+from .forking import watch as watch_forks
 from .logs import install_log_capture
 from .records import (
     BODY_LIMIT,
@@ -186,7 +187,7 @@ class _Flow:
             if size > room:
                 chunk = chunk[:room]
             if type(chunk) is not bytes:
-                chunk = bytes(chunk)
+                chunk = _as_bytes(chunk)
             chunks = self.chunks
             if chunks is None:
                 self.chunks = chunk
@@ -268,7 +269,7 @@ def _response_flow(exchange: _Exchange, chunk: bytes, ts: int) -> _Flow:
         if size > limit:
             chunk = chunk[:limit]
         if type(chunk) is not bytes:
-            chunk = bytes(chunk)
+            chunk = _as_bytes(chunk)
         flow.chunks = chunk
         flow.kept = len(chunk)
     else:
@@ -280,6 +281,15 @@ def _response_flow(exchange: _Exchange, chunk: bytes, ts: int) -> _Flow:
     else:
         flow._pending = (ts, size)
     return flow
+
+
+def _as_bytes(chunk: Any) -> bytes:
+    """A chunk to keep that is not ``bytes``: a bytearray's or memoryview's bytes, or a
+    ``str`` encoded as Werkzeug's test client encodes it (WSGI forbids ``str``, but that
+    client takes it, and the middleware must not fail what the app's caller would not)."""
+    if isinstance(chunk, str):
+        return chunk.encode("utf-8", "replace")
+    return bytes(chunk)
 
 
 class _Input:
@@ -368,6 +378,7 @@ class _Exchange(Recording):
         "header_keys",
         "input",
         "limit",
+        "logged",
         "original_close",
         "response",
         "response_headers",
@@ -386,6 +397,8 @@ class _Exchange(Recording):
     header_keys: tuple[str, ...]
     input: _Input | None
     limit: int
+    #: The first exception the app logged at ERROR while it answered (see logs).
+    logged: Exception | None
     original_close: Callable[[], object] | None
     response: _Flow | None
     response_headers: tuple[tuple[str, str], ...] | None
@@ -397,8 +410,7 @@ class _Exchange(Recording):
     def context(self) -> SpanContext:
         """The request's context.  Made when needed, not kept: the exchange is its sink,
         and a reference back would be a cycle only the garbage collector can free."""
-        sink = self if type(self.items) is list else self.sink  # see go_eager
-        return _context(SpanContext, (sink, self.trace_id, self.span_id))
+        return _context(SpanContext, (self, self.trace_id, self.span_id))
 
     def request_fields(self) -> Any:
         """``request`` keeps the fields and the header values in one tuple (one getter
@@ -529,6 +541,8 @@ class _Exchange(Recording):
         if self.end_at >= 0:
             return
         ts = _now()
+        if self.logged is not None:
+            self._logged_error()
         route = self.route
         if route is None:
             route = _route(self.environ)
@@ -572,6 +586,16 @@ class _Exchange(Recording):
         items.append(None)
         if eager:
             items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
+
+    def _logged_error(self) -> None:
+        """A 5xx the app answered after it logged an exception it caught (Flask's and
+        Django's 500 for a view that raised): that exception is the request's error,
+        recorded as if raised.  Let go of it either way (its traceback holds the app's
+        frames, which the app expects freed once it answered)."""
+        exc, self.logged = self.logged, None
+        status = self.status
+        if self.error is None and type(status) is int and status >= 500 and exc is not None:
+            self.error_page((type(exc), exc, exc.__traceback__))
 
     def _summary(self, ts: int, name: str, flow: _Flow) -> None:
         attrs = {
@@ -730,6 +754,8 @@ class WSGIMiddleware:
         self._disabled = False
         if capture_logs:
             install_log_capture()
+        # A worker forked in C (uWSGI) ran no at-fork hooks: see forking.
+        watch_forks()
 
     def _default_sink(self) -> Sink | None:
         from .sinks import default_sink
@@ -796,10 +822,16 @@ class WSGIMiddleware:
             exchange.end_at, exchange.done, exchange._state, exchange.input,
             exchange.response, exchange.status, exchange.response_headers, exchange.error,
             exchange.route, exchange.exhausted, exchange.disconnect, exchange.file_wrapper,
-        ) = (-1, False, -1, None, None, None, None, None, None, False, False, False)  # fmt: skip
+            exchange.logged,
+        ) = (
+            -1, False, -1, None, None, None, None, None, None, False, False, False, None
+        )  # fmt: skip
 
-        context_sink = exchange if sink.start_live(exchange) else exchange.go_eager()
-        context = _context(SpanContext, (context_sink, exchange.trace_id, span_id))
+        # The exchange is the context's sink either way (eager items emit at once for a
+        # sink without a drain): a log then tells the exchange, whatever the sink.
+        if not sink.start_live(exchange):
+            exchange.go_eager()
+        context = _context(SpanContext, (exchange, exchange.trace_id, span_id))
         # _has_body's common answer (a GET of HTTP/1 whose kind of environ has neither
         # Content-Length nor Transfer-Encoding: see _header_plan) without a lookup.
         if not (plan[2] and fields[_METHOD] in _BODILESS and fields[_PROTOCOL] in _HTTP1):
@@ -833,7 +865,14 @@ class WSGIMiddleware:
             body = _SizedBody()
         else:
             file_wrapper = environ.get("wsgi.file_wrapper")
-            if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+            if isinstance(file_wrapper, type):
+                if isinstance(result, file_wrapper):
+                    return _pass_file_wrapper(result, exchange)
+            elif file_wrapper is not None and hasattr(result, "read"):
+                # uWSGI's file_wrapper is a function that hands the file back as it
+                # came, and uWSGI sends it with sendfile when the app returns that very
+                # object: wrapped, it would be iterated line by line.  Whatever file
+                # such a server gets back is its to send (or iterate) as it would bare.
                 return _pass_file_wrapper(result, exchange)
             body = _SizedBody() if hasattr(result, "__len__") else _Body()
         # Filled in here, not by an ``__init__`` (see _Exchange).

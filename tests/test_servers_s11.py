@@ -1,0 +1,154 @@
+"""``hopscope run -- uwsgi ...``: uWSGI, the C server that embeds Python.
+
+Why: uWSGI is a common production WSGI server, and it is unlike the Python ones: its
+master process loads the app and forks workers (or each worker loads it with
+``--lazy-apps``), it sends files with its own ``wsgi.file_wrapper``, and its embedded
+interpreter runs application threads only when threads are enabled.  The bootstrap
+wraps the app through Flask's ``__call__`` there too; these tests check that every
+worker's requests are recorded with the worker's pid, and that what the client gets is
+byte for byte what bare uWSGI sends.  (uWSGI has no request hooks hopscope could use for a
+server span: requests there have their app span, as under waitress.)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from hopscope.tracing import load
+from test_run import BIN, Run, _check_traces, _env, _free_port, _requests
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = """
+import os
+
+from flask import Flask, Response, request, send_file
+
+app = Flask(__name__)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@app.get("/stream")
+def stream():
+    count = int(request.args.get("n", "3"))
+    return Response((f"chunk {i}\\n".encode() * 100 for i in range(count)), mimetype="text/plain")
+
+
+@app.get("/file")
+def file():
+    return send_file(os.path.join(HERE, "blob.bin"), mimetype="application/octet-stream")
+
+
+@app.post("/echo")
+def echo():
+    return request.get_data()
+
+
+@app.get("/boom")
+def boom():
+    raise RuntimeError("boom under uwsgi")
+"""
+
+
+def _uwsgi() -> str:
+    path = shutil.which("uwsgi", path=BIN)
+    if path is None:  # pragma: no cover - the dev extras install it
+        pytest.skip("uwsgi is not installed")
+    return path
+
+
+def _command(port: int, *extra: str) -> list[str]:
+    return [
+        _uwsgi(), "--http", f"127.0.0.1:{port}", "--module", "app:app", "--master",
+        "--die-on-term", "--disable-logging", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["preforked", "lazy-apps"])
+def test_uwsgi_workers_are_each_traced(
+    lazy: bool, flask_project: Path, runs: Callable[..., Run]
+) -> None:
+    port = _free_port()
+    extra = ["--processes", "2", *(["--lazy-apps"] if lazy else [])]
+    run = runs(flask_project, "--", *_command(port, *extra))
+    base = f"http://127.0.0.1:{port}"
+    run.wait_serving(base)
+    pids = _requests(base, workers=2)
+    assert len(set(pids.values())) == 2, pids
+    # The master loads the app and forks (or each worker loads it): either way the
+    # events come from the worker that answered, not from the master.
+    assert run.proc.pid not in pids.values()
+    traces = _check_traces(run, pids, server=False, statuses=(0, -signal.SIGINT, 1, 30))
+    assert {t.route for t in traces if t.route} == {"/pid"}
+    assert all(t.root is not None and t.root.attrs.get("interface") == "wsgi" for t in traces)
+
+
+def _exchanges(base: str) -> list[tuple[int, list[tuple[str, str]], bytes]]:
+    """What a client gets from the app: status, headers but Date, body bytes."""
+    got = []
+    # (uWSGI's HTTP router closes each connection: one per request.)
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=base, timeout=10, limits=limits) as client:
+        for method, path, body in (
+            ("GET", "/stream?n=50", None),
+            ("GET", "/file", None),
+            ("POST", "/echo", b"x" * 300_000),
+            ("GET", "/boom", None),
+            ("GET", "/nothing", None),
+        ):
+            response = client.request(method, path, content=body)
+            headers = [(k, v) for k, v in response.headers.multi_items() if k != "date"]
+            got.append((response.status_code, headers, response.content))
+    return got
+
+
+def _serving(base: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "uwsgi exited"
+        try:
+            httpx.get(base + "/nothing", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError("uwsgi did not answer")
+
+
+def test_uwsgi_answers_byte_for_byte_as_bare(tmp_path: Path, runs: Callable[..., Run]) -> None:
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "blob.bin").write_bytes(os.urandom(200_000))
+    port = _free_port()
+    bare = subprocess.Popen(
+        _command(port), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _serving(f"http://127.0.0.1:{port}", bare)
+        expected = _exchanges(f"http://127.0.0.1:{port}")
+    finally:
+        bare.send_signal(signal.SIGTERM)
+        bare.wait(20)
+    port = _free_port()
+    run = runs(tmp_path, "--", *_command(port))
+    _serving(f"http://127.0.0.1:{port}", run.proc)
+    assert _exchanges(f"http://127.0.0.1:{port}") == expected
+    paths = {"/stream", "/file", "/echo", "/boom", "/nothing"}
+    run.wait_for(lambda: all(f" {p}" in run.out for p in paths), "a tail line per request")
+    run.stop()
+    traces = {t.path: t for t in load(run.trace) if t.path in paths}
+    assert set(traces) == paths
+    streamed = sum(len(f"chunk {i}\n") * 100 for i in range(50))
+    assert len(expected[0][2]) == streamed
+    assert traces["/stream"].root.attrs["http.response.body.size"] == streamed
+    assert traces["/file"].root.attrs["wsgi.file_wrapper"] is True  # uWSGI's own: sendfile
+    assert traces["/echo"].root.attrs["http.request.body.size"] == 300_000
+    assert traces["/boom"].status == 500 and traces["/boom"].error
+    assert traces["/nothing"].status == 404
