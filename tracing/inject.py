@@ -11,17 +11,20 @@ Two kinds of wrap points, as checked in the server-hooks notes:
 
 * The server's: where a server gets the app it will call (uvicorn ``Config.load``,
   gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``, Werkzeug
-  ``run_simple``).  The app is wrapped with :func:`hopscope.tracing.wrap`, unless the
-  user's code wraps it already,
+  ``run_simple``, gevent's ``WSGIHandler`` per request), and Werkzeug's test
+  ``run_wsgi_app`` (its ``Client``'s, for plain Werkzeug apps).  The app is wrapped with
+  :func:`hopscope.tracing.wrap`, unless the user's code wraps it already,
   maybe under middleware of their own (:func:`hopscope.tracing.wrap.is_traced`), and the
   server hop is added where the server allows it: hopscope's uvicorn protocol classes,
-  gunicorn's request hooks (chained to the user's, never replacing them).
+  gunicorn's request hooks (chained to the user's, never replacing them), gevent's
+  ``handle_one_response`` (gunicorn's ``-k gevent_pywsgi`` runs no request hooks).
 * The framework's, for servers without a hook (Django's ``runserver``,
   waitress, granian, daphne) and test clients that call the app directly:
-  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` (and its test ``Client``'s
-  ``ClientHandler``), ``Starlette.__call__``
+  ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` (and its test clients'
+  ``ClientHandler`` and ``AsyncClientHandler``), ``Starlette.__call__``
   (FastAPI's ends in Starlette's) and ``Quart.__call__``; likewise Litestar's, Falcon's
-  (WSGI and ASGI), Sanic's ASGI app, Bottle's and Pyramid's ``Router``.  Sanic's own
+  (WSGI and ASGI), Sanic's ASGI app, Bottle's (also run as ``python -m bottle``:
+  :meth:`_PatchingFinder._watch_main`) and Pyramid's ``Router``.  Sanic's own
   server calls none of them: starting it says so.  They record only when no
   server wrap point fired in the process and no hopscope span is current, so they never
   add a second app span.
@@ -51,6 +54,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 from typing import Any
@@ -454,6 +458,166 @@ def _patch_werkzeug(module: ModuleType) -> None:
     module.__dict__["run_simple"] = patched_run_simple
 
 
+def _records_itself(app: Any) -> bool:
+    """Whether a call of ``app`` is recorded without help: a framework patch records it
+    (:func:`_patch_wsgi_call` marks those calls: Flask, Bottle, Falcon, Pyramid, Django),
+    or the user's own ``wrap()`` does."""
+    call = getattr(type(app), "__call__", None)  # noqa: B004 - the class's own method
+    if getattr(call, "__hopscope_records__", False):
+        return True
+    from .wrap import is_traced
+
+    return is_traced(app)
+
+
+def _recorded(app: Any) -> Any:
+    """``app``, or its middleware if no framework patch nor ``wrap()`` records it."""
+    if _records_itself(app):
+        return app
+    from .wsgi import WSGIMiddleware
+
+    return WSGIMiddleware(app)
+
+
+#: Set while Werkzeug's test ``Client`` runs its app (see :func:`_patch_werkzeug_test`).
+_in_client: ContextVar[bool] = ContextVar("hopscope_werkzeug_client", default=False)
+
+
+def _patch_werkzeug_test(module: ModuleType) -> None:
+    """Werkzeug's test ``Client`` (Flask's is one) runs the app through ``run_wsgi_app``,
+    a plain WSGI call: a plain Werkzeug app has no framework call a patch could record.
+    The app a ``Client`` hands it is recorded there (a new middleware per request, as
+    for Django's client: nothing of the app is kept past its client), unless something
+    records it already: a framework's patched call (a Flask app's requests stay
+    Flask's, so they are recorded once), the user's ``wrap()``, an enclosing request,
+    or a server's wrap point.
+
+    Only the ``Client``'s calls: Werkzeug also runs apps through ``run_wsgi_app`` for
+    ``Response.force_type`` and ``from_app``, and its own tests call it with apps no
+    server would take (``str`` chunks, ``start_response`` after the first chunk)."""
+    from .context import current
+
+    in_client = _in_client
+    client_class = module.Client
+    client_run = client_class.run_wsgi_app
+    run_wsgi_app = module.run_wsgi_app
+
+    @functools.wraps(client_run)
+    def patched_client_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = in_client.set(True)
+        try:
+            return client_run(self, *args, **kwargs)
+        finally:
+            in_client.reset(token)
+
+    @functools.wraps(run_wsgi_app)
+    def patched_run_wsgi_app(app: Any, *args: Any, **kwargs: Any) -> Any:
+        if in_client.get():
+            in_client.set(False)  # (the app's own calls of it, if any, are its own)
+            if not (_served or current.get() is not None):
+                try:
+                    app = _recorded(app)
+                except Exception:  # tracing never fails a test: the app runs untraced
+                    pass
+        return run_wsgi_app(app, *args, **kwargs)
+
+    client_class.run_wsgi_app = patched_client_run
+    # Looked up as a module global when called (Client.run_wsgi_app calls it).
+    module.__dict__["run_wsgi_app"] = patched_run_wsgi_app
+
+
+# -- gevent ------------------------------------------------------------------------------
+
+
+def _apps_own_result(result: Any) -> Any:
+    """The app's own result inside what hopscope's WSGI middleware (or a framework
+    patch, :class:`_Result`) returned; ``result`` itself if it is neither."""
+    wsgi = sys.modules.get(f"{__package__}.wsgi")
+    if wsgi is None:  # nothing of hopscope's ran a request yet
+        return result
+    if type(result) in (_Result, _SizedResult):
+        return result._hopscope_result
+    if isinstance(result, wsgi._Body):
+        return result._result
+    return result
+
+
+def _server_app(server: Any, app: Any) -> Any:
+    """What gevent's ``server`` runs for ``app`` (:func:`_recorded`), made once and kept
+    on the server, which holds the app anyway."""
+    own = _own(server)
+    kept = own.get(_MIDDLEWARE)
+    if kept is None or kept[0] is not app:
+        kept = own[_MIDDLEWARE] = (app, _recorded(app))
+    return kept[1]
+
+
+def _patch_gevent_pywsgi(module: ModuleType) -> None:
+    """gevent's ``WSGIHandler``: the server span of gunicorn's ``-k gevent_pywsgi`` worker
+    (which runs no gunicorn request hooks) and of gevent's own ``WSGIServer``, opened
+    around ``handle_one_response`` (:mod:`hopscope.tracing.servers.gevent_pywsgi`),
+    unless a server hook of this request opened one already.  gevent's own server is
+    also a wrap point, as ``run_simple`` is: the app it calls is recorded unless a
+    framework patch or the user's ``wrap()`` records it (the handler takes the server's
+    app anew for each request: its own attribute is what is replaced).
+
+    And its ``finalize_headers``: given a sized result and no Content-Length, gevent
+    iterates the result a second time, after the first chunk, to add the lengths up.
+    The middleware's body is one pass over the app's result (its chunks counted), so
+    that pass took the rest of the body: the response was cut short.  The sum goes over
+    the app's own result instead, as it does bare."""
+    from .context import server_parent
+
+    handler_class = module.WSGIHandler
+    handle = handler_class.handle_one_response
+    finalize = handler_class.finalize_headers
+    failed: list[str] = []
+
+    def report(exc: Exception) -> None:
+        if not failed:  # once per process, not once per request
+            failed.append(type(exc).__name__)
+            _say(f"cannot record gevent's server hop: {type(exc).__name__}: {exc}")
+
+    @functools.wraps(handle)
+    def handle_one_response(self: Any) -> Any:
+        if server_parent.get() is not None:
+            return handle(self)
+        if not _served:  # (gunicorn's wrap point wrapped its app already)
+            try:
+                self.application = _server_app(self.server, self.application)
+            except Exception as exc:  # the app runs untraced
+                report(exc)
+        try:
+            from .servers.gevent_pywsgi import close_span, open_span
+
+            opened = open_span(self)
+        except Exception as exc:  # tracing never fails a request
+            report(exc)
+            return handle(self)
+        try:
+            return handle(self)
+        finally:
+            try:
+                close_span(self, opened)
+            except Exception as exc:
+                report(exc)
+
+    @functools.wraps(finalize)
+    def finalize_headers(self: Any) -> Any:
+        result = self.result
+        own = _apps_own_result(result)
+        if own is result:
+            return finalize(self)
+        self.result = own
+        try:
+            return finalize(self)
+        finally:
+            self.result = result
+
+    handler_class.handle_one_response = handle_one_response
+    handler_class.finalize_headers = finalize_headers
+
+
 # -- frameworks, for servers without a hook ----------------------------------------------
 
 _MIDDLEWARE = "_hopscope_middleware"
@@ -587,6 +751,7 @@ def _patch_wsgi_call(cls: type) -> None:
             return call(self, environ, start_response)
         return _app_result(middleware(environ, start_response))
 
+    __call__.__hopscope_records__ = True  # type: ignore[attr-defined]
     cls.__call__ = __call__  # type: ignore[method-assign]
 
 
@@ -678,7 +843,7 @@ def _patch_django_test_client(module: ModuleType) -> None:
     status and headers as ``WSGIHandler`` sends them, and the content of a response the
     handler has in full (a streaming one is the client's to read later: its span ends
     without its body).  The client gets the handler's own response, or its exception,
-    even if recording failed.  (``AsyncClient``'s handler is not recorded.)
+    even if recording failed.  ``AsyncClient``'s handler: :func:`_patch_django_async_client`.
     """
     from .context import current
 
@@ -708,6 +873,86 @@ def _patch_django_test_client(module: ModuleType) -> None:
                 pass
             getattr(body, "close", _no_close)()
         except Exception:
+            if not responses:  # the handler's own exception
+                raise
+        return responses[0]
+
+    handler_class.__call__ = __call__
+    if hasattr(module, "AsyncClientHandler"):  # (Django 3.1 and later)
+        _patch_django_async_client(module)
+
+
+async def _ignore_send(message: Any) -> None:
+    pass
+
+
+def _django_asgi_headers(response: Any) -> list[tuple[bytes, bytes]]:
+    """The response's headers as Django's ``ASGIHandler`` sends them."""
+    headers = [(k.encode("ascii"), v.encode("latin-1")) for k, v in response.items()]
+    for cookie in response.cookies.values():
+        headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+    return headers
+
+
+def _patch_django_async_client(module: ModuleType) -> None:
+    """Django's ``AsyncClient`` calls its ``AsyncClientHandler`` with a scope alone and
+    awaits the ``HttpResponse``: not ASGI, so ``ASGIHandler``'s patch never sees those
+    requests.  Its call is recorded as an ASGI app's would be, as the sync handler's
+    is (:func:`_patch_django_test_client`): status and headers as ``ASGIHandler`` sends
+    them, the content of a response the handler has in full, and the request body the
+    client hands over in the scope (``_body_file``), read once and handed on in a new
+    payload of the same bytes.  The client gets the handler's own response, or its
+    exception, even if recording failed."""
+    from .context import current
+
+    handler_class = module.AsyncClientHandler
+    payload_class = module.FakePayload
+    call = handler_class.__call__
+
+    @functools.wraps(call)
+    async def __call__(self: Any, scope: Any) -> Any:
+        if _served or current.get() is not None:
+            return await call(self, scope)
+        from .asgi import ASGIMiddleware
+
+        called = False
+        responses: list[Any] = []
+        body = b""
+        payload = scope.get("_body_file")
+        if type(payload) is payload_class:
+            body = payload.read()
+            scope["_body_file"] = payload_class(body)
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            nonlocal called
+            if body:
+                await receive()  # (the span's request body: the handler reads the payload)
+            called = True
+            response = await call(self, scope)
+            responses.append(response)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": _django_asgi_headers(response),
+                }
+            )
+            content = b"" if response.streaming else response.content
+            await send({"type": "http.response.body", "body": content})
+
+        try:
+            await ASGIMiddleware(app)(scope, receive, _ignore_send)
+        except Exception:
+            if not called:  # the recording failed before the handler ran: run it as is
+                return await call(self, scope)
             if not responses:  # the handler's own exception
                 raise
         return responses[0]
@@ -964,6 +1209,8 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "gunicorn.app.wsgiapp": _patch_gunicorn,
     "hypercorn.utils": _patch_hypercorn,
     "werkzeug.serving": _patch_werkzeug,
+    "werkzeug.test": _patch_werkzeug_test,
+    "gevent.pywsgi": _patch_gevent_pywsgi,
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
@@ -1013,18 +1260,52 @@ class _PatchingLoader:
         return getattr(self._loader, name)
 
 
+#: Modules a command runs as ``__main__`` (``python -m bottle module:app``) -> the name
+#: their patch needs defined there: see :meth:`_PatchingFinder._watch_main`.
+_RUN_AS_MAIN = {"bottle": "Bottle"}
+
+
 class _PatchingFinder:
     """A ``sys.meta_path`` finder that only ever answers for the modules it patches."""
 
     def __init__(self, patches: dict[str, Callable[[ModuleType], None]]) -> None:
         self._patches = patches
+        self._main: str | None = None
+
+    def _watch_main(self, name: str) -> None:
+        """Patch ``__main__`` when it is the module ``name`` run by ``python -m``.
+
+        runpy looks the module up through ``sys.meta_path`` (this finder is asked for
+        it) but runs its code as ``__main__``, where its loader's ``exec_module`` never
+        runs, and Bottle then stands in for ``bottle`` itself in ``sys.modules``: the
+        import hook never sees it.  So, once asked for such a module, each later import
+        (Bottle's own, then the user's module that ``python -m bottle`` loads, before any
+        request) checks whether ``__main__`` runs that module and has defined what the
+        patch needs; then it is patched, once.  An ordinary import of the module ends
+        the watch.
+        """
+        main = sys.modules.get("__main__")
+        module = sys.modules.get(name)
+        if module is not None and module is not main:
+            self._main = None  # imported as itself: its loader patched it
+            return
+        spec = getattr(main, "__spec__", None)
+        if main is None or getattr(spec, "name", None) != name:
+            return
+        if isinstance(getattr(main, _RUN_AS_MAIN[name], None), type):
+            self._main = None
+            _apply(self._patches[name], main)
 
     def find_spec(
         self, fullname: str, path: Any = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
+        if self._main is not None:
+            self._watch_main(self._main)
         patch = self._patches.get(fullname)
         if patch is None:
             return None
+        if fullname in _RUN_AS_MAIN and fullname not in sys.modules:
+            self._main = fullname
         for finder in sys.meta_path:
             if finder is self:
                 continue

@@ -38,6 +38,7 @@ TRIGGERS = frozenset(
         "django",
         "falcon",
         "flask",
+        "gevent",
         "gunicorn",
         "hypercorn",
         "litestar",
