@@ -12,6 +12,7 @@ server span: requests there have their app span, as under waitress.)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -152,3 +153,51 @@ def test_uwsgi_answers_byte_for_byte_as_bare(tmp_path: Path, runs: Callable[...,
     assert traces["/echo"].root.attrs["http.request.body.size"] == 300_000
     assert traces["/boom"].status == 500 and traces["/boom"].error
     assert traces["/nothing"].status == 404
+
+
+GEVENT_LATE = """
+import json, sys, threading
+import hopscope.tracing.wsgi  # imported before gevent patches threading, as an app may
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from gevent.pywsgi import WSGIServer
+from hopscope.tracing import MemorySink, wrap
+
+def app(environ, start_response):
+    gevent.sleep(0.3)  # both requests run at once, each in its greenlet
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(threading.get_ident()).encode()]
+
+sink = MemorySink()
+server = WSGIServer(("127.0.0.1", 0), wrap(app, sink=sink), log=None)
+server.start()
+import urllib.request
+def get():
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/").read().decode()
+jobs = [gevent.spawn(get) for _ in range(2)]
+gevent.joinall(jobs, timeout=10)
+server.stop()
+answered = [int(job.value) for job in jobs]
+recorded = [t.root.attrs["thread.id"] for t in sink.traces()]
+print(json.dumps({"answered": answered, "recorded": recorded}))
+"""
+
+
+def test_gevent_greenlets_keep_their_own_thread_id(tmp_path: Path) -> None:
+    """``wrap(app)`` under gevent's own server, hopscope imported before gevent patched
+    threading.  Each request is a greenlet: its app span's ``thread.id`` is the one the
+    app sees (the middleware's lookup was bound at import: two concurrent requests showed
+    one OS thread).  And the app's list comes out whole: gevent goes through a list
+    twice (it adds up its length first), and the wrapped list could be gone through once
+    (the body came out empty)."""
+    pytest.importorskip("gevent")
+    script = tmp_path / "late.py"
+    script.write_text(GEVENT_LATE)
+    out = subprocess.run(
+        [os.path.join(BIN, "python"), str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(set(seen["answered"])) == 2, seen
+    assert sorted(seen["recorded"]) == sorted(seen["answered"]), seen

@@ -51,7 +51,6 @@ __all__ = ["WSGIMiddleware"]
 EVENT_CHUNKS = 4
 
 _now = time.time_ns
-_get_ident = threading.get_ident
 #: ``tuple.__new__(SpanContext, fields)`` skips the named tuple's Python-level ``__new__``.
 _context = tuple.__new__
 
@@ -642,6 +641,12 @@ class _Body:
             # Stepping through a list runs no app code: no context to set for it.
             context = None if type(result) in _PLAIN else self._context
             chunks = self._chunks = _pass_chunks(result, self._exchange, context)
+        elif type(self._result) in _PLAIN:
+            # A list may be gone through twice: gevent's server adds up a list's length
+            # when it writes the first chunk, in the middle of sending it.  The pass that
+            # began first counts it; any other gets the list itself, as the server would
+            # without hopscope (an app's own iterable is single-pass either way).
+            return iter(self._result)
         return chunks
 
     def __next__(self) -> bytes:
@@ -799,7 +804,9 @@ class WSGIMiddleware:
                 else:
                     exchange.trace_id, exchange.parent_id = parent
         exchange.span_id = span_id = _getrandbits(64) or 1  # records.new_span_id
-        exchange.thread_id = _get_ident()
+        # Looked up per request, not bound at import: gevent patches it (a greenlet's id)
+        # after hopscope may have been imported (gunicorn -k gevent, the bootstrap).
+        exchange.thread_id = threading.get_ident()
         # The request's fields and header keys and values, picked out now: what the app
         # does to the environ later does not show, and no copy of it is kept (a header
         # plan makes the headers one lookup for a kind of environ the server already
