@@ -45,6 +45,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture
+def hop_sink(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A MemorySink as the process default sink: the server hooks (uvicorn's protocol
+    classes, gunicorn's hooks) record through it, as they find no sink of their own."""
+    from hopscope.tracing import MemorySink, sinks
+
+    sink = MemorySink()
+    monkeypatch.setattr(sinks, "_default", sink)
+    return sink
+
+
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """``free_port()``: a port nothing listens on right now (for "collector absent");

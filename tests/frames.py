@@ -1,4 +1,5 @@
-"""What the SocketSink tests share: a frame reader, and a collector in a process.
+"""What the SocketSink tests share: a frame reader, a collector in a process, and a way
+to fill a connection until frames wait in the sink.
 
 The wire: :data:`~hopscope.tracing.sinks.WIRE_MAGIC`, then frames, each a 4-byte
 big-endian length and a marshalled batch (:func:`~hopscope.tracing.sinks.decode_frame`).
@@ -10,13 +11,14 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
 from hopscope.tracing.records import Record
-from hopscope.tracing.sinks import decode_frame
+from hopscope.tracing.sinks import SocketSink, decode_frame
 
-__all__ = ["ProcessCollector", "read_frames"]
+__all__ = ["FILL_LIMIT", "PAD", "ProcessCollector", "fill", "read_frames", "record"]
 
 
 def read_frames(file: IO[bytes]) -> Iterator[tuple[dict[str, Any], int, list[Record]]]:
@@ -115,3 +117,29 @@ class ProcessCollector:
         """(``read``) What it read once the connection ended."""
         out, _ = self.proc.communicate(timeout=30)
         return dict(json.loads(out))
+
+
+#: Records before the socket's buffers are full, at most (some 80 MB): a bound only.
+FILL_LIMIT = 20_000
+PAD = "x" * 4000
+
+
+def record(n: int, pad: str = "") -> tuple[Any, ...]:
+    """A point record numbered ``n`` (padded, to fill buffers sooner)."""
+    return ("p", n, 1, 1, "tick", {"pad": pad} if pad else None)
+
+
+def fill(sink: SocketSink) -> int:
+    """Emit until frames wait in ``sink`` (made with ``flush_at=1``, its collector reading
+    nothing): each record sends the one before it, as a frame of its own.  How many."""
+    sink.emit(record(0))
+    deadline = time.monotonic() + 10
+    while sink.connects == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.connects == 1
+    emitted = 1
+    while not sink._pending and emitted < FILL_LIMIT:
+        sink.emit(record(emitted, PAD))
+        emitted += 1
+    assert sink._pending, "the socket never filled up"
+    return emitted

@@ -203,16 +203,6 @@ async def _fails_mid_stream(request: Request) -> StreamingResponse:
     return StreamingResponse(parts(), media_type="text/plain")
 
 
-@pytest.fixture
-def hop_sink(monkeypatch: pytest.MonkeyPatch) -> MemorySink:
-    """The protocol classes record through the process default sink: point it at memory."""
-    from hopscope.tracing import sinks
-
-    sink = MemorySink()
-    monkeypatch.setattr(sinks, "_default", sink)
-    return sink
-
-
 @contextlib.contextmanager
 def _uvicorn(app: Any, protocol: type) -> Iterator[int]:
     sock = socket.socket()

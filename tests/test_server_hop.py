@@ -80,16 +80,6 @@ def _serve(app: Any, protocol: type) -> Iterator[str]:
         sock.close()
 
 
-@pytest.fixture
-def hop_sink(monkeypatch: pytest.MonkeyPatch) -> MemorySink:
-    """The protocol records through the process default sink: point it at memory."""
-    from hopscope.tracing import sinks
-
-    sink = MemorySink()
-    monkeypatch.setattr(sinks, "_default", sink)
-    return sink
-
-
 @pytest.mark.parametrize("protocol", [HttpToolsProtocol, H11Protocol])
 def test_server_span_wraps_the_app_span(protocol: type, hop_sink: MemorySink) -> None:
     with _serve(_app(hop_sink), protocol) as base, httpx.Client(base_url=base) as client:

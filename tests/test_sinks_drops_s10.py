@@ -20,45 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from frames import ProcessCollector, read_frames
+from frames import ProcessCollector, fill, read_frames, record
 from hopscope.tracing import MemorySink, SocketSink
 from hopscope.tracing.sinks import WIRE_MAGIC, Recording
 
-#: Records before the socket's buffers are full, at most (some 80 MB): a bound only.
-FILL_LIMIT = 20_000
 #: Queued records at most: a small queue, so that a send in progress makes drops.
 MAX_QUEUE = 64
-PAD = "x" * 4000
-
-
-def _record(n: int, pad: str = "") -> tuple[Any, ...]:
-    return ("p", n, 1, 1, "tick", {"pad": pad} if pad else None)
 
 
 def _frames_wait_with_drops(sink: SocketSink) -> int:
     """Fill the socket (the collector reads nothing) until frames wait in the sink, then
     drop records while a send is in progress, so that the next frame, which waits too,
     reports drops.  How many records were emitted."""
-    sink.emit(_record(0))
-    deadline = time.monotonic() + 10
-    while sink.connects == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sink.connects == 1
-    emitted = 1
-    # flush_at=1: each record sends the one before it, as a frame of its own.
-    while not sink._pending and emitted < FILL_LIMIT:
-        sink.emit(_record(emitted, PAD))
-        emitted += 1
-    assert sink._pending, "the socket never filled up"
+    emitted = fill(sink)
     # A send in progress (another thread's, whose socket is full): a request never waits
     # for it, so past a full queue its records are dropped.
     with sink._drain_lock:
         for _ in range(MAX_QUEUE + 10):
-            sink.emit(_record(emitted))
+            sink.emit(record(emitted))
             emitted += 1
     drops = sink.dropped
     assert drops >= 10
-    sink.emit(_record(emitted))  # sends the queue: a frame that reports those drops
+    sink.emit(record(emitted))  # sends the queue: a frame that reports those drops
     emitted += 1
     assert len(sink._pending) >= 2 and sink.dropped == drops
     return emitted
@@ -85,7 +68,7 @@ def test_drops_reported_by_frames_lost_with_a_killed_collector_reach_the_next(
         first.kill()
         second = ProcessCollector("read", first.where)
         if resume == "emit-then-flush":
-            sink.emit(_record(emitted))  # a request finds the connection gone
+            sink.emit(record(emitted))  # a request finds the connection gone
             emitted += 1
         sink.flush(10)
         assert sink.connects == 2
@@ -159,7 +142,7 @@ def test_a_send_that_fails_counts_each_dropped_record_once() -> None:
     collector = _KeepOpen()
     sink = SocketSink(collector.url, interval=60)  # sends at flush() only
     try:
-        sink.emit(_record(0))
+        sink.emit(record(0))
         collector.wait(lambda: sink.connects == 1)
         sink.flush(5)
         collector.wait(lambda: collector.ids == [0])
@@ -169,8 +152,8 @@ def test_a_send_that_fails_counts_each_dropped_record_once() -> None:
         sink._sock.shutdown(socket.SHUT_WR)
         collector.wait(lambda: collector.ended == 1)
         sink.emit(object())  # no record at all: marshal refuses it, and its repr fallback
-        sink.emit(_record(1))
-        sink.emit(_record(2))
+        sink.emit(record(1))
+        sink.emit(record(2))
         sink.flush(5)
         assert sink.connects == 2
     finally:
@@ -202,9 +185,9 @@ def test_memory_sink_records_leave_out_and_count_a_request_that_cannot_be_record
     """``records()`` raised (and so ``events()`` and ``traces()``) for every request
     when one of them could not be recorded; that one is left out and counted now."""
     sink = MemorySink()
-    sink.emit(_record(1))
+    sink.emit(record(1))
     assert sink.start_live(_Unrecordable(sink))
-    sink.emit(_record(2))
+    sink.emit(record(2))
     assert [record[1] for record in sink.records()] == [1, 2]
     assert sink.dropped == 1
     assert [record[1] for record in sink.records()] == [1, 2]

@@ -16,12 +16,11 @@ import math
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from frames import ProcessCollector
+from frames import PAD, ProcessCollector, fill, record
 from hopscope.tracing import FileSink, SocketSink, load
 from hopscope.tracing.tracefile import (
     SummarisedTrace,
@@ -31,27 +30,6 @@ from hopscope.tracing.tracefile import (
 )
 
 #: Records before the socket's buffers are full, at most (some 80 MB): a bound only.
-FILL_LIMIT = 20_000
-PAD = "x" * 4000
-
-
-def _record(n: int, pad: str = "") -> tuple[Any, ...]:
-    return ("p", n, 1, 1, "tick", {"pad": pad} if pad else None)
-
-
-def _fill(sink: SocketSink) -> int:
-    """Emit until frames wait in the sink (the collector reads nothing); how many."""
-    sink.emit(_record(0))
-    deadline = time.monotonic() + 10
-    while sink.connects == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sink.connects == 1
-    emitted = 1
-    while not sink._pending and emitted < FILL_LIMIT:  # flush_at=1: a frame a record
-        sink.emit(_record(emitted, PAD))
-        emitted += 1
-    assert sink._pending, "the socket never filled up"
-    return emitted
 
 
 def _where(family: str, short_dir: Path) -> str:
@@ -72,9 +50,9 @@ def test_frames_still_waiting_when_close_gives_up_are_counted_as_dropped(
     collector = ProcessCollector("hold", _where("unix", short_dir))
     sink = SocketSink(collector.url, interval=60, flush_at=1)
     try:
-        emitted = _fill(sink)
+        emitted = fill(sink)
         for _ in range(50):  # past what the socket's buffers hold: these wait
-            sink.emit(_record(emitted, PAD))
+            sink.emit(record(emitted, PAD))
             emitted += 1
         sink.close()  # gives up after its 5 s: the collector still reads nothing
         report = collector.report()  # reads what the kernel took, to the end
@@ -97,11 +75,11 @@ def test_records_queued_when_the_collector_is_gone_at_close_are_counted(
     collector = ProcessCollector("hold", _where(family, short_dir))
     sink = SocketSink(collector.url, interval=60, flush_at=1, max_queue=1000)
     try:
-        emitted = _fill(sink)
+        emitted = fill(sink)
         report = collector.report()
         collector.kill()
         for _ in range(20):  # the first finds the connection gone; the rest wait
-            sink.emit(_record(emitted))
+            sink.emit(record(emitted))
             emitted += 1
         assert len(sink._queue) >= 19
         sink.close()

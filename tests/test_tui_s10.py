@@ -64,16 +64,6 @@ def no_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 # -- 1. a running stream's status ---------------------------------------------------------
 
 
-@pytest.fixture
-def hop_sink(monkeypatch: pytest.MonkeyPatch) -> MemorySink:
-    """The server hop records through the process default sink: point it at memory."""
-    from hopscope.tracing import sinks
-
-    sink = MemorySink()
-    monkeypatch.setattr(sinks, "_default", sink)
-    return sink
-
-
 @contextlib.contextmanager
 def streaming(sink: MemorySink) -> Iterator[list[Event]]:
     """A real SSE stream under uvicorn (server hop) and the wrapped app (app hop), held

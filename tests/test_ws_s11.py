@@ -56,16 +56,6 @@ def _app(sink: MemorySink) -> Any:
     return wrap(Starlette(routes=routes), sink=sink)
 
 
-@pytest.fixture
-def hop_sink(monkeypatch: pytest.MonkeyPatch) -> MemorySink:
-    """The protocols record through the process default sink: point it at memory."""
-    from hopscope.tracing import sinks
-
-    sink = MemorySink()
-    monkeypatch.setattr(sinks, "_default", sink)
-    return sink
-
-
 def _impl(name: str) -> Any:
     if name == "wsproto":
         pytest.importorskip("wsproto")

@@ -58,16 +58,6 @@ def _app(sink: MemorySink) -> Any:
     return wrap(Starlette(routes=routes), sink=sink)
 
 
-@pytest.fixture
-def hop_sink(monkeypatch: pytest.MonkeyPatch) -> MemorySink:
-    """The protocols record through the process default sink: point it at memory."""
-    from hopscope.tracing import sinks
-
-    sink = MemorySink()
-    monkeypatch.setattr(sinks, "_default", sink)
-    return sink
-
-
 @pytest.fixture(params=IMPLEMENTATIONS)
 def served(request: pytest.FixtureRequest, hop_sink: MemorySink) -> Iterator[str]:
     """The app under uvicorn with hopscope's HTTP protocol and ``--ws`` the param, traced;

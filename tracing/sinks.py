@@ -919,17 +919,20 @@ class SocketSink(_BatchingSink):
                     sent = 0
         return True
 
+    def _drop_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
     def _failed(self) -> None:
         """The connection failed: what is pending never arrives whole (the collector
         throws away a frame cut short), so its records are counted as dropped and the
         drops its frames reported go with the first frame on the next connection.  A
         frame the socket took whole is the kernel's: it is not counted again."""
-        if self._sock is not None:
-            try:
-                self._sock.close()
-            except OSError:
-                pass
-            self._sock = None
+        self._drop_socket()
         records = reported = 0
         for _, count, carried in self._pending:
             records += count
@@ -1061,12 +1064,7 @@ class SocketSink(_BatchingSink):
         # under way (one that starts now finds the sink closed).
         locked = self._drain_lock.acquire(timeout=2.0)
         try:
-            if self._sock is not None:
-                try:
-                    self._sock.close()
-                except OSError:
-                    pass
-                self._sock = None
+            self._drop_socket()
             if locked:
                 self._abandon()
         finally:
