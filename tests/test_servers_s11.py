@@ -17,46 +17,15 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 from hopscope.tracing import load
 from test_run import BIN, Run, _check_traces, _env, _free_port, _requests
+from test_servers_more_s11 import APP, _exchanges, _serving
 
 pytestmark = pytest.mark.timeout(120)
-
-APP = """
-import os
-
-from flask import Flask, Response, request, send_file
-
-app = Flask(__name__)
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@app.get("/stream")
-def stream():
-    count = int(request.args.get("n", "3"))
-    return Response((f"chunk {i}\\n".encode() * 100 for i in range(count)), mimetype="text/plain")
-
-
-@app.get("/file")
-def file():
-    return send_file(os.path.join(HERE, "blob.bin"), mimetype="application/octet-stream")
-
-
-@app.post("/echo")
-def echo():
-    return request.get_data()
-
-
-@app.get("/boom")
-def boom():
-    raise RuntimeError("boom under uwsgi")
-"""
 
 
 def _uwsgi() -> str:
@@ -90,37 +59,6 @@ def test_uwsgi_workers_are_each_traced(
     traces = _check_traces(run, pids, server=False, statuses=(0, -signal.SIGINT, 1, 30))
     assert {t.route for t in traces if t.route} == {"/pid"}
     assert all(t.root is not None and t.root.attrs.get("interface") == "wsgi" for t in traces)
-
-
-def _exchanges(base: str) -> list[tuple[int, list[tuple[str, str]], bytes]]:
-    """What a client gets from the app: status, headers but Date, body bytes."""
-    got = []
-    # (uWSGI's HTTP router closes each connection: one per request.)
-    limits = httpx.Limits(max_keepalive_connections=0)
-    with httpx.Client(base_url=base, timeout=10, limits=limits) as client:
-        for method, path, body in (
-            ("GET", "/stream?n=50", None),
-            ("GET", "/file", None),
-            ("POST", "/echo", b"x" * 300_000),
-            ("GET", "/boom", None),
-            ("GET", "/nothing", None),
-        ):
-            response = client.request(method, path, content=body)
-            headers = [(k, v) for k, v in response.headers.multi_items() if k != "date"]
-            got.append((response.status_code, headers, response.content))
-    return got
-
-
-def _serving(base: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "uwsgi exited"
-        try:
-            httpx.get(base + "/nothing", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("uwsgi did not answer")
 
 
 def test_uwsgi_answers_byte_for_byte_as_bare(tmp_path: Path, runs: Callable[..., Run]) -> None:

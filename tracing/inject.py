@@ -11,7 +11,8 @@ Two kinds of wrap points, as checked in the server-hooks notes:
 
 * The server's: where a server gets the app it will call (uvicorn ``Config.load``,
   gunicorn ``WSGIApplication.load_wsgiapp``, hypercorn ``utils.wrap_app``, Werkzeug
-  ``run_simple``, gevent's ``WSGIHandler`` per request), and Werkzeug's test
+  ``run_simple``, gevent's ``WSGIHandler`` per request, waitress ``create_server``,
+  cheroot's WSGI ``Server``, mod_wsgi-express's ``ApplicationHandler``), and Werkzeug's test
   ``run_wsgi_app`` (its ``Client``'s, for plain Werkzeug apps).  The app is wrapped with
   :func:`hopscope.tracing.wrap`, unless the user's code wraps it already,
   maybe under middleware of their own (:func:`hopscope.tracing.wrap.is_traced`), and the
@@ -19,7 +20,7 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   gunicorn's request hooks (chained to the user's, never replacing them), gevent's
   ``handle_one_response`` (gunicorn's ``-k gevent_pywsgi`` runs no request hooks).
 * The framework's, for servers without a hook (Django's ``runserver``,
-  waitress, granian, daphne) and test clients that call the app directly:
+  granian, daphne, uWSGI) and test clients that call the app directly:
   ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` (and its test clients'
   ``ClientHandler`` and ``AsyncClientHandler``), ``Starlette.__call__``
   (FastAPI's ends in Starlette's) and ``Quart.__call__``; likewise Litestar's, Falcon's
@@ -524,6 +525,82 @@ def _patch_werkzeug_test(module: ModuleType) -> None:
     client_class.run_wsgi_app = patched_client_run
     # Looked up as a module global when called (Client.run_wsgi_app calls it).
     module.__dict__["run_wsgi_app"] = patched_run_wsgi_app
+
+
+# -- waitress, cheroot, mod_wsgi-express -------------------------------------------------
+
+
+def _wrap_wsgi(app: Any, what: str) -> Any:
+    """``app`` wrapped for a WSGI server's wrap point, as ``run_simple``'s is: each of its
+    requests runs in the middleware's context on the thread serving it, so the framework
+    patches stand aside without :data:`_served`, which stays as it was (a test suite that
+    starts a waitress keeps its test clients traced).  Anything but a callable is handed
+    on untouched, for the server to say what is wrong with it."""
+    global _served
+    if not callable(app):
+        return app
+    served = _served
+    wrapped = _wrap(app, what, "wsgi")
+    _served = served
+    return wrapped
+
+
+def _patch_waitress(module: ModuleType) -> None:
+    """waitress's ``create_server``: ``waitress-serve``, ``waitress.serve`` (and so
+    ``pserve``'s ``egg:waitress``) and direct calls all hand the app to it.  Without it
+    only apps of a patched framework were recorded: a plain WSGI app not at all, without a
+    word.  (``waitress/__init__`` imports the name when this module has run: patched.)"""
+    create_server = module.create_server
+
+    @functools.wraps(create_server)
+    def patched_create_server(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            args = (_wrap_wsgi(args[0], _describe(args[0])), *args[1:])
+        elif "application" in kwargs:
+            kwargs["application"] = _wrap_wsgi(kwargs["application"], "the app")
+        return create_server(*args, **kwargs)
+
+    module.__dict__["create_server"] = patched_create_server
+
+
+def _patch_cheroot(module: ModuleType) -> None:
+    """cheroot's WSGI ``Server`` (``python -m cheroot``, CherryPy's own server, direct
+    use): the app it was made with, kept as ``wsgi_app``, which its gateway calls."""
+    server_class = module.Server
+    init = server_class.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        app = self.__dict__.get("wsgi_app")
+        if app is not None:
+            self.wsgi_app = _wrap_wsgi(app, _describe(app))
+
+    server_class.__init__ = __init__
+
+
+def _patch_mod_wsgi_express(module: ModuleType) -> None:
+    """mod_wsgi-express's ``ApplicationHandler``, which loads the app (a ``.wsgi`` script,
+    a module or a Paste config) in each of Apache's Python processes and calls it for
+    every request.  mod_wsgi itself (C) loads it by no Python hook: without this, only
+    apps of a patched framework were recorded, and the plain ``application`` function of
+    mod_wsgi's own examples not at all.  The app is wrapped as the handler calls it,
+    after its mount-point fixes to the environ.  (``mod_wsgi.express.runtime`` from
+    mod_wsgi 6, ``mod_wsgi.server`` before; mod_wsgi 6's ``mod_wsgi.server`` holds only
+    the Apache module, and is left alone.)"""
+    handler_class: Any = module.__dict__.get("ApplicationHandler")
+    if handler_class is None:
+        return
+    init = handler_class.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)  # (a load failure: mod_wsgi logs it, as bare)
+        app = self.__dict__.get("application")  # (none when it serves static files)
+        if app is not None:
+            self.application = _wrap_wsgi(app, _describe(app))
+
+    handler_class.__init__ = __init__
 
 
 # -- gevent ------------------------------------------------------------------------------
@@ -1211,6 +1288,10 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "werkzeug.serving": _patch_werkzeug,
     "werkzeug.test": _patch_werkzeug_test,
     "gevent.pywsgi": _patch_gevent_pywsgi,
+    "waitress.server": _patch_waitress,
+    "cheroot.wsgi": _patch_cheroot,
+    "mod_wsgi.express.runtime": _patch_mod_wsgi_express,
+    "mod_wsgi.server": _patch_mod_wsgi_express,
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,

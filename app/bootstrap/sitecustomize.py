@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 TRIGGERS = frozenset(
     {
         "bottle",
+        "cheroot",
         "django",
         "falcon",
         "flask",
@@ -42,11 +43,13 @@ TRIGGERS = frozenset(
         "gunicorn",
         "hypercorn",
         "litestar",
+        "mod_wsgi",
         "pyramid",
         "quart",
         "sanic",
         "starlette",
         "uvicorn",
+        "waitress",
         "werkzeug",
     }
 )
