@@ -3,14 +3,15 @@
 hopscope's middleware must not change what an app does.  The frameworks' own suites are
 the widest check of that there is: their test clients call the app the way hopscope's
 framework patches see it (``Flask.__call__``, Django's handlers, ``Starlette.__call__``,
-which FastAPI's ends in, ``Quart.__call__``; Django's test ``Client`` through its
-``ClientHandler``), uvicorn's run its real server through hopscope's wrap point and
-protocol classes, Werkzeug's its development server (``run_simple``, in subprocesses:
-see ``resets_pythonpath``), and they assert bytes, headers, streaming,
-exceptions and warnings-as-errors.  Each suite runs twice in the same virtualenv, once bare and once
-under ``hopscope run --headless``, and every test whose outcome differs is listed: each
-one is a hopscope bug, or a test that asserts something no middleware can keep, listed
-with the reason in :data:`EXPECTED`.
+which FastAPI's ends in, ``Quart.__call__``, ``Bottle.__call__``; Django's test
+``Client`` and ``AsyncClient`` through their handlers, Werkzeug's test ``Client``
+through ``run_wsgi_app``), uvicorn's run its real server (h11, httptools and zttp)
+through hopscope's wrap point and protocol classes, Werkzeug's its development server
+(``run_simple``, in subprocesses: see ``resets_pythonpath``), and they assert bytes,
+headers, streaming, exceptions, logging and warnings-as-errors.  Each suite runs twice
+in the same virtualenv, once bare and once under ``hopscope run --headless``, and every
+test whose outcome differs is listed: each one is a hopscope bug, or a test that asserts
+something no middleware can keep, listed with the reason in :data:`EXPECTED`.
 
 Not part of the test run (it downloads sdists and builds virtualenvs; a few minutes)::
 
@@ -95,6 +96,22 @@ DJANGO_LABELS = (
     "messages_tests",
     "decorators",
     "urlpatterns_reverse",
+    # Views that raise, which Django logs at ERROR and answers with a 500 (hopscope then
+    # records the logged exception as the request's error), async views, and the apps
+    # whose tests make the most test-client requests (the admin's, auth's views).
+    "logging_tests",
+    "async",
+    "test_utils",
+    "auth_tests",
+    "admin_views",
+    "admin_docs",
+    "i18n",
+    "redirects_tests",
+    "flatpages_tests",
+    "shortcuts",
+    "context_processors",
+    "sitemaps_tests",
+    "syndication_tests",
 )
 
 SUITES: dict[str, Suite] = {
@@ -191,10 +208,22 @@ SUITES: dict[str, Suite] = {
             "httpx2",
             "a2wsgi",
             "wsproto",
+            # Its third HTTP implementation (--http zttp): without it, 302 tests skip.
+            "zttp",
+            # Registers the ``benchmark`` marker its tests/benchmarks need to be collected.
+            "pytest-codspeed",
         ),
         # Its addopts ask for 8 workers; the server wrap point (Config.load) is what runs.
         args=("tests", "-n", "2"),
         extras=("standard",),
+    ),
+    "bottle": Suite(
+        dist="bottle",
+        pin="0.13.4",
+        # Its tests call the app as a server would: ``Bottle.__call__``, which hopscope
+        # records (its sdist has no tests of its server adapters).
+        requirements=("pytest", "pytest-timeout"),
+        args=("test", "--timeout", "120"),
     ),
     "quart": Suite(
         dist="quart",
@@ -277,6 +306,10 @@ EXPECTED: dict[str, dict[str, str]] = {
             "context (tracing.context.current) is one, and not JSON"
         ),
         "tests.test_server::test_reset_contextvars_asyncio[httptools]": (
+            "the app JSON-encodes every context variable it sees; hopscope's request "
+            "context (tracing.context.current) is one, and not JSON"
+        ),
+        "tests.test_server::test_reset_contextvars_asyncio[zttp]": (
             "the app JSON-encodes every context variable it sees; hopscope's request "
             "context (tracing.context.current) is one, and not JSON"
         ),

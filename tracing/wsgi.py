@@ -377,7 +377,7 @@ class _Exchange(Recording):
         "header_keys",
         "input",
         "limit",
-        "logged",
+        "logged_event",
         "original_close",
         "response",
         "response_headers",
@@ -396,8 +396,9 @@ class _Exchange(Recording):
     header_keys: tuple[str, ...]
     input: _Input | None
     limit: int
-    #: The first exception the app logged at ERROR while it answered (see logs).
-    logged: Exception | None
+    #: What :attr:`logged` keeps of the first exception the app logged at ERROR while it
+    #: answered: its type's name and its event, not the exception (see logged).
+    logged_event: tuple[str, Any] | None
     original_close: Callable[[], object] | None
     response: _Flow | None
     response_headers: tuple[tuple[str, str], ...] | None
@@ -406,6 +407,24 @@ class _Exchange(Recording):
 
     # No ``__init__``: WSGIMiddleware.__call__ fills the slots in itself (a Python
     # ``__init__`` behind a type call costs a request more than all its stores).
+
+    @property
+    def logged(self) -> object | None:
+        """Set by :mod:`~hopscope.tracing.logs` to the first exception the app logged at
+        ERROR while it answered.  Its event is made now, and the exception not kept: its
+        traceback holds the app's frames, which bare are freed once the app answered, and
+        a response nobody closes (Werkzeug's test ``Client`` closes one only when the
+        test does) never ends its recording, which the sink keeps."""
+        return self.logged_event
+
+    @logged.setter
+    def logged(self, exc: Exception) -> None:
+        if self.logged_event is None:
+            self.logged_event = (
+                type(exc).__qualname__,
+                exception_event(self.trace_id, self.span_id, exc, phase="before_response"),
+            )
+
     def context(self) -> SpanContext:
         """The request's context.  Made when needed, not kept: the exchange is its sink,
         and a reference back would be a cycle only the garbage collector can free."""
@@ -540,7 +559,7 @@ class _Exchange(Recording):
         if self.end_at >= 0:
             return
         ts = _now()
-        if self.logged is not None:
+        if self.logged_event is not None:
             self._logged_error()
         route = self.route
         if route is None:
@@ -589,12 +608,13 @@ class _Exchange(Recording):
     def _logged_error(self) -> None:
         """A 5xx the app answered after it logged an exception it caught (Flask's and
         Django's 500 for a view that raised): that exception is the request's error,
-        recorded as if raised.  Let go of it either way (its traceback holds the app's
-        frames, which the app expects freed once it answered)."""
-        exc, self.logged = self.logged, None
+        recorded as if raised (its event, made when it was logged: see logged)."""
+        logged, self.logged_event = self.logged_event, None
         status = self.status
-        if self.error is None and type(status) is int and status >= 500 and exc is not None:
-            self.error_page((type(exc), exc, exc.__traceback__))
+        if self.error is None and type(status) is int and status >= 500 and logged is not None:
+            name, event = logged
+            self.items.append(("p", _now(), *event[2:]))  # (at this time, as error_page)
+            self.error = name
 
     def _summary(self, ts: int, name: str, flow: _Flow) -> None:
         attrs = {
@@ -829,7 +849,7 @@ class WSGIMiddleware:
             exchange.end_at, exchange.done, exchange._state, exchange.input,
             exchange.response, exchange.status, exchange.response_headers, exchange.error,
             exchange.route, exchange.exhausted, exchange.disconnect, exchange.file_wrapper,
-            exchange.logged,
+            exchange.logged_event,
         ) = (
             -1, False, -1, None, None, None, None, None, None, False, False, False, None
         )  # fmt: skip
