@@ -694,6 +694,23 @@ class _Body:
                 exchange.disconnected()
             exchange.finish()
 
+    def __del__(self) -> None:
+        # Dropped without close(): Werkzeug's test Client (Flask's too) closes a response
+        # only when the test does, and a test that never does left its request running
+        # for ever.  It ends here, where the client let it go (a body not read to its end
+        # as a client that left).  The app's own close is not called: bare, it is not.
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            exchange = self._exchange
+        except AttributeError:  # made but never filled in: nothing began
+            return
+        if exchange.end_at < 0:
+            if not exchange.exhausted and exchange.error is None:
+                exchange.disconnected()
+            exchange.finish()
+
 
 def _pass_chunks(
     result: Iterable[bytes], exchange: _Exchange, context: SpanContext | None
