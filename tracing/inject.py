@@ -18,9 +18,12 @@ Two kinds of wrap points, as checked in the server-hooks notes:
   maybe under middleware of their own (:func:`hopscope.tracing.wrap.is_traced`), and the
   server hop is added where the server allows it: hopscope's uvicorn protocol classes,
   gunicorn's request hooks (chained to the user's, never replacing them), gevent's
-  ``handle_one_response`` (gunicorn's ``-k gevent_pywsgi`` runs no request hooks).
+  ``handle_one_response`` (gunicorn's ``-k gevent_pywsgi`` runs no request hooks),
+  mod_wsgi's own time stamps in the environ (:mod:`hopscope.tracing.servers.mod_wsgi`).
+  uWSGI takes the callable from C: the module its options name is patched once it has
+  run (``--module``), or the file it runs is watched to its return (``--wsgi-file``).
 * The framework's, for servers without a hook (Django's ``runserver``,
-  granian, daphne, uWSGI) and test clients that call the app directly:
+  granian, daphne, uWSGI for framework apps) and test clients that call the app directly:
   ``Flask.__call__``, Django's ``WSGIHandler``/``ASGIHandler`` (and its test clients'
   ``ClientHandler`` and ``AsyncClientHandler``), ``Starlette.__call__``
   (FastAPI's ends in Starlette's) and ``Quart.__call__``; likewise Litestar's, Falcon's
@@ -1269,6 +1272,230 @@ def _patch_sanic(module: ModuleType) -> None:
     _patch_asgi_call(sanic_class)  # its ASGI app, under an ASGI server without a hook
 
 
+# -- mod_wsgi's server hop, uWSGI's apps of no framework (session 11b) ------------------
+# (Kept apart: the two PATCHES entries of mod_wsgi-express name _patch_mod_wsgi_hop, and
+# the uWSGI entries are added after PATCHES, from uWSGI's own options.)
+
+
+def _patch_mod_wsgi_hop(module: ModuleType) -> None:
+    """mod_wsgi-express's ``ApplicationHandler`` as :func:`_patch_mod_wsgi_express` makes
+    it, plus the server hop: the app it wrapped is called inside a ``server`` span made
+    from mod_wsgi's own stamps in the environ (and a ``queue`` span for the wait for a
+    daemon process), :class:`hopscope.tracing.servers.mod_wsgi.ServerHop`.  Its app
+    span, opened inside, is the server span's child."""
+    _patch_mod_wsgi_express(module)
+    handler_class: Any = module.__dict__.get("ApplicationHandler")
+    if handler_class is None:
+        return
+    init = handler_class.__init__
+    failed: list[str] = []
+
+    def report(exc: Exception) -> None:
+        if not failed:  # once per process, not once per request
+            failed.append(type(exc).__name__)
+            _say(f"cannot record mod_wsgi's server hop: {type(exc).__name__}: {exc}")
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        app = self.__dict__.get("application")
+        if app is not None and callable(app):
+            try:
+                from .servers.mod_wsgi import ServerHop
+
+                self.application = ServerHop(app, report)
+            except Exception as exc:  # the app span is recorded all the same
+                report(exc)
+
+    handler_class.__init__ = __init__
+
+
+#: uWSGI's ways to load a WSGI app that hopscope does not reach: they take the callable
+#: from C, right after running code of their own (``--wsgi-file``: :func:`_uwsgi_watch_file`).
+_UWSGI_UNREACHABLE = ("eval", "paste", "pecan")
+
+
+def _uwsgi_options(opt: dict[str, Any], name: str) -> list[str]:
+    """An option's values as text (uWSGI keeps bytes, a list when given more than once)."""
+    value = opt.get(name)
+    values = value if isinstance(value, list) else [value]
+    return [
+        v.decode(errors="replace") if isinstance(v, bytes) else v
+        for v in values
+        if isinstance(v, (bytes, str))
+    ]
+
+
+def _uwsgi_recorded(app: Any) -> Any:
+    """``app`` as uWSGI should call it: recorded, unless a framework patch or the user's
+    ``wrap()`` records it already (a Flask or Django app is left as it is)."""
+    if not callable(app) or _records_itself(app):
+        return app
+    return _wrap_wsgi(app, _describe(app))
+
+
+def _uwsgi_app_patch(name: str) -> Callable[[ModuleType], None]:
+    """The patch of the module uWSGI loads the app from (``--module app:application``):
+    uWSGI imports it through Python's import system, then looks the callable up in the
+    module's dict from C; once the module has run, the callable there is replaced by the
+    middleware, as ``application = wrap(application)`` in the module would.  A factory
+    (``app:create_app()``, which uWSGI calls) is made to return its app recorded."""
+    factory = name.endswith("()")
+    attr = name[:-2] if factory else name
+
+    def patch(module: ModuleType) -> None:
+        own = module.__dict__
+        app = own.get(attr)
+        if app is None or not callable(app):
+            return
+        if not factory:
+            own[attr] = _uwsgi_recorded(app)
+            return
+
+        @functools.wraps(app)
+        def make(*args: Any, **kwargs: Any) -> Any:
+            made = app(*args, **kwargs)
+            try:
+                return _uwsgi_recorded(made)
+            except Exception:  # tracing never stops the program: served untraced
+                return made
+
+        own[attr] = make
+
+    return patch
+
+
+#: The prefix of the module uWSGI runs a ``--wsgi-file`` (``--file``, ``--mount /x=app.py``)
+#: as: ``uwsgi_file_`` and the file's path made a name.
+_UWSGI_FILE = "uwsgi_file_"
+
+
+def _uwsgi_file_frame() -> Any:
+    """The frame of a ``--wsgi-file`` module running now, if an import of it is what
+    installed hopscope (the outermost: uWSGI runs it from C)."""
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        if (
+            frame.f_code.co_name == "<module>"
+            and isinstance(name, str)
+            and name.startswith(_UWSGI_FILE)
+        ):
+            found = frame
+        frame = frame.f_back  # type: ignore[assignment]
+    return found
+
+
+def _uwsgi_wrap_at_return(namespace: dict[str, Any], attr: str, frame: Any = None) -> None:
+    """Replace ``namespace[attr]`` by the middleware when the module running in
+    ``namespace`` returns: the one moment between its last line and uWSGI's lookup of
+    the callable (from C, at once).  A trace function is the only hook there: it is on
+    for this thread while the module runs (a call a frame that is not it: nothing), and
+    off once it returned."""
+
+    def at_return(frame: Any, event: str, arg: Any) -> Any:
+        if event == "return":
+            sys.settrace(None)
+            try:
+                app = namespace.get(attr)
+                if app is not None:
+                    namespace[attr] = _uwsgi_recorded(app)
+            except Exception:  # tracing never stops the program: served untraced
+                pass
+        return at_return
+
+    def new_frame(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_globals is namespace and frame.f_code.co_name == "<module>":
+            frame.f_trace_lines = False
+            return at_return
+        return None
+
+    if frame is not None:
+        frame.f_trace_lines = False
+        frame.f_trace = at_return
+    sys.settrace(new_frame)
+
+
+def _uwsgi_watch_file(attr: str) -> bool:
+    """Have the app of uWSGI's ``--wsgi-file`` recorded; False when it cannot be: it was
+    taken already (its module ran before hopscope was installed, as when the file
+    imports no module not yet imported) and nothing records it, or a debugger or coverage
+    holds the trace function."""
+    if sys.gettrace() is None:
+        frame = _uwsgi_file_frame()
+        if frame is not None:  # (an import of the file installed hopscope)
+            _uwsgi_wrap_at_return(frame.f_globals, attr, frame)
+            return True
+    loaded = [m for n, m in list(sys.modules.items()) if n.startswith(_UWSGI_FILE)]
+    if loaded:
+        return all(_records_itself(m.__dict__.get(attr)) for m in loaded)
+    if sys.gettrace() is not None:
+        return False
+    # Not loaded yet (uWSGI's --lazy-apps: each worker loads it after hopscope was
+    # installed): uWSGI runs it through PyImport_ExecCodeModule, which asks importlib's
+    # _fix_up_module for the module's namespace just before its code runs.
+    external: Any = sys.modules.get("_frozen_importlib_external")
+    fix_up = getattr(external, "_fix_up_module", None)
+    if fix_up is None:
+        return False
+
+    @functools.wraps(fix_up)
+    def _fix_up_module(ns: Any, name: Any, *args: Any, **kwargs: Any) -> Any:
+        result = fix_up(ns, name, *args, **kwargs)
+        if (
+            isinstance(name, str)
+            and name.startswith(_UWSGI_FILE)
+            and isinstance(ns, dict)
+            and sys.gettrace() is None
+        ):
+            _uwsgi_wrap_at_return(ns, attr)
+        return result
+
+    external._fix_up_module = _fix_up_module
+    return True
+
+
+def _uwsgi_app_patches() -> dict[str, Callable[[ModuleType], None]]:
+    """Inside uWSGI's embedded Python only (its ``uwsgi`` module exists, with the
+    command's options in ``uwsgi.opt``): a patch for each module uWSGI loads an app from
+    (``--module``/``-w``, ``--wsgi``, ``--mount /x=module:callable``, with ``--callable``).
+    For the loaders that run no import hopscope sees (``--wsgi-file``), one line says that
+    a WSGI app of no framework is not recorded there, and what to do."""
+    uwsgi = sys.modules.get("uwsgi")
+    opt = getattr(uwsgi, "opt", None)
+    if not isinstance(opt, dict):
+        return {}
+    default = (_uwsgi_options(opt, "callable") or ["application"])[-1]
+    specs = _uwsgi_options(opt, "module") + _uwsgi_options(opt, "wsgi")
+    unreachable = [f"--{name}" for name in _UWSGI_UNREACHABLE if _uwsgi_options(opt, name)]
+    files = [f"--{name}" for name in ("wsgi-file", "file") if _uwsgi_options(opt, name)]
+    for mount in _uwsgi_options(opt, "mount"):
+        target = mount.partition("=")[2] or mount
+        if target.endswith((".py", ".wsgi")):
+            files.append("--mount")
+        elif ":" in target and not target.endswith(".ini"):
+            specs.append(target)
+        else:
+            unreachable.append("--mount")
+    if files and not _uwsgi_watch_file(default):
+        unreachable.insert(0, files[0])
+    patches: dict[str, Callable[[ModuleType], None]] = {}
+    for spec in specs:
+        module, _, name = spec.partition(":")
+        if module and module not in PATCHES:
+            patches[module] = _uwsgi_app_patch(name or default)
+    if unreachable:
+        _say(
+            f"uWSGI took the app of {unreachable[0]} from C before hopscope could wrap it: a "
+            "WSGI app of no framework there is not recorded (Flask, Django and the other "
+            "frameworks are); "
+            "load it with --module MODULE:CALLABLE, or wrap it in code: "
+            "application = hopscope.tracing.wrap(application)"
+        )
+    return patches
+
+
 #: The patches that only hand the middlewares the route a framework keeps on its
 #: request: for a process that wraps the app itself (``hopscope run TARGET``).
 ROUTE_PATCHES: dict[str, Callable[[ModuleType], None]] = {
@@ -1290,8 +1517,8 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "gevent.pywsgi": _patch_gevent_pywsgi,
     "waitress.server": _patch_waitress,
     "cheroot.wsgi": _patch_cheroot,
-    "mod_wsgi.express.runtime": _patch_mod_wsgi_express,
-    "mod_wsgi.server": _patch_mod_wsgi_express,
+    "mod_wsgi.express.runtime": _patch_mod_wsgi_hop,
+    "mod_wsgi.server": _patch_mod_wsgi_hop,
     "flask.app": _patch_flask,
     "django.core.handlers.wsgi": _patch_django_wsgi,
     "django.core.handlers.asgi": _patch_django_asgi,
@@ -1308,6 +1535,10 @@ PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "pyramid.router": _patch_pyramid,
     "pyramid.urldispatch": _patch_pyramid_routes,
 }
+
+
+# (session 11b) uWSGI's app modules, read from its options: nothing outside uWSGI.
+PATCHES.update(_uwsgi_app_patches())
 
 
 def _apply(patch: Callable[[ModuleType], None], module: ModuleType) -> None:

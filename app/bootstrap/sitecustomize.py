@@ -95,10 +95,12 @@ class _HopscopeTrigger:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname in TRIGGERS:
+        # Inside uWSGI (its embedded ``uwsgi`` module exists) any import installs them:
+        # the app module uWSGI imports is one they patch (``--module app:application``).
+        if fullname in TRIGGERS or "uwsgi" in sys.modules:
             _hopscope_install()
             # The hooks just went first in ``sys.meta_path``, a place this very import has
-            # gone past: a module they patch that is itself a trigger (``bottle`` is one
+            # gone past: a module they patch (``bottle`` is one module, and uWSGI's app
             # module) is handed to them here, or it would load unpatched.
             hooks = sys.meta_path[0] if sys.meta_path else None
             if hooks is not None and type(hooks).__name__ == "_PatchingFinder":
