@@ -704,12 +704,12 @@ class _Body:
                 return
             self._closed = True
             exchange = self._exchange
-        except AttributeError:  # made but never filled in: nothing began
-            return
-        if exchange.end_at < 0:
-            if not exchange.exhausted and exchange.error is None:
-                exchange.disconnected()
-            exchange.finish()
+            if exchange.end_at < 0:
+                if not exchange.exhausted and exchange.error is None:
+                    exchange.disconnected()
+                exchange.finish()
+        except Exception:  # never filled in, or the interpreter is exiting: nothing to say
+            pass
 
 
 def _pass_chunks(
