@@ -30,6 +30,7 @@ from hopscope.tracing.model import Span, Trace
 from hopscope.tracing.records import BODY_LIMIT, legacy
 from hopscope.tracing.traceparent import format_traceparent
 from pydantic import BaseModel
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -533,30 +534,10 @@ def test_django_not_found(django_app: Any) -> None:
 @contextmanager
 def serve(app: Any, http: str = "httptools", lifespan: str = "off") -> Iterator[int]:
     """Run uvicorn on an ephemeral 127.0.0.1 port in a thread; yield the port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app,
-        http=http,
-        lifespan=lifespan,
-        log_level="error",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.005)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        sock.close()
-        assert not thread.is_alive()
+    with uvicorn_thread(
+        app, http=http, lifespan=lifespan, log_level="error", timeout_graceful_shutdown=2
+    ) as served:
+        yield served.port
 
 
 def wait_for(predicate: Any, what: str) -> None:

@@ -22,12 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import websockets.sync.client
 from hopscope.tracing import MemorySink, wrap
 from hopscope.tracing.model import Span, Trace
 from hopscope.tracing.servers.uvicorn_protocols import H11Protocol, HttpToolsProtocol
 from hopscope.tracing.tracefile import load
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -205,23 +205,8 @@ async def _fails_mid_stream(request: Request) -> StreamingResponse:
 
 @contextlib.contextmanager
 def _uvicorn(app: Any, protocol: type) -> Iterator[int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    config = uvicorn.Config(app, http=protocol, log_level="critical", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        sock.close()
+    with uvicorn_thread(app, http=protocol, log_level="critical") as served:
+        yield served.port
 
 
 def _finished(sink: MemorySink, count: int) -> list[Trace]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from hopscope.tracing import MemorySink, load, wrap
 from hopscope.tracing.queuetime import parse_request_start
 from hopscope.tracing.servers.uvicorn_protocols import H11Protocol, HttpToolsProtocol
+from servers import uvicorn_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -62,22 +62,8 @@ def _app(sink: MemorySink) -> Any:
 
 @contextlib.contextmanager
 def _serve(app: Any, protocol: type) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    config = uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with uvicorn_thread(app, http=protocol) as served:
+        yield served.url
 
 
 @pytest.mark.parametrize("protocol", [HttpToolsProtocol, H11Protocol])
