@@ -303,12 +303,7 @@ def _add_gunicorn_hooks(cfg: Any) -> None:
         return
     from .servers.gunicorn_hooks import close_span, open_span
 
-    failed: list[str] = []
-
-    def report(exc: Exception) -> None:
-        if not failed:  # once per process, not once per request
-            failed.append(type(exc).__name__)
-            _say(f"cannot record gunicorn's server hop: {type(exc).__name__}: {exc}")
+    report = _reporter("gunicorn's server hop")
 
     # Exactly these arities: gunicorn checks them.
     def pre_request(worker: Any, req: Any) -> None:
@@ -609,19 +604,6 @@ def _patch_mod_wsgi_express(module: ModuleType) -> None:
 # -- gevent ------------------------------------------------------------------------------
 
 
-def _apps_own_result(result: Any) -> Any:
-    """The app's own result inside what hopscope's WSGI middleware (or a framework
-    patch, :class:`_Result`) returned; ``result`` itself if it is neither."""
-    wsgi = sys.modules.get(f"{__package__}.wsgi")
-    if wsgi is None:  # nothing of hopscope's ran a request yet
-        return result
-    if type(result) in (_Result, _SizedResult):
-        return result._hopscope_result
-    if isinstance(result, wsgi._Body):
-        return result._result
-    return result
-
-
 def _server_app(server: Any, app: Any) -> Any:
     """What gevent's ``server`` runs for ``app`` (:func:`_recorded`), made once and kept
     on the server, which holds the app anyway."""
@@ -630,6 +612,19 @@ def _server_app(server: Any, app: Any) -> Any:
     if kept is None or kept[0] is not app:
         kept = own[_MIDDLEWARE] = (app, _recorded(app))
     return kept[1]
+
+
+def _reporter(what: str) -> Callable[[Exception], None]:
+    """A function that says, once per process and not once per request, that ``what``
+    cannot be recorded, and why (the first failure)."""
+    said: list[str] = []
+
+    def report(exc: Exception) -> None:
+        if not said:
+            said.append(type(exc).__name__)
+            _say(f"cannot record {what}: {type(exc).__name__}: {exc}")
+
+    return report
 
 
 def _patch_gevent_pywsgi(module: ModuleType) -> None:
@@ -641,22 +636,13 @@ def _patch_gevent_pywsgi(module: ModuleType) -> None:
     framework patch or the user's ``wrap()`` records it (the handler takes the server's
     app anew for each request: its own attribute is what is replaced).
 
-    And its ``finalize_headers``: given a sized result and no Content-Length, gevent
-    iterates the result a second time, after the first chunk, to add the lengths up.
-    The middleware's body is one pass over the app's result (its chunks counted), so
-    that pass took the rest of the body: the response was cut short.  The sum goes over
-    the app's own result instead, as it does bare."""
+    (gevent goes through a sized result twice when it has no Content-Length: the
+    middleware's body gives the second pass the app's own result, see ``wsgi._Body``.)"""
     from .context import server_parent
 
     handler_class = module.WSGIHandler
     handle = handler_class.handle_one_response
-    finalize = handler_class.finalize_headers
-    failed: list[str] = []
-
-    def report(exc: Exception) -> None:
-        if not failed:  # once per process, not once per request
-            failed.append(type(exc).__name__)
-            _say(f"cannot record gevent's server hop: {type(exc).__name__}: {exc}")
+    report = _reporter("gevent's server hop")
 
     @functools.wraps(handle)
     def handle_one_response(self: Any) -> Any:
@@ -682,20 +668,7 @@ def _patch_gevent_pywsgi(module: ModuleType) -> None:
             except Exception as exc:
                 report(exc)
 
-    @functools.wraps(finalize)
-    def finalize_headers(self: Any) -> Any:
-        result = self.result
-        own = _apps_own_result(result)
-        if own is result:
-            return finalize(self)
-        self.result = own
-        try:
-            return finalize(self)
-        finally:
-            self.result = result
-
     handler_class.handle_one_response = handle_one_response
-    handler_class.finalize_headers = finalize_headers
 
 
 # -- frameworks, for servers without a hook ----------------------------------------------
@@ -1288,12 +1261,7 @@ def _patch_mod_wsgi_hop(module: ModuleType) -> None:
     if handler_class is None:
         return
     init = handler_class.__init__
-    failed: list[str] = []
-
-    def report(exc: Exception) -> None:
-        if not failed:  # once per process, not once per request
-            failed.append(type(exc).__name__)
-            _say(f"cannot record mod_wsgi's server hop: {type(exc).__name__}: {exc}")
+    report = _reporter("mod_wsgi's server hop")
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

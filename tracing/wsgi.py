@@ -661,11 +661,11 @@ class _Body:
             # Stepping through a list runs no app code: no context to set for it.
             context = None if type(result) in _PLAIN else self._context
             chunks = self._chunks = _pass_chunks(result, self._exchange, context)
-        elif type(self._result) in _PLAIN:
-            # A list may be gone through twice: gevent's server adds up a list's length
-            # when it writes the first chunk, in the middle of sending it.  The pass that
-            # began first counts it; any other gets the list itself, as the server would
-            # without hopscope (an app's own iterable is single-pass either way).
+        elif type(self) is _SizedBody:
+            # A sized result may be gone through twice: gevent's server adds up its
+            # length when it writes the first chunk, in the middle of sending it.  The
+            # pass that began first counts it; any other gets the app's own result, as
+            # the server would without hopscope.
             return iter(self._result)
         return chunks
 
