@@ -21,9 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hopscope.tracing import load
-from test_run import BIN, Run, _check_traces, _env, _free_port, _requests
-from test_servers_more_s11 import APP, _exchanges, _serving
+from test_run import BIN, Run, _check_traces, _free_port, _requests
+from test_servers_more_s11 import _same_as_bare
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,35 +61,8 @@ def test_uwsgi_workers_are_each_traced(
 
 
 def test_uwsgi_answers_byte_for_byte_as_bare(tmp_path: Path, runs: Callable[..., Run]) -> None:
-    (tmp_path / "app.py").write_text(APP)
-    (tmp_path / "blob.bin").write_bytes(os.urandom(200_000))
-    port = _free_port()
-    bare = subprocess.Popen(
-        _command(port), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _serving(f"http://127.0.0.1:{port}", bare)
-        expected = _exchanges(f"http://127.0.0.1:{port}")
-    finally:
-        bare.send_signal(signal.SIGTERM)
-        bare.wait(20)
-    port = _free_port()
-    run = runs(tmp_path, "--", *_command(port))
-    _serving(f"http://127.0.0.1:{port}", run.proc)
-    assert _exchanges(f"http://127.0.0.1:{port}") == expected
-    paths = {"/stream", "/file", "/echo", "/boom", "/nothing"}
-    run.wait_for(lambda: all(f" {p}" in run.out for p in paths), "a tail line per request")
-    run.stop()
-    traces = {t.path: t for t in load(run.trace) if t.path in paths}
-    assert set(traces) == paths
-    streamed = sum(len(f"chunk {i}\n") * 100 for i in range(50))
-    assert len(expected[0][2]) == streamed
-    assert traces["/stream"].root.attrs["http.response.body.size"] == streamed
-    assert traces["/file"].root.attrs["wsgi.file_wrapper"] is True  # uWSGI's own: sendfile
-    assert traces["/echo"].root.attrs["http.request.body.size"] == 300_000
-    assert traces["/boom"].status == 500 and traces["/boom"].error
-    assert traces["/nothing"].status == 404
+    file = _same_as_bare(tmp_path, runs, _command)
+    assert file["wsgi.file_wrapper"] is True  # uWSGI's own: sendfile
 
 
 GEVENT_LATE = """
