@@ -191,12 +191,14 @@ def _inside_uvicorn(app: Any) -> Any:
 _UVICORN_PROTOCOLS = {
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol": "HttpToolsProtocol",
     "uvicorn.protocols.http.h11_impl.H11Protocol": "H11Protocol",
+    "uvicorn.protocols.http.zttp_impl.ZttpProtocol": "ZttpProtocol",
+    "uvicorn.protocols.http.auto_zttp_impl.AutoZttpProtocol": "AutoZttpProtocol",  # --http2
 }
 
 
 def _uvicorn_protocol(setting: Any, chosen: Any) -> Any:
     """hopscope's subclass of the protocol uvicorn chose, unless the user chose a class."""
-    if not isinstance(setting, str) or setting not in ("auto", "httptools", "h11"):
+    if not isinstance(setting, str) or setting not in ("auto", "httptools", "h11", "zttp"):
         return chosen
     name = _UVICORN_PROTOCOLS.get(f"{chosen.__module__}.{chosen.__qualname__}")
     if name is None:

@@ -1,10 +1,13 @@
 """uvicorn's own moments, as a ``server`` span around the app span.
 
 uvicorn has no hooks, but its ``http`` setting takes a protocol class, so these
-subclasses of its h11 and httptools protocols observe: request start, head parsed (the
-app task is created here), response head written, response done, connection lost.
+subclasses of its h11, httptools and zttp protocols observe: request start, head parsed
+(the app task is created here), response head written, response done, connection lost.
 Use them as ``uvicorn --http hopscope.tracing.servers.uvicorn_protocols:HttpToolsProtocol``
-(or ``:H11Protocol``), or ``uvicorn.run(app, http=HttpToolsProtocol)``.
+(or ``:H11Protocol``, ``:ZttpProtocol``; ``:AutoZttpProtocol`` for HTTP/2 as well as
+HTTP/1.1, what ``--http zttp --http2`` serves), or ``uvicorn.run(app, http=HttpToolsProtocol)``.
+The zttp classes are made on first use: zttp is an optional package, and importing it
+costs every other server's start.
 
 The app span joins the server span through ``scope["hopscope"]``, set before the app
 task first runs.  WebSockets leave these classes at the upgrade: their server span is
@@ -26,8 +29,12 @@ from ..sinks import Sink, default_sink
 from .hop import open_server_span
 
 __all__ = ["H11Protocol", "HttpToolsProtocol", "server_timing_enabled"]
+#: Made by :func:`_zttp_classes` when first asked for (``module:Class`` lookups included).
+_ZTTP = ("ZttpProtocol", "ZttpH2Protocol", "AutoZttpProtocol")
 
 _now = time.time_ns
+_INCOMPLETE = {"response.incomplete": True}
+_DISCONNECTED = {"disconnected": True}
 
 
 def server_timing_enabled() -> bool:
@@ -40,10 +47,11 @@ class _ServerHop:
     cycle: Any
     scope: Any
     _hs_sink: Sink | None = None
-    _hs_open: dict[int, tuple[Any, int, int, Callable[[], None]]]
+    _hs_open: dict[int, tuple[Any, int, int, Callable[..., None]]]
     _hs_accepted = 0
     _hs_requests = 0
     _hs_begin = 0
+    _hs_streams = False  # HTTP/2: many cycles at once, ``on_response(stream_id)``
 
     def _hs_connection_made(self) -> None:
         self._hs_accepted = _now()
@@ -95,12 +103,24 @@ class _ServerHop:
                 )
 
         cycle.send = send_
-        on_response: Callable[[], None] = cycle.on_response
+        on_response: Callable[..., None] = cycle.on_response
+        on_response_: Callable[..., None]
+        if self._hs_streams:
+            # HTTP/2 calls it (with the stream's id) whenever the app's call ends: a
+            # response not complete then is one uvicorn reset (a client that left was
+            # said before, by the stream's reset or the connection's loss).
+            def on_stream_done(stream_id: int) -> None:
+                self._hs_close(cycle, None if cycle.response_complete else _INCOMPLETE)
+                on_response(stream_id)
 
-        def on_response_() -> None:
-            self._hs_close(cycle, None)
-            on_response()
+            on_response_ = on_stream_done
+        else:
 
+            def on_response_done() -> None:
+                self._hs_close(cycle, None)
+                on_response()
+
+            on_response_ = on_response_done
         cycle.on_response = on_response_
         self._hs_open[id(cycle)] = (cycle, trace_id, span_id, on_response_)
 
@@ -117,9 +137,9 @@ class _ServerHop:
             # unfinished response then is one uvicorn cut itself (the app raised after
             # it started, or returned without finishing it), not a client that left.
             if cycle.on_response is on_response_:
-                self._hs_close(cycle, {"disconnected": True})
+                self._hs_close(cycle, _DISCONNECTED)
             else:
-                self._hs_close(cycle, {"response.incomplete": True})
+                self._hs_close(cycle, _INCOMPLETE)
 
 
 def _with_server_timing(
@@ -176,3 +196,105 @@ class H11Protocol(_ServerHop, _H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._hs_connection_lost()
         super().connection_lost(exc)
+
+
+def __getattr__(name: str) -> Any:
+    """The zttp classes, made when first asked for (see :data:`_ZTTP`)."""
+    if name in _ZTTP:
+        classes = _zttp_classes()
+        globals().update(classes)
+        return classes[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _zttp_classes() -> dict[str, type]:
+    """hopscope's subclasses of uvicorn's zttp protocols (``--http zttp``): HTTP/1.1 has
+    the shape of h11's; HTTP/2 runs a cycle per stream, adopted as its request arrives.
+    Raises ImportError without zttp (or with a uvicorn older than 0.54)."""
+    from uvicorn.protocols.http.auto_zttp_impl import AutoZttpProtocol as _AutoZttp
+    from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol as _ZttpH2
+    from uvicorn.protocols.http.zttp_impl import ZttpProtocol as _Zttp
+
+    class ZttpProtocol(_ServerHop, _Zttp):
+        """uvicorn's zttp HTTP/1.1 protocol, recording the server hop."""
+
+        def connection_made(self, transport: Any) -> None:
+            self._hs_connection_made()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self._hs_begin = _now()
+            super().data_received(data)
+
+        def handle_events(self, event: Any) -> None:
+            # (also called for the next request once a response is done: keep-alive)
+            previous = self.cycle
+            super().handle_events(event)
+            if self.cycle is not previous and self.cycle is not None:
+                self._hs_adopt(self.cycle, self._hs_begin or _now())
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._hs_connection_lost()
+            super().connection_lost(exc)
+
+    class ZttpH2Protocol(_ServerHop, _ZttpH2):
+        """uvicorn's zttp HTTP/2 protocol, recording the server hop of each stream."""
+
+        _hs_streams = True
+
+        def connection_made(self, transport: Any) -> None:
+            self._hs_connection_made()
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            self._hs_begin = _now()
+            super().data_received(data)
+
+        def handle_request(self, event: Any) -> None:
+            super().handle_request(event)
+            cycle = self.cycles.get(event.stream_id)
+            if cycle is not None:
+                self._hs_adopt(cycle, self._hs_begin or _now())
+
+        def handle_rst_stream(self, event: Any) -> None:
+            cycle = self.cycles.get(event.stream_id)
+            if cycle is not None and not cycle.response_complete:  # the client cancelled it
+                self._hs_close(cycle, _DISCONNECTED)
+            super().handle_rst_stream(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._hs_connection_lost()
+            super().connection_lost(exc)
+
+    class AutoZttpProtocol(_AutoZttp):
+        """uvicorn's ``--http zttp --http2`` protocol, handing over to the two above."""
+
+        _hs_accepted = 0
+
+        def connection_made(self, transport: Any) -> None:
+            self._hs_accepted = _now()
+            super().connection_made(transport)
+
+        def _switch(self, http2: bool, initial_data: bytes = b"") -> None:
+            # uvicorn's own, but with hopscope's classes (uvicorn's names them itself).
+            protocol_class: type[Any] = ZttpH2Protocol if http2 else ZttpProtocol
+            protocol = protocol_class(
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.app_state,
+                _loop=self.loop,
+            )
+            self.transport.set_protocol(protocol)
+            protocol.connection_made(self.transport)
+            protocol._hs_accepted = self._hs_accepted  # (accepted here, not at the switch)
+            if initial_data:
+                protocol.data_received(initial_data)
+
+    classes: dict[str, type] = {
+        "ZttpProtocol": ZttpProtocol,
+        "ZttpH2Protocol": ZttpH2Protocol,
+        "AutoZttpProtocol": AutoZttpProtocol,
+    }
+    for cls in classes.values():
+        cls.__qualname__ = cls.__name__  # (as if at the module's top: reprs, pickling)
+    return classes
