@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import uvicorn_thread
+from servers import interrupt, uvicorn_thread
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -137,8 +137,6 @@ def runs() -> Iterator[Callable[..., Any]]:
 def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Commands a test starts (stdout dropped, stderr into ``err``), stopped at its end
     with SIGINT as a user stops a server, killed if one hangs: a failure leaves nothing."""
-    import signal
-
     started: list[subprocess.Popen[bytes]] = []
 
     def start(
@@ -158,10 +156,4 @@ def processes() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-            proc.kill()
-            proc.wait(10)
+        interrupt(proc)

@@ -1,13 +1,18 @@
 """Real servers for tests: uvicorn on a thread, on 127.0.0.1, at a port the kernel picks.
 
 One helper for what several test files wrote each for themselves (the ``serve_asgi``
-fixture of ``conftest.py`` is this with a URL only).
+fixture of ``conftest.py`` is this with a URL only), a way to stop a
+server's process as a user does, and WebSocket clients: the raw
+handshake of one that must then misbehave (what no WebSocket library lets a client
+do), and an echo check of a server that may not be up yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["Served", "uvicorn_thread"]
+__all__ = ["Served", "interrupt", "uvicorn_thread", "ws_echoes", "ws_handshake"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +68,49 @@ def uvicorn_thread(app: Any, *, scheme: str | None = None, **options: Any) -> It
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def interrupt(
+    proc: subprocess.Popen[Any], timeout: float = 30, then: float = 10
+) -> tuple[Any, Any]:
+    """Stop ``proc`` as a user stops a server (SIGINT, if it still runs); killed if it
+    has not ended within ``timeout`` s (then waited for ``then`` s), so that a failure
+    leaves nothing behind.  Its (stdout, stderr), where they are pipes."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
+        proc.kill()
+        return proc.communicate(timeout=then)
+
+
+def ws_handshake(address: tuple[str, int], path: str, host: str = "h") -> socket.socket:
+    """A WebSocket opened by hand on ``address`` (5 s timeout): the upgrade request for
+    ``path`` sent, its ``101`` answer read.  The socket, for the caller to close."""
+    raw = socket.create_connection(address, timeout=5)
+    raw.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(4096)
+        assert chunk, "closed before the handshake's answer"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return raw
+
+
+def ws_echoes(url: str) -> bool:
+    """Whether the WebSocket at ``url`` sends "hi" back (5 s bounds): false while it is not
+    up yet, for a polling wait."""
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(url, open_timeout=5) as ws:
+            ws.send("hi")
+            return ws.recv(timeout=5) == "hi"
+    except (OSError, InvalidStatus, ConnectionClosed, TimeoutError):
+        return False

@@ -22,11 +22,11 @@ import pytest
 from hopscope.tracing import FileSink, MemorySink, Sink, load, span, wrap
 from hopscope.tracing.asgi import FIRST_CHUNKS, WS_PREVIEW, ASGIMiddleware
 from hopscope.tracing.context import SpanContext, current
-from hopscope.tracing.model import Span, Trace
 from hopscope.tracing.records import BODY_LIMIT, Record, legacy, process_info, to_events
 from hopscope.tracing.tracefile import read_events
 from hopscope.tracing.traceparent import format_traceparent
 from hopscope.tracing.wrap import is_asgi
+from traces import EmitOnlySink, app_span, events, the_trace, user_children
 
 Message = dict[str, Any]
 App = Callable[..., Awaitable[Any]]
@@ -107,28 +107,6 @@ class FakeServer:
 def run(app: App, scope: dict[str, Any] | None = None, server: FakeServer | None = None) -> Any:
     server = server or FakeServer()
     return asyncio.run(server.run(app, scope or http_scope()))
-
-
-def the_trace(sink: MemorySink) -> Trace:
-    traces = sink.traces()
-    assert len(traces) == 1, traces
-    return traces[0]
-
-
-def app_span(trace: Trace) -> Span:
-    root = trace.root
-    assert root is not None and root.hop == "app"
-    return root
-
-
-def user_children(trace: Trace, parent: Span) -> list[Span]:
-    """Children other than ``background``: how long an app takes to return after its
-    response is wall-clock time, so a loaded machine can add a background span anywhere."""
-    return [c for c in trace.children(parent) if c.name != "background"]
-
-
-def events(span_: Span, name: str) -> list[dict[str, Any]]:
-    return [e.attrs for e in span_.events if e.name == name]
 
 
 def end_records(sink: MemorySink) -> list[tuple[Any, ...]]:
@@ -994,16 +972,6 @@ def test_websocket_app_exception_is_recorded_and_propagates() -> None:
 # A MemorySink or a batching sink takes each HTTP request whole (a sinks.Recording) and
 # makes one "r" record of it; a sink that only knows emit() gets every record as it
 # happens.  The wire events must be the same either way, in the same order.
-
-
-class EmitOnlySink(Sink):
-    """A sink as third parties write them: emit() only."""
-
-    def __init__(self) -> None:
-        self.got: list[Record] = []
-
-    def emit(self, record: Record) -> None:
-        self.got.append(record)
 
 
 def comparable(events: list[dict[str, Any]]) -> list[Any]:

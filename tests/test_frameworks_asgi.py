@@ -10,10 +10,8 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import threading
 import time
-import types
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any
@@ -22,11 +20,12 @@ import httpx
 import pytest
 import uvicorn
 import websockets.sync.client
+from djangotools import django_urls
 from fastapi import Depends, FastAPI, Header, HTTPException
 from hopscope.tracing import MemorySink, span
 from hopscope.tracing.asgi import FIRST_CHUNKS, ASGIMiddleware
 from hopscope.tracing.context import SpanContext, current
-from hopscope.tracing.model import Span, Trace
+from hopscope.tracing.model import Span
 from hopscope.tracing.records import BODY_LIMIT, legacy
 from hopscope.tracing.traceparent import format_traceparent
 from pydantic import BaseModel
@@ -37,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
+from traces import app_span, events, the_trace, user_children
 from websockets.exceptions import InvalidStatus
 
 Message = dict[str, Any]
@@ -115,28 +115,6 @@ def transparent(
     wrapped = exchange(ASGIMiddleware(app, sink=sink), method, path, body, **kwargs)
     assert wrapped == bare
     return sink, wrapped[0]
-
-
-def the_trace(sink: MemorySink) -> Trace:
-    traces = sink.traces()
-    assert len(traces) == 1, traces
-    return traces[0]
-
-
-def app_span(trace: Trace) -> Span:
-    root = trace.root
-    assert root is not None and root.hop == "app"
-    return root
-
-
-def user_children(trace: Trace, parent: Span) -> list[Span]:
-    """Children other than ``background``: how long an app takes to return after its
-    response is wall-clock time, so a loaded machine can add a background span anywhere."""
-    return [c for c in trace.children(parent) if c.name != "background"]
-
-
-def events(span_: Span, name: str) -> list[dict[str, Any]]:
-    return [e.attrs for e in span_.events if e.name == name]
 
 
 def response_body(sent: list[Message]) -> bytes:
@@ -475,24 +453,11 @@ async def django_echo(request: Any) -> Any:
 def django_asgi(module: str, routes: list[tuple[str, Any]]) -> Iterator[Any]:
     """Django's ASGI application serving ``routes`` (route, view) from a URL module of
     its own (``module``), settings configured once per process as Django allows."""
-    import django
-    from django.conf import settings
     from django.core.asgi import get_asgi_application
-    from django.test.utils import override_settings
     from django.urls import path
 
-    urls = types.ModuleType(module)
-    urls.urlpatterns = [path(route, view) for route, view in routes]  # type: ignore[attr-defined]
-    sys.modules[urls.__name__] = urls
-    if not settings.configured:
-        settings.configure(SECRET_KEY="test", USE_TZ=True, INSTALLED_APPS=[])
-        django.setup()
-    overrides = override_settings(
-        ROOT_URLCONF=urls.__name__, ALLOWED_HOSTS=["*"], DEBUG=False, MIDDLEWARE=[]
-    )
-    with overrides:
+    with django_urls(module, [path(route, view) for route, view in routes], DEBUG=False):
         yield get_asgi_application()
-    del sys.modules[urls.__name__]
 
 
 @pytest.fixture(scope="module")

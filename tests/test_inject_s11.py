@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from djangotools import DJANGO_CLIENT_PROJECT
 from hopscope.tracing import load
 from hopscope.tracing.model import Span, Trace
 from test_frameworks_s9 import _raw
@@ -162,7 +163,8 @@ def test_werkzeug_client_records_a_plain_app_and_a_flask_app_once(tmp_path: Path
 
 # -- 2. Django's AsyncClient -------------------------------------------------------------
 
-DJANGO_ASYNC_CLIENT = """
+DJANGO_ASYNC_CLIENT = (
+    """
 import asyncio
 import json
 
@@ -173,30 +175,15 @@ from django.test import AsyncClient
 from django.urls import path
 
 
-def hello(request, name):
-    response = HttpResponse(b"hello " + request.body, content_type="text/plain")
-    response.set_cookie("seen", "yes")
-    return response
-
-
 async def stream(request):
     async def parts():
         yield b"one "
         yield b"two"
 
     return StreamingHttpResponse(parts())
-
-
-def boom(request):
-    raise ValueError("boom")
-
-
-urlpatterns = [path("hello/<name>", hello), path("stream", stream), path("boom", boom)]
-settings.configure(
-    SECRET_KEY="test", ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], MIDDLEWARE=[]
-)
-django.setup()
-
+"""
+    + DJANGO_CLIENT_PROJECT
+    + """
 
 async def main():
     client = AsyncClient()
@@ -222,6 +209,7 @@ async def main():
 
 print(json.dumps(asyncio.run(main())))
 """
+)
 
 
 def test_django_async_client_requests_are_recorded_once(tmp_path: Path) -> None:

@@ -751,13 +751,15 @@ def rss_peak_kib(pid: int) -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1])  # type: ignore[index]
 
 
-@pytest.fixture(scope="module")
-def cli_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """``hopscope proxy`` in its own process; the upstream sends spans to its collector."""
+@contextlib.contextmanager
+def cli_proxy_process(*args: str, graceful: bool = True) -> Iterator[dict[str, Any]]:
+    """``hopscope proxy ... ARGS`` in its own process, in front of an upstream that sends
+    its spans to the proxy's collector: ``{"proc", "url", "sink"}`` (the upstream's).  On
+    the way out, with ``graceful``: the sink flushed, then SIGINT (killed after 15 s);
+    else killed."""
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         collector_port = probe.getsockname()[1]
-    output = tmp_path_factory.mktemp("proxy") / "trace.jsonl"
     sink = SocketSink(f"tcp://{HOST}:{collector_port}")
     with upstream_server(sink) as upstream, socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -765,23 +767,33 @@ def cli_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         probe.close()
         proc = subprocess.Popen(
             [*HOPSCOPE, "proxy", "--upstream", upstream.url, "--listen", f"{HOST}:{port}",
-             "--collector", f"{HOST}:{collector_port}", "-o", str(output)],
+             "--collector", f"{HOST}:{collector_port}", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             wait_until(lambda: _answers(port) or proc.poll() is not None, timeout=20)
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            yield {"proc": proc, "url": f"http://{HOST}:{port}", "output": output, "sink": sink}
+            yield {"proc": proc, "url": f"http://{HOST}:{port}", "sink": sink}
         finally:
-            sink.flush()
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            if graceful:
+                sink.flush()
+                proc.send_signal(signal.SIGINT)  # (none once it has ended)
+            else:
+                proc.kill()
+            try:
+                proc.wait(15 if graceful else 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
             sink.close()
+
+
+@pytest.fixture(scope="module")
+def cli_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``hopscope proxy`` in its own process; the upstream sends spans to its collector."""
+    output = tmp_path_factory.mktemp("proxy") / "trace.jsonl"
+    with cli_proxy_process("-o", str(output)) as running:
+        yield {**running, "output": output}
 
 
 def _answers(port: int) -> bool:

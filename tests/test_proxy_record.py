@@ -7,7 +7,6 @@ the same records, hence the same trace.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from hopscope.tracing import MemorySink, load
 from hopscope.tracing.proxyrecord import expand_proxy
 from hopscope.tracing.records import Record, legacy, to_events
 from hopscope.tracing.sinks import Recording, Sink, decode_frame, encode_frame
+from servers import interrupt
 from test_proxy import (
     HOST,
     Proxy,
@@ -193,12 +193,7 @@ def test_in_process_recording_kinds(
             for _ in range(3):
                 assert client.get(f"http://{HOST}:{port}/").status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate(timeout=5)
+        _, err = interrupt(proc, 15, 5)
     assert "stopped after 3 request(s)" in err
     hops = [{s.hop for s in t.spans.values() if s.finished} for t in load(output)]
     assert hops.count({"client", "proxy", "server", "app"}) + hops.count({"client", "proxy"}) == 3

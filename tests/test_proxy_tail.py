@@ -11,7 +11,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,8 +21,7 @@ from hopscope.app.collector import BackgroundCollector
 from hopscope.app.tail import Tail
 from hopscope.tracing import MemorySink
 from hopscope.tracing.records import Record, to_events
-from hopscope.tracing.sinks import SocketSink
-from test_proxy import HOST, _answers, proxy_to, raw_request, upstream_server, wait_until
+from test_proxy import HOST, cli_proxy_process, proxy_to, raw_request, upstream_server, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,28 +216,8 @@ def test_collector_gives_records_only_when_no_file_wants_events(tmp_path: Any) -
 @pytest.fixture
 def cli_proxy_no_file() -> Iterator[dict[str, Any]]:
     """``hopscope proxy`` as users run it (no -o): its child folds records into lines."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        collector_port = probe.getsockname()[1]
-    sink = SocketSink(f"tcp://{HOST}:{collector_port}")
-    with upstream_server(sink) as upstream, socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-        probe.close()
-        proc = subprocess.Popen(
-            [*HOPSCOPE, "proxy", "--upstream", upstream.url, "--listen", f"{HOST}:{port}",
-             "--collector", f"{HOST}:{collector_port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            wait_until(lambda: _answers(port) or proc.poll() is not None, timeout=20)
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            yield {"proc": proc, "url": f"http://{HOST}:{port}", "sink": sink}
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
-            sink.close()
+    with cli_proxy_process(graceful=False) as running:
+        yield running
 
 
 def test_command_without_a_file_prints_whole_lines(cli_proxy_no_file: dict[str, Any]) -> None:

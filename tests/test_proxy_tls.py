@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from hopscope.app.proxy_config import ProxyError, parse_upstream
 from hopscope.tracing import MemorySink, load
 from hopscope.tracing.model import Span
+from servers import interrupt
 from test_proxy import (
     HOPSCOPE,
     HOST,
@@ -148,12 +148,7 @@ def test_the_command_takes_an_https_upstream_with_insecure(
         response = httpx.get(f"http://{HOST}:{port}/", timeout=10)
         assert response.status_code == 200 and response.text == "Hello, world!"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate(timeout=5)
+        _, err = interrupt(proc, 15, 5)
     assert "-> https://" in err and "stopped after 1 request" in err
     traces = load(output)
     assert any(

@@ -87,6 +87,21 @@ class _Unprintable(Exception):
         raise RuntimeError("no str() for this one")
 
 
+async def _get(app: Any) -> None:
+    """Call the ASGI ``app`` with one ``GET /`` (no body; what it sends is dropped)."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/", "raw_path": b"/",
+             "headers": [], "query_string": b"", "http_version": "1.1",
+             "scheme": "http", "root_path": "", "client": None, "server": None}  # fmt: skip
+    await app(scope, receive, send)
+
+
 def test_an_exception_whose_str_fails_reaches_the_server_as_the_app_raised_it() -> None:
     """exception_event called ``str(exc)`` unguarded: the middlewares (and a user span)
     then raised the RuntimeError of that ``__str__`` in place of the app's exception,
@@ -101,20 +116,8 @@ def test_an_exception_whose_str_fails_reaches_the_server_as_the_app_raised_it() 
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
         raise _Unprintable()
 
-    async def call_asgi() -> None:
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b""}
-
-        async def send(message: Any) -> None:
-            pass
-
-        scope = {"type": "http", "method": "GET", "path": "/", "raw_path": b"/",
-                 "headers": [], "query_string": b"", "http_version": "1.1",
-                 "scheme": "http", "root_path": "", "client": None, "server": None}  # fmt: skip
-        await ASGIMiddleware(asgi_app, sink=MemorySink())(scope, receive, send)
-
     with pytest.raises(_Unprintable):
-        asyncio.run(call_asgi())
+        asyncio.run(_get(ASGIMiddleware(asgi_app, sink=MemorySink())))
 
     def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
         raise _Unprintable()
@@ -159,19 +162,7 @@ def test_a_fastapi_yield_dependency_closed_after_the_response_is_a_background_sp
     sink = MemorySink()
     middleware = ASGIMiddleware(app, sink=sink)
 
-    async def call() -> None:
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b""}
-
-        async def send(message: Any) -> None:
-            pass
-
-        scope = {"type": "http", "method": "GET", "path": "/", "raw_path": b"/",
-                 "headers": [], "query_string": b"", "http_version": "1.1",
-                 "scheme": "http", "root_path": "", "client": None, "server": None}  # fmt: skip
-        await middleware(scope, receive, send)
-
-    asyncio.run(call())
+    asyncio.run(_get(middleware))
     sink.flush()
     names = {event.get("name") for event in sink.events()}
     assert "background" in names

@@ -157,8 +157,20 @@ class Run:
     def err(self) -> str:
         return self.err_path.read_text(errors="replace")
 
-    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    def wait_for(
+        self,
+        predicate: Callable[[], Any],
+        what: str,
+        timeout: float = 30,
+        *,
+        again: Callable[[], object] | None = None,
+        pause: float = 0.05,
+    ) -> Any:
+        """Poll ``predicate`` (each ``pause`` s) until it is true; returns it.  Fails when
+        hopscope exits first or after ``timeout`` s.  ``again`` is called each 5 s with
+        no result: a file save that watching may have missed, made again."""
         deadline = time.monotonic() + timeout
+        again_at = time.monotonic() + 5
         while True:
             result = predicate()
             if result:
@@ -167,7 +179,10 @@ class Run:
                 pytest.fail(f"hopscope exited ({self.proc.returncode}) before {what}:\n{self.err}")
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}:\n{self.err}")
-            time.sleep(0.05)
+            if again is not None and time.monotonic() > again_at:
+                again()
+                again_at = time.monotonic() + 5
+            time.sleep(pause)
 
     def url(self) -> str:
         match = self.wait_for(lambda: URL.search(self.err), "the URL")

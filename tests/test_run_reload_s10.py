@@ -30,6 +30,7 @@ from test_commands_ui import drive, started  # noqa: F401 (started: a fixture, u
 from test_run import HOPSCOPE, Run, _alive, _env
 from test_run_user import _children
 from textual.pilot import Pilot
+from uitools import answered_after_saves
 
 ASGI_APP = """
 import os
@@ -82,20 +83,7 @@ def _answer(base: str) -> tuple[str, int]:
 def _until(run: Run, check: Callable[[], object], what: str, save: Callable[[], None]) -> object:
     """Poll ``check`` until it is true; returns it.  No change seen within a few
     seconds: ``save`` again (watching may have missed the first save)."""
-    deadline = time.monotonic() + 45
-    saved = time.monotonic()
-    while True:
-        result = check()
-        if result:
-            return result
-        if run.proc.poll() is not None:
-            pytest.fail(f"hopscope exited ({run.proc.returncode}) before {what}:\n{run.err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{run.err}")
-        if time.monotonic() - saved > 5:
-            save()
-            saved = time.monotonic()
-        time.sleep(0.1)
+    return run.wait_for(check, what, 45, again=save, pause=0.1)
 
 
 def _until_version(run: Run, base: str, version: str, save: Callable[[], None]) -> int:
@@ -331,15 +319,15 @@ def test_under_the_ui_a_reload_is_a_notice(
         async with httpx.AsyncClient(base_url=session.urls["proxy"], timeout=30) as client:
             first = (await client.get("/")).text.split()
             assert first[0] == "one"
-            deadline = time.monotonic() + 45
-            saved = 0.0
-            while (answer := (await client.get("/")).text.split())[0] != "two!":
-                assert time.monotonic() < deadline, [n.message for n in app._notifications]
-                if time.monotonic() - saved > 5:  # (again, if the save was missed)
-                    _write(project / "app.py", ASGI_APP, "two!")
-                    saved = time.monotonic()
-                await pilot.pause(0.1)
-            assert answer[1] != first[1]
+            answer = await answered_after_saves(
+                pilot,
+                client,
+                lambda response: response.text.split()[0] == "two!",
+                lambda: _write(project / "app.py", ASGI_APP, "two!"),
+                time.monotonic() + 45,
+                lambda: [n.message for n in app._notifications],
+            )
+            assert answer.text.split()[1] != first[1]
         notices = [str(n.message) for n in app._notifications]
         assert any(m.startswith("reloading: ") and "app.py changed" in m for m in notices)
 

@@ -35,6 +35,7 @@ from test_run_reload_s10 import (
     _write,
 )
 from textual.pilot import Pilot
+from uitools import answered_after_saves
 
 #: The line said when the first start failed: where requests go meanwhile.
 PENDING = re.compile(r"(http://127\.0\.0\.1:\d+) answers 502 meanwhile")
@@ -164,13 +165,14 @@ def test_under_the_ui_a_first_start_that_cannot_load_is_a_notice(
             response = await client.get("/")
             assert response.status_code == 502
             assert response.text == f"hopscope: {failure}\n"
-            saved = 0.0
-            while (answer := await client.get("/")).status_code != 200:
-                assert time.monotonic() < deadline + 30, notices()
-                if time.monotonic() - saved > 5:  # (again, if the save was missed)
-                    _write(app_py, ASGI_APP, "two!")
-                    saved = time.monotonic()
-                await pilot.pause(0.1)
+            answer = await answered_after_saves(
+                pilot,
+                client,
+                lambda response: response.status_code == 200,
+                lambda: _write(app_py, ASGI_APP, "two!"),
+                deadline + 30,
+                notices,
+            )
             assert answer.text.split()[0] == "two!"
         while not any(m.startswith("serving app:app (ASGI, uvicorn)") for m in notices()):
             assert time.monotonic() < deadline + 40, notices()

@@ -22,7 +22,6 @@ import base64
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import httpx
 import pytest
 from hopscope.tracing import load
 from hopscope.tracing.model import Span, Trace
+from servers import interrupt
 from test_run import BIN, FLASK_APP, Run, _check_traces, _env, _free_port, _project, _requests
 
 pytestmark = pytest.mark.timeout(120)
@@ -221,12 +221,7 @@ def _bare(cwd: Path, command: list[str], base: str) -> list[Exchange]:
         _serving(base, proc)
         return _exchanges(base)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-            proc.kill()
-            proc.wait(10)
+        interrupt(proc, 20)
 
 
 def _same_as_bare(

@@ -10,7 +10,6 @@ import os
 import socket
 import struct
 import threading
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from frames import read_frames
+from frames import ThreadCollector, Unrecordable, listener, url_of
 from hopscope.tracing import sinks
 from hopscope.tracing.context import SpanContext, current, span
 from hopscope.tracing.exceptions import exception_event
@@ -150,76 +149,15 @@ def test_fork_child_and_parent_records_each_appear_once(tmp_path: Path) -> None:
 # -- SocketSink ---------------------------------------------------------------------
 
 
-class Collector:
-    """A minimal in-test collector: accepts connections, checks the magic, decodes frames."""
-
-    def __init__(self, listener: socket.socket) -> None:
-        self.listener = listener
-        self.magics: list[bytes] = []
-        self.frames: list[tuple[dict[str, Any], int, list[Record]]] = []
-        self.errors: list[BaseException] = []
-        self._stop = False
-        listener.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def records(self) -> list[Record]:
-        return [record for _, _, batch in self.frames for record in batch]
-
-    @property
-    def dropped(self) -> int:
-        return sum(dropped for _, dropped, _ in self.frames)
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    self._read(conn)
-                except BaseException as exc:  # surfaced by the test
-                    self.errors.append(exc)
-
-    def _read(self, conn: socket.socket) -> None:
-        conn.settimeout(None)
-        file = conn.makefile("rb")
-        self.magics.append(file.read(len(WIRE_MAGIC)))
-        for frame in read_frames(file):
-            self.frames.append(frame)  # one at a time: wait_for() watches them come
-
-    def wait_for(self, count: int, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.records) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop = True
-        self.thread.join(timeout=5)
-        self.listener.close()
-        assert not self.errors, self.errors
-
-
 def _listener(family: str, where: Path) -> tuple[socket.socket, str]:
-    if family == "tcp":
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        return listener, f"tcp://127.0.0.1:{listener.getsockname()[1]}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path = str(where / "c.sock")
-    listener.bind(path)
-    return listener, f"unix:{path}"
+    sock = listener("0" if family == "tcp" else f"unix:{where / 'c.sock'}")
+    return sock, url_of(sock)
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
 def test_socket_sink_delivers_frames(family: str, short_dir: Path) -> None:
     listener, url = _listener(family, short_dir)
-    listener.listen()
-    collector = Collector(listener)
+    collector = ThreadCollector(listener)
     sink = SocketSink(url, interval=0.005)
     records: list[Record] = [
         ("s", 1, 7, 8, 0, "app", "GET /", 1, {"http.request.headers": [(b"a", b"b")]}),
@@ -230,7 +168,7 @@ def test_socket_sink_delivers_frames(family: str, short_dir: Path) -> None:
     for record in records:
         sink.emit(record)
     sink.flush()
-    collector.wait_for(len(records))
+    collector.wait_for(lambda: len(collector.records) >= len(records))
     sink.close()
     collector.stop()
     assert collector.magics == [WIRE_MAGIC]
@@ -260,11 +198,10 @@ def test_socket_sink_never_blocks_and_reconnects(short_dir: Path) -> None:
     assert sink.dropped == emitted - queued
     assert sink.connects == 0
 
-    listener.listen()
-    collector = Collector(listener)
-    collector.wait_for(queued)
+    collector = ThreadCollector(listener)  # listening from now
+    collector.wait_for(lambda: len(collector.records) >= queued)
     sink.emit(("p", -1, 1, 1, "after", None))
-    collector.wait_for(queued + 1)
+    collector.wait_for(lambda: len(collector.records) >= queued + 1)
     sink.close()
     collector.stop()
     assert sink.connects == 1
@@ -565,28 +502,12 @@ def test_env_file_sinks_of_several_workers_append_to_one_trace(tmp_path: Path) -
 # -- recordings (requests handed over whole) ------------------------------------------
 
 
-class _Unrecordable(Recording):
-    """A request whose raw fields no start record can be made of (a client that is no
-    pair): what an odd server could hand over."""
-
-    interface = "asgi"
-
-    def __init__(self) -> None:
-        self.sink = MemorySink()
-        self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id = 1, 2, 3, 0, 4
-        self.request = ("GET", "http", "1.1", "/", b"", 42, None, [], "")
-        self.items = []
-        self.end_at = -1
-        self.done = False
-        self._state = -1
-
-
 def test_a_request_that_cannot_be_recorded_is_counted_and_the_drain_goes_on(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "odd.jsonl"
     sink = FileSink(path, interval=0.01)
-    assert sink.start_live(_Unrecordable())
+    assert sink.start_live(Unrecordable())
     sink.emit(("p", 5, 6, 7, "tick", None))
     sink.flush()
     assert [e["name"] for e in read_events(path) if e["kind"] == "event"] == ["tick"]

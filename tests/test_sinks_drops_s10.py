@@ -13,16 +13,11 @@ received plus drops reported is what the app emitted, and ``sink.dropped`` agree
 from __future__ import annotations
 
 import socket
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from frames import ProcessCollector, fill, read_frames, record
+from frames import ProcessCollector, ThreadCollector, Unrecordable, fill, listener, record
 from hopscope.tracing import MemorySink, SocketSink
-from hopscope.tracing.sinks import WIRE_MAGIC, Recording
 
 #: Queued records at most: a small queue, so that a send in progress makes drops.
 MAX_QUEUE = 64
@@ -88,69 +83,25 @@ def test_drops_reported_by_frames_lost_with_a_killed_collector_reach_the_next(
     assert sink.dropped == heard
 
 
-class _KeepOpen:
-    """An in-test collector that keeps every connection open after reading it to its
-    end (so the sink cannot tell from its socket that one is over), decoding frames."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.url = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.ids: list[Any] = []
-        self.dropped = 0
-        self.ended = 0
-        self.conns: list[socket.socket] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        file = conn.makefile("rb")
-        assert file.read(len(WIRE_MAGIC)) == WIRE_MAGIC
-        for _, dropped, batch in read_frames(file):
-            self.dropped += dropped
-            self.ids += [record[1] for record in batch]
-        self.ended += 1
-
-    def wait(self, what: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 10
-        while not what() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop = True
-        self.thread.join(timeout=5)
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
-
-
 def test_a_send_that_fails_counts_each_dropped_record_once() -> None:
     """The connection fails at the very send of a batch holding a record that cannot be
     marshalled (counted, and reported in the batch's frame): the batch's records were
     counted again on top, that one twice, so ``sink.dropped`` said more than the
     collector then heard.  Only what the failed send lost is counted now."""
-    collector = _KeepOpen()
+    # It keeps every connection open after reading it to its end: the sink cannot tell
+    # from its socket that one is over.
+    collector = ThreadCollector(listener("0"), keep_open=True)
     sink = SocketSink(collector.url, interval=60)  # sends at flush() only
     try:
         sink.emit(record(0))
-        collector.wait(lambda: sink.connects == 1)
+        collector.wait_for(lambda: sink.connects == 1, 10)
         sink.flush(5)
-        collector.wait(lambda: collector.ids == [0])
+        collector.wait_for(lambda: collector.ids == [0], 10)
         assert sink._sock is not None
         # The connection breaks for the sink (its next send fails) while the collector
         # says nothing (its end stays open): what a dead link looks like.
         sink._sock.shutdown(socket.SHUT_WR)
-        collector.wait(lambda: collector.ended == 1)
+        collector.wait_for(lambda: collector.ended == 1, 10)
         sink.emit(object())  # no record at all: marshal refuses it, and its repr fallback
         sink.emit(record(1))
         sink.emit(record(2))
@@ -158,27 +109,11 @@ def test_a_send_that_fails_counts_each_dropped_record_once() -> None:
         assert sink.connects == 2
     finally:
         sink.close()
-        collector.wait(lambda: collector.ended == 2)
+        collector.wait_for(lambda: collector.ended == 2, 10)
         collector.stop()
     assert collector.ids == [0]
     assert collector.dropped == 3  # the odd one, and the two its batch lost
     assert sink.dropped == 3
-
-
-class _Unrecordable(Recording):
-    """A request whose raw fields no start record can be made of (a client that is no
-    pair): what an odd server could hand over."""
-
-    interface = "asgi"
-
-    def __init__(self, sink: MemorySink) -> None:
-        self.sink = sink
-        self.start, self.trace_id, self.span_id, self.parent_id, self.thread_id = 1, 2, 3, 0, 4
-        self.request = ("GET", "http", "1.1", "/", b"", 42, None, [], "")
-        self.items = []
-        self.end_at = -1
-        self.done = False
-        self._state = -1
 
 
 def test_memory_sink_records_leave_out_and_count_a_request_that_cannot_be_recorded() -> None:
@@ -186,7 +121,7 @@ def test_memory_sink_records_leave_out_and_count_a_request_that_cannot_be_record
     when one of them could not be recorded; that one is left out and counted now."""
     sink = MemorySink()
     sink.emit(record(1))
-    assert sink.start_live(_Unrecordable(sink))
+    assert sink.start_live(Unrecordable(sink))
     sink.emit(record(2))
     assert [record[1] for record in sink.records()] == [1, 2]
     assert sink.dropped == 1

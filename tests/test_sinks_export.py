@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import struct
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from frames import ThreadCollector, listener
 from hopscope.tracing import wrap
 from hopscope.tracing.records import Record, expand
-from hopscope.tracing.sinks import WIRE_MAGIC, SocketSink, decode_frame
+from hopscope.tracing.sinks import SocketSink
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -33,105 +31,9 @@ from test_sinks import _fork_child
 Serve = Callable[[Any], AbstractContextManager[str]]
 
 
-class Collector:
-    """Accepts connections and decodes their frames (a thread each); ``paused`` makes it
-    stop reading (connections stay open), as a stuck collector would."""
-
-    def __init__(self, listener: socket.socket) -> None:
-        self.listener = listener
-        self.frames: list[tuple[dict[str, Any], int, list[Record]]] = []
-        self.errors: list[BaseException] = []
-        self.paused = threading.Event()
-        self.readers: list[threading.Thread] = []
-        self._stop = self._closing = False
-        listener.settimeout(0.1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def records(self) -> list[Record]:
-        return [record for _, _, batch in list(self.frames) for record in batch]
-
-    @property
-    def dropped(self) -> int:
-        return sum(dropped for _, dropped, _ in list(self.frames))
-
-    def _serve(self) -> None:
-        while not (self._stop or self._closing):
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            reader = threading.Thread(target=self._connection, args=(conn,), daemon=True)
-            self.readers.append(reader)
-            reader.start()
-
-    def _connection(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self._read(conn)
-            except BaseException as exc:  # surfaced by stop()
-                self.errors.append(exc)
-
-    def _read_exactly(self, conn: socket.socket, size: int) -> bytes:
-        data = b""
-        while len(data) < size and not self._stop:
-            if self.paused.is_set():
-                time.sleep(0.01)
-                continue
-            try:
-                chunk = conn.recv(min(size - len(data), 65536))
-            except TimeoutError:
-                continue
-            if not chunk:
-                return data
-            data += chunk
-        return data
-
-    def _read(self, conn: socket.socket) -> None:
-        conn.settimeout(0.1)
-        if self._read_exactly(conn, len(WIRE_MAGIC)) != WIRE_MAGIC:
-            raise AssertionError("no magic")
-        while not self._stop:
-            head = self._read_exactly(conn, 4)
-            if len(head) < 4:
-                return
-            (length,) = struct.unpack("!I", head)
-            payload = self._read_exactly(conn, length)
-            if self._stop:
-                return  # stopped by force: the frame may be cut
-            self.frames.append(decode_frame(payload))
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
-    def stop(self, force: bool = False) -> None:
-        """Stop accepting; read on until the peer closes (or not, with ``force``)."""
-        self._closing = True
-        self._stop = force
-        self.thread.join(timeout=5)
-        for reader in self.readers:
-            reader.join(timeout=10)
-        self._stop = True
-        for reader in self.readers:
-            reader.join(timeout=5)
-        self.listener.close()
-        assert not self.errors, self.errors
-
-
-def _unix_collector(where: Path) -> tuple[Collector, str]:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path = str(where / "c.sock")
-    listener.bind(path)
-    listener.listen()
-    return Collector(listener), f"unix:{path}"
+def _unix_collector(where: Path) -> tuple[ThreadCollector, str]:
+    collector = ThreadCollector(listener(f"unix:{where / 'c.sock'}"))
+    return collector, collector.url
 
 
 def _tick(i: int, pad: bytes = b"") -> Record:
@@ -223,12 +125,8 @@ def test_collector_restart_while_requests_send(
 ) -> None:
     port = free_port()
 
-    def listen() -> Collector:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen()
-        return Collector(listener)
+    def listen() -> ThreadCollector:
+        return ThreadCollector(listener(str(port)))
 
     first = listen()
     sink = SocketSink(f"tcp://127.0.0.1:{port}", interval=0.02, flush_at=2)

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from djangotools import django_urls
 from hopscope.app.run import BOOTSTRAP_DIR
 from hopscope.tracing import inject, sinks
 from hopscope.tracing.asgi import ASGIMiddleware
@@ -56,30 +56,17 @@ def django_file(request: Any) -> Any:
 def django_handler() -> Iterator[Any]:
     """Django's own ``WSGIHandler``, patched the way ``hopscope run`` patches it (on a
     subclass here, so the rest of the test run keeps Django as it is)."""
-    import django
-    from django.conf import settings
     from django.core.handlers.wsgi import WSGIHandler
-    from django.test.utils import override_settings
     from django.urls import path
 
-    urls = types.ModuleType("hopscope_test_suites_urls")
-    urls.urlpatterns = [path("", django_hello), path("file", django_file)]  # type: ignore[attr-defined]
-    sys.modules[urls.__name__] = urls
-    if not settings.configured:
-        settings.configure(SECRET_KEY="test", USE_TZ=True, INSTALLED_APPS=[])
-        django.setup()
-    overrides = override_settings(ROOT_URLCONF=urls.__name__, ALLOWED_HOSTS=["*"], MIDDLEWARE=[])
-    overrides.enable()
+    urlpatterns = [path("", django_hello), path("file", django_file)]
+    with django_urls("hopscope_test_suites_urls", urlpatterns):
 
-    class Handler(WSGIHandler):
-        pass
+        class Handler(WSGIHandler):
+            pass
 
-    inject._patch_wsgi_call(Handler)
-    try:
+        inject._patch_wsgi_call(Handler)
         yield Handler()
-    finally:
-        overrides.disable()
-        del sys.modules[urls.__name__]
 
 
 def environ_for(path: str, **extra: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from djangotools import DJANGO_CLIENT_PROJECT
 from hopscope.app.run import BOOTSTRAP_DIR
 
 pytest.importorskip("werkzeug")
@@ -87,7 +88,8 @@ print(json.dumps([live.decode(), tested.decode(), inject._served]))
 """
 
 
-DJANGO_CLIENT = """
+DJANGO_CLIENT = (
+    """
 import json
 
 import django
@@ -97,26 +99,11 @@ from django.test import Client
 from django.urls import path
 
 
-def hello(request, name):
-    response = HttpResponse(b"hello " + request.body, content_type="text/plain")
-    response.set_cookie("seen", "yes")
-    return response
-
-
 def stream(request):
     return StreamingHttpResponse(iter([b"one ", b"two"]))
-
-
-def boom(request):
-    raise ValueError("boom")
-
-
-urlpatterns = [path("hello/<name>", hello), path("stream", stream), path("boom", boom)]
-settings.configure(
-    SECRET_KEY="test", ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], MIDDLEWARE=[]
-)
-django.setup()
-client = Client()
+"""
+    + DJANGO_CLIENT_PROJECT
+    + """client = Client()
 posted = client.post("/hello/ada", b"ada", content_type="text/plain")
 streamed = client.get("/stream")
 try:
@@ -133,6 +120,7 @@ print(json.dumps([
     raised,
 ]))
 """
+)
 
 
 def _env(trace: Path) -> dict[str, str]:
@@ -154,6 +142,26 @@ def _spans(trace: Path) -> dict[str, dict[str, Any]]:
         elif event.get("kind") == "span_end" and event.get("span_id") in spans:
             spans[event["span_id"]]["end"] = event["attrs"]
     return spans
+
+
+def _run_script(
+    tmp_path: Path, name: str, source: str, *args: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``source`` as ``name`` under the bootstrap, to its (successful) end: what it
+    did and its trace."""
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(source))
+    trace = tmp_path / "trace.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        env=_env(trace),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done, trace
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -225,18 +233,7 @@ def test_flask_app_run_records_each_request_once(
     """Flask's ``app.run()`` ends in ``run_simple`` (the app handed positionally), where
     ``Flask.__call__``'s patch also records: a live request is recorded once, not twice,
     and starting the server leaves the process's test client traced too."""
-    script = tmp_path / "flask_app.py"
-    script.write_text(textwrap.dedent(FLASK_APP))
-    trace = tmp_path / "trace.jsonl"
-    done = subprocess.run(
-        [sys.executable, str(script), str(free_port())],
-        cwd=tmp_path,
-        env=_env(trace),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done, trace = _run_script(tmp_path, "flask_app.py", FLASK_APP, str(free_port()))
     # (Flask prints its banner first.)
     assert json.loads(done.stdout.splitlines()[-1]) == ["hello flask", "hello flask", False]
     spans = _spans(trace)
@@ -250,18 +247,7 @@ def test_django_test_client_requests_are_recorded(tmp_path: Path) -> None:
     recorded with its route, body sizes and status, and the test sees the same response
     object, cookies, streamed content and exception as bare."""
     pytest.importorskip("django")
-    script = tmp_path / "django_client.py"
-    script.write_text(textwrap.dedent(DJANGO_CLIENT))
-    trace = tmp_path / "trace.jsonl"
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_env(trace),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    done, trace = _run_script(tmp_path, "django_client.py", DJANGO_CLIENT)
     assert json.loads(done.stdout) == [200, "hello ada", "yes", "/hello/ada", "one two", "boom"]
     ends = {s["name"]: s["end"] for s in _spans(trace).values()}
     assert sorted(ends) == ["GET /boom", "GET /stream", "POST /hello/ada"], ends

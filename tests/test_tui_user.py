@@ -36,7 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
-from uitools import text_of, wait_for
+from uitools import text_of, traced, wait_for
 
 Event = dict[str, Any]
 SIZE = (120, 40)
@@ -74,16 +74,7 @@ async def _hostile(request: Request) -> Response:
 
 def recorded(requests: Callable[[httpx.AsyncClient], Awaitable[None]]) -> list[Event]:
     """The wire events of ``requests`` made to :func:`_hostile`, traced for real."""
-    sink = MemorySink()
-    app = wrap(Starlette(routes=[Route("/{rest:path}", _hostile, methods=["GET", "POST"])]), sink)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            await requests(client)
-
-    asyncio.run(main())
-    return sink.events()
+    return traced([Route("/{rest:path}", _hostile, methods=["GET", "POST"])], requests)
 
 
 def screen_lines(app: HopscopeApp) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from starlette.routing import Route
 from test_tui_user import run, screen_lines
 from textual.pilot import Pilot
 from textual.widgets import Input, TextArea
-from uitools import text_of, wait_for
+from uitools import text_of, traced, wait_for
 
 Event = dict[str, Any]
 SIZE = (120, 40)
@@ -48,22 +48,6 @@ def no_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The apps read the user's config file: point them at none."""
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
-
-
-def traced(
-    routes: list[Route], requests: Callable[[httpx.AsyncClient], Awaitable[None]]
-) -> list[Event]:
-    """The wire events of ``requests`` made to an app of ``routes``, traced for real."""
-    sink = MemorySink()
-    app = wrap(Starlette(routes=routes), sink)
-
-    async def main() -> None:
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            await requests(client)
-
-    asyncio.run(main())
-    return sink.events()
 
 
 # -- invisible characters --------------------------------------------------------------------

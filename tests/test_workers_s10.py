@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import signal
 import socket
 import struct
 import subprocess
@@ -31,6 +30,7 @@ import websockets.sync.client
 from hopscope.tracing import MemorySink, load, wrap
 from hopscope.tracing.model import Span
 from hopscope.tracing.sinks import WIRE_MAGIC, decode_frame
+from servers import interrupt
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -94,13 +94,7 @@ class _Bare:
             )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a failure: do not leave it
-            self.proc.kill()
-            self.proc.wait(10)
+        interrupt(self.proc)
 
 
 def _app_span(spans: list[Span]) -> Span:

@@ -23,6 +23,7 @@ import uvicorn
 from hopscope.tracing import MemorySink, Span, Trace, wrap
 from hopscope.tracing.servers.uvicorn_protocols import H11Protocol, HttpToolsProtocol
 from hopscope.tracing.servers.uvicorn_ws import ws_protocol
+from servers import ws_echoes, ws_handshake
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -208,21 +209,6 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-def _handshake(address: tuple[str, int], path: str) -> socket.socket:
-    raw = socket.create_connection(address, timeout=5)
-    raw.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, "closed before the handshake's answer"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101 ")
-    return raw
-
-
 def _read_close(raw: socket.socket) -> int:
     """Read until the server's close frame; its code."""
     data = b""
@@ -259,7 +245,7 @@ def test_app_close_the_client_leaves_unanswered(
     """The app closes with 4003; the client reads the close and hangs up without the
     answering close frame."""
     address = serve(_impl(name))
-    with _handshake(address, "/close") as raw:
+    with ws_handshake(address, "/close") as raw:
         raw.sendall(_frame(0x1, b"hi"))
         assert _read_close(raw) == 4003
     (server,) = _server_spans(hop_sink, "/close")
@@ -274,7 +260,7 @@ def test_app_close_never_answered_until_the_timeout(
     """The client stays connected and never answers the app's close: uvicorn closes the
     connection after its close timeout, and the app's code is kept."""
     address = serve(_short_close_timeout(_impl(name)))
-    with _handshake(address, "/close") as raw:
+    with ws_handshake(address, "/close") as raw:
         raw.sendall(_frame(0x1, b"hi"))
         assert _read_close(raw) == 4003
         raw.settimeout(10)
@@ -309,17 +295,6 @@ def app(environ, start_response):
 """
 
 
-def _echoes(url: str) -> bool:
-    from websockets.exceptions import InvalidStatus
-
-    try:
-        with connect(url, open_timeout=5) as ws:
-            ws.send("hi")
-            return ws.recv(timeout=5) == "hi"
-    except (OSError, InvalidStatus, ConnectionClosed, TimeoutError):
-        return False
-
-
 def test_run_target_serves_websockets_with_the_chosen_implementation(
     tmp_path: Any, runs: Callable[..., Any]
 ) -> None:
@@ -332,7 +307,7 @@ def test_run_target_serves_websockets_with_the_chosen_implementation(
     (tmp_path / "wsapp.py").write_text(WS_APP)
     run = runs(tmp_path, "wsapp:app", "--port", "0", "--ws", "wsproto", "--headless")
     url = run.url().replace("http://", "ws://") + "/echo"
-    run.wait_for(lambda: _echoes(url), "a WebSocket echo")
+    run.wait_for(lambda: ws_echoes(url), "a WebSocket echo")
     run.wait_for(lambda: " WS /echo" in run.out, "the tail line")
     run.stop()
     servers = [

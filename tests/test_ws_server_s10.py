@@ -17,7 +17,7 @@ import pytest
 from hopscope.tracing import MemorySink, Span, Trace, load, wrap
 from hopscope.tracing.servers.uvicorn_protocols import HttpToolsProtocol
 from hopscope.tracing.servers.uvicorn_ws import ws_protocol
-from servers import uvicorn_thread
+from servers import uvicorn_thread, ws_echoes, ws_handshake
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -176,17 +176,8 @@ def test_app_raising_after_accept(served: str, hop_sink: MemorySink) -> None:
 
 def test_client_gone_without_a_close_frame(served: str, hop_sink: MemorySink) -> None:
     host, port = served.removeprefix("ws://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as raw:
-        raw.sendall(
-            b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = raw.recv(4096)
-            assert chunk, "closed before the handshake's answer"
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101 ")
+    with ws_handshake((host, int(port)), "/echo", host="x"):
+        pass  # gone without a close frame
     server, _ = _server(_finished(hop_sink, "/echo"))
     assert server.attrs["websocket.close_code"] == 1006
     assert server.attrs["websocket.closed_by"] == "client"
@@ -254,16 +245,7 @@ def test_hopscope_run_uvicorn_records_the_websocket_server_hop(
     front = Front(front_sock, f"http://127.0.0.1:{port}", collector.group(1))
     try:
         url = f"ws://127.0.0.1:{front_sock.getsockname()[1]}/echo"
-
-        def echoed() -> bool:
-            try:
-                with connect(url, open_timeout=5) as ws:
-                    ws.send("hi")
-                    return ws.recv(timeout=5) == "hi"
-            except (OSError, InvalidStatus, ConnectionClosed, TimeoutError):
-                return False
-
-        run.wait_for(echoed, "a WebSocket echo through the proxy")
+        run.wait_for(lambda: ws_echoes(url), "a WebSocket echo through the proxy")
         run.wait_for(lambda: re.search(r" WS /echo .*server=", run.out), "the tail line")
     finally:
         front.stop()

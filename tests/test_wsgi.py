@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,11 +30,13 @@ from wsgiref.validate import WSGIWarning, validator
 import flask
 import httpx
 import pytest
-from hopscope.tracing import FileSink, MemorySink, Sink, Span, Trace, load, span, wrap
+from djangotools import django_urls
+from hopscope.tracing import FileSink, MemorySink, Span, Trace, load, span, wrap
 from hopscope.tracing.context import current
-from hopscope.tracing.records import BODY_LIMIT, Record, legacy, process_info, to_events
+from hopscope.tracing.records import BODY_LIMIT, legacy, process_info, to_events
 from hopscope.tracing.tracefile import read_events
 from hopscope.tracing.wsgi import EVENT_CHUNKS, WSGIMiddleware
+from traces import EmitOnlySink, events, the_trace
 
 # A missing close() shows up only as an "unraisable" exception in the validator's
 # __del__; make it fail the test that caused it.
@@ -140,20 +141,10 @@ def both(app: Any, wrapped: Any, method: str, url: str, **kwargs: Any) -> httpx.
     return got
 
 
-def only_trace(sink: MemorySink) -> Trace:
-    traces = sink.traces()
-    assert len(traces) == 1, traces
-    return traces[0]
-
-
 def app_span(trace: Trace) -> Span:
     spans = [s for s in trace.spans.values() if s.attrs.get("interface") == "wsgi"]
     assert len(spans) == 1
     return spans[0]
-
-
-def events(span_: Span, name: str) -> list[dict[str, Any]]:
-    return [e.attrs for e in span_.events if e.name == name]
 
 
 def marshalable(sink: MemorySink) -> None:
@@ -173,7 +164,7 @@ def test_plain_request_is_recorded(sink: MemorySink) -> None:
     )
     assert response.text == "hello world"
     marshalable(sink)
-    trace = only_trace(sink)
+    trace = the_trace(sink)
     s = app_span(trace)
     assert s.name == "GET /hello"
     assert s.hop == "app" and s.finished and s.parent_id is None
@@ -204,7 +195,7 @@ def test_plain_request_is_recorded(sink: MemorySink) -> None:
 def test_route_template_from_flask(sink: MemorySink) -> None:
     app = flask_app()
     both(app, WSGIMiddleware(app, sink=sink), "GET", "/items/7")
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.route"] == "/items/<int:item_id>"
     assert s.name == "GET /items/7"
 
@@ -214,7 +205,7 @@ def test_streaming_response_chunks_and_summary(sink: MemorySink) -> None:
     response = both(app, WSGIMiddleware(app, sink=sink), "GET", "/stream")
     expected = "".join(f"chunk {i}\n" for i in range(STREAM_CHUNKS))
     assert response.text == expected
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.response.body.size"] == len(expected)
     assert s.body("response") == expected.encode()
     chunks = events(s, "response.body")
@@ -230,7 +221,7 @@ def test_large_response_is_counted_and_capture_truncated(sink: MemorySink) -> No
     app = flask_app()
     response = both(app, WSGIMiddleware(app, sink=sink), "GET", "/large")
     assert len(response.content) == len(LARGE)
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.response.body.size"] == len(LARGE)
     assert s.attrs["http.response.body.truncated"] is True
     assert s.body("response") == LARGE[:BODY_LIMIT]
@@ -243,7 +234,7 @@ def test_large_response_is_counted_and_capture_truncated(sink: MemorySink) -> No
 def test_body_limit_is_configurable(sink: MemorySink) -> None:
     app = flask_app()
     both(app, WSGIMiddleware(app, sink=sink, body_limit=5), "GET", "/hello")
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.body("response") == b"hello"
     assert s.attrs["http.response.body.truncated"] is True
     assert s.attrs["http.response.body.size"] == 11
@@ -263,7 +254,7 @@ def test_json_upload(sink: MemorySink, count: int) -> None:
         headers={"Content-Type": "application/json"},
     )
     assert response.json() == {"count": count, "last": payload[-1]}
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert ("content-type", "application/json") in s.headers("request")
     assert ("content-length", str(len(body))) in s.headers("request")
     assert s.attrs["http.request.body.size"] == len(body)
@@ -287,7 +278,7 @@ def test_not_found(sink: MemorySink) -> None:
     app = flask_app()
     response = both(app, WSGIMiddleware(app, sink=sink), "GET", "/missing")
     assert response.status_code == 404
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.response.status_code"] == 404
     assert "http.route" not in s.attrs
     assert "error" not in s.attrs
@@ -298,7 +289,7 @@ def test_handled_exception_is_a_500(sink: MemorySink) -> None:
     app.logger.disabled = True
     response = both(app, WSGIMiddleware(app, sink=sink), "GET", "/boom")
     assert response.status_code == 500
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.response.status_code"] == 500
     assert s.attrs["http.route"] == "/boom"
 
@@ -310,7 +301,7 @@ def test_propagated_exception_is_recorded_and_reraised(sink: MemorySink) -> None
         with pytest.raises(RuntimeError, match=r"^boom$"):
             wrapped_client.get("/boom")
     assert current.get() is None
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished
     assert s.attrs["error"] is True
     assert s.attrs["exception.type"] == "RuntimeError"
@@ -325,7 +316,7 @@ def test_propagated_exception_is_recorded_and_reraised(sink: MemorySink) -> None
 def test_user_spans_land_under_the_app_span(sink: MemorySink) -> None:
     app = flask_app()
     both(app, WSGIMiddleware(app, sink=sink), "GET", "/traced")
-    trace = only_trace(sink)
+    trace = the_trace(sink)
     s = app_span(trace)
     (child,) = trace.children(s)
     assert child.name == "lookup"
@@ -338,7 +329,7 @@ def test_user_spans_inside_a_streamed_body(sink: MemorySink) -> None:
     app = flask_app()
     response = both(app, WSGIMiddleware(app, sink=sink), "GET", "/stream-traced")
     assert response.text == "ab"
-    trace = only_trace(sink)
+    trace = the_trace(sink)
     s = app_span(trace)
     assert [c.name for c in trace.children(s)] == ["inside-stream"]
 
@@ -348,7 +339,7 @@ def test_traceparent_is_honoured(sink: MemorySink) -> None:
     both(
         app, WSGIMiddleware(app, sink=sink), "GET", "/traced", headers={"traceparent": TRACEPARENT}
     )
-    trace = only_trace(sink)
+    trace = the_trace(sink)
     assert trace.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     s = app_span(trace)
     assert s.parent_id == "00f067aa0ba902b7"
@@ -359,7 +350,7 @@ def test_malformed_traceparent_starts_a_new_trace(sink: MemorySink) -> None:
     app = flask_app()
     wrapped = WSGIMiddleware(app, sink=sink)
     both(app, wrapped, "GET", "/hello", headers={"traceparent": "00-zz-yy-01"})
-    trace = only_trace(sink)
+    trace = the_trace(sink)
     assert trace.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"
     assert app_span(trace).parent_id is None
 
@@ -445,11 +436,8 @@ def test_a_bad_sink_setting_leaves_the_app_alone(
 @pytest.fixture(scope="module")
 def django_app() -> Iterator[Any]:
     # Django's settings are process-wide and another test module may have configured
-    # them first: configure the minimum if nobody has, then override what this needs.
-    import django
-    from django.conf import settings
+    # them first: see djangotools.django_urls.
     from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-    from django.test import override_settings
     from django.urls import path
 
     def hello(request: HttpRequest) -> HttpResponse:
@@ -464,22 +452,15 @@ def django_app() -> Iterator[Any]:
     def item(request: HttpRequest, item_id: int) -> JsonResponse:
         return JsonResponse({"id": item_id})
 
-    urls = types.ModuleType("hopscope_test_django_wsgi_urls")
-    urls.urlpatterns = [  # type: ignore[attr-defined]
+    urlpatterns = [
         path("hello/", hello),
         path("echo/", echo),
         path("stream/", stream),
         path("items/<int:item_id>/", item),
     ]
-    sys.modules[urls.__name__] = urls
-    if not settings.configured:
-        settings.configure(SECRET_KEY="hopscope-tests", USE_TZ=True, INSTALLED_APPS=[])
-        django.setup()
-    from django.core.wsgi import get_wsgi_application
+    with django_urls("hopscope_test_django_wsgi_urls", urlpatterns, DEBUG=False):
+        from django.core.wsgi import get_wsgi_application
 
-    with override_settings(
-        ROOT_URLCONF=urls.__name__, ALLOWED_HOSTS=["*"], DEBUG=False, MIDDLEWARE=[]
-    ):
         yield get_wsgi_application()
 
 
@@ -621,7 +602,7 @@ def test_validator_on_both_sides(
     assert wrapped.endswith(b"\r\n\r\n" + expected)
     if closing_body:
         assert closing_body[0].closed == 1
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished and "disconnected" not in s.attrs and "error" not in s.attrs
     assert s.attrs["http.response.status_code"] == 200
     assert s.attrs["http.response.body.size"] == len(expected)
@@ -642,11 +623,11 @@ def test_close_is_called_once_even_when_never_iterated(sink: MemorySink) -> None
     environ: dict[str, Any] = {}
     setup_testing_defaults(environ)
     result = WSGIMiddleware(app, sink=sink)(environ, lambda *args: None)
-    assert not app_span(only_trace(sink)).finished  # still running until close()
+    assert not app_span(the_trace(sink)).finished  # still running until close()
     result.close()  # type: ignore[attr-defined]
     result.close()  # type: ignore[attr-defined]
     assert body.closed == 1
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished
     assert s.attrs["disconnected"] is True
     assert events(s, "disconnect") == [{"phase": "during_response"}]
@@ -707,7 +688,7 @@ def test_exception_at_call_is_reraised_unchanged(sink: MemorySink) -> None:
         serve(WSGIMiddleware(app, sink=sink))
     assert info.value is raised[0]
     assert current.get() is None
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished and s.attrs["error"] is True
     assert s.attrs["exception.type"] == "ValueError"
     assert events(s, "exception")[0]["phase"] == "before_response"
@@ -725,7 +706,7 @@ def test_exception_while_iterating(sink: MemorySink) -> None:
     with pytest.raises(KeyError) as info:
         serve(WSGIMiddleware(app, sink=sink))
     assert info.value is raised[0]
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished and s.attrs["error"] is True
     assert s.attrs["http.response.status_code"] == 200
     assert s.attrs["http.response.body.size"] == len(b"partial")
@@ -748,7 +729,7 @@ def test_exception_in_close(sink: MemorySink) -> None:
     with pytest.raises(OSError, match="cannot close"):
         serve(WSGIMiddleware(app, sink=sink))
     assert body.closed == 1
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished and s.attrs["exception.type"] == "OSError"
     assert events(s, "exception")[0]["phase"] == "after_response"
 
@@ -768,7 +749,7 @@ def test_exc_info_before_headers_are_sent_replaces_the_status(sink: MemorySink) 
     output = serve(WSGIMiddleware(app, sink=sink))
     assert output.startswith(b"HTTP/1.0 500 Internal Server Error\r\n")
     assert output == serve(app)
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert [e["status"] for e in events(s, "response.start")] == [200, 500]
     assert s.attrs["http.response.status_code"] == 500
 
@@ -794,7 +775,7 @@ def test_exc_info_after_headers_are_sent_reraises(sink: MemorySink) -> None:
     assert info.value is raised[0]
     exc_info = handler.exc_infos[1]
     assert exc_info is not None and exc_info[1] is raised[0]  # passed on untouched
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["error"] is True and s.attrs["exception.type"] == "KeyError"
     assert s.attrs["http.response.status_code"] == 200
     assert events(s, "exception")[0]["phase"] == "after_response_start"
@@ -813,11 +794,11 @@ def test_file_wrapper_is_returned_unwrapped(sink: MemorySink) -> None:
     result = WSGIMiddleware(app, sink=sink)(environ, lambda *args: None)
     assert result is made[0]
     assert isinstance(result, FileWrapper)
-    assert not app_span(only_trace(sink)).finished  # the file is still to be sent
+    assert not app_span(the_trace(sink)).finished  # the file is still to be sent
     assert b"".join(result) == b"file contents"
     result.close()  # type: ignore[attr-defined]
     assert made[0].filelike.closed
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished
     assert s.attrs["wsgi.file_wrapper"] is True
     assert "disconnected" not in s.attrs
@@ -846,7 +827,7 @@ def test_file_wrapper_that_refuses_a_new_close_ends_at_return(sink: MemorySink) 
     setup_testing_defaults(environ)
     result = WSGIMiddleware(app, sink=sink)(environ, lambda *args: None)
     assert type(result) is Slotted
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.finished and s.attrs["wsgi.file_wrapper"] is True
     result.close()  # type: ignore[attr-defined]
 
@@ -876,7 +857,7 @@ def test_input_proxy_passes_everything_through(sink: MemorySink) -> None:
     parts = [got["first"], got["some"], *got["lines"], got["into"], got["rest"]]
     assert b"".join(parts) == data and got["eof"] == b""
     assert got["tell"] == len(data)
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert s.attrs["http.request.body.size"] == len(data)
     assert s.body("request") == data
     reads = events(s, "request.body")
@@ -895,7 +876,7 @@ def test_context_is_set_during_the_call_and_reset_after(sink: MemorySink) -> Non
         inside.append(current.get())
 
     serve(WSGIMiddleware(app, sink=sink))
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert [f"{c.span_id:016x}" for c in inside] == [s.span_id, s.span_id]
     assert current.get() is None
 
@@ -942,9 +923,9 @@ def test_body_stepped_and_closed_on_other_threads(sink: MemorySink) -> None:
         # Every worker, whichever steps it ran, is back outside any request.
         after = [pool.submit(current.get).result() for _ in range(16)]
     assert got == [b"x", b"x", b"x", None]
-    s = app_span(only_trace(sink))
+    s = app_span(the_trace(sink))
     assert [f"{c.span_id:016x}" for c in seen] == [s.span_id] * 4
-    assert [c.name for c in only_trace(sink).children(s)] == [
+    assert [c.name for c in the_trace(sink).children(s)] == [
         "step-0", "step-1", "step-2", "close",
     ]  # fmt: skip
     assert after == [None] * 16
@@ -1161,14 +1142,6 @@ def test_werkzeug_server(sink: MemorySink) -> None:
 # must be the same either way, in the same order.
 
 
-class EmitOnlySink(Sink):
-    def __init__(self) -> None:
-        self.got: list[Record] = []
-
-    def emit(self, record: Record) -> None:
-        self.got.append(record)
-
-
 def comparable(events: list[dict[str, Any]]) -> list[Any]:
     """Events with ids numbered by first appearance and times left out."""
     ids: dict[str, int] = {}
@@ -1219,7 +1192,7 @@ def test_one_record_per_request_makes_the_same_events_in_the_same_order() -> Non
 def test_logs_keep_their_place_among_the_body_events() -> None:
     sink = MemorySink()
     serve(WSGIMiddleware(logged_stream, sink=sink), "POST", b"0123456789")
-    names = [e.name for e in app_span(only_trace(sink)).events]
+    names = [e.name for e in app_span(the_trace(sink)).events]
     assert names[:3] == ["log", "request.body", "response.start"]
     # a chunk's event waits for the next chunk (is more coming?): the log comes first
     assert names[3:7] == ["log", "response.body", "log", "response.body"]
@@ -1314,7 +1287,7 @@ def test_environs_without_some_fields_or_headers_are_recorded() -> None:
             result = app(dict(environ), lambda status, pairs, exc_info=None: None)
             assert b"".join(result) == b"-"
             result.close()  # type: ignore[attr-defined]
-            s = app_span(only_trace(sink))
+            s = app_span(the_trace(sink))
             assert s.name == "GET /p"
             assert s.attrs.get("client.port") is None
             assert s.attrs["server.port"] == 80
@@ -1343,5 +1316,5 @@ def test_a_body_is_counted_whatever_kind_of_environ_came_before() -> None:
         result = app(environ, lambda status, pairs, exc_info=None: None)
         assert b"".join(result) == (body or b"-")
         result.close()  # type: ignore[attr-defined]
-        s = app_span(only_trace(sink))
+        s = app_span(the_trace(sink))
         assert s.attrs["http.request.body.size"] == size, extra

@@ -1,15 +1,21 @@
-"""Small helpers the UI tests share: waiting on a Pilot-driven app, the plain text of what
-a widget shows (so assertions read what a user would read, without styles), and a
-request's wire events for the store and file tests."""
+"""Small helpers the UI tests share: waiting on a Pilot-driven app (for a condition, or
+for a reload's new answer), the plain text of what a widget shows (so assertions read
+what a user would read, without styles), a request's wire events for the store and
+file tests, and the wire events of requests to a real app, traced."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx
+from hopscope.tracing import MemorySink, wrap
 from rich.console import Console
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import Static
@@ -25,6 +31,28 @@ async def wait_for(pilot: Pilot[None], condition: Callable[[], Any], what: str) 
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await pilot.pause(0.05)
     return result
+
+
+async def answered_after_saves(
+    pilot: Pilot[None],
+    client: httpx.AsyncClient,
+    done: Callable[[httpx.Response], bool],
+    save: Callable[[], object],
+    deadline: float,
+    why: Callable[[], object],
+) -> httpx.Response:
+    """GET ``/`` through ``client`` (the app running meanwhile) until ``done`` with the
+    response, which it returns: a reload under the UI.  ``save`` is called at once, then
+    each 5 s with no such answer (file watching may miss a save); past ``deadline`` (a
+    :func:`time.monotonic` time) the test fails, saying ``why()``."""
+    saved = 0.0
+    while not done(answer := await client.get("/")):
+        assert time.monotonic() < deadline, why()
+        if time.monotonic() - saved > 5:
+            save()
+            saved = time.monotonic()
+        await pilot.pause(0.1)
+    return answer
 
 
 def text_of(renderable: Any, width: int = 110) -> str:
@@ -82,3 +110,20 @@ def request_events(
         "attrs": {"http.response.status_code": status},
     }
     return [start, end]
+
+
+def traced(
+    routes: list[BaseRoute], requests: Callable[[httpx.AsyncClient], Awaitable[None]]
+) -> list[dict[str, Any]]:
+    """The wire events of ``requests`` made to a Starlette app of ``routes``, traced for
+    real (its exceptions recorded, not raised to the client)."""
+    sink = MemorySink()
+    app = wrap(Starlette(routes=routes), sink)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await requests(client)
+
+    asyncio.run(main())
+    return sink.events()
