@@ -243,17 +243,64 @@ def _flow(items: list[Any], code: int, limit: int, expected: int | None) -> _Flo
     return flow
 
 
-def _response_flow(exchange: _Exchange, chunk: bytes, ts: int) -> _Flow:
-    """The response's flow, made by its first chunk and counting it: what
-    ``_flow(...).add(chunk, ts)`` does, in one call (most bodies are one chunk)."""
-    expected = None
-    for name, value in exchange.response_headers or ():
+def _content_length(headers: tuple[tuple[str, str], ...] | None) -> int | None:
+    """The response's Content-Length, None when it has none (or not a number)."""
+    for name, value in headers or ():
         if len(name) == 14 and name.lower() == "content-length":
             try:  # records.port(value), inlined
+                return int(value)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _first_chunk(exchange: _Exchange, chunk: Any, ts: int) -> _Flow | None:
+    """Count the response's first chunk.  The common one (bytes within the limit, of a
+    response with a Content-Length: its event is known at once) makes no flow: its event
+    is appended and the chunk kept as it is (``body``), and the end's body fields are
+    derived from it at the drain (:meth:`_Exchange.end_fields`).  Else the flow."""
+    expected = None
+    for name, value in exchange.response_headers or ():  # _content_length, inlined
+        if len(name) == 14 and name.lower() == "content-length":
+            try:
                 expected = int(value)
             except (TypeError, ValueError):
                 pass
             break
+    size = len(chunk)
+    if expected is not None and type(chunk) is bytes and size <= exchange.limit:
+        exchange.items.append((RESPONSE_BODY, ts, size, size < expected))
+        exchange.body_ts = ts
+        exchange.body = chunk
+        return None
+    flow = exchange.response = _response_flow(exchange, chunk, ts, expected)
+    return flow
+
+
+def _materialize(exchange: _Exchange) -> _Flow:
+    """The flow a first chunk kept as it is (see _first_chunk) would have made: for the
+    chunks after it.  After the end (a server that steps a closed body) it counts
+    nothing the record holds: the exchange is left as it ended."""
+    chunk: bytes = exchange.body  # type: ignore[assignment]  # set by _first_chunk
+    flow = _Flow()
+    flow._items = exchange.items
+    flow._code = RESPONSE_BODY
+    flow._limit = exchange.limit
+    flow._expected = _content_length(exchange.response_headers)
+    flow._pending = None
+    flow._ended = False
+    flow.chunks = chunk
+    flow.count = 1
+    flow.size = flow.kept = len(chunk)
+    flow.first_ts = flow.last_ts = exchange.body_ts
+    if exchange.end_at < 0:
+        exchange.response = flow
+    return flow
+
+
+def _response_flow(exchange: _Exchange, chunk: bytes, ts: int, expected: int | None) -> _Flow:
+    """The response's flow, made by its first chunk and counting it: what
+    ``_flow(...).add(chunk, ts)`` does, in one call."""
     items = exchange.items
     flow = _Flow()
     flow._items = items
@@ -369,6 +416,8 @@ class _Exchange(Recording):
     __slots__ = (
         "_server_start_response",
         "_server_write",
+        "body",
+        "body_ts",
         "disconnect",
         "environ",
         "error",
@@ -387,6 +436,10 @@ class _Exchange(Recording):
 
     _server_start_response: StartResponse
     _server_write: Callable[[bytes], object]
+    #: The response's first chunk, kept as it is when it made no flow (see _first_chunk),
+    #: and its time.
+    body: bytes | None
+    body_ts: int
     disconnect: bool
     environ: WSGIEnvironment
     error: str | None
@@ -438,8 +491,8 @@ class _Exchange(Recording):
 
     def take(self, out: list[Any]) -> bool:
         # Recording.take's common case (a request over before its first take: nearly
-        # every one) with _whole and request_fields inline: two Python calls less per
-        # request in the drain.
+        # every one) with _whole, request_fields and end_fields inline: three Python
+        # calls less per request in the drain.
         if self._state < 0 and self.done:
             items = self.items
             size = len(items) - 1
@@ -447,9 +500,17 @@ class _Exchange(Recording):
             if 0 <= end_at <= size and items[size] is None:
                 picked = self.request
                 request = picked[:_FIELDS], self.header_keys, picked[_FIELDS:]
+                end = self.end
+                if type(end) is int:  # end_fields, inlined
+                    body = self.body
+                    end = (
+                        end, self.status, self.response_headers, self.route, 0, None, False,
+                        0 if body is None else len(body), body, False, False, self.disconnect,
+                        self.error,
+                    )  # fmt: skip
                 record = (
                     "r", self.start, self.trace_id, self.span_id, self.parent_id,
-                    self.thread_id, "wsgi", request, end_at, self.end, items,
+                    self.thread_id, "wsgi", request, end_at, end, items,
                 )  # fmt: skip
                 out.append(record)
                 self._state = 1
@@ -503,10 +564,12 @@ class _Exchange(Recording):
     # -- bookkeeping ------------------------------------------------------------
     def response_chunk(self, chunk: bytes) -> None:
         flow = self.response
-        if flow is None:
-            self.response = _response_flow(self, chunk, _now())
-        else:
+        if flow is not None:
             flow.add(chunk, _now())
+        elif self.body is None:
+            _first_chunk(self, chunk, _now())
+        else:
+            _materialize(self).add(chunk, _now())
 
     def phase(self) -> str:
         """Where an exception struck, in the terms of :func:`exception_event`."""
@@ -516,7 +579,7 @@ class _Exchange(Recording):
 
     def failed(self, exc: BaseException) -> None:
         self.items.append(exception_event(self.trace_id, self.span_id, exc, phase=self.phase()))
-        if self.error is None:
+        if self.error is None and self.end_at < 0:  # the end may be derived at the drain
             self.error = type(exc).__qualname__
 
     def error_page(self, exc_info: Any) -> None:
@@ -563,8 +626,47 @@ class _Exchange(Recording):
             self._logged_error()
         route = self.route
         if route is None:
-            route = _route(self.environ)
+            route = self.route = _route(self.environ)
         stream = self.input
+        if stream is None and self.response is None and not self.file_wrapper:
+            # The common end (no request body, no response flow): its time only; the
+            # end's fields are derived at the drain (end_fields), from what the
+            # exchange holds, which nothing changes once end_at is set (a body stepped
+            # after its close keeps no first chunk: no room left).
+            self.end = ts
+            self.limit = 0
+        else:
+            self._end(ts, route, stream)
+        items = self.items
+        self.end_at = len(items)  # publishes the end: written last
+        eager = type(items) is not list
+        if eager:
+            self.push()
+        # Let the request's (and the server's) objects go now: the exchange waits for
+        # the next drain, and whatever it holds is walked by the garbage collector.
+        self.environ = _NO_ENVIRON
+        self._server_start_response = self._server_write = _ended
+        # Recording.seal, inlined (one call less per request).
+        self.done = True
+        items.append(None)
+        if eager:
+            items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
+
+    def end_fields(self) -> Any:
+        """The ``end`` tuple (:data:`~hopscope.tracing.records.WSGI_END`): made here, at
+        the drain, for the common end (see finish), which kept its time only."""
+        end = self.end
+        if type(end) is not int:
+            return end
+        body = self.body
+        return (
+            end, self.status, self.response_headers, self.route, 0, None, False,
+            0 if body is None else len(body), body, False, False, self.disconnect, self.error,
+        )  # fmt: skip
+
+    def _end(self, ts: int, route: str | None, stream: _Input | None) -> None:
+        """The ``end`` tuple made now: a request body, a response flow or a file wrapper
+        (their flows are let go once the end holds what they counted)."""
         flow = None if stream is None else stream._flow
         if flow is None:
             request_size, request_body, request_cut = 0, None, False
@@ -574,8 +676,10 @@ class _Exchange(Recording):
                 self._summary(ts, "request.body.summary", flow)
         file_wrapper = self.file_wrapper
         flow = self.response
+        body: bytes | list[bytes] | None
         if flow is None or file_wrapper:
-            size, body, cut = 0, None, False
+            body = None if file_wrapper else self.body  # a first chunk without a flow
+            size, cut = 0 if body is None else len(body), False
         else:
             # flow.finish(), inlined: a response body is nearly every request's.
             if flow._pending is not None:
@@ -589,21 +693,7 @@ class _Exchange(Recording):
             ts, self.status, self.response_headers, route, request_size, request_body,
             request_cut, size, body, cut, file_wrapper, self.disconnect, self.error,
         )  # fmt: skip
-        items = self.items
-        self.end_at = len(items)  # publishes the end: written last
-        eager = type(items) is not list
-        if eager:
-            self.push()
-        # Let the request's (and the server's) objects go now: the exchange waits for
-        # the next drain, and whatever it holds is walked by the garbage collector.
-        self.environ = _NO_ENVIRON
-        self._server_start_response = self._server_write = _ended
         self.input = self.response = None  # the end holds what they counted
-        # Recording.seal, inlined (one call less per request).
-        self.done = True
-        items.append(None)
-        if eager:
-            items._recording = None  # type: ignore[attr-defined]  # see Recording.seal
 
     def _logged_error(self) -> None:
         """A 5xx the app answered after it logged an exception it caught (Flask's and
@@ -743,8 +833,11 @@ def _pass_chunks(
                 flow.add(chunk, _now())
             elif (flow := exchange.response) is not None:  # write() made it
                 flow.add(chunk, _now())
-            else:
-                flow = exchange.response = _response_flow(exchange, chunk, _now())
+            elif exchange.body is None:  # the first chunk (write() made none)
+                flow = _first_chunk(exchange, chunk, _now())
+            else:  # the second, after a first that made no flow
+                flow = _materialize(exchange)
+                flow.add(chunk, _now())
         yield chunk
     if not exchange.exhausted:
         exchange.exhausted = True
@@ -866,9 +959,9 @@ class WSGIMiddleware:
             exchange.end_at, exchange.done, exchange._state, exchange.input,
             exchange.response, exchange.status, exchange.response_headers, exchange.error,
             exchange.route, exchange.exhausted, exchange.disconnect, exchange.file_wrapper,
-            exchange.logged_event,
+            exchange.logged_event, exchange.body,
         ) = (
-            -1, False, -1, None, None, None, None, None, None, False, False, False, None
+            -1, False, -1, None, None, None, None, None, None, False, False, False, None, None
         )  # fmt: skip
 
         # The exchange is the context's sink either way (eager items emit at once for a
