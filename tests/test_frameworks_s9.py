@@ -24,7 +24,7 @@ import httpx
 import pytest
 import websockets.sync.client
 from hopscope.tracing import MemorySink, wrap
-from hopscope.tracing.model import Span, Trace
+from hopscope.tracing.model import Span
 from hopscope.tracing.servers.uvicorn_protocols import H11Protocol, HttpToolsProtocol
 from hopscope.tracing.tracefile import load
 from servers import uvicorn_thread
@@ -34,6 +34,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 from test_quart import serve_hypercorn
 from test_run import Run, _env, _free_port
+from traces import finished
 
 TIMEOUT = 10.0
 #: A request's line in what ``hopscope run --headless`` says.
@@ -209,17 +210,6 @@ def _uvicorn(app: Any, protocol: type) -> Iterator[int]:
         yield served.port
 
 
-def _finished(sink: MemorySink, count: int) -> list[Trace]:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        traces = sink.traces()
-        spans = [span for trace in traces for span in trace.spans.values()]
-        if len(spans) >= count and all(span.finished for span in spans):
-            return traces
-        assert time.monotonic() < deadline, "the spans did not end"
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("protocol", [HttpToolsProtocol, H11Protocol])
 def test_a_response_uvicorn_cuts_after_the_app_failed_is_not_a_client_that_left(
     protocol: type, hop_sink: MemorySink
@@ -229,7 +219,7 @@ def test_a_response_uvicorn_cuts_after_the_app_failed_is_not_a_client_that_left(
     app = wrap(Starlette(routes=[Route("/fail", _fails_mid_stream)]), sink=hop_sink)
     with _uvicorn(app, protocol) as port:
         answer = _raw(port, b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n")  # kept alive: uvicorn cuts
-        (trace,) = _finished(hop_sink, 2)
+        (trace,) = finished(hop_sink, 2)
     assert answer.endswith(b"\r\n\r\n6\r\nfirst\n\r\n")  # the first chunk, then closed
     server = trace.root
     assert server is not None and server.hop == "server"
@@ -265,7 +255,7 @@ def test_a_client_that_leaves_mid_stream_is_still_one_that_left(
             conn.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
             assert conn.recv(65536)
         assert stopped.wait(TIMEOUT)
-        (trace,) = _finished(hop_sink, 2)
+        (trace,) = finished(hop_sink, 2)
     assert trace.root is not None and trace.root.attrs.get("disconnected") is True
     assert "response.incomplete" not in trace.root.attrs
 
@@ -324,7 +314,7 @@ def test_what_a_fastapi_mount_serves_is_named_by_the_mount(tmp_path: Path) -> No
             assert client.get("/sub/items/3").json() == {"item": 3}
             assert client.get("/sub/nowhere").status_code == 404
             assert client.get("/nowhere").status_code == 404
-        traces = _finished(sink, 5)
+        traces = finished(sink, 5)
     routes = {
         span.name: span.attrs.get("http.route")
         for trace in traces

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 from test_frameworks_s9 import _answers
 from test_run import Run, _free_port
+from traces import finished
 
 TIMEOUT = 10.0
 HTTPTOOLS = uvicorn_protocols.HttpToolsProtocol
@@ -113,18 +113,6 @@ def _serve(app: Any, protocol: type) -> Iterator[str]:
         yield served.url
 
 
-def _finished(sink: MemorySink, count: int) -> list[Trace]:
-    """The sink's traces once ``count`` spans have ended (TIMEOUT at most)."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        traces = sink.traces()
-        spans = [span for trace in traces for span in trace.spans.values()]
-        if len(spans) >= count and all(span.finished for span in spans):
-            return traces
-        assert time.monotonic() < deadline, f"the spans did not end: {traces}"
-        time.sleep(0.02)
-
-
 def _hop(trace: Trace, protocol: str = "ZttpProtocol") -> tuple[Any, Any]:
     """The server span (zttp's) and the app span under it: one trace, app under server.
     (A client that left ends the server span at once; the app's may go on, as it does
@@ -168,7 +156,7 @@ def _both(
         sink = new_sink()
         with _serve(_app(sink, **extra), protocol) as base:
             answer = exchange(base)
-            traces = _finished(sink, spans)
+            traces = finished(sink, spans)
         shapes[protocol] = [_shape(trace) for trace in traces]
         if protocol is ZTTP:
             zttp_traces, result = traces, answer
@@ -286,17 +274,7 @@ def test_a_client_that_leaves_mid_stream_ends_the_server_span_as_gone(
     new_sink: Callable[[], MemorySink],
 ) -> None:
     stopped = threading.Event()
-
-    async def endless(request: Request) -> StreamingResponse:
-        async def parts() -> Any:
-            try:
-                for _ in range(100_000):  # (bounded: the client leaves after one read)
-                    yield b"x" * 4096
-                    await asyncio.sleep(0.001)
-            finally:
-                stopped.set()
-
-        return StreamingResponse(parts(), media_type="text/plain")
+    endless = _endless(stopped, 4096)
 
     def exchange(base: str) -> Any:
         stopped.clear()
@@ -343,7 +321,7 @@ def test_server_timing_is_added_under_zttp_when_asked(
     sink = new_sink()
     with _serve(_app(sink), ZTTP) as base:
         response = httpx.get(f"{base}/items/3", timeout=TIMEOUT)
-        _finished(sink, 2)
+        finished(sink, 2)
     assert response.json() == {"id": "3"}
     assert "server;dur=" in response.headers["server-timing"]
 
@@ -370,7 +348,7 @@ def test_http2_streams_on_one_connection_each_have_their_server_span(
         streamed, item = asyncio.run(both())
         with _h2_client(base) as client:
             posted = client.post("/upload", content=b"y" * 100_000)
-        traces = _finished(sink, 6)
+        traces = finished(sink, 6)
     assert streamed.http_version == item.http_version == posted.http_version == "HTTP/2"
     assert streamed.text == "part 0\npart 1\npart 2\n" and item.json() == {"id": "7"}
     assert posted.json() == {"size": 100_000}
@@ -399,7 +377,7 @@ def test_http2_500_and_a_stream_uvicorn_resets_after_the_app_failed(
         with client.stream("GET", "/fail") as response:
             with pytest.raises(httpx.RemoteProtocolError):  # uvicorn resets the stream
                 response.read()
-        traces = _finished(sink, 4)
+        traces = finished(sink, 4)
     assert (boom.status_code, boom.text) == (500, "Internal Server Error")
     spans = {trace.root.name: _hop(trace, "ZttpH2Protocol")[0] for trace in traces if trace.root}
     assert [(e.name, e.attrs) for e in spans["GET /boom"].events][-1] == (
@@ -411,19 +389,25 @@ def test_http2_500_and_a_stream_uvicorn_resets_after_the_app_failed(
     assert "disconnected" not in spans["GET /fail"].attrs
 
 
-def _endless_app(sink: MemorySink, stopped: threading.Event) -> Any:
+def _endless(stopped: threading.Event, size: int) -> Callable[..., Any]:
+    """An endpoint streaming ``size``-byte parts until its client leaves (``stopped``)."""
+
     async def endless(request: Request) -> StreamingResponse:
         async def parts() -> Any:
             try:
                 for _ in range(100_000):  # (bounded: the client leaves after one read)
-                    yield b"x" * 1024
+                    yield b"x" * size
                     await asyncio.sleep(0.001)
             finally:
                 stopped.set()
 
         return StreamingResponse(parts(), media_type="text/plain")
 
-    return _app(sink, endless=endless)
+    return endless
+
+
+def _endless_app(sink: MemorySink, stopped: threading.Event) -> Any:
+    return _app(sink, endless=_endless(stopped, 1024))
 
 
 def test_http2_a_client_that_closes_its_connection_mid_stream_is_gone(
@@ -434,7 +418,7 @@ def test_http2_a_client_that_closes_its_connection_mid_stream_is_gone(
         with _h2_client(base) as client, client.stream("GET", "/endless") as response:
             assert next(response.iter_raw())
         assert stopped.wait(TIMEOUT)  # (the client closed its connection)
-        (trace,) = _finished(sink, 2)
+        (trace,) = finished(sink, 2)
     server, _app_span = _hop(trace, "ZttpH2Protocol")
     assert server.attrs.get("disconnected") is True
     assert "response.incomplete" not in server.attrs
@@ -478,7 +462,7 @@ def test_http2_a_client_that_resets_its_stream_is_gone_and_the_connection_serves
             assert stopped.wait(TIMEOUT)
             ask("/items/5")
             until(lambda events: any(isinstance(e, h2.events.StreamEnded) for e in events))
-            traces = _finished(sink, 4)
+            traces = finished(sink, 4)
     spans = {trace.root.name: _hop(trace, "ZttpH2Protocol")[0] for trace in traces if trace.root}
     assert spans["GET /endless"].attrs.get("disconnected") is True
     assert "response.incomplete" not in spans["GET /endless"].attrs
@@ -492,7 +476,7 @@ def test_http1_through_the_http2_capable_protocol_is_zttps_http1_span(
     sink = new_sink()
     with _serve(_app(sink), AUTO_ZTTP) as base:
         answer = httpx.get(f"{base}/items/4", timeout=TIMEOUT)
-        (trace,) = _finished(sink, 2)
+        (trace,) = finished(sink, 2)
     assert answer.http_version == "HTTP/1.1" and answer.json() == {"id": "4"}
     server, _app_span = _hop(trace, "ZttpProtocol")
     assert [e.name for e in server.events] == ["request.head", "response.head"]

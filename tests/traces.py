@@ -4,13 +4,14 @@ and a sink as third parties write them, to compare with."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hopscope.tracing import MemorySink, Sink
 from hopscope.tracing.model import Span, Trace
 from hopscope.tracing.records import Record
 
-__all__ = ["EmitOnlySink", "app_span", "events", "the_trace", "user_children"]
+__all__ = ["EmitOnlySink", "app_span", "events", "finished", "the_trace", "user_children"]
 
 
 def the_trace(sink: MemorySink) -> Trace:
@@ -18,6 +19,19 @@ def the_trace(sink: MemorySink) -> Trace:
     traces: list[Trace] = sink.traces()
     assert len(traces) == 1, traces
     return traces[0]
+
+
+def finished(sink: MemorySink, count: int, timeout: float = 10.0) -> list[Trace]:
+    """The sink's traces once ``count`` spans have ended (``timeout`` seconds at most):
+    a server span can end after the client has its answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        traces: list[Trace] = sink.traces()
+        spans = [span for trace in traces for span in trace.spans.values()]
+        if len(spans) >= count and all(span.finished for span in spans):
+            return traces
+        assert time.monotonic() < deadline, f"the spans did not end: {traces}"
+        time.sleep(0.02)
 
 
 def app_span(trace: Trace) -> Span:

@@ -42,7 +42,8 @@ def server_timing_enabled() -> bool:
 
 
 class _ServerHop:
-    """What both protocol subclasses share: adopt each new request cycle."""
+    """What the protocol subclasses share: time the connection, adopt each new request
+    cycle."""
 
     cycle: Any
     scope: Any
@@ -52,6 +53,15 @@ class _ServerHop:
     _hs_requests = 0
     _hs_begin = 0
     _hs_streams = False  # HTTP/2: many cycles at once, ``on_response(stream_id)``
+
+    # _ServerHop comes first in each protocol's bases: super() here is uvicorn's protocol.
+    def connection_made(self, transport: Any) -> None:
+        self._hs_connection_made()
+        super().connection_made(transport)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hs_connection_lost()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _hs_connection_made(self) -> None:
         self._hs_accepted = _now()
@@ -154,12 +164,17 @@ def _with_server_timing(
     return {**message, "headers": headers}
 
 
+class _ReadTimed(_ServerHop):
+    """For the protocols whose parser has no message-begin callback: a request begins
+    when its first bytes arrive."""
+
+    def data_received(self, data: bytes) -> None:
+        self._hs_begin = _now()
+        super().data_received(data)  # type: ignore[misc]
+
+
 class HttpToolsProtocol(_ServerHop, _HttpToolsProtocol):
     """uvicorn's httptools protocol, recording the server hop."""
-
-    def connection_made(self, transport: Any) -> None:
-        self._hs_connection_made()
-        super().connection_made(transport)
 
     def on_message_begin(self) -> None:
         self._hs_begin = _now()
@@ -171,31 +186,15 @@ class HttpToolsProtocol(_ServerHop, _HttpToolsProtocol):
         if self.cycle is not previous and self.cycle is not None:
             self._hs_adopt(self.cycle, self._hs_begin)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._hs_connection_lost()
-        super().connection_lost(exc)
 
-
-class H11Protocol(_ServerHop, _H11Protocol):
+class H11Protocol(_ReadTimed, _H11Protocol):
     """uvicorn's h11 protocol, recording the server hop."""
-
-    def connection_made(self, transport: Any) -> None:
-        self._hs_connection_made()
-        super().connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._hs_begin = _now()
-        super().data_received(data)
 
     def handle_events(self) -> None:
         previous = self.cycle
         super().handle_events()
         if self.cycle is not previous and self.cycle is not None:
             self._hs_adopt(self.cycle, self._hs_begin or _now())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._hs_connection_lost()
-        super().connection_lost(exc)
 
 
 def __getattr__(name: str) -> Any:
@@ -215,16 +214,8 @@ def _zttp_classes() -> dict[str, type]:
     from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol as _ZttpH2
     from uvicorn.protocols.http.zttp_impl import ZttpProtocol as _Zttp
 
-    class ZttpProtocol(_ServerHop, _Zttp):
+    class ZttpProtocol(_ReadTimed, _Zttp):
         """uvicorn's zttp HTTP/1.1 protocol, recording the server hop."""
-
-        def connection_made(self, transport: Any) -> None:
-            self._hs_connection_made()
-            super().connection_made(transport)
-
-        def data_received(self, data: bytes) -> None:
-            self._hs_begin = _now()
-            super().data_received(data)
 
         def handle_events(self, event: Any) -> None:
             # (also called for the next request once a response is done: keep-alive)
@@ -233,22 +224,10 @@ def _zttp_classes() -> dict[str, type]:
             if self.cycle is not previous and self.cycle is not None:
                 self._hs_adopt(self.cycle, self._hs_begin or _now())
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._hs_connection_lost()
-            super().connection_lost(exc)
-
-    class ZttpH2Protocol(_ServerHop, _ZttpH2):
+    class ZttpH2Protocol(_ReadTimed, _ZttpH2):
         """uvicorn's zttp HTTP/2 protocol, recording the server hop of each stream."""
 
         _hs_streams = True
-
-        def connection_made(self, transport: Any) -> None:
-            self._hs_connection_made()
-            super().connection_made(transport)
-
-        def data_received(self, data: bytes) -> None:
-            self._hs_begin = _now()
-            super().data_received(data)
 
         def handle_request(self, event: Any) -> None:
             super().handle_request(event)
@@ -261,10 +240,6 @@ def _zttp_classes() -> dict[str, type]:
             if cycle is not None and not cycle.response_complete:  # the client cancelled it
                 self._hs_close(cycle, _DISCONNECTED)
             super().handle_rst_stream(event)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._hs_connection_lost()
-            super().connection_lost(exc)
 
     class AutoZttpProtocol(_AutoZttp):
         """uvicorn's ``--http zttp --http2`` protocol, handing over to the two above."""
