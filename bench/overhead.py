@@ -11,8 +11,9 @@ Two measurements, in one run, on loopback only:
   each bare, wrapped by hopscope sending to a live collector process, and wrapped by
   OpenTelemetry's middleware (SDK tracer, batch processor, in-memory exporter), and
   wrapped by the floor any recorder stands on (:class:`MinimalASGI`, :class:`MinimalWSGI`:
-  three timestamps and a tuple a request, nothing exported): a goal above the floor's
-  ratio cannot be met on that machine by any recorder.  The four
+  three timestamps and a tuple a request, nothing exported), alone and with the request's
+  context variable set where the app's code runs (``floor+ctx``, as ``span()`` needs): a
+  goal above the floor's ratio cannot be met on that machine by any recorder.  The five
   servers of a framework run side by side and are loaded in alternating rounds (the
   order rotates each round) because round-to-round noise on a small machine is several
   percent: only ratios taken within one run, as medians of rounds, mean anything.  The
@@ -72,8 +73,9 @@ from _common import (
 )
 
 HERE = Path(__file__).resolve().parent
-#: "floor" is :class:`MinimalASGI` / :class:`MinimalWSGI`: what any recorder costs at least.
-MODES = ("bare", "hopscope", "otel", "floor")
+#: "floor" is :class:`MinimalASGI` / :class:`MinimalWSGI`: what any recorder costs at least;
+#: "floor+ctx" the same with the request's context variable set where the app's code runs.
+MODES = ("bare", "hopscope", "otel", "floor", "floor+ctx")
 GOAL_RATIO = 0.90
 GOAL_ADDED_US = 10.0
 
@@ -121,8 +123,9 @@ def wrapped(app: Any, mode: str, sink: Any, interface: str) -> Any:
         from hopscope.tracing import wrap
 
         return wrap(app, sink=sink)
-    if mode == "floor":
-        return MinimalASGI(app) if interface == "asgi" else MinimalWSGI(app)
+    if mode in ("floor", "floor+ctx"):
+        minimal = MinimalASGI if interface == "asgi" else MinimalWSGI
+        return minimal(app, context=mode == "floor+ctx")
     if interface == "asgi":
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as OtelASGI
 
@@ -699,22 +702,24 @@ def report_e2e(result: E2E) -> dict[str, float]:
     print(
         f"{'round':>5}  "
         + "  ".join(f"{m + ' req/s':>14}" for m in MODES)
-        + "  hop/bare  otel/bare  floor/bare"
+        + "  hop/bare  otel/bare  floor/bare  floor+ctx/bare"
     )
+    compared = ("hopscope", "otel", "floor", "floor+ctx")
     for i in range(len(result.loads["bare"])):
         cells = "  ".join(f"{result.loads[m][i].rps:14.0f}" for m in MODES)
-        hop, otel, floor = (result.ratio(m)[i] for m in ("hopscope", "otel", "floor"))
-        print(f"{i + 1:>5}  {cells}  {hop:8.3f}  {otel:9.3f}  {floor:10.3f}")
+        hop, otel, floor, ctx = (result.ratio(m)[i] for m in compared)
+        print(f"{i + 1:>5}  {cells}  {hop:8.3f}  {otel:9.3f}  {floor:10.3f}  {ctx:14.3f}")
     medians = {m: statistics.median(x.rps for x in result.loads[m]) for m in MODES}
-    ratios = {m: statistics.median(result.ratio(m)) for m in ("hopscope", "otel", "floor")}
+    ratios = {m: statistics.median(result.ratio(m)) for m in compared}
     cells = "  ".join(f"{medians[m]:14.0f}" for m in MODES)
     print(
         f"{'med':>5}  {cells}  {ratios['hopscope']:8.3f}  {ratios['otel']:9.3f}  "
-        f"{ratios['floor']:10.3f}"
+        f"{ratios['floor']:10.3f}  {ratios['floor+ctx']:14.3f}"
     )
     print(
         "  floor: the least any recorder does (three timestamps and a tuple a request, "
-        "nothing exported: MinimalASGI/MinimalWSGI)"
+        "nothing exported: MinimalASGI/MinimalWSGI); floor+ctx: and the request's context "
+        "variable set where the app's code runs, as span() needs"
     )
     print("  medians of rounds: latency, and CPU per request (server processes; collector)")
     for m in MODES:
@@ -856,11 +861,11 @@ def main() -> int:
             hop, otel = ratios[framework]["hopscope"], ratios[framework]["otel"]
             good = hop >= GOAL_RATIO and hop > otel
             ok &= good
-            floor = ratios[framework]["floor"]
+            floor, ctx = ratios[framework]["floor"], ratios[framework]["floor+ctx"]
             print(
                 f"  {framework}: hopscope/bare {hop:.3f} (goal >= {GOAL_RATIO}), "
                 f"otel/bare {otel:.3f}: {'met' if good else 'MISSED'}; "
-                f"floor/bare {floor:.3f}"
+                f"floor/bare {floor:.3f}, floor+ctx/bare {ctx:.3f}"
                 + (" (the goal is above the floor in this run)" if floor < GOAL_RATIO else "")
             )
         hot = added[framework].added("hopscope/memory")
