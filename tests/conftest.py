@@ -56,6 +56,21 @@ def hop_sink(monkeypatch: pytest.MonkeyPatch) -> Any:
     return sink
 
 
+@pytest.fixture
+def new_sink(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
+    """``new_sink()``: like :func:`hop_sink`, one MemorySink as the process default sink
+    for each call (a test that starts several servers, one after the other, gives each
+    its own)."""
+    from hopscope.tracing import MemorySink, sinks
+
+    def make() -> MemorySink:
+        sink = MemorySink()
+        monkeypatch.setattr(sinks, "_default", sink)
+        return sink
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """``free_port()``: a port nothing listens on right now (for "collector absent");

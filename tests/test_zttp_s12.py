@@ -93,20 +93,6 @@ def _app(sink: MemorySink, **extra: Callable[..., Any]) -> Any:
 # -- helpers --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def new_sink(monkeypatch: pytest.MonkeyPatch) -> Callable[[], MemorySink]:
-    """``new_sink()``: a MemorySink that is also the process default sink, which the
-    protocol classes record the server span through (as ``hop_sink``; one per server)."""
-    from hopscope.tracing import sinks
-
-    def make() -> MemorySink:
-        sink = MemorySink()
-        monkeypatch.setattr(sinks, "_default", sink)
-        return sink
-
-    return make
-
-
 @contextlib.contextmanager
 def _serve(app: Any, protocol: type) -> Iterator[str]:
     with uvicorn_thread(app, http=protocol, log_level="critical") as served:

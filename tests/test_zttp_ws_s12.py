@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ pytest.importorskip("zttp")  # optional in uvicorn: pip install zttp
 
 from hopscope.tracing import MemorySink, Span, Trace, load, wrap
 from hopscope.tracing.servers import uvicorn_protocols
-from hopscope.tracing.servers.uvicorn_ws import ws_protocol
 from servers import uvicorn_thread, ws_echoes
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
+from test_ws_s11 import _impl
+from test_ws_server_s10 import PARENT, TRACE_ID, deny, echo
 from traces import finished
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -38,51 +37,13 @@ IMPLEMENTATIONS = ["websockets-sansio", "wsproto"]
 HTTPTOOLS = uvicorn_protocols.HttpToolsProtocol
 ZTTP: type = uvicorn_protocols.ZttpProtocol
 AUTO_ZTTP: type = uvicorn_protocols.AutoZttpProtocol
-TRACE_ID, PARENT = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 #: Server-span attributes that differ between two runs of one exchange.
 _VARYING = {"connection.accepted_ts", "process.pid", "thread.id"}
-
-
-async def echo(websocket: WebSocket) -> None:
-    await websocket.accept()
-    async for text in websocket.iter_text():
-        if text == "bye":
-            await websocket.close(code=4001)
-            return
-        await websocket.send_text(text)
-
-
-async def deny(websocket: WebSocket) -> None:
-    await websocket.close()  # before accept: a 403
 
 
 def _app(sink: MemorySink) -> Any:
     routes = [WebSocketRoute("/echo", echo), WebSocketRoute("/deny", deny)]
     return wrap(Starlette(routes=routes), sink=sink)
-
-
-def _ws(name: str) -> Any:
-    if name == "wsproto":
-        pytest.importorskip("wsproto")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ws = ws_protocol(name)
-    assert ws.__module__ == "hopscope.tracing.servers.uvicorn_ws"
-    return ws
-
-
-@pytest.fixture
-def new_sink(monkeypatch: pytest.MonkeyPatch) -> Callable[[], MemorySink]:
-    """``new_sink()``: a MemorySink that is also the process default sink, which the
-    protocol classes record the server span through (one per server)."""
-    from hopscope.tracing import sinks
-
-    def make() -> MemorySink:
-        sink = MemorySink()
-        monkeypatch.setattr(sinks, "_default", sink)
-        return sink
-
-    return make
 
 
 def _serve(sink: MemorySink, http: type, ws: Any) -> Any:
@@ -150,7 +111,7 @@ def _each(
 def test_an_echo_under_zttp_has_the_websocket_server_span(
     name: str, new_sink: Callable[[], MemorySink]
 ) -> None:
-    ws = _ws(name)
+    ws = _impl(name)
     headers = {"traceparent": f"00-{TRACE_ID}-{PARENT}-01"}
 
     def exchange(base: str) -> None:
@@ -180,7 +141,7 @@ def test_an_echo_under_zttp_has_the_websocket_server_span(
 def test_an_app_close_under_zttp_keeps_its_code(
     name: str, new_sink: Callable[[], MemorySink]
 ) -> None:
-    ws = _ws(name)
+    ws = _impl(name)
 
     def exchange(base: str) -> None:
         with connect(f"{base}/echo", open_timeout=5) as client:
@@ -198,7 +159,7 @@ def test_an_app_close_under_zttp_keeps_its_code(
 def test_a_handshake_the_app_denies_under_zttp_has_its_403_server_span(
     name: str, new_sink: Callable[[], MemorySink]
 ) -> None:
-    ws = _ws(name)
+    ws = _impl(name)
 
     def exchange(base: str) -> None:
         with pytest.raises(InvalidStatus) as raised:
@@ -229,7 +190,7 @@ def test_a_handshake_the_library_refuses_under_zttp_has_its_server_span(
     """No Sec-WebSocket-Key: the library answers before uvicorn calls the app, and the
     span takes the path from the zttp protocol that parsed the request."""
     sink = new_sink()
-    ws = _ws(name)
+    ws = _impl(name)
     with _serve(sink, ZTTP, ws) as served:
         with socket.create_connection(("127.0.0.1", served.port), timeout=5) as raw:
             raw.sendall(NO_KEY)
@@ -258,7 +219,7 @@ def test_http_then_an_upgrade_on_one_zttp_connection_is_its_second_request(
     WebSocket's span carries on zttp's count of the connection's requests."""
 
     sink = new_sink()
-    ws = _ws("websockets-sansio")
+    ws = _impl("websockets-sansio")
     with _serve(sink, ZTTP, ws) as served:
         with socket.create_connection(("127.0.0.1", served.port), timeout=5) as raw:
             raw.sendall(b"GET /nothing HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -306,7 +267,7 @@ def test_hopscope_run_uvicorn_http_zttp_records_the_websocket_server_hop(
 ) -> None:
     """``hopscope run -- uvicorn --http zttp --ws NAME``: the WebSocket's server span is
     the traced ``--ws`` class's, with the app span under it, in the worker's pid."""
-    ws = _ws(name)
+    ws = _impl(name)
     from test_run import _free_port
 
     (tmp_path / "wsapp.py").write_text(WS_APP)
