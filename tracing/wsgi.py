@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
+from types import BuiltinFunctionType
 from typing import TYPE_CHECKING, Any
 
 from .context import SpanContext, current, server_parent
@@ -60,7 +61,9 @@ _HEADER_PREFIXES = ("HTTP_", "CONTENT_")
 #: fields followed by those keys' values (one call and one tuple per request:
 #: :meth:`_Exchange.request_fields` splits them at the drain); and whether a GET or HEAD
 #: of HTTP/1 with these keys surely has no body (neither Content-Length nor
-#: Transfer-Encoding: :func:`_has_body`'s common answer, without a lookup).
+#: Transfer-Encoding: :func:`_has_body`'s common answer, without a lookup).  Under mod_wsgi
+#: and uWSGI the getter also puts the :class:`_FileWrapperShim` in the environ (a call
+#: there, none on other servers' requests).
 _Plan = tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], bool]
 #: environ keys, in order -> their plan.  A server builds the environs of like requests
 #: alike, so the plan is made once per kind of request instead of testing every key of
@@ -68,7 +71,7 @@ _Plan = tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], bool]
 _HEADER_PLANS: dict[tuple[Any, ...], _Plan] = {}
 
 
-def _header_plan(keys: tuple[Any, ...]) -> _Plan:
+def _header_plan(keys: tuple[Any, ...], environ: WSGIEnvironment) -> _Plan:
     found = tuple(k for k in keys if isinstance(k, str) and k.startswith(_HEADER_PREFIXES))
     picked: Callable[[Any], tuple[Any, ...]]
     if set(WSGI_REQUEST).issubset(keys):
@@ -82,6 +85,14 @@ def _header_plan(keys: tuple[Any, ...]) -> _Plan:
                 return fields
             got = values(environ)
             return fields + (got if len(found) > 1 else (got,))
+
+    shim = _shim_for(environ.get("wsgi.file_wrapper"))
+    if shim is not None:
+        pick = picked
+
+        def picked(environ: Any) -> tuple[Any, ...]:
+            shim.install(environ)
+            return pick(environ)
 
     bodiless = "CONTENT_LENGTH" not in found and "HTTP_TRANSFER_ENCODING" not in found
     plan = found, picked, bodiless
@@ -408,6 +419,122 @@ class _ReadintoInput(_Input):
         return count
 
 
+def _shim_for(wrapper: Any) -> _FileWrapperShim | None:
+    """The shim for a server's ``wsgi.file_wrapper`` whose result's ``close`` cannot be
+    replaced (see :func:`_pass_file_wrapper`), and whose ``close`` is known to close the
+    file it was given: mod_wsgi's (a C type) and uWSGI's (a C function that hands the
+    file back, which uWSGI closes after sendfile).  Other servers keep theirs: a wrapper
+    that did not close the file would leave the span open."""
+    known = (isinstance(wrapper, type) and wrapper.__module__ == "mod_wsgi") or (
+        isinstance(wrapper, BuiltinFunctionType) and wrapper.__name__ == "uwsgi_sendfile"
+    )
+    return _FileWrapperShim(wrapper) if known else None
+
+
+class _FileWrapperShim:
+    """``environ["wsgi.file_wrapper"]`` under mod_wsgi and uWSGI: their wrapper, given a
+    :class:`_TimedFile` in place of the app's file.
+
+    Why: those servers send a file response themselves (sendfile) after the app returned
+    it, and then close it; their wrapper's ``close`` cannot be swapped for one that ends
+    the span (a C object), so without this the span ended when the app returned, before
+    a byte of the file was sent.  The file's ``close`` is the server's last step.  The
+    server gets what the app returned, and its wrapper gets the file's descriptor and
+    position through the stand-in (sendfile stays on).  One shim per server wrapper,
+    made with the environ's plan: the request is found through the context variable
+    the middleware sets while the app runs.
+    """
+
+    __slots__ = ("wrapped",)
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+
+    def install(self, environ: WSGIEnvironment) -> None:
+        if environ.get("wsgi.file_wrapper") is self.wrapped:
+            environ["wsgi.file_wrapper"] = self
+
+    def __call__(self, filelike: Any, *args: Any, **kwargs: Any) -> Any:
+        context = current.get()
+        exchange = context[0] if context is not None else None
+        if type(exchange) is not _Exchange or exchange.end_at >= 0:
+            return self.wrapped(filelike, *args, **kwargs)
+        file = _TimedFile(filelike, exchange)
+        wrapper = self.wrapped(file, *args, **kwargs)
+        exchange.timed_file = (wrapper, file)
+        return wrapper
+
+    # ``isinstance(x, environ["wsgi.file_wrapper"])`` (looked up on this class) answers
+    # as it would against the server's own, as an app or middleware may ask.
+    def __instancecheck__(self, instance: Any) -> bool:
+        return isinstance(instance, self.wrapped)
+
+    def __subclasscheck__(self, subclass: type) -> bool:
+        return issubclass(subclass, self.wrapped)
+
+    def __repr__(self) -> str:
+        return f"<hopscope file wrapper over {self.wrapped!r}>"
+
+
+class _TimedFile:
+    """The app's file, as :class:`_FileWrapperShim` hands it to the server's wrapper:
+    everything is the file's (its descriptor, position, reads), but ``close``, which
+    also ends the request's span when the server sent the file the app returned."""
+
+    __slots__ = ("after", "exchange", "file")
+
+    def __init__(self, file: Any, exchange: _Exchange) -> None:
+        self.file = file
+        self.exchange: _Exchange | None = exchange
+        #: Called once the file is closed (see :func:`after_file_sent`).
+        self.after: Callable[[], object] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.file)
+
+    def close(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        after, self.after = self.after, None
+        try:
+            if (
+                exchange is None
+                or exchange.end_at >= 0
+                or getattr(exchange, "timed_file", None) is not self
+            ):
+                # Closed before the app returned, or not the file of what the app
+                # returned (that ends the span itself): the file's close only.
+                close = getattr(self.file, "close", None)
+                if close is not None:
+                    close()
+                return
+            exchange.original_close = getattr(self.file, "close", None)
+            exchange.close_file_wrapper()
+        finally:
+            if after is not None:
+                after()
+
+
+def server_file_wrapper(environ: WSGIEnvironment) -> Any:
+    """The server's own ``wsgi.file_wrapper`` (what a traced app's environ holds may be
+    the :class:`_FileWrapperShim` over it): for a server hop that tells files apart."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    return wrapper.wrapped if type(wrapper) is _FileWrapperShim else wrapper
+
+
+def after_file_sent(result: Any, callback: Callable[[], object]) -> bool:
+    """Have ``callback`` called when the server closes the file ``result`` (mod_wsgi's
+    file wrapper over it, or uWSGI's file itself) once it sent it; False when ``result``
+    holds no file the middleware times (the caller ends its span now, as before)."""
+    file = result if type(result) is _TimedFile else getattr(result, "filelike", None)
+    if type(file) is not _TimedFile or file.exchange is None or file.after is not None:
+        return False
+    file.after = callback
+    return True
+
+
 class _Exchange(Recording):
     """Everything one request records, made per call (see :class:`sinks.Recording`)."""
 
@@ -432,6 +559,7 @@ class _Exchange(Recording):
         "response_headers",
         "route",
         "status",
+        "timed_file",
     )
 
     _server_start_response: StartResponse
@@ -445,6 +573,10 @@ class _Exchange(Recording):
     error: str | None
     exhausted: bool
     file_wrapper: bool
+    #: (the server's file wrapper, the file it wraps) once the app called the environ's
+    #: :class:`_FileWrapperShim`; that file, once the app returned that wrapper (its
+    #: close ends the span); unset for nearly every request (read with getattr).
+    timed_file: tuple[Any, _TimedFile] | _TimedFile | None
     #: The environ keys of the header values that follow the fields in ``request``.
     header_keys: tuple[str, ...]
     input: _Input | None
@@ -939,7 +1071,7 @@ class WSGIMiddleware:
         keys = tuple(environ)
         plan = _HEADER_PLANS.get(keys)
         if plan is None:
-            plan = _header_plan(keys)
+            plan = _header_plan(keys, environ)
         exchange.header_keys = plan[0]
         fields = exchange.request = plan[1](environ)
         exchange.items = []
@@ -997,11 +1129,7 @@ class WSGIMiddleware:
             if isinstance(file_wrapper, type):
                 if isinstance(result, file_wrapper):
                     return _pass_file_wrapper(result, exchange)
-            elif file_wrapper is not None and hasattr(result, "read"):
-                # uWSGI's file_wrapper is a function that hands the file back as it
-                # came, and uWSGI sends it with sendfile when the app returns that very
-                # object: wrapped, it would be iterated line by line.  Whatever file
-                # such a server gets back is its to send (or iterate) as it would bare.
+            elif file_wrapper is not None and _is_file(result, file_wrapper):
                 return _pass_file_wrapper(result, exchange)
             body = _SizedBody() if hasattr(result, "__len__") else _Body()
         # Filled in here, not by an ``__init__`` (see _Exchange).
@@ -1013,6 +1141,20 @@ class WSGIMiddleware:
         return body
 
 
+def _is_file(result: Any, file_wrapper: Any) -> bool:
+    """Whether ``result`` is what a ``file_wrapper`` that is not a class (uWSGI's, or
+    the shim over mod_wsgi's or uWSGI's) made."""
+    if type(file_wrapper) is _FileWrapperShim:
+        file_wrapper = file_wrapper.wrapped
+        if isinstance(file_wrapper, type):
+            return isinstance(result, file_wrapper)
+    # uWSGI's file_wrapper is a function that hands the file back as it came, and uWSGI
+    # sends it with sendfile when the app returns that very object: wrapped, it would
+    # be iterated line by line.  Whatever file such a server gets back is its to send
+    # (or iterate) as it would bare.
+    return hasattr(result, "read")
+
+
 def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
     """Hand a file wrapper back unwrapped (servers test its type to use sendfile).
 
@@ -1020,6 +1162,14 @@ def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
     allow that, the span ends now, without the time spent sending the file.
     """
     exchange.file_wrapper = True
+    timed = getattr(exchange, "timed_file", None)
+    if type(timed) is tuple:
+        wrapper, file = timed
+        exchange.timed_file = None  # (the wrapper holds the file, the file the exchange)
+        if wrapper is result and file.exchange is exchange:
+            # The server closes the file once it sent it: the span ends then.
+            exchange.timed_file = file
+            return result  # type: ignore[no-any-return]
     exchange.original_close = getattr(result, "close", None)
     try:
         result.close = exchange.close_file_wrapper

@@ -36,6 +36,7 @@ from typing import Any
 from ..context import server_parent
 from ..records import new_span_id
 from ..sinks import default_sink
+from ..wsgi import after_file_sent, server_file_wrapper
 from .hop import open_server_span
 
 __all__ = ["ServerHop", "stamp"]
@@ -166,7 +167,7 @@ class _SizedBody(_Body):
 
 def _passed_file(result: Any, environ: dict[str, Any]) -> bool:
     """Whether ``result`` is the server's file wrapper, which goes back unwrapped."""
-    file_wrapper = environ.get("wsgi.file_wrapper")
+    file_wrapper = server_file_wrapper(environ)
     if isinstance(file_wrapper, type):
         return isinstance(result, file_wrapper)
     return file_wrapper is not None and hasattr(result, "read")
@@ -187,8 +188,11 @@ def _ending(result: Any, environ: dict[str, Any], span: _Span) -> Any:
 
     try:
         result.close = closing
-    except (AttributeError, TypeError):  # (mod_wsgi's own wrapper takes no attributes)
-        span.end()
+    except (AttributeError, TypeError):
+        # mod_wsgi's own wrapper takes no attributes: its file tells when it was sent
+        # (the app's middleware gave it one), or the span ends now.
+        if not after_file_sent(result, span.end):
+            span.end()
     return result
 
 
