@@ -517,11 +517,14 @@ class _TimedFile:
                 after()
 
 
-def server_file_wrapper(environ: WSGIEnvironment) -> Any:
-    """The server's own ``wsgi.file_wrapper`` (what a traced app's environ holds may be
-    the :class:`_FileWrapperShim` over it): for a server hop that tells files apart."""
-    wrapper = environ.get("wsgi.file_wrapper")
-    return wrapper.wrapped if type(wrapper) is _FileWrapperShim else wrapper
+def is_server_file(result: Any, environ: WSGIEnvironment) -> bool:
+    """Whether ``result`` is what the environ's ``wsgi.file_wrapper`` made (the server
+    sends it itself: it goes back unwrapped).  The middleware's own test inlines the
+    first case; a server hop outside the middleware calls this."""
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    if isinstance(file_wrapper, type):
+        return isinstance(result, file_wrapper)
+    return file_wrapper is not None and _is_file(result, file_wrapper)
 
 
 def after_file_sent(result: Any, callback: Callable[[], object]) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 from ..context import server_parent
 from ..records import new_span_id
 from ..sinks import default_sink
-from ..wsgi import after_file_sent, server_file_wrapper
+from ..wsgi import after_file_sent, is_server_file
 from .hop import open_server_span
 
 __all__ = ["ServerHop", "stamp"]
@@ -165,17 +165,9 @@ class _SizedBody(_Body):
         return len(self._result)  # type: ignore[arg-type]
 
 
-def _passed_file(result: Any, environ: dict[str, Any]) -> bool:
-    """Whether ``result`` is the server's file wrapper, which goes back unwrapped."""
-    file_wrapper = server_file_wrapper(environ)
-    if isinstance(file_wrapper, type):
-        return isinstance(result, file_wrapper)
-    return file_wrapper is not None and hasattr(result, "read")
-
-
 def _ending(result: Any, environ: dict[str, Any], span: _Span) -> Any:
     """What goes back to mod_wsgi: the span ends when it closes it."""
-    if not _passed_file(result, environ):
+    if not is_server_file(result, environ):
         return (_SizedBody if hasattr(result, "__len__") else _Body)(result, span)
     close = getattr(result, "close", None)
 
