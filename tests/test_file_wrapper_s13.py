@@ -63,6 +63,12 @@ def application(environ, start_response):
         except TypeError:
             Counted.isinstance = "TypeError"
         return wrapper
+    if path in ("/other", "/raise"):  # a wrapper made, then not returned
+        environ["wsgi.file_wrapper"](Counted(os.path.join(HERE, "big.bin")), 65536)
+        if path == "/raise":
+            raise RuntimeError("after making a file wrapper")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"other"]
     body = json.dumps({"reads": Counted.reads, "isinstance": Counted.isinstance}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
@@ -122,9 +128,23 @@ def _check(run: Run, port: int, expected: str, *, server: bool) -> None:
     assert after["reads"] == 0  # still sent from the file's descriptor
     # What the app's own isinstance test says, as bare: mod_wsgi's wrapper is a class.
     assert after["isinstance"] is True if server else after["isinstance"] == "TypeError"
-    run.wait_for(lambda: " /file" in run.out, "the file's tail line")
+    # A wrapper the app made but did not return: the request ends as any other.
+    assert httpx.get(f"{base}/other", timeout=10).content == b"other"
+    try:  # mod_wsgi answers 500; uWSGI (bare too) closes the connection
+        assert httpx.get(f"{base}/raise", timeout=10).status_code == 500
+    except httpx.RemoteProtocolError:
+        assert not server
+    paths = ("/file", "/other", "/raise")
+    run.wait_for(lambda: all(f" {p}" in run.out for p in paths), "a tail line per request")
     run.stop()
-    (trace,) = [t for t in load(run.trace) if t.path == "/file"]
+    traces = {t.path: t for t in load(run.trace) if t.path in paths}
+    assert traces["/other"].status == 200 and not traces["/other"].error
+    assert traces["/raise"].error
+    for path in ("/other", "/raise"):
+        other = _app_span(traces[path])
+        assert other is not None and other.end is not None
+        assert "wsgi.file_wrapper" not in other.attrs
+    trace = traces["/file"]
     span = _app_span(trace)
     assert span is not None and span.end is not None
     assert span.attrs["wsgi.file_wrapper"] is True
