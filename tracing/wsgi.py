@@ -1161,8 +1161,10 @@ def _is_file(result: Any, file_wrapper: Any) -> bool:
 def _pass_file_wrapper(result: Any, exchange: _Exchange) -> Iterable[bytes]:
     """Hand a file wrapper back unwrapped (servers test its type to use sendfile).
 
-    Its ``close`` is swapped for one that also ends the span; when the object does not
-    allow that, the span ends now, without the time spent sending the file.
+    What :class:`_FileWrapperShim` made over a :class:`_TimedFile` is left as it is: the
+    file's ``close`` ends the span.  Any other has its ``close`` swapped for one that also
+    ends the span; when the object does not allow that, the span ends now, without the
+    time spent sending the file.
     """
     exchange.file_wrapper = True
     timed = getattr(exchange, "timed_file", None)
