@@ -47,7 +47,8 @@ def test_the_emitting_thread_sends_batches_itself(short_dir: Path) -> None:
     sink = SocketSink(url, interval=60, flush_at=10)
     try:
         sink.emit(_tick(0))
-        assert collector.wait_for(lambda: sink.connects == 1)
+        # Record 0 arrived: the thread's first drain is over (its lock free), it sleeps.
+        assert collector.wait_for(lambda: len(collector.records) == 1)
         for i in range(1, 100):
             sink.emit(_tick(i))
         assert collector.wait_for(lambda: len(collector.records) >= 90)
@@ -64,7 +65,8 @@ def test_a_small_queue_is_sent_before_it_fills(short_dir: Path) -> None:
     sink = SocketSink(url, interval=60, max_queue=8)
     try:
         sink.emit(_tick(0))
-        assert collector.wait_for(lambda: sink.connects == 1)
+        # As above: were the thread still draining, emits would only queue, and drop.
+        assert collector.wait_for(lambda: len(collector.records) == 1)
         for i in range(1, 100):
             sink.emit(_tick(i))
         assert sink.dropped == 0
@@ -229,7 +231,8 @@ def test_busy_app_sends_from_the_request_path(serve_asgi: Serve, short_dir: Path
             httpx.Client(base_url=base, timeout=30) as client,
         ):
             assert client.get("/hello").status_code == 200
-            assert collector.wait_for(lambda: sink.connects == 1)
+            # The first request's records arrived: the thread's first drain is over.
+            assert collector.wait_for(lambda: sink.connects == 1 and collector.records != [])
             for _ in range(40):
                 assert client.get("/hello").status_code == 200
             assert collector.wait_for(lambda: _ends(collector.records) >= 32)
