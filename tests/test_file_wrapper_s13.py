@@ -1,14 +1,14 @@
-"""A file response under mod_wsgi, uWSGI and gunicorn: its span ends when the file is sent.
+"""File responses under mod_wsgi, uWSGI, gunicorn and waitress: spans end when they are sent.
 
 Why: mod_wsgi and uWSGI send what an app hands their ``wsgi.file_wrapper`` themselves
 (sendfile, or an Apache file bucket), after the app returned, and close it at the end.
 Their wrappers are C objects whose ``close`` cannot be replaced, so the span used to end
 when the app returned, before a byte of the file had gone: a 40 MB download to a slow
-client showed as a millisecond.  (gunicorn's wrapper is a Python class, whose ``close``
-was always swapped: it is checked the same way.)  These tests hold the client still
-after the response's head, then read the rest: the span must end after the client went
-on reading, the bytes must be the file's, and the server must still send it from the
-file's descriptor (the app's file counts its ``read`` calls: none).
+client showed as a millisecond. (gunicorn's and waitress's wrappers are Python classes,
+whose ``close`` was always swapped: they are checked the same way.) These tests hold the
+client still after the response's head, then read the rest: the span must end after the
+client went on reading, the bytes must be the file's, and the server must still send it
+from the file's descriptor (the app's file counts its ``read`` calls: none).
 """
 
 from __future__ import annotations
@@ -121,15 +121,16 @@ def _slow_download(port: int, pause: float = 1.0) -> tuple[int, str]:
 
 
 def _check(run: Run, port: int, expected: str, *, server: str) -> None:
-    """``server``: mod_wsgi, uwsgi or gunicorn (whose wrapper is a Python class: its
-    close was always swapped; checked the same way)."""
+    """``server``: mod_wsgi, uwsgi, or gunicorn or waitress (whose wrappers are Python
+    classes: their close was always swapped; checked the same way)."""
     is_class = server != "uwsgi"  # uWSGI's file_wrapper is a function
     base = f"http://127.0.0.1:{port}"
     run.wait_for(lambda: _answers(base), f"{base} to answer")
     resumed, digest = _slow_download(port)
     assert digest == expected
     after = httpx.get(f"{base}/reads", timeout=10).json()
-    assert after["reads"] == 0  # still sent from the file's descriptor
+    if server != "waitress":  # (which reads the file in Python, bare too)
+        assert after["reads"] == 0  # still sent from the file's descriptor
     # What the app's own isinstance test says, as bare.
     assert after["isinstance"] is True if is_class else after["isinstance"] == "TypeError"
     # A wrapper the app made but did not return: the request ends as any other.
@@ -154,7 +155,7 @@ def _check(run: Run, port: int, expected: str, *, server: str) -> None:
     assert span.attrs["wsgi.file_wrapper"] is True
     # The span went on while the server sent: it ended after the client read on.
     assert span.end > resumed, (span.end - resumed) / 1e6
-    if server != "uwsgi":  # the server span (Apache's stamps, gunicorn's hooks) closes after
+    if server in ("mod_wsgi", "gunicorn"):  # their server span closes after the app's
         (hop,) = [s for s in trace.by_hop("server") if s.attrs.get("span.kind") != "queue"]
         assert hop.end is not None and hop.end >= span.end
 
@@ -198,3 +199,16 @@ def test_gunicorn_file_span_ends_when_the_file_is_sent(
     port = _free_port()
     run = runs(project, "--", "gunicorn", "-b", f"127.0.0.1:{port}", "app:application")
     _check(run, port, expected, server="gunicorn")
+
+
+def test_waitress_file_span_ends_when_the_file_is_sent(
+    tmp_path: Path, runs: Callable[..., Run]
+) -> None:
+    """waitress hands the file to its channel, which sends it after the app's thread is
+    done and closes it at the end: the span waits for that close."""
+    pytest.importorskip("waitress")
+    project, expected = _project(tmp_path)
+    port = _free_port()
+    command = ["waitress-serve", "--listen", f"127.0.0.1:{port}", "app:application"]
+    run = runs(project, "--", *command)
+    _check(run, port, expected, server="waitress")
