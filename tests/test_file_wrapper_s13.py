@@ -64,6 +64,9 @@ def application(environ, start_response):
         except TypeError:
             Counted.isinstance = "TypeError"
         return wrapper
+    if path == "/bytes":  # no descriptor: the server reads it through the wrapper
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return environ["wsgi.file_wrapper"](io.BytesIO(b"0123456789" * 100_000), 8192)
     if path in ("/other", "/raise"):  # a wrapper made, then not returned
         environ["wsgi.file_wrapper"](Counted(os.path.join(HERE, "big.bin")), 65536)
         if path == "/raise":
@@ -133,13 +136,15 @@ def _check(run: Run, port: int, expected: str, *, server: str) -> None:
         assert after["reads"] == 0  # still sent from the file's descriptor
     # What the app's own isinstance test says, as bare.
     assert after["isinstance"] is True if is_class else after["isinstance"] == "TypeError"
+    # A file with no descriptor: the server reads it through its wrapper, as bare.
+    assert httpx.get(f"{base}/bytes", timeout=10).content == b"0123456789" * 100_000
     # A wrapper the app made but did not return: the request ends as any other.
     assert httpx.get(f"{base}/other", timeout=10).content == b"other"
     try:  # uWSGI (bare too) closes the connection
         assert httpx.get(f"{base}/raise", timeout=10).status_code == 500
     except httpx.RemoteProtocolError:
         assert server == "uwsgi"
-    paths = ("/file", "/other", "/raise")
+    paths = ("/file", "/bytes", "/other", "/raise")
     run.wait_for(lambda: all(f" {p}" in run.out for p in paths), "a tail line per request")
     run.stop()
     traces = {t.path: t for t in load(run.trace) if t.path in paths}
@@ -149,6 +154,8 @@ def _check(run: Run, port: int, expected: str, *, server: str) -> None:
         other = _app_span(traces[path])
         assert other is not None and other.end is not None
         assert "wsgi.file_wrapper" not in other.attrs
+    read = _app_span(traces["/bytes"])
+    assert read is not None and read.end is not None and read.attrs["wsgi.file_wrapper"] is True
     trace = traces["/file"]
     span = _app_span(trace)
     assert span is not None and span.end is not None
