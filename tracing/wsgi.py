@@ -271,7 +271,9 @@ def _first_chunk(exchange: _Exchange, chunk: Any, ts: int) -> _Flow | None:
     is appended and the chunk kept as it is (``body``), and the end's body fields are
     derived from it at the drain (:meth:`_Exchange.end_fields`).  Else the flow."""
     expected = None
-    for name, value in exchange.response_headers or ():  # _content_length, inlined
+    # _content_length, inlined: the call cost 515 instructions a request (callgrind,
+    # bench/hotpath.py --only wsgi, Flask: 56,703 added inline, 57,218 with the call).
+    for name, value in exchange.response_headers or ():
         if len(name) == 14 and name.lower() == "content-length":
             try:
                 expected = int(value)
