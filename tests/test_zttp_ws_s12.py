@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from servers import uvicorn_thread, ws_echoes
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from test_ws_s11 import _impl
-from test_ws_server_s10 import PARENT, TRACE_ID, deny, echo
+from test_ws_server_s10 import PARENT, TRACE_ID, _finished, deny, echo
+from test_ws_server_s10 import _server as _ws_spans
 from traces import finished
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -52,30 +52,11 @@ def _serve(sink: MemorySink, http: type, ws: Any) -> Any:
     )
 
 
-def _finished(sink: MemorySink, path: str) -> Trace:
-    """The trace whose app span is ``WS path``, once its server span has ended."""
-    deadline = time.monotonic() + 10
-    while True:
-        for trace in sink.traces():
-            servers = trace.by_hop("server")
-            apps = [s for s in trace.by_hop("app") if s.name == f"WS {path}"]
-            if apps and servers and all(s.finished for s in (*servers, *apps)):
-                return trace
-        assert time.monotonic() < deadline, f"no finished server span for {path}"
-        time.sleep(0.02)
-
-
 def _server(trace: Trace, ws: Any) -> tuple[Span, Span]:
-    """(server span, app span) of a WebSocket's trace: one trace, the app under the server,
-    the server span the ``--ws`` class's (not the HTTP protocol's)."""
-    (server,) = [s for s in trace.by_hop("server") if s.name != "queue"]
-    (app,) = trace.by_hop("app")
-    assert app.parent_id == server.span_id and app.trace_id == server.trace_id
-    assert server.start is not None and app.start is not None
-    assert server.start <= app.start and (app.end or 0) <= (server.end or 0)
+    """(server span, app span) of a WebSocket's trace, nested in one trace (as under
+    httptools), the server span the ``--ws`` class's (not the HTTP protocol's)."""
+    server, app = _ws_spans(trace)
     assert server.attrs["server.protocol"] == ws.__name__
-    assert server.attrs["network.protocol.name"] == "websocket"
-    assert server.attrs["process.pid"] == os.getpid()
     return server, app
 
 
