@@ -21,7 +21,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["Served", "interrupt", "uvicorn_thread", "ws_echoes", "ws_handshake"]
+__all__ = ["Served", "interrupt", "read_head", "uvicorn_thread", "ws_echoes", "ws_handshake"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,18 @@ def interrupt(
         return proc.communicate(timeout=then)
 
 
+def read_head(sock: socket.socket, what: str = "the head") -> tuple[bytes, bytes]:
+    """Read ``sock`` up to the end of a message head: (the head, without its blank line;
+    what came after it).  The peer closing first fails the test, naming ``what``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before {what}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def ws_handshake(address: tuple[str, int], path: str, host: str = "h") -> socket.socket:
     """A WebSocket opened by hand on ``address`` (5 s timeout): the upgrade request for
     ``path`` sent, its ``101`` answer read.  The socket, for the caller to close."""
@@ -93,11 +105,7 @@ def ws_handshake(address: tuple[str, int], path: str, host: str = "h") -> socket
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
     )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(4096)
-        assert chunk, "closed before the handshake's answer"
-        head += chunk
+    head, _ = read_head(raw, "the handshake's answer")
     assert head.startswith(b"HTTP/1.1 101 ")
     return raw
 

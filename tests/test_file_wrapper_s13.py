@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from hopscope.tracing.tracefile import load
+from servers import read_head
 from test_run import Run, _free_port
 from test_servers_more_s11 import _app_span, _express
 from test_servers_s11 import _uwsgi
@@ -104,12 +105,7 @@ def _slow_download(port: int, pause: float = 1.0) -> tuple[int, str]:
         sock.settimeout(30)
         sock.connect(("127.0.0.1", port))
         sock.sendall(b"GET /file HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed before the head"
-            data += chunk
-        head, body = data.split(b"\r\n\r\n", 1)
+        head, body = read_head(sock)
         assert head.startswith(b"HTTP/1.1 200"), head
         time.sleep(pause)
         resumed = time.time_ns()

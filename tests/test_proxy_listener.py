@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from hopscope.tracing.model import Span
+from servers import read_head
 from test_proxy import (
     HOST,
     Proxy,
@@ -146,14 +147,9 @@ def test_expect_100_continue_is_answered_before_the_body(proxy: Proxy) -> None:
             b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body)
         )
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            chunk = sock.recv(1024)
-            assert chunk, "closed before 100 Continue"
-            interim += chunk
-        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        interim, rest = read_head(sock, "100 Continue")
+        assert interim == b"HTTP/1.1 100 Continue"
         sock.sendall(body)
-        rest = interim.partition(b"\r\n\r\n")[2]
         (response,) = read_responses(_Prefixed(sock, rest), 1)  # type: ignore[arg-type]
     assert body_of(response) == body
 
