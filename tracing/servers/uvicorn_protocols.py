@@ -68,6 +68,11 @@ class _ServerHop:
         self._hs_open = {}
         self._hs_requests = 0
 
+    def _hs_adopt_new(self, previous: Any) -> None:
+        """Adopt the cycle the parser just made, if it made one (it was ``previous``)."""
+        if self.cycle is not previous and self.cycle is not None:
+            self._hs_adopt(self.cycle, self._hs_begin or _now())
+
     def _hs_adopt(self, cycle: Any, begin: int) -> None:
         """Open the server span for a cycle uvicorn just made (its task has not run yet)."""
         sink = self._hs_sink
@@ -183,8 +188,7 @@ class HttpToolsProtocol(_ServerHop, _HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not previous and self.cycle is not None:
-            self._hs_adopt(self.cycle, self._hs_begin)
+        self._hs_adopt_new(previous)
 
 
 class H11Protocol(_ReadTimed, _H11Protocol):
@@ -193,8 +197,7 @@ class H11Protocol(_ReadTimed, _H11Protocol):
     def handle_events(self) -> None:
         previous = self.cycle
         super().handle_events()
-        if self.cycle is not previous and self.cycle is not None:
-            self._hs_adopt(self.cycle, self._hs_begin or _now())
+        self._hs_adopt_new(previous)
 
 
 def __getattr__(name: str) -> Any:
@@ -221,8 +224,7 @@ def _zttp_classes() -> dict[str, type]:
             # (also called for the next request once a response is done: keep-alive)
             previous = self.cycle
             super().handle_events(event)
-            if self.cycle is not previous and self.cycle is not None:
-                self._hs_adopt(self.cycle, self._hs_begin or _now())
+            self._hs_adopt_new(previous)
 
     class ZttpH2Protocol(_ReadTimed, _ZttpH2):
         """uvicorn's zttp HTTP/2 protocol, recording the server hop of each stream."""
